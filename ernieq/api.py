@@ -1,0 +1,143 @@
+"""The typed library functions behind every CLI command.
+
+Everything the command line does is callable from here, without a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ernieq.errors import ErnieqError
+from ernieq.model.checkpoint import CheckpointReader, read_json
+from ernieq.model.summary import LayerSummary, summarize
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "demo"
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint folder for ``model``: a local path, or ``demo`` (built and cached on first use)."""
+    if str(model) == DEMO_NAME:
+        from ernieq.model.demo import demo_model_path
+
+        return demo_model_path()
+    path = Path(model)
+    if not path.exists():
+        raise ErnieqError(f"{path}: no such model folder (give a local checkpoint folder or 'demo'; the hub is not used)")
+    if not (path / "config.json").exists():
+        raise ErnieqError(f"{path / 'config.json'}: missing; not a Hugging Face-layout checkpoint folder")
+    return path
+
+
+def inspect(model: str | Path) -> list[LayerSummary]:
+    """Per layer: dense or MoE, experts, shapes, parameters and bytes."""
+    return summarize(CheckpointReader(resolve_model(model)))
+
+
+def is_quantized(path: Path) -> bool:
+    qc = read_json(path / "config.json").get("quantization_config") or {}
+    return qc.get("quant_method") == "ernieq"
+
+
+def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) for a plain or an ernieq-quantized checkpoint, ready for inference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if is_quantized(path):
+        from ernieq.runtime.loader import load_quantized
+
+        net = load_quantized(path, dtype=dtype, device=device)
+    else:
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    net.eval()
+    return net, tokenizer
+
+
+@dataclass
+class EvalResult:
+    ppl: float
+    tokens: int
+    seq_len: int
+    windows: int
+    model: str
+    data: str
+    seconds: float
+
+
+def evaluate(
+    model: str | Path,
+    data: str,
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    progress: bool = True,
+    json_path: Path | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` on the text source ``data`` (GPTQ/AWQ protocol)."""
+    from ernieq.eval.perplexity import perplexity, tokenize_text
+    from ernieq.eval.text import load_text
+
+    text = load_text(data, split="eval")
+    net, tokenizer = load(model)
+    ids = tokenize_text(tokenizer, text)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        r = perplexity(net, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
+    result = EvalResult(r.ppl, r.tokens, r.seq_len, r.windows, str(model), data, time.perf_counter() - start)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def quantize(
+    model: str | Path,
+    out: str | Path,
+    config: "QuantConfig | None" = None,  # noqa: F821
+    *,
+    bits: int = 4,
+    fp8: bool = False,
+    group_size: int = 128,
+    symmetric: bool = True,
+    w4_moe_layers: int | None = None,
+    overrides: tuple[str, ...] = (),
+    overwrite: bool = False,
+    progress: bool = True,
+) -> "QuantizeSummary":  # noqa: F821
+    """Encode every linear weight of MODEL's decoder layers and write the native checkpoint to OUT.
+
+    The checkpoint is read and written one tensor group (a layer's attention, a
+    layer's MLP or MoE block) at a time; the output appears at OUT only when
+    complete.
+    """
+    from ernieq.quantize import run_quantize
+
+    return run_quantize(
+        resolve_model(model),
+        Path(out),
+        config,
+        bits=bits,
+        fp8=fp8,
+        group_size=group_size,
+        symmetric=symmetric,
+        w4_moe_layers=w4_moe_layers,
+        overrides=overrides,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy continuation of ``prompt``; returns the prompt and the new text."""
+    net, tokenizer = load(model)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0], skip_special_tokens=True)

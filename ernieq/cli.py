@@ -1,0 +1,159 @@
+"""The ``ernieq`` command line: parses options, calls ``ernieq.api``, prints results."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from ernieq import api
+from ernieq.errors import ErnieqError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def cli(verbose: bool) -> None:
+    """ernieq: quantize Mixture-of-Experts language models (ERNIE 4.5 first) and prove what was kept.
+
+    MODEL arguments take a local Hugging Face-layout folder (config.json and
+    safetensors) or the name `demo`: the offline demo MoE model, built from
+    SmolLM2-135M on first use.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+    )
+
+
+@cli.command("demo-model")
+@click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Folder to write the checkpoint to.")
+@click.option("--variant", type=click.Choice(["routed", "exact"]), default="routed", show_default=True,
+              help="routed: top-k < E with a fitted router; exact: every expert active, reproduces the dense logits.")
+@click.option("--experts", type=int, default=None, help="Routed experts per MoE layer (default: the variant's).")
+@click.option("--top-k", type=int, default=None, help="Experts per token (default: the variant's).")
+@click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
+def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
+    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
+    from ernieq.model.demo import build_demo_model
+
+    options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
+    path = build_demo_model(out, variant=variant, **options)
+    console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
+
+
+@cli.command()
+@click.argument("model")
+def inspect(model: str) -> None:
+    """Print MODEL's layers: dense or MoE, experts, shapes, parameters and bytes."""
+    layers = api.inspect(model)
+    table = Table(title=f"{model}")
+    for col in ("layer", "kind", "experts", "shapes", "params", "bytes"):
+        table.add_column(col, justify="right" if col in ("experts", "params", "bytes") else "left")
+    for s in layers:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sorted(s.shapes.items()))
+        experts = f"{s.experts}{' +shared' if s.shared_experts else ''}" if s.kind == "moe" else ""
+        table.add_row(s.label, s.kind, experts, shapes, f"{s.params:,}", _human_bytes(s.bytes))
+    total_params = sum(s.params for s in layers)
+    total_bytes = sum(s.bytes for s in layers)
+    table.add_row("total", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
+    console.print(table)
+    moe = sum(s.kind == "moe" for s in layers)
+    dense = sum(s.kind == "dense" for s in layers)
+    console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--data", required=True,
+              help="Text source: a .txt/.jsonl/.raw file or folder, 'wikitext2' (or $ERNIEQ_WIKITEXT2), or 'demo'.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
+def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_path: Path | None) -> None:
+    """Perplexity of MODEL on DATA: non-overlapping windows, exp(mean token NLL)."""
+    r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows, json_path=json_path)
+    console.print(
+        f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
+        f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
+    )
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the quantized checkpoint.")
+@click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
+              help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
+                   "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
+@click.option("--fp8", is_flag=True, help="Block FP8 (128x128, float8_e4m3fn) everywhere instead of --bits.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
+              help="wint4 group size along K.")
+@click.option("--sym/--asym", default=True, show_default=True, help="wint4 symmetric, or with a zero point.")
+@click.option("--w4-moe-layers", type=click.IntRange(min=0), default=None,
+              help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 3 of 51).")
+@click.option("--override", "overrides", multiple=True, metavar="'REGEX=CODEC[:k=v,...]'",
+              help="Codec for the weights whose name matches REGEX (first match wins; CODEC 'none' keeps a weight). Repeatable.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
+             overrides: tuple[str, ...], overwrite: bool) -> None:
+    """Quantize MODEL's linear weights and write an ernieq checkpoint to OUT."""
+    summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=int(group_size), symmetric=sym,
+                           w4_moe_layers=w4_moe_layers, overrides=overrides, overwrite=overwrite)
+    data = summary.to_json()
+    table = Table(title=f"{out} ({summary.recipe})")
+    for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):
+        table.add_column(col, justify="left" if col in ("class", "codecs") else "right")
+    for name, row in data["classes"].items():
+        codecs = ", ".join(f"{k} {v / row['weights']:.0%}" for k, v in sorted(row["codecs"].items()))
+        table.add_row(name, f"{row['weights']:,}", codecs, _human_bytes(row["bytes_before"]),
+                      _human_bytes(row["bytes_after"]), f"{row['bits_per_weight']:.3f}")
+    console.print(table)
+    console.print(
+        f"{data['bits_per_weight_all']:.3f} bits per weight over all weights, "
+        f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "
+        f"{_human_bytes(data['bytes_before'])} → {_human_bytes(data['bytes_after'])} in {data['seconds']:.1f} s"
+    )
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+def generate(model: str, prompt: str, max_new_tokens: int) -> None:
+    """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
+    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens), highlight=False)
+
+
+def main() -> None:
+    """Console entry point: an ErnieqError becomes one line on stderr and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        err_console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except ErnieqError as err:
+        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The codec protocol, the quantized-tensor container and the codec registry.
+
+Shape legend for the whole project: T tokens, E experts, A active experts per
+token, K input features, N output features, G group size.
+
+A codec turns one weight ``W [N, K]`` (torch ``nn.Linear`` order: output
+features by input features) into a :class:`QuantizedTensor` and back. What the
+stored tensors mean is the codec's business; how they sit in a file is the
+format writer's (``ernieq.formats``), and kernels read them as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from ernieq.errors import ErnieqError
+
+
+class CodecError(ErnieqError, ValueError):
+    """A weight the codec cannot take (shape, dtype, non-finite values)."""
+
+
+@dataclass(frozen=True)
+class CalibrationStats:
+    """What calibration knows about the inputs of one linear layer.
+
+    hessian: float32 [K, K], ``X^T X / tokens`` of the layer's inputs, or None.
+    act_abs_mean: float32 [K], mean |x| per input channel, or None.
+    tokens: how many input rows the statistics were collected from.
+    """
+
+    hessian: torch.Tensor | None = None
+    act_abs_mean: torch.Tensor | None = None
+    tokens: int = 0
+
+
+@dataclass
+class QuantizedTensor:
+    """One encoded weight (or a stack of E of them, one per expert).
+
+    codec: the registry name of the codec that made it.
+    shape: the logical weight shape, ``(N, K)``, or ``(E, N, K)`` when stacked.
+    tensors: the stored tensors by name; a stack carries a leading E dimension.
+    params: the codec's config as a JSON-able dict (``dataclasses.asdict``).
+    """
+
+    codec: str
+    shape: tuple[int, ...]
+    tensors: dict[str, torch.Tensor]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_weights(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Every stored byte: packed values and all scales."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / self.num_weights
+
+    def to(self, device: torch.device | str) -> QuantizedTensor:
+        return dataclasses.replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+    def expert(self, e: int) -> QuantizedTensor:
+        """The e-th weight of a stack: shape (N, K), tensors without the E dimension."""
+        if len(self.shape) != 3:
+            raise CodecError(f"expert() needs a stacked tensor, got shape {self.shape}")
+        return dataclasses.replace(self, shape=self.shape[1:], tensors={k: v[e] for k, v in self.tensors.items()})
+
+
+def stack_experts(qs: list[QuantizedTensor]) -> QuantizedTensor:
+    """Stack E per-expert tensors of one codec and one shape into ``(E, N, K)``."""
+    first = qs[0]
+    for q in qs[1:]:
+        if q.codec != first.codec or q.shape != first.shape or q.params != first.params:
+            raise CodecError("experts of one group must share codec, shape and parameters")
+    tensors = {k: torch.stack([q.tensors[k] for q in qs]) for k in first.tensors}
+    return QuantizedTensor(first.codec, (len(qs), *first.shape), tensors, dict(first.params))
+
+
+class Codec(Protocol):
+    """What every registered codec provides. ``config`` is its frozen dataclass."""
+
+    name: ClassVar[str]
+    config: Any
+
+    def encode(
+        self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
+    ) -> QuantizedTensor:
+        """weight: [N, K], any float dtype; ``name`` appears in errors. Returns the encoded tensor."""
+        ...
+
+    def decode(self, q: QuantizedTensor) -> torch.Tensor:
+        """q of shape (N, K). Returns float32 W_hat [N, K]. Stacks go through ``decode``."""
+        ...
+
+
+_REGISTRY: dict[str, tuple[type, type]] = {}
+
+
+def register_codec(name: str, config_cls: type):
+    """Class decorator: register a codec class under ``name`` with its config dataclass."""
+
+    def wrap(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"codec {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = (cls, config_cls)
+        return cls
+
+    return wrap
+
+
+def codec_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_codec(name: str, **params: Any) -> Codec:
+    """The codec ``name`` with its config built from ``params`` (defaults elsewhere)."""
+    if name not in _REGISTRY:
+        raise CodecError(f"unknown codec {name!r}; known: {', '.join(codec_names())}")
+    cls, config_cls = _REGISTRY[name]
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(params) - known
+    if unknown:
+        raise CodecError(f"codec {name!r} has no parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+    return cls(config_cls(**params))
+
+
+def codec_for(q: QuantizedTensor) -> Codec:
+    """The codec that decodes ``q``, configured as when it was encoded."""
+    return get_codec(q.codec, **q.params)
+
+
+def decode(q: QuantizedTensor) -> torch.Tensor:
+    """W_hat of ``q`` in float32, shape ``q.shape``; stacks decode expert by expert."""
+    codec = codec_for(q)
+    if len(q.shape) == 3:
+        return torch.stack([codec.decode(q.expert(e)) for e in range(q.shape[0])])
+    return codec.decode(q)
+
+
+def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Fail loudly on a weight no codec should take: not 2-D, empty or non-finite.
+
+    Returns the weight as float32.
+    """
+    if weight.ndim != 2 or weight.numel() == 0:
+        raise CodecError(f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    w = weight.float()
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise CodecError(f"{name}: {bad} non-finite value(s) (NaN or Inf) in a weight of shape {tuple(w.shape)}")
+    return w

@@ -1,0 +1,103 @@
+"""``fp8``: float8_e4m3fn weights with float32 scales, per output channel or per block.
+
+B = ``block_size``; None means one scale per output channel.
+
+Stored tensors (a contract with the kernels and format writers):
+
+- ``qweight``: float8_e4m3fn [N, K].
+- ``scale``: float32 [N] per channel, or [ceil(N/B), ceil(K/B)] per B x B block:
+  ``scale = amax / 448`` (448 is the largest e4m3fn value), the transformers /
+  vLLM ``weight_scale_inv`` convention. Edge blocks (N or K not a multiple of B)
+  take their scale from the elements they hold. An all-zero block gets 1.0.
+
+Decode: ``W_hat = qweight.float() * scale`` (broadcast over each row or block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """block_size: B for B x B blocks (128: DeepSeek-V3 / transformers ``weight_block_size``),
+    or None for one scale per output channel."""
+
+    block_size: int | None = 128
+
+    def __post_init__(self):
+        valid = self.block_size is None or (
+            isinstance(self.block_size, int) and not isinstance(self.block_size, bool) and self.block_size > 0
+        )
+        if not valid:
+            raise CodecError(f"fp8: block_size must be a positive int or None, got {self.block_size!r}")
+
+
+def _blocks(w: torch.Tensor, b: int) -> torch.Tensor:
+    """w: [N, K]. Returns [ceil(N/B), B, ceil(K/B), B], edge blocks padded with zeros."""
+    n, k = w.shape
+    padded = torch.nn.functional.pad(w, (0, -k % b, 0, -n % b))
+    return padded.unflatten(1, (-1, b)).unflatten(0, (-1, b))
+
+
+def _expand_block_scale(scale: torch.Tensor, b: int, n: int, k: int) -> torch.Tensor:
+    """scale: [ceil(N/B), ceil(K/B)]. Returns the scale of every element, [N, K]."""
+    return scale.repeat_interleave(b, dim=0)[:n].repeat_interleave(b, dim=1)[:, :k]
+
+
+@register_codec("fp8", FP8Config)
+class FP8Codec:
+    def __init__(self, config: FP8Config):
+        self.config = config
+
+    def encode(
+        self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
+    ) -> QuantizedTensor:
+        """weight: [N, K], any float dtype. stats: unused by round to nearest.
+
+        Returns qweight float8_e4m3fn [N, K] and scale float32 ([N] or [ceil(N/B), ceil(K/B)]).
+        """
+        w = check_weight(weight, name)  # [N, K] float32
+        n, k = w.shape
+        b = self.config.block_size
+        if b is None:
+            scale = w.abs().amax(dim=1) / FP8_MAX  # [N]: scale = amax / 448
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            full_scale = scale[:, None]  # [N, 1]
+        else:
+            scale = _blocks(w, b).abs().amax(dim=(1, 3)) / FP8_MAX  # [N/B, K/B]: scale = block amax / 448
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            full_scale = _expand_block_scale(scale, b, n, k)  # [N, K]
+        # clamp: w / scale may round a hair past 448, which e4m3fn (no inf) would turn into NaN
+        qweight = (w / full_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [N, K]
+        return QuantizedTensor(self.name, (n, k), {"qweight": qweight, "scale": scale}, dataclasses.asdict(self.config))
+
+    def decode(self, q: QuantizedTensor) -> torch.Tensor:
+        """q: shape (N, K). Returns float32 W_hat [N, K] = qweight * scale (per row or block)."""
+        self._check_layout(q)
+        n, k = q.shape
+        scale = q.tensors["scale"]
+        b = self.config.block_size
+        full_scale = scale[:, None] if b is None else _expand_block_scale(scale, b, n, k)  # [N, 1] or [N, K]
+        return q.tensors["qweight"].float() * full_scale  # [N, K]
+
+    def _check_layout(self, q: QuantizedTensor) -> None:
+        """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
+        params = dataclasses.asdict(self.config)
+        if q.codec != self.name or q.params != params or len(q.shape) != 2:
+            raise CodecError(f"fp8{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
+        n, k = q.shape
+        b = self.config.block_size
+        scale_shape = (n,) if b is None else (-(-n // b), -(-k // b))  # [N] or [ceil(N/B), ceil(K/B)]
+        expected = {"qweight": (FP8_DTYPE, (n, k)), "scale": (torch.float32, scale_shape)}
+        got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
+        if got != expected:
+            raise CodecError(f"fp8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")

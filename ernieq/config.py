@@ -1,0 +1,166 @@
+"""Recipes: which codec, with which parameters, for which linear weight.
+
+A :class:`QuantConfig` is an ordered list of rules; the first rule that matches
+a tensor decides. Rules match by tensor class (attention, dense MLP, shared or
+routed experts), by the ordinal of the MoE layer, and by a regular expression
+over the canonical tensor name. ``--override`` rules come first. Router gates,
+norms, embeddings and ``lm_head`` are never quantized: only linear weights of
+decoder layers reach the rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from ernieq.codecs import CodecError, get_codec
+from ernieq.errors import ErnieqError
+from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
+
+KEEP = "none"  # an override's codec name that leaves the weight as it is
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """A codec name and its parameters (a tuple of items, so that it is hashable)."""
+
+    codec: str
+    params: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def kwargs(self) -> dict:
+        return dict(self.params)
+
+    def describe(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params)
+        return f"{self.codec}:{args}" if args else self.codec
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Matches when every given condition holds. ``choice`` None keeps the weight."""
+
+    choice: CodecChoice | None
+    classes: tuple[TensorClass, ...] = LINEAR_CLASSES
+    pattern: str | None = None
+    moe_layers_below: int | None = None  # only the first n MoE layers (by ordinal)
+    moe_layers_from: int | None = None  # only MoE layers from ordinal n on
+
+    def matches(self, name: str, info: TensorInfo, moe_ordinal: int | None) -> bool:
+        if info.cls not in self.classes:
+            return False
+        if self.pattern is not None and not re.search(self.pattern, name):
+            return False
+        if self.moe_layers_below is not None and (moe_ordinal is None or moe_ordinal >= self.moe_layers_below):
+            return False
+        if self.moe_layers_from is not None and (moe_ordinal is None or moe_ordinal < self.moe_layers_from):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """An ordered list of rules and the recipe's name (recorded in the checkpoint)."""
+
+    recipe: str
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+    def choose(self, name: str, info: TensorInfo, moe_ordinal: int | None = None) -> CodecChoice | None:
+        """The codec for the linear weight ``name`` (its canonical per-expert name), or None to keep it."""
+        if info.cls not in LINEAR_CLASSES:
+            return None
+        for rule in self.rules:
+            if rule.matches(name, info, moe_ordinal):
+                return rule.choice
+        return None
+
+
+def _parse_value(text: str) -> object:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+_OVERRIDE = re.compile(r"^(?P<pattern>.+?)=(?P<codec>\w+)(?::(?P<args>.*))?$")
+
+
+def parse_override(spec: str) -> Rule:
+    """``'REGEX=CODEC[:key=value,...]'`` → a rule; CODEC ``none`` keeps the weight unquantized."""
+    m = _OVERRIDE.match(spec)
+    if not m:
+        raise ErnieqError(f"override {spec!r}: expected 'REGEX=CODEC[:key=value,...]'")
+    pattern, codec, args = m.group("pattern"), m.group("codec"), m.group("args") or ""
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ErnieqError(f"override {spec!r}: bad regular expression ({err})") from None
+    if codec == KEEP:
+        return Rule(choice=None, pattern=pattern)
+    params = []
+    for item in filter(None, args.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ErnieqError(f"override {spec!r}: parameter {item!r} is not key=value")
+        params.append((key.strip(), _parse_value(value.strip())))
+    choice = CodecChoice(codec, tuple(params))
+    validate(choice, f"override {spec!r}")
+    return Rule(choice=choice, pattern=pattern)
+
+
+def validate(choice: CodecChoice, where: str) -> None:
+    """Build the codec once so that a bad name or parameter fails before any work."""
+    try:
+        get_codec(choice.codec, **choice.kwargs)
+    except (CodecError, TypeError, ValueError) as err:
+        raise ErnieqError(f"{where}: {err}") from None
+
+
+def default_w4_moe_layers(num_moe_layers: int) -> int:
+    """How many leading MoE layers keep ``wint4`` experts in the 2-bit recipe.
+
+    FastDeploy's published ERNIE-4.5-300B-A47B 2-bit checkpoint keeps the routed
+    experts of its first 3 of 51 MoE layers (layers 3..5 of 54) at 4 bits; the same
+    share, rounded up, on a model with ``num_moe_layers`` MoE layers.
+    """
+    return min(num_moe_layers, max(1, -(-3 * num_moe_layers // 51)))
+
+
+def recipe(
+    bits: int = 4,
+    fp8: bool = False,
+    group_size: int = 128,
+    symmetric: bool = True,
+    w4_moe_layers: int | None = None,
+    num_moe_layers: int = 0,
+    overrides: tuple[str, ...] = (),
+) -> QuantConfig:
+    """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front."""
+    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)))
+    if fp8:
+        name, base = "fp8", [Rule(CodecChoice("fp8", (("block_size", 128),)))]
+    elif bits == 8:
+        name, base = "w8", [Rule(CodecChoice("wint8"))]
+    elif bits == 4:
+        name, base = f"w4g{group_size}{'' if symmetric else 'a'}", [Rule(wint4)]
+    elif bits == 2:
+        n4 = default_w4_moe_layers(num_moe_layers) if w4_moe_layers is None else w4_moe_layers
+        name = f"w2-w4x{n4}"
+        base = [
+            Rule(wint4, classes=(TensorClass.ROUTED_EXPERT,), moe_layers_below=n4),
+            Rule(CodecChoice("ccq2"), classes=(TensorClass.ROUTED_EXPERT,), moe_layers_from=n4),
+            Rule(CodecChoice("wint8")),
+        ]
+    else:
+        raise ErnieqError(f"--bits {bits}: expected 2, 4 or 8 (or --fp8)")
+    for rule in base:
+        if rule.choice is not None:
+            validate(rule.choice, f"recipe {name}")
+    return QuantConfig(name, tuple(parse_override(o) for o in overrides) + tuple(base))

@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ernieq import api
+from ernieq.codecs import decode
+from ernieq.errors import ErnieqError
+from ernieq.formats.native import NativeReader
+from ernieq.runtime.loader import load_quantized
+from tests.tiny import tiny_ernie_model, write_tiny_ernie
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {layout: write_tiny_ernie(root / layout, layout) for layout in ("per_expert", "fused")}
+
+
+def _decoded_reference_logits(qdir, ids):
+    """Logits of the float model whose linear weights are replaced by the codec's decode."""
+    model = tiny_ernie_model()
+    reader = NativeReader(qdir)
+    state = model.state_dict()
+    with torch.no_grad():
+        for base in reader.modules:
+            w = decode(reader.quantized(base))
+            if ".experts." in base:
+                prefix, e, proj = base.rsplit(".", 2)
+                e = int(e)
+                inter = state[f"{prefix}.gate_up_proj"].shape[1] // 2
+                if proj == "gate_proj":
+                    state[f"{prefix}.gate_up_proj"][e, :inter] = w
+                elif proj == "up_proj":
+                    state[f"{prefix}.gate_up_proj"][e, inter:] = w
+                else:
+                    state[f"{prefix}.down_proj"][e] = w
+            else:
+                state[f"{base}.weight"].copy_(w)
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("layout", ["per_expert", "fused"])
+@pytest.mark.parametrize("options", [{"bits": 8}, {"bits": 4}, {"bits": 4, "symmetric": False, "group_size": 32},
+                                     {"fp8": True}])
+def test_quantized_model_computes_with_the_decoded_weights(tiny, tmp_path, layout, options):
+    out = tmp_path / "q"
+    summary = api.quantize(tiny[layout], out, progress=False, **options)
+    ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(0))
+    model = load_quantized(out)
+    with torch.no_grad():
+        got = model(ids).logits
+    want = _decoded_reference_logits(out, ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # every linear weight of the decoder layers is quantized, the rest kept
+    modules = NativeReader(out).modules
+    n_experts, n_layers = 4, 3
+    expected = 4 * n_layers + 3 * 1 + (3 + 3 * n_experts) * (n_layers - 1)
+    assert len(modules) == expected
+    data = json.loads((out / "quantize_summary.json").read_text())
+    assert data["classes"]["routed_experts"]["quantized_weights"] == data["classes"]["routed_experts"]["weights"]
+    assert data["classes"]["router"]["bytes_after"] == data["classes"]["router"]["bytes_before"]
+    assert summary.to_json() == {**data, "seconds": data["seconds"]}
+
+
+def test_both_layouts_give_the_same_checkpoint_tensors(tiny, tmp_path):
+    outs = [tmp_path / layout for layout in ("per_expert", "fused")]
+    for layout, out in zip(("per_expert", "fused"), outs):
+        api.quantize(tiny[layout], out, bits=4, progress=False)
+    readers = [NativeReader(o) for o in outs]
+    assert readers[0].modules == readers[1].modules
+    for base in readers[0].modules:
+        a, b = (r.quantized(base) for r in readers)
+        assert a.tensors.keys() == b.tensors.keys()
+        assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+def test_config_records_codecs_and_side_files_are_copied(tiny, tmp_path):
+    src = tiny["per_expert"]
+    (src / "tokenizer_config.json").write_text("{}")
+    out = tmp_path / "q"
+    api.quantize(src, out, bits=4, overrides=(r"self_attn\.q_proj=wint8", r"layers\.1\..*o_proj=none"), progress=False)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "ernieq" and qc["format_version"] == 1
+    assert qc["modules"]["model.layers.0.self_attn.q_proj"]["codec"] == "wint8"
+    assert qc["modules"]["model.layers.0.self_attn.k_proj"] == {
+        "codec": "wint4", "params": {"group_size": 128, "symmetric": True}, "shape": [32, 64]}
+    assert "model.layers.1.self_attn.o_proj" not in qc["modules"]
+    with safe_open(next(out.glob("*.safetensors")), "pt") as f:
+        assert "model.layers.1.self_attn.o_proj.weight" in f.keys()
+    assert (out / "tokenizer_config.json").exists()
+
+
+def test_existing_output_is_refused_and_failed_runs_leave_nothing(tiny, tmp_path):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    with pytest.raises(ErnieqError, match="exists"):
+        api.quantize(tiny["per_expert"], out, bits=8, progress=False)
+    assert (out / "keep").exists()
+    with pytest.raises(ErnieqError, match="--bits 3"):
+        api.quantize(tiny["per_expert"], tmp_path / "r", bits=3, progress=False)
+    assert not (tmp_path / "r").exists()
+    assert not list(tmp_path.glob(".*ernieq-tmp"))
+
+
+def test_nan_weight_is_named(tiny, tmp_path):
+    from ernieq.model.checkpoint import CheckpointReader, CheckpointWriter
+
+    src = tmp_path / "bad"
+    reader = CheckpointReader(tiny["per_expert"])
+    with CheckpointWriter(src) as w:
+        for name in reader.keys():
+            t = reader.get(name).clone()
+            if name == "model.layers.2.mlp.experts.3.up_proj.weight":
+                t[0, 0] = float("nan")
+            w.add(name, t)
+    (src / "config.json").write_text((tiny["per_expert"] / "config.json").read_text())
+    with pytest.raises(ErnieqError, match=r"model\.safetensors.*experts\.3\.up_proj.*NaN"):
+        api.quantize(src, tmp_path / "q", bits=4, progress=False)
+    assert not (tmp_path / "q").exists()
