@@ -15,7 +15,7 @@ import torch
 
 from ernieq.errors import ErnieqError
 from ernieq.model.checkpoint import CheckpointReader, read_json
-from ernieq.model.summary import LayerSummary, summarize
+from ernieq.model.summary import CheckpointSummary, summarize
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
-def inspect(model: str | Path) -> list[LayerSummary]:
-    """Per layer: dense or MoE, experts, shapes, parameters and bytes."""
+def inspect(model: str | Path) -> CheckpointSummary:
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class."""
     return summarize(CheckpointReader(resolve_model(model)))
 
 

@@ -61,21 +61,29 @@ def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, 
 @cli.command()
 @click.argument("model")
 def inspect(model: str) -> None:
-    """Print MODEL's layers: dense or MoE, experts, shapes, parameters and bytes."""
-    layers = api.inspect(model)
+    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class."""
+    summary = api.inspect(model)
     table = Table(title=f"{model}")
-    for col in ("layer", "kind", "experts", "shapes", "params", "bytes"):
+    for col in ("layer", "kind", "experts", "shapes", "codecs", "params", "bytes"):
         table.add_column(col, justify="right" if col in ("experts", "params", "bytes") else "left")
-    for s in layers:
+    for s in summary.layers:
         shapes = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sorted(s.shapes.items()))
-        experts = f"{s.experts}{' +shared' if s.shared_experts else ''}" if s.kind == "moe" else ""
-        table.add_row(s.label, s.kind, experts, shapes, f"{s.params:,}", _human_bytes(s.bytes))
-    total_params = sum(s.params for s in layers)
-    total_bytes = sum(s.bytes for s in layers)
-    table.add_row("total", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
+        experts = f"{len(s.experts)}{' +shared' if s.shared_experts else ''}" if s.kind == "moe" else ""
+        codecs = ", ".join(sorted(s.codecs))
+        table.add_row(s.label, s.kind, experts, shapes, codecs, f"{s.params:,}", _human_bytes(s.bytes))
+    total_params = sum(s.params for s in summary.layers)
+    total_bytes = sum(s.bytes for s in summary.layers)
+    table.add_row("total", "", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
     console.print(table)
-    moe = sum(s.kind == "moe" for s in layers)
-    dense = sum(s.kind == "dense" for s in layers)
+    classes = Table(title="by tensor class")
+    for col in ("class", "params", "bytes", "bits/weight"):
+        classes.add_column(col, justify="left" if col == "class" else "right")
+    for cls in sorted(summary.params_by_class):
+        classes.add_row(cls, f"{summary.params_by_class[cls]:,}", _human_bytes(summary.bytes_by_class[cls]),
+                        f"{summary.bits_per_weight(cls):.4f}")
+    console.print(classes)
+    moe = sum(s.kind == "moe" for s in summary.layers)
+    dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
 
 

@@ -65,6 +65,8 @@ def write_tiny_ernie(out: Path, layout: str = "per_expert", seed: int = 0, **ove
                 prefix = name[: -len(".down_proj")]
                 for e in range(t.shape[0]):
                     w.add(f"{prefix}.{e}.down_proj.weight", t[e].clone())
+            elif layout == "per_expert":  # published checkpoints keep moe_statics beside the gate
+                w.add(name.replace(".mlp.gate.moe_statics.", ".mlp.moe_statics."), t.clone())
             else:
                 w.add(name, t.clone())
     config = model.config.to_dict()

@@ -75,6 +75,13 @@ class Adapter:
     architectures: tuple[str, ...]
     model_types: tuple[str, ...]
     rules: tuple[tuple[str, TensorClass], ...]
+    # checkpoint name → transformers 5 module/parameter name (what its loader renames)
+    hf_renames: tuple[tuple[str, str], ...] = ()
+
+    def to_hf_name(self, name: str) -> str:
+        for pattern, repl in self.hf_renames:
+            name = re.sub(pattern, repl, name)
+        return name
 
     def classify(self, name: str) -> TensorInfo:
         for pattern, cls in self.rules:
@@ -120,12 +127,13 @@ register_adapter(
         rules=(
             *_COMMON,
             (_L + r"mlp\.gate\.weight$", TensorClass.ROUTER),
-            (_L + r"mlp\.moe_statics\.e_score_correction_bias$", TensorClass.ROUTER),
+            (_L + r"mlp\.(?:gate\.)?moe_statics\.e_score_correction_bias$", TensorClass.ROUTER),
             (_L + r"mlp\.shared_experts\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$", TensorClass.SHARED_EXPERT),
             _FUSED_EXPERTS,
             _PER_EXPERT,
             _DENSE,
         ),
+        hf_renames=((r"\.mlp\.moe_statics\.", ".mlp.gate.moe_statics."),),
     )
 )
 register_adapter(
@@ -152,6 +160,8 @@ register_adapter(
             _FUSED_EXPERTS,
             _PER_EXPERT,
         ),
+        hf_renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.w1\.", ".gate_proj."), (r"\.w3\.", ".up_proj."),
+                    (r"\.w2\.", ".down_proj.")),
     )
 )
 register_adapter(

@@ -1,4 +1,9 @@
-"""What a checkpoint holds, layer by layer (``ernieq inspect``)."""
+"""What a checkpoint holds, layer by layer and by tensor class (``ernieq inspect``).
+
+Plain and ernieq-quantized checkpoints alike: a quantized module's stored tensors
+(``<base>.qweight``, ``<base>.scale`` ...) count as the logical weight
+``<base>.weight`` of the shape its ``quantization_config`` records.
+"""
 
 from __future__ import annotations
 
@@ -6,49 +11,73 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ernieq.model.adapters import TensorClass, adapter_for, iter_groups
+from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointReader
-from ernieq.model.moe import ExpertGroup
 
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
+SHOWN_PROJECTIONS = ("q_proj", "gate_proj", "down_proj", "gate_up_proj")  # enough to see every shape
+
+
 @dataclass
 class LayerSummary:
-    """One decoder layer (or the embeddings / head: ``layer`` None)."""
+    """One decoder layer, or the tensors outside the layers (``layer`` None)."""
 
     label: str
     layer: int | None
-    kind: str  # "dense", "moe" or "other"
-    experts: int = 0
+    kind: str = "other"  # "dense", "moe" or "other"
+    experts: set = field(default_factory=set)
     shared_experts: bool = False
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    codecs: Counter = field(default_factory=Counter)
     params: int = 0
     bytes: int = 0
-    params_by_class: Counter = field(default_factory=Counter)
 
 
-def summarize(reader: CheckpointReader) -> list[LayerSummary]:
-    """Per layer: dense or MoE, experts, representative shapes, parameters and bytes."""
+@dataclass
+class CheckpointSummary:
+    layers: list[LayerSummary]
+    params_by_class: Counter
+    bytes_by_class: Counter
+
+    def bits_per_weight(self, cls: str) -> float:
+        return 8.0 * self.bytes_by_class[cls] / self.params_by_class[cls] if self.params_by_class[cls] else 0.0
+
+
+def summarize(reader: CheckpointReader) -> CheckpointSummary:
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals per class."""
     adapter = adapter_for(reader.config, str(reader.path / "config.json"))
-    by_layer: dict[str, LayerSummary] = {}
-    for group in iter_groups(reader, adapter):
-        label = f"layer {group.layer}" if group.layer is not None else group.key
-        s = by_layer.setdefault(label, LayerSummary(label, group.layer, "other" if group.layer is None else "dense"))
-        experts = ExpertGroup.from_infos(group.tensors)
-        if experts is not None:
+    modules = (reader.config.get("quantization_config") or {}).get("modules", {})
+    layers: dict[int | None, LayerSummary] = {}
+    params, nbytes = Counter(), Counter()
+    counted: set[str] = set()
+    for name in reader.keys():
+        base = name.rsplit(".", 1)[0]
+        spec = modules.get(base)
+        info: TensorInfo = adapter.classify(f"{base}.weight" if spec else name)
+        shape = tuple(spec["shape"]) if spec else reader.shape(name)
+        size = math.prod(reader.shape(name)) * DTYPE_BYTES.get(reader.dtype(name), 4)
+        n = 0 if base in counted else math.prod(shape)
+        if spec:
+            counted.add(base)
+        key = info.layer
+        s = layers.setdefault(key, LayerSummary(f"layer {key}" if key is not None else "outside layers", key))
+        if key is not None and s.kind == "other":
+            s.kind = "dense"
+        if info.cls is TensorClass.ROUTED_EXPERT:
             s.kind = "moe"
-            s.experts = experts.with_reader(reader).num_experts
-        for info in group.tensors:
-            shape = reader.shape(info.name)
-            n = math.prod(shape)
-            s.params += n
-            s.bytes += n * DTYPE_BYTES.get(reader.dtype(info.name), 4)
-            s.params_by_class[info.cls.value] += n
-            if info.cls is TensorClass.SHARED_EXPERT:
-                s.shared_experts = True
-            if info.is_linear_weight and (info.expert in (None, 0)):
-                key = f"{info.cls.value}.{info.proj}" if info.cls is not TensorClass.ATTENTION else info.proj
-                s.shapes.setdefault(key, shape)
-    return list(by_layer.values())
+            s.experts.update(range(shape[0]) if info.fused else [info.expert])
+        s.shared_experts |= info.cls is TensorClass.SHARED_EXPERT
+        if info.is_linear_weight and info.expert in (None, 0) and info.proj in SHOWN_PROJECTIONS:
+            label = info.proj if info.cls is TensorClass.ATTENTION else f"{info.cls.value}.{info.proj}"
+            s.shapes.setdefault(label, shape)
+        if spec and n:
+            s.codecs[spec["codec"]] += n
+        s.params += n
+        s.bytes += size
+        params[info.cls.value] += n
+        nbytes[info.cls.value] += size
+    ordered = sorted(layers.values(), key=lambda s: (s.layer is None, s.layer or 0))
+    return CheckpointSummary(ordered, params, nbytes)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ernieq.codecs import stack_experts
 from ernieq.formats.native import NativeReader
+from ernieq.model.adapters import adapter_for
 from ernieq.model.checkpoint import CheckpointError
 from ernieq.runtime.modules import QuantLinear, QuantMoEExperts
 
@@ -58,6 +59,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
     from transformers import AutoModelForCausalLM
 
     reader = NativeReader(Path(path))
+    adapter = adapter_for(reader.config, str(Path(path) / "config.json"))
     config = _hf_config(reader.config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -66,7 +68,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
     for base in linears:
         bias_name = f"{base}.bias"
         bias = reader.reader.get(bias_name).to(dtype) if bias_name in reader.reader else None
-        model.set_submodule(base, QuantLinear(reader.quantized(base), bias))
+        model.set_submodule(adapter.to_hf_name(base), QuantLinear(reader.quantized(base), bias))
     for prefix, bases in experts.items():
         num = 1 + max(e for e, _ in bases)
         stacks = []
@@ -75,7 +77,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
             if missing:
                 raise CheckpointError(f"{path}: {prefix}: expert {missing[0]} {proj} is not quantized like the others")
             stacks.append(stack_experts([reader.quantized(bases[(e, proj)]) for e in range(num)]))
-        model.set_submodule(prefix, QuantMoEExperts(*stacks))
+        model.set_submodule(adapter.to_hf_name(prefix), QuantMoEExperts(*stacks))
 
     state = {}
     plain = reader.plain_names()
@@ -84,11 +86,12 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
         num = 1 + max(e for e, _ in names)
         w = {proj: torch.stack([reader.reader.get(names[(e, proj)]) for e in range(num)])
              for proj in ("gate_proj", "up_proj", "down_proj")}
-        state[f"{prefix}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)  # [E, 2I, H]
-        state[f"{prefix}.down_proj"] = w["down_proj"]  # [E, H, I]
+        hf_prefix = adapter.to_hf_name(prefix)
+        state[f"{hf_prefix}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)  # [E, 2I, H]
+        state[f"{hf_prefix}.down_proj"] = w["down_proj"]  # [E, H, I]
     skip = {n for names in plain_experts.values() for n in names.values()}
     skip |= {f"{base}.bias" for base in linears}  # already inside QuantLinear
-    state.update({name: reader.reader.get(name) for name in plain if name not in skip})
+    state.update({adapter.to_hf_name(name): reader.reader.get(name) for name in plain if name not in skip})
     expected = model.state_dict()
     unexpected = [k for k in state if k not in expected]
     if unexpected:

@@ -17,6 +17,7 @@ CASES = [
     (ERNIE, "model.layers.2.mlp.shared_experts.gate_proj.weight", TensorClass.SHARED_EXPERT, 2, None, "gate_proj"),
     (ERNIE, "model.layers.2.mlp.gate.weight", TensorClass.ROUTER, 2, None, None),
     (ERNIE, "model.layers.2.mlp.moe_statics.e_score_correction_bias", TensorClass.ROUTER, 2, None, None),
+    (ERNIE, "model.layers.2.mlp.gate.moe_statics.e_score_correction_bias", TensorClass.ROUTER, 2, None, None),
     (ERNIE, "model.layers.2.post_attention_layernorm.weight", TensorClass.NORM, 2, None, None),
     (ERNIE, "model.embed_tokens.weight", TensorClass.EMBEDDING, None, None, None),
     (ERNIE, "lm_head.weight", TensorClass.LM_HEAD, None, None, None),

@@ -1,0 +1,84 @@
+"""Quantize the demo model with several settings, evaluate each, and print one table.
+
+    python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
+        --max-windows 12 --settings bf16,w8,fp8,w4,w4-asym,w2 --out benchmarks/results/demo_accuracy.json
+
+Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
+protocol), tokens scored, bits per weight over the quantized classes, and the
+evaluation's wall time and its ratio to the unquantized model's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from ernieq import api
+
+SETTINGS = {
+    "unquantized": None,
+    "w8": {"bits": 8},
+    "fp8": {"fp8": True},
+    "w4": {"bits": 4},
+    "w4-asym": {"bits": 4, "symmetric": False},
+    "w4-g64": {"bits": 4, "group_size": 64},
+    "w2": {"bits": 2},
+}
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--max-windows", type=int, default=12)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--settings", default="unquantized,w8,fp8,w4")
+    parser.add_argument("--out", type=Path, default=None, help="Write the rows as JSON here.")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.settings.split(","):
+            options = SETTINGS[name]
+            model, bpw = args.model, 16.0
+            if options is not None:
+                model = Path(tmp) / name
+                summary = api.quantize(args.model, model, progress=False, **options).to_json()
+                bpw = summary["bits_per_weight_quantized"]
+            start = time.perf_counter()
+            r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
+            rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
+                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
+            print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r["setting"] == "unquantized"), None)
+    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {commit()}, "
+              f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
+    lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | time vs unquantized |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        rel = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f} %" if base else "n/a"
+        trel = f"{r['eval_seconds'] / base['eval_seconds']:.2f}x" if base else "n/a"
+        lines.append(f"| {r['setting']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {rel} | {r['tokens']:,} | "
+                     f"{r['eval_seconds']:.1f} s | {trel} |")
+    print("\n".join(lines))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"header": header, "rows": rows, "table": "\n".join(lines)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+import json
+import sys
+
+import pytest
+import torch
+
+from ernieq.cli import main
+from ernieq.model.checkpoint import CheckpointWriter
+from tests.tiny import write_tiny_ernie
+
+
+def run(monkeypatch, capsys, *args):
+    """Run the console entry point; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ernieq", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_ernie(tmp_path_factory.mktemp("tiny") / "m")
+
+
+def test_inspect_lists_dense_and_moe_layers(tiny, monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "inspect", tiny)
+    assert code == 0
+    assert "1 dense and 2 MoE layers" in out
+    assert "4 +shared" in out
+
+
+def test_quantize_then_inspect(tiny, tmp_path, monkeypatch, capsys):
+    code, out, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--bits", "8")
+    assert code == 0, err
+    assert "bits per weight" in out
+    assert (tmp_path / "q" / "config.json").exists()
+
+
+def _broken_checkpoints(root):
+    cases = {}
+    d = root / "no_config"
+    d.mkdir()
+    with CheckpointWriter(d) as w:
+        w.add("x", torch.zeros(4))
+    cases["no_config"] = (d, "config.json")
+    d = root / "truncated"
+    write_tiny_ernie(d)
+    shard = sorted(d.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    cases["truncated"] = (d, shard.name)
+    d = root / "unknown_arch"
+    write_tiny_ernie(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["BloomForCausalLM"], model_type="bloom")
+    (d / "config.json").write_text(json.dumps(cfg))
+    cases["unknown_arch"] = (d, "unknown architecture")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["no_config", "truncated", "unknown_arch"])
+@pytest.mark.parametrize("command", ["inspect", "quantize"])
+def test_bad_input_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys, case, command):
+    path, needle = _broken_checkpoints(tmp_path)[case]
+    extra = ["--out", tmp_path / "out"] if command == "quantize" else []
+    code, _, err = run(monkeypatch, capsys, command, path, *extra)
+    assert code == 1
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert needle in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_explains_every_command(monkeypatch, capsys):
+    code, out, _ = run(monkeypatch, capsys, "--help")
+    assert code == 0
+    for command in ("demo-model", "inspect", "eval", "quantize", "generate"):
+        assert command in out
+
+
+def test_inspect_reports_bits_per_weight_of_a_quantized_checkpoint(tiny, tmp_path, monkeypatch, capsys):
+    from ernieq import api
+
+    api.quantize(tiny, tmp_path / "q", bits=8, progress=False)
+    summary = api.inspect(tmp_path / "q")
+    # wint8: one int8 per weight plus a float32 scale per output channel (N = 32 for routed gate/up, 64 for down)
+    n_weights = summary.params_by_class["routed_experts"]
+    scale_bytes = 4 * (2 * (4 * 32 + 4 * 32) + 2 * 4 * 64)
+    assert summary.bytes_by_class["routed_experts"] == n_weights + scale_bytes
+    code, out, _ = run(monkeypatch, capsys, "inspect", tmp_path / "q")
+    assert code == 0 and "wint8" in out and "bits/weight" in out
