@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from ernieq.model.summary import CheckpointSummary, summarize
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
+NATIVE_FORMAT = "native"
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -108,30 +110,41 @@ def quantize(
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     overrides: tuple[str, ...] = (),
+    format: str = NATIVE_FORMAT,
     overwrite: bool = False,
     progress: bool = True,
 ) -> "QuantizeSummary":  # noqa: F821
-    """Encode every linear weight of MODEL's decoder layers and write the native checkpoint to OUT.
+    """Encode every linear weight of MODEL's decoder layers and write the checkpoint to OUT.
 
     The checkpoint is read and written one tensor group (a layer's attention, a
     layer's MLP or MoE block) at a time; the output appears at OUT only when
-    complete.
+    complete. ``format`` other than native converts the native result at the end.
     """
+    from ernieq.formats.registry import export_checkpoint, get_format
     from ernieq.quantize import run_quantize
 
-    return run_quantize(
-        resolve_model(model),
-        Path(out),
-        config,
-        bits=bits,
-        fp8=fp8,
-        group_size=group_size,
-        symmetric=symmetric,
-        w4_moe_layers=w4_moe_layers,
-        overrides=overrides,
-        overwrite=overwrite,
-        progress=progress,
-    )
+    out = Path(out)
+    options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric, w4_moe_layers=w4_moe_layers,
+                   overrides=overrides, progress=progress)
+    if format == NATIVE_FORMAT:
+        return run_quantize(resolve_model(model), out, config, overwrite=overwrite, **options)
+    get_format(format)  # an unknown name fails before any work
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+    native = out.parent / f".{out.name}.ernieq-native"
+    try:
+        summary = run_quantize(resolve_model(model), native, config, overwrite=True, **options)
+        export_checkpoint(native, out, format, overwrite=overwrite)
+    finally:
+        shutil.rmtree(native, ignore_errors=True)
+    return summary
+
+
+def export(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
+    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete)."""
+    from ernieq.formats.registry import export_checkpoint
+
+    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite)
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:

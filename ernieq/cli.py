@@ -13,6 +13,7 @@ from rich.table import Table
 
 from ernieq import api
 from ernieq.errors import ErnieqError
+from ernieq.formats.registry import format_names
 
 console = Console()
 err_console = Console(stderr=True)
@@ -117,12 +118,14 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 3 of 51).")
 @click.option("--override", "overrides", multiple=True, metavar="'REGEX=CODEC[:k=v,...]'",
               help="Codec for the weights whose name matches REGEX (first match wins; CODEC 'none' keeps a weight). Repeatable.")
+@click.option("--format", "fmt", type=click.Choice(["native", *format_names()]), default="native", show_default=True,
+              help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
-             overrides: tuple[str, ...], overwrite: bool) -> None:
-    """Quantize MODEL's linear weights and write an ernieq checkpoint to OUT."""
+             overrides: tuple[str, ...], fmt: str, overwrite: bool) -> None:
+    """Quantize MODEL's linear weights and write the checkpoint to OUT."""
     summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=int(group_size), symmetric=sym,
-                           w4_moe_layers=w4_moe_layers, overrides=overrides, overwrite=overwrite)
+                           w4_moe_layers=w4_moe_layers, overrides=overrides, format=fmt, overwrite=overwrite)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
     for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):
@@ -137,6 +140,18 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
         f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "
         f"{_human_bytes(data['bytes_before'])} → {_human_bytes(data['bytes_after'])} in {data['seconds']:.1f} s"
     )
+
+
+@cli.command("export")
+@click.argument("qdir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(format_names()), required=True,
+              help="compressed-tensors: vLLM (wint4/wint8/fp8); hf-fp8: transformers' block FP8 (--fp8 only).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the exported checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def export(qdir: Path, fmt: str, out: Path, overwrite: bool) -> None:
+    """Convert the ernieq checkpoint QDIR into another format at OUT."""
+    path = api.export(qdir, out, fmt, overwrite=overwrite)
+    console.print(f"{qdir} exported as {fmt} to [bold]{path}[/bold]")
 
 
 @cli.command()

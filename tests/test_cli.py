@@ -92,3 +92,12 @@ def test_inspect_reports_bits_per_weight_of_a_quantized_checkpoint(tiny, tmp_pat
     assert summary.bytes_by_class["routed_experts"] == n_weights + scale_bytes
     code, out, _ = run(monkeypatch, capsys, "inspect", tmp_path / "q")
     assert code == 0 and "wint8" in out and "bits/weight" in out
+
+
+def test_quantize_straight_to_compressed_tensors(tiny, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "ct"
+    code, _, err = run(monkeypatch, capsys, "quantize", tiny, "--out", out, "--bits", "4", "--group-size", "64",
+                       "--format", "compressed-tensors")
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert not list(tmp_path.glob(".*"))  # the intermediate native checkpoint is gone
