@@ -96,7 +96,7 @@ def test_inspect_reports_bits_per_weight_of_a_quantized_checkpoint(tiny, tmp_pat
 
 def test_quantize_straight_to_compressed_tensors(tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path / "ct"
-    code, _, err = run(monkeypatch, capsys, "quantize", tiny, "--out", out, "--bits", "4", "--group-size", "64",
+    code, _, err = run(monkeypatch, capsys, "quantize", tiny, "--out", out, "--bits", "4", "--group-size", "32",
                        "--format", "compressed-tensors")
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
