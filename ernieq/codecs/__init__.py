@@ -27,3 +27,4 @@ __all__ = [
 ]
 
 from ernieq.codecs import wint8, wint4, fp8  # noqa: F401  (registers)
+from ernieq.codecs import ccq2  # noqa: F401  (registers)

@@ -53,6 +53,18 @@ def _expand_block_scale(scale: torch.Tensor, b: int, n: int, k: int) -> torch.Te
     return scale.repeat_interleave(b, dim=0)[:n].repeat_interleave(b, dim=1)[:, :k]
 
 
+def _positive(scale: torch.Tensor) -> torch.Tensor:
+    """An all-zero (or underflowing) row or block gets scale 1.0."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _scale(w: torch.Tensor, b: int | None) -> torch.Tensor:
+    """w: [N, K] float32. Returns scale [N] (per channel) or [ceil(N/B), ceil(K/B)] = amax / 448."""
+    if b is None:
+        return _positive(w.abs().amax(dim=1) / FP8_MAX)  # [N]: scale = amax / 448
+    return _positive(_blocks(w, b).abs().amax(dim=(1, 3)) / FP8_MAX)  # [N/B, K/B]: scale = block amax / 448
+
+
 @register_codec("fp8", FP8Config)
 class FP8Codec:
     def __init__(self, config: FP8Config):
@@ -68,14 +80,8 @@ class FP8Codec:
         w = check_weight(weight, name)  # [N, K] float32
         n, k = w.shape
         b = self.config.block_size
-        if b is None:
-            scale = w.abs().amax(dim=1) / FP8_MAX  # [N]: scale = amax / 448
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            full_scale = scale[:, None]  # [N, 1]
-        else:
-            scale = _blocks(w, b).abs().amax(dim=(1, 3)) / FP8_MAX  # [N/B, K/B]: scale = block amax / 448
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            full_scale = _expand_block_scale(scale, b, n, k)  # [N, K]
+        scale = _scale(w, b)  # [N] or [N/B, K/B]
+        full_scale = scale[:, None] if b is None else _expand_block_scale(scale, b, n, k)  # [N, 1] or [N, K]
         # clamp: w / scale may round a hair past 448, which e4m3fn (no inf) would turn into NaN
         qweight = (w / full_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [N, K]
         return QuantizedTensor(self.name, (n, k), {"qweight": qweight, "scale": scale}, dataclasses.asdict(self.config))
@@ -89,6 +95,10 @@ class FP8Codec:
         full_scale = scale[:, None] if b is None else _expand_block_scale(scale, b, n, k)  # [N, 1] or [N, K]
         return q.tensors["qweight"].float() * full_scale  # [N, K]
 
+    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> FP8Columns:
+        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
+        return FP8Columns(self, weight, static_groups)
+
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
         params = dataclasses.asdict(self.config)
@@ -101,3 +111,48 @@ class FP8Codec:
         got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
         if got != expected:
             raise CodecError(f"fp8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+
+class FP8Columns:
+    """fp8's rounding step inside GPTQ's column loop, one column (``unit = 1``) at a time.
+
+    Per channel (``group = 0``): the scale is fixed up front from the whole row.
+    Per B x B block (``group = B``): a block column's scales are set from the
+    current, error-updated weights when the loop reaches its first column
+    (``start_group``), or up front with ``static_groups`` (activation order).
+    """
+
+    unit = 1
+
+    def __init__(self, codec: FP8Codec, weight: torch.Tensor, static_groups: bool):
+        self.codec = codec
+        w = weight.float()
+        self.n, self.k = w.shape
+        self.b = codec.config.block_size
+        self.group = self.b or 0
+        if self.b is None or static_groups:
+            self.scale = _scale(w, self.b)  # [N] or [N/B, K/B]
+        else:
+            self.scale = torch.ones(-(-self.n // self.b), -(-self.k // self.b), device=w.device)
+        self.qweight = torch.zeros(w.shape, dtype=FP8_DTYPE, device=w.device)  # [N, K]
+
+    def start_group(self, col: int, w: torch.Tensor) -> None:
+        """col: the block column's first column; w: [N, <= B] its current values."""
+        self.scale[:, col // self.b] = _scale(w.float(), self.b)[:, 0]  # [N/B]
+
+    def _column_scale(self, col: int) -> torch.Tensor:
+        """The scale of every row of column ``col``, [N, 1]."""
+        if self.b is None:
+            return self.scale[:, None]
+        return self.scale[:, col // self.b].repeat_interleave(self.b)[: self.n, None]
+
+    def round(self, col: int, w: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [N, 1] the current column ``col``. Returns its dequantized value [N, 1]."""
+        s = self._column_scale(col)  # [N, 1]
+        q = (w / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # e4m3fn has no inf: clamp first
+        self.qweight[:, col : col + 1] = q
+        return q.float() * s
+
+    def result(self) -> QuantizedTensor:
+        tensors = {"qweight": self.qweight, "scale": self.scale}
+        return QuantizedTensor(self.codec.name, (self.n, self.k), tensors, dataclasses.asdict(self.codec.config))

@@ -70,21 +70,40 @@ def _positive(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
+def _symmetric_scale(wg: torch.Tensor) -> torch.Tensor:
+    """wg: [N, n_groups, G]. Returns scale [N, n_groups] = amax / 7."""
+    return _positive(wg.abs().amax(dim=2) / SYM_QMAX)  # scale = amax / 7
+
+
+def _asymmetric_grid(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """wg: [N, n_groups, G]. Returns scale [N, n_groups] and the float zero point [N, n_groups] in [0, 15]."""
+    lo = wg.amin(dim=2).clamp(max=0)  # min, widened to hold 0
+    hi = wg.amax(dim=2).clamp(min=0)  # max, widened to hold 0
+    scale = _positive(hi / ASYM_LEVELS - lo / ASYM_LEVELS)  # (max - min) / 15, no overflow at float max
+    zero = torch.round(-lo / scale).clamp_(0, MAX_CODE)  # zero = round(-min / scale)
+    return scale, zero
+
+
 def _encode_symmetric(wg: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """wg: [N, n_groups, G]. Returns codes uint8 [N, n_groups, G] and {"scale": [N, n_groups]}."""
-    scale = _positive(wg.abs().amax(dim=2) / SYM_QMAX)  # scale = amax / 7
+    scale = _symmetric_scale(wg)
     value = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_QMAX)  # in [-8, 7]
     return (value + SYM_OFFSET).to(torch.uint8), {"scale": scale}  # code = value + 8
 
 
 def _encode_asymmetric(wg: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """wg: [N, n_groups, G]. Returns codes uint8 [N, n_groups, G], {"scale", "zero": [N, n_groups]}."""
-    lo = wg.amin(dim=2).clamp(max=0)  # min, widened to hold 0
-    hi = wg.amax(dim=2).clamp(min=0)  # max, widened to hold 0
-    scale = _positive(hi / ASYM_LEVELS - lo / ASYM_LEVELS)  # (max - min) / 15, no overflow at float max
-    zero = torch.round(-lo / scale).clamp_(0, MAX_CODE)  # zero = round(-min / scale)
+    scale, zero = _asymmetric_grid(wg)
     code = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, MAX_CODE)
     return code.to(torch.uint8), {"scale": scale, "zero": zero.to(torch.uint8)}
+
+
+def _grid(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """wg: [N, n_groups, G]. Returns (scale, zero) [N, n_groups]: zero is 8 when symmetric."""
+    if symmetric:
+        scale = _symmetric_scale(wg)
+        return scale, torch.full_like(scale, SYM_OFFSET)
+    return _asymmetric_grid(wg)
 
 
 @register_codec("wint4", WInt4Config)
@@ -121,6 +140,10 @@ class WInt4Codec:
             zero = q.tensors["zero"][..., None].float()  # [N, n_groups, 1]
         return _ungroup((codes - zero) * scale, k)  # W_hat = (code - zero) * scale
 
+    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt4Columns:
+        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
+        return WInt4Columns(self, weight, static_groups)
+
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint4 tensor of this config and its own shape."""
         params = dataclasses.asdict(self.config)
@@ -134,3 +157,52 @@ class WInt4Codec:
         got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
         if got != expected:
             raise CodecError(f"wint4: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+
+class WInt4Columns:
+    """wint4's rounding step inside GPTQ's column loop, one column (``unit = 1``) at a time.
+
+    Scales are per group of ``group = G`` columns, set as round to nearest sets
+    them (``scale = amax / 7``, or the asymmetric range), either from the
+    current, error-updated weights when the loop reaches the group's first
+    column (``start_group``: GPTQ with ``static_groups=False``), or up front from
+    the weight as given (``static_groups=True``, for activation order: the
+    stored layout has no column permutation, so groups stay in K order).
+    ``round`` returns the dequantized column; ``result`` packs what was chosen.
+    """
+
+    unit = 1
+
+    def __init__(self, codec: WInt4Codec, weight: torch.Tensor, static_groups: bool):
+        self.codec = codec
+        self.group = codec.config.group_size
+        self.symmetric = codec.config.symmetric
+        n, self.k = weight.shape
+        self.codes = torch.zeros(n, self.k, dtype=torch.uint8, device=weight.device)  # [N, K]
+        if static_groups:
+            self.scale, self.zero = _grid(_group(weight.float(), self.group), self.symmetric)  # [N, n_groups]
+        else:
+            n_groups = -(-self.k // self.group)
+            self.scale = torch.ones(n, n_groups, device=weight.device)
+            self.zero = torch.full((n, n_groups), float(SYM_OFFSET), device=weight.device)
+
+    def start_group(self, col: int, w: torch.Tensor) -> None:
+        """col: the group's first column; w: [N, <= G] its current values."""
+        scale, zero = _grid(w.float().unsqueeze(1), self.symmetric)  # [N, 1]
+        self.scale[:, col // self.group] = scale[:, 0]
+        self.zero[:, col // self.group] = zero[:, 0]
+
+    def round(self, col: int, w: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [N, 1] the current column ``col``. Returns its dequantized value [N, 1]."""
+        g = col // self.group
+        scale, zero = self.scale[:, g : g + 1], self.zero[:, g : g + 1]  # [N, 1]
+        code = (torch.round(w / scale) + zero).clamp_(0, MAX_CODE)  # code = clamp(round(w / s) + z, 0, 15)
+        self.codes[:, col : col + 1] = code.to(torch.uint8)
+        return (code - zero) * scale  # W_hat = (code - zero) * scale
+
+    def result(self) -> QuantizedTensor:
+        n = self.codes.shape[0]
+        tensors = {"qweight": pack_int4_k_major(self.codes), "scale": self.scale.contiguous()}
+        if not self.symmetric:
+            tensors["zero"] = self.zero.to(torch.uint8)
+        return QuantizedTensor(self.codec.name, (n, self.k), tensors, dataclasses.asdict(self.codec.config))

@@ -25,6 +25,12 @@ class WInt8Config:
     """wint8 has no parameters: per-channel symmetric int8 is the whole recipe."""
 
 
+def _channel_scale(w: torch.Tensor) -> torch.Tensor:
+    """w: [N, K] float32. Returns scale [N] = amax / 127; a zero (or underflowing) row gets 1.0."""
+    scale = w.abs().amax(dim=1) / QMAX  # scale = amax / 127
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 @register_codec("wint8", WInt8Config)
 class WInt8Codec:
     def __init__(self, config: WInt8Config):
@@ -38,9 +44,7 @@ class WInt8Codec:
         Returns qweight int8 [N, K] and scale float32 [N].
         """
         w = check_weight(weight, name)  # [N, K] float32
-        amax = w.abs().amax(dim=1)  # [N]
-        scale = amax / QMAX  # scale = amax / 127
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # zero (or underflowing) row: 1.0
+        scale = _channel_scale(w)  # [N]
         q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)  # [N, K]
         tensors = {"qweight": q, "scale": scale}
         return QuantizedTensor(self.name, tuple(w.shape), tensors, dataclasses.asdict(self.config))
@@ -49,6 +53,10 @@ class WInt8Codec:
         """q: shape (N, K). Returns float32 W_hat [N, K] = qweight * scale[:, None]."""
         self._check_layout(q)
         return q.tensors["qweight"].float() * q.tensors["scale"][:, None]  # [N, K]
+
+    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt8Columns:
+        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
+        return WInt8Columns(self, weight)
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint8 tensor of its own shape."""
@@ -59,3 +67,31 @@ class WInt8Codec:
         got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
         if got != expected:
             raise CodecError(f"wint8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+
+class WInt8Columns:
+    """wint8's rounding step inside GPTQ's column loop, one column (``unit = 1``) at a time.
+
+    The per-channel scale is fixed up front from the whole row, as round to
+    nearest sets it (``scale = amax / 127``); ``group = 0``: no per-group scales.
+    """
+
+    unit = 1
+    group = 0
+
+    def __init__(self, codec: WInt8Codec, weight: torch.Tensor):
+        self.codec = codec
+        w = weight.float()
+        self.scale = _channel_scale(w)  # [N]
+        self.qweight = torch.zeros(w.shape, dtype=torch.int8, device=w.device)  # [N, K]
+
+    def round(self, col: int, w: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [N, 1] the current column ``col``. Returns its dequantized value [N, 1]."""
+        s = self.scale[:, None]  # [N, 1]
+        q = torch.round(w / s).clamp_(-QMAX, QMAX)  # q = clamp(round(w / s), -127, 127)
+        self.qweight[:, col : col + 1] = q.to(torch.int8)
+        return q * s
+
+    def result(self) -> QuantizedTensor:
+        tensors = {"qweight": self.qweight, "scale": self.scale}
+        return QuantizedTensor(self.codec.name, tuple(self.qweight.shape), tensors, dataclasses.asdict(self.codec.config))

@@ -1,0 +1,337 @@
+"""``ccq2``: the convolutional-code 2-bit codec, bit-exact with FastDeploy's ``wint2``.
+
+Shape legend: N output features, K input features, G = ceil(K / 64) local-scale
+groups, K4 = ceil(K / 4) bytes per output channel. Our weights are ``W [N, K]``
+(torch order); FastDeploy's logical weight is the transpose ``[K, N]``, so every
+stored tensor below is K-major like FastDeploy's.
+
+Stored tensors (the contract with the kernels and the FastDeploy exporter):
+
+- ``quant_weight``: uint8 [K4, N]. Byte ``r`` of column ``n`` carries
+  ``W[n, 4r + j]``, ``j = 0..3``.
+- ``weight_scale``: uint8 [ceil(K / 128), N], two 4-bit local scales per byte:
+  the 64-row group ``g`` uses byte ``[g // 2, n]``, its HIGH nibble when ``g`` is
+  even, its LOW nibble when ``g`` is odd (an unused last low nibble is 0).
+- ``super_scales``: bfloat16 [N] (``super_scale_dtype``; FastDeploy stores the
+  model's dtype, bfloat16 for ERNIE 4.5, float16 also works).
+- ``code_scale``, ``code_zp``: float32 [N].
+
+Decode, per output channel ``n`` (all in float32)::
+
+    c      = floor(b * code_scale[n] + code_zp[n] + 0.5)     # 15-bit integer
+    q_j    = ((c >> s_j) & 0x3F) - 32,  s = (9, 6, 3, 0)     # j = 0..3, q in [-32, 31]
+    W_hat  = q * nibble(k // 64, n) * super_scales[n]
+
+Bits per weight: 2 (bytes) + 4/64 (nibbles) + 80 / K (10 bytes per channel).
+
+K that is not a multiple of 4 / 64 / 128 is padded with zero weights of zero
+importance (so the padding costs the encoder nothing) and decode drops it.
+FastDeploy itself needs K % 128 == 0 (its unzip and Triton kernels step whole
+128-row scale bytes); the exporter must refuse, or pad, other shapes.
+
+What FastDeploy's sources say (read with the search tool, PaddlePaddle/FastDeploy):
+
+- ``fastdeploy/model_executor/ops/triton_ops/wint2_fused_moe_kernel.py``
+  (``moe_wint2_ffn_kernel``): for BLOCK_SIZE_K = 64 it loads byte rows
+  ``offs_bk`` (16 per block) against activation columns ``offs_bk * 4 + j``:
+  byte ``r`` holds K rows ``4r .. 4r+3``; ``b = floor(b.to(fp32) * code_bs + code_bzp + 0.5)``
+  cast to int16, then ``((b >> 9) & 0x3F) - 32`` for column ``4r``, ``>> 6`` for
+  ``4r+1``, ``>> 3`` for ``4r+2``, ``& 0x3F`` for ``4r+3``; the local scale is
+  ``((bs >> (1 - k % 2) * 4) & 0xF) * super_bs`` with the scale pointer advanced
+  every second 64-row block: high nibble for even groups.
+- ``custom_ops/gpu_ops/cutlass_extensions/gemm/threadblock/wint2x_unzip.h``
+  (``UnzipAndDequantFunctor<kWeightOnlyInt2>``): the same math with
+  ``local_scale_shift = ((row / 64 + 1) & 1) * 4``, computed in float
+  (``ScaleComputeT = float``): ``scale = float(nibble) * float(super_scale)``,
+  ``out = T(scale * float(q))``; its comment lists the dtypes: weight uint8,
+  local_scale uint8, code_scale float, code_zp float, super_scale T.
+- ``custom_ops/gpu_ops/moe/winx_unzip.cu``: ``local_scale`` uint8 ("uint4"),
+  ``code_scale``/``code_zp`` float32, ``super_scale`` of the output dtype
+  (bf16/fp16); the output rows are ``zipped rows * 4``.
+- ``fastdeploy/model_executor/layers/moe/fused_moe_wint2_backend.py``
+  (``create_weights``): per layer ``up_gate_proj_weight`` uint8 [E, hidden/4, 2*inter],
+  ``..._weight_scale`` uint8 [E, hidden/128, 2*inter], ``..._super_scales``
+  [E, 2*inter] in the default (model) dtype, ``..._code_scale`` / ``..._code_zp``
+  float32 [E, 2*inter]; the Cutlass path permutes the weight bytes after loading,
+  so the checkpoint keeps the plain layout above.
+- ``fastdeploy/model_executor/models/ernie4_5_moe.py``: checkpoint names
+  ``{prefix}.experts.{e}.up_gate_proj.quant_weight`` / ``.weight_scale`` /
+  ``.super_scales`` / ``.code_scale`` / ``.code_zp`` (and ``down_proj``).
+- ``fastdeploy/model_executor/layers/quantization/wint2.py``: the ``wint2`` config;
+  MoE layers up to ``moe_w4_quant_end_layer`` use wint4, later ones wint2.
+
+Float exactness: a kernel may fuse ``b * code_scale + code_zp`` into one FMA
+(Triton does by default, ``enable_fp_fusion``) or round twice (torch eager, this
+decode). The encoder only emits dyadic ``code_scale``/``code_zp`` for which both
+are exact (``check_code_grid``), so every kernel gets the same ``c``; ``q * nibble
+* super_scale`` is exact in float32 too (6 + 4 + 8 significant bits, 11 for
+float16). Decode returns that float32 value; FastDeploy's Cutlass path computes
+it in float32 and rounds once to bf16, its Triton kernel rounds ``nibble *
+super_scale`` to the activation dtype first (a bf16 rounding we do not copy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.ccq2_search import (
+    GROUP,
+    NIBBLE_MAX,
+    QUAD,
+    QUADS_PER_GROUP,
+    check_code_grid,
+    choose_code_grid,
+    choose_nibbles,
+    choose_super_scale,
+    code_words,
+    expand_codes,
+    fit_group_scales,
+    refine_super_scale,
+    start_scales,
+)
+
+log = logging.getLogger(__name__)
+
+SCALE_BYTE_ROWS = 2 * GROUP  # one weight_scale byte row covers 128 K rows
+SUPER_SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Code grids (code_scale, code_zp) ranked by the mean squared error of their 256
+# words on i.i.d. unit Gaussian 4-vectors at their best of 15/16/17 code units per
+# standard deviation (0.110 .. 0.113 per weight); measured by
+# ``python benchmarks/ccq2_encoder.py scan-grids``. All dyadic: exact in float32.
+CODE_GRID_POOL: tuple[tuple[float, float], ...] = (
+    (120.0, 1100.0), (121.0, 800.0), (120.875, 1100.0), (121.0, 1100.0),
+    (121.0, 540.0), (121.0, 1600.0), (120.0, 540.0), (121.0, 200.0),
+    (120.875, 800.0), (123.125, 800.0), (121.75, 1100.0), (120.875, 540.0),
+    (123.125, 540.0), (121.75, 800.0), (120.875, 1600.0), (117.75, 1100.0),
+    (120.0, 800.0), (121.75, 540.0), (121.75, 1600.0), (121.75, 200.0),
+    (119.875, 800.0), (120.0, 1600.0), (123.125, 200.0), (117.75, 1600.0),
+    (119.875, 1600.0), (120.875, 200.0), (117.875, 800.0), (123.25, 540.0),
+    (119.875, 1100.0), (123.125, 1100.0), (117.875, 1600.0), (120.0, 200.0),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CCQ2Config:
+    """Search knobs of the ccq2 encoder (decode needs none of them).
+
+    code_scale, code_zp: one fixed code grid for every channel (both or neither);
+        None: each channel picks the best of the first ``grid_candidates`` grids
+        of ``CODE_GRID_POOL``.
+    grid_candidates: how many pool grids each channel tries (one byte search each).
+    units_per_std: the starting local scale is group RMS / units_per_std.
+    scale_steps: Lloyd iterations (bytes, then least-squares scale) per start.
+    nibble_window: each group tries nibbles floor(r) - window + 1 .. floor(r) + window
+        around its continuous scale r (in super-scale units), and 0.
+    refine_steps: rounds of least-squares super-scale refinement.
+    super_scale_dtype: "bfloat16" (ERNIE 4.5 in FastDeploy) or "float16".
+    hessian_damp: importance = diag(H) + damp * mean(diag(H)), as GPTQ dampens.
+    """
+
+    code_scale: float | None = None
+    code_zp: float | None = None
+    grid_candidates: int = 16
+    units_per_std: float = 16.0
+    scale_steps: int = 2
+    nibble_window: int = 1
+    refine_steps: int = 1
+    super_scale_dtype: str = "bfloat16"
+    hessian_damp: float = 0.01
+
+    def __post_init__(self):
+        if (self.code_scale is None) != (self.code_zp is None):
+            raise CodecError("ccq2: give both code_scale and code_zp, or neither")
+        if self.code_scale is not None:
+            check_code_grid(torch.tensor([self.code_scale]), torch.tensor([self.code_zp]))
+        if not 1 <= self.grid_candidates <= len(CODE_GRID_POOL):
+            raise CodecError(f"ccq2: grid_candidates must lie in 1..{len(CODE_GRID_POOL)}, got {self.grid_candidates}")
+        if not self.units_per_std > 0:
+            raise CodecError(f"ccq2: units_per_std must be positive, got {self.units_per_std}")
+        for knob in ("scale_steps", "refine_steps"):
+            if getattr(self, knob) < 0:
+                raise CodecError(f"ccq2: {knob} must be >= 0, got {getattr(self, knob)}")
+        if self.nibble_window < 1:
+            raise CodecError(f"ccq2: nibble_window must be >= 1, got {self.nibble_window}")
+        if self.super_scale_dtype not in SUPER_SCALE_DTYPES:
+            raise CodecError(f"ccq2: super_scale_dtype must be one of {sorted(SUPER_SCALE_DTYPES)}")
+        if self.hessian_damp < 0:
+            raise CodecError(f"ccq2: hessian_damp must be >= 0, got {self.hessian_damp}")
+
+
+@dataclass
+class CCQ2Fit:
+    """The encoder's choices for one weight, unpacked (what a GPTQ loop works with).
+
+    code_scale, code_zp: float32 [N]; table: int32 [N, 256, 4], the code words of
+    each channel's grid; super_scale: float32 [N] (a value of the storage dtype);
+    nibble: int64 [N, G]; codes: uint8 [N, G * 16] (bytes, padding quads included);
+    err: float32 [N, G], the importance-weighted squared error per group.
+    """
+
+    code_scale: torch.Tensor
+    code_zp: torch.Tensor
+    table: torch.Tensor
+    super_scale: torch.Tensor
+    nibble: torch.Tensor
+    codes: torch.Tensor
+    err: torch.Tensor
+
+
+def importance(stats: CalibrationStats | None, k: int, damp: float, device, name: str) -> torch.Tensor | None:
+    """Per-input-channel importance [K] from calibration statistics, or None (uniform).
+
+    The Hessian diagonal (E[x_k^2]) when there is one, else ``act_abs_mean ** 2``,
+    dampened by ``damp * mean``. Statistics that carry no signal (all zero: an
+    expert that saw no tokens) log a warning and give uniform importance.
+    """
+    if stats is None:
+        return None
+    if stats.hessian is not None:
+        h = stats.hessian
+        if tuple(h.shape) != (k, k):
+            raise CodecError(f"{name}: Hessian of shape {tuple(h.shape)} for a weight with K={k}")
+        d = torch.diagonal(h).to(device=device, dtype=torch.float32)
+    elif stats.act_abs_mean is not None:
+        a = stats.act_abs_mean
+        if tuple(a.shape) != (k,):
+            raise CodecError(f"{name}: act_abs_mean of shape {tuple(a.shape)} for a weight with K={k}")
+        d = a.to(device=device, dtype=torch.float32) ** 2
+    else:
+        return None
+    if not torch.isfinite(d).all():
+        raise CodecError(f"{name}: non-finite calibration statistics")
+    d = d.clamp(min=0)
+    mean = d.mean()
+    if not mean > 0:
+        log.warning("%s: calibration statistics are all zero (no tokens?); using uniform importance", name)
+        return None
+    return (d + damp * mean) / ((1 + damp) * mean)  # normalised to mean 1
+
+
+def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fit:
+    """Search every choice of the code for ``w`` [N, K] float32 with importance [K] or None.
+
+    The search runs on each channel divided by a power of two near its absolute
+    max (exact, and commuting with the rounding of the super scale), so squared
+    errors stay far from float32 overflow whatever the weights' magnitude.
+    """
+    n, k = w.shape
+    g = -(-k // GROUP)  # G = ceil(K / 64)
+    pad = g * GROUP - k
+    amax = w.abs().amax(1)  # [N]
+    unit = torch.exp2(torch.where(amax > 0, torch.floor(torch.log2(amax)), torch.zeros_like(amax)))  # 2^e  [N]
+    x = torch.nn.functional.pad(w / unit[:, None], (0, pad)).reshape(n, g, QUADS_PER_GROUP, QUAD)  # [N, G, 16, 4]
+    if imp is None and pad:
+        imp = torch.ones(k, device=w.device)
+    q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).reshape(g, QUADS_PER_GROUP, QUAD)
+    s_rms, s_amax = start_scales(x, q_imp, config.units_per_std)  # [N, G] each
+
+    if config.code_scale is not None:
+        grids = torch.tensor([[config.code_scale, config.code_zp]], device=w.device)  # [1, 2]
+    else:
+        grids = torch.tensor(CODE_GRID_POOL[: config.grid_candidates], device=w.device)  # [C, 2]
+    pick = torch.zeros(n, dtype=torch.int64, device=w.device)  # [N], the grid of each channel
+    if len(grids) > 1:
+        pick = choose_code_grid(x, q_imp, code_words(grids[:, 0], grids[:, 1]), s_rms)
+    code_scale, code_zp = grids[pick, 0].contiguous(), grids[pick, 1].contiguous()  # [N]
+    table = code_words(code_scale, code_zp)  # [N, 256, 4]
+
+    scale, err = fit_group_scales(x, q_imp, table, s_rms, config.scale_steps)
+    s2, e2 = fit_group_scales(x, q_imp, table, s_amax, config.scale_steps)
+    scale = torch.where(e2 < err, s2, scale)  # per group, the better start
+
+    dtype = SUPER_SCALE_DTYPES[config.super_scale_dtype]
+    super_scale = choose_super_scale(scale, dtype)
+    nibble, codes, err = choose_nibbles(x, q_imp, table, super_scale, scale, config.nibble_window)
+    for _ in range(config.refine_steps):
+        super_scale, codes, err = refine_super_scale(x, q_imp, table, super_scale, nibble, codes, err, dtype)
+    super_scale = super_scale * unit  # back to weight units, exact
+    return CCQ2Fit(code_scale, code_zp, table, super_scale, nibble, codes.reshape(n, -1), err * (unit * unit)[:, None])
+
+
+def pack_local_scales(nibble: torch.Tensor) -> torch.Tensor:
+    """nibble: [N, G] in 0..15. Returns weight_scale uint8 [ceil(G / 2), N]:
+    group g in byte [g // 2, n], high nibble for even g, low nibble for odd g."""
+    if nibble.numel() and (int(nibble.min()) < 0 or int(nibble.max()) > NIBBLE_MAX):
+        raise CodecError("ccq2: local scales must lie in 0..15")
+    nib = torch.nn.functional.pad(nibble.to(torch.uint8), (0, nibble.shape[1] % 2))  # [N, 2 * G2]
+    return ((nib[:, 0::2] << 4) | nib[:, 1::2]).t().contiguous()  # byte = (even << 4) | odd
+
+
+def unpack_local_scales(weight_scale: torch.Tensor, g: int) -> torch.Tensor:
+    """weight_scale: uint8 [ceil(G / 2), N]. Returns the nibbles uint8 [N, G]."""
+    ws = weight_scale.t()  # [N, G2]
+    nib = torch.stack([ws >> 4, ws & 0xF], dim=-1)  # [N, G2, 2]: even group high, odd low
+    return nib.flatten(1)[:, :g]
+
+
+@register_codec("ccq2", CCQ2Config)
+class CCQ2Codec:
+    def __init__(self, config: CCQ2Config):
+        self.config = config
+
+    def encode(
+        self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
+    ) -> QuantizedTensor:
+        """weight: [N, K], any float dtype, on any device. stats: the Hessian
+        diagonal (or act_abs_mean^2) weights the error per input channel.
+
+        Returns quant_weight uint8 [K4, N], weight_scale uint8 [ceil(K/128), N],
+        super_scales [N] (super_scale_dtype), code_scale float32 [N], code_zp float32 [N].
+        """
+        w = check_weight(weight, name)  # [N, K] float32
+        n, k = w.shape
+        imp = importance(stats, k, self.config.hessian_damp, w.device, name)
+        f = fit(w, imp, self.config)
+        k4 = -(-k // QUAD)
+        super_scales = f.super_scale.to(SUPER_SCALE_DTYPES[self.config.super_scale_dtype])
+        dtype_name = self.config.super_scale_dtype
+        if not torch.isfinite(super_scales).all():
+            raise CodecError(f"{name}: super scales overflow {dtype_name} (weights up to {w.abs().max():.3g})")
+        lost = int(((super_scales == 0) & (f.nibble.amax(1) > 0)).sum())
+        if lost:
+            log.warning("%s: %d channel(s) too small for %s super scales decode to zero", name, lost, dtype_name)
+        tensors = {
+            "quant_weight": f.codes[:, :k4].t().contiguous(),  # [K4, N]
+            "weight_scale": pack_local_scales(f.nibble),  # [ceil(K/128), N]
+            "super_scales": super_scales,
+            "code_scale": f.code_scale.to(torch.float32),
+            "code_zp": f.code_zp.to(torch.float32),
+        }
+        return QuantizedTensor(self.name, (n, k), tensors, dataclasses.asdict(self.config))
+
+    def decode(self, q: QuantizedTensor) -> torch.Tensor:
+        """q: shape (N, K). Returns float32 W_hat [N, K] = q_code * nibble * super_scale."""
+        self._check_layout(q)
+        n, k = q.shape
+        t = q.tensors
+        b = t["quant_weight"].t()  # [N, K4]
+        code = expand_codes(b, t["code_scale"][:, None], t["code_zp"][:, None])  # [N, K4, 4] int32
+        code = code.flatten(1)[:, :k].to(torch.float32)  # [N, K]
+        nib = unpack_local_scales(t["weight_scale"], -(-k // GROUP)).to(torch.float32)  # [N, G]
+        scale = nib * t["super_scales"].to(torch.float32)[:, None]  # local scale = nibble * super  [N, G]
+        return code * scale.repeat_interleave(GROUP, dim=1)[:, :k]  # W_hat = q * nibble * super
+
+    def _check_layout(self, q: QuantizedTensor) -> None:
+        """Fail loudly when ``q`` is not a ccq2 tensor of its own shape."""
+        if q.codec != self.name or len(q.shape) != 2:
+            raise CodecError(f"ccq2: cannot decode codec {q.codec!r} of shape {q.shape}")
+        n, k = q.shape
+        ss_dtype = q.tensors.get("super_scales", torch.empty(0)).dtype
+        if ss_dtype not in SUPER_SCALE_DTYPES.values():
+            raise CodecError(f"ccq2: super_scales must be bfloat16 or float16, got {ss_dtype}")
+        expected = {
+            "quant_weight": (torch.uint8, (-(-k // QUAD), n)),
+            "weight_scale": (torch.uint8, (-(-k // SCALE_BYTE_ROWS), n)),
+            "super_scales": (ss_dtype, (n,)),
+            "code_scale": (torch.float32, (n,)),
+            "code_zp": (torch.float32, (n,)),
+        }
+        got = {key: (v.dtype, tuple(v.shape)) for key, v in q.tensors.items()}
+        if got != expected:
+            raise CodecError(f"ccq2: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
