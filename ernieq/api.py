@@ -110,6 +110,12 @@ def quantize(
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     overrides: tuple[str, ...] = (),
+    calib_data: str | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int = 64 * 512,
+    calib_seq_len: int = 512,
+    all_experts: bool = False,
+    method: str | None = None,
     format: str = NATIVE_FORMAT,
     overwrite: bool = False,
     progress: bool = True,
@@ -119,25 +125,83 @@ def quantize(
     The checkpoint is read and written one tensor group (a layer's attention, a
     layer's MLP or MoE block) at a time; the output appears at OUT only when
     complete. ``format`` other than native converts the native result at the end.
+    Calibration statistics come from ``calib`` (a saved ``ernieq calibrate`` folder)
+    or are collected from ``calib_data``; ``method`` defaults to GPTQ with
+    statistics and round-to-nearest without.
     """
     from ernieq.formats.registry import export_checkpoint, get_format
     from ernieq.quantize import run_quantize
 
     out = Path(out)
+    source = resolve_model(model)
+    if calib_data is not None and calib is not None:
+        raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
+    stats = None
+    if calib is not None:
+        from ernieq.calibration import load_stats
+
+        stats = load_stats(calib)
+    elif calib_data is not None:
+        stats = calibrate(source, calib_data, tokens=calib_tokens, seq_len=calib_seq_len, all_experts=all_experts,
+                          progress=progress)
+    method = method or ("gptq" if stats is not None else "rtn")
+    if method != "rtn" and stats is None:
+        raise ErnieqError(f"--method {method} needs calibration statistics (--calib-data SRC or --calib DIR)")
     options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric, w4_moe_layers=w4_moe_layers,
-                   overrides=overrides, progress=progress)
+                   overrides=overrides, progress=progress, calib=stats, method=method)
     if format == NATIVE_FORMAT:
-        return run_quantize(resolve_model(model), out, config, overwrite=overwrite, **options)
+        return run_quantize(source, out, config, overwrite=overwrite, **options)
     get_format(format)  # an unknown name fails before any work
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
     native = out.parent / f".{out.name}.ernieq-native"
     try:
-        summary = run_quantize(resolve_model(model), native, config, overwrite=True, **options)
+        summary = run_quantize(source, native, config, overwrite=True, **options)
         export_checkpoint(native, out, format, overwrite=overwrite)
     finally:
         shutil.rmtree(native, ignore_errors=True)
     return summary
+
+
+def calibration_tokens(model: str | Path, data: str, tokens: int, seq_len: int) -> torch.Tensor:
+    """The calibration split of ``data`` tokenized once and cut into [tokens // seq_len, seq_len] windows."""
+    from transformers import AutoTokenizer
+
+    from ernieq.eval.perplexity import tokenize_text
+    from ernieq.eval.text import load_text
+
+    if tokens < seq_len:
+        raise ErnieqError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")
+    ids = tokenize_text(AutoTokenizer.from_pretrained(resolve_model(model)), load_text(data, split="calib"))
+    ids = ids.reshape(-1)
+    n = min(tokens // seq_len, ids.numel() // seq_len)
+    if n == 0:
+        raise ErnieqError(f"{data}: {ids.numel()} calibration tokens, fewer than one window of {seq_len}")
+    if n < tokens // seq_len:
+        log.warning("%s: only %d calibration windows of %d tokens available", data, n, seq_len)
+    return ids[: n * seq_len].reshape(n, seq_len)  # [n_seq, seq_len]
+
+
+def calibrate(
+    model: str | Path,
+    data: str,
+    *,
+    tokens: int = 64 * 512,
+    seq_len: int = 512,
+    all_experts: bool = False,
+    out: str | Path | None = None,
+    progress: bool = True,
+):
+    """Run the unquantized model layer by layer over ``data``'s calibration split and collect statistics."""
+    from ernieq.calibration import collect_stats, save_stats
+
+    source = resolve_model(model)
+    cset = collect_stats(source, calibration_tokens(source, data, tokens, seq_len), all_experts=all_experts,
+                         progress=progress)
+    cset.info["data"] = data
+    if out is not None:
+        save_stats(cset, out)
+    return cset
 
 
 def export(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:

@@ -115,17 +115,32 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="wint4 group size along K.")
 @click.option("--sym/--asym", default=True, show_default=True, help="wint4 symmetric, or with a zero point.")
 @click.option("--w4-moe-layers", type=click.IntRange(min=0), default=None,
-              help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 3 of 51).")
+              help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 4 of 51, rounded up).")
 @click.option("--override", "overrides", multiple=True, metavar="'REGEX=CODEC[:k=v,...]'",
               help="Codec for the weights whose name matches REGEX (first match wins; CODEC 'none' keeps a weight). Repeatable.")
+@click.option("--calib-data", default=None, metavar="SRC",
+              help="Collect calibration statistics from SRC's calibration split first (e.g. 'demo' or a text file).")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Reuse statistics saved by `ernieq calibrate`.")
+@click.option("--calib-tokens", type=click.IntRange(min=1), default=64 * 512, show_default=True,
+              help="Calibration tokens for --calib-data.")
+@click.option("--calib-seq-len", type=click.IntRange(min=2), default=512, show_default=True,
+              help="Calibration sequence length for --calib-data.")
+@click.option("--all-experts", is_flag=True,
+              help="With --calib-data: every routed expert also sees every calibration token (statistics only).")
+@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
+              help="Rounding: round-to-nearest, or GPTQ error feedback. Default: gptq with statistics, rtn without.")
 @click.option("--format", "fmt", type=click.Choice(["native", *format_names()]), default="native", show_default=True,
               help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
-             overrides: tuple[str, ...], fmt: str, overwrite: bool) -> None:
+             overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
+             calib_seq_len: int, all_experts: bool, method: str | None, fmt: str, overwrite: bool) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT."""
     summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=int(group_size), symmetric=sym,
-                           w4_moe_layers=w4_moe_layers, overrides=overrides, format=fmt, overwrite=overwrite)
+                           w4_moe_layers=w4_moe_layers, overrides=overrides, calib_data=calib_data, calib=calib,
+                           calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
+                           method=method, format=fmt, overwrite=overwrite)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
     for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):
@@ -140,6 +155,25 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
         f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "
         f"{_human_bytes(data['bytes_before'])} → {_human_bytes(data['bytes_after'])} in {data['seconds']:.1f} s"
     )
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--data", required=True, metavar="SRC",
+              help="Calibration text: 'demo' (its calibration split), a .txt/.jsonl file or folder. Never the text you evaluate on.")
+@click.option("--tokens", type=click.IntRange(min=1), default=64 * 512, show_default=True, help="Calibration tokens.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Sequence length.")
+@click.option("--all-experts", is_flag=True,
+              help="Extra pass: every routed expert sees every token (statistics only; the model's output is unchanged).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for stats.safetensors + summary.json.")
+def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: bool, out: Path) -> None:
+    """Run MODEL over calibration text layer by layer and save per-layer, per-expert statistics."""
+    cset = api.calibrate(model, data, tokens=tokens, seq_len=seq_len, all_experts=all_experts, out=out)
+    cold = cset.cold_experts()
+    console.print(f"statistics of {cset.info.get('tokens', 0):,} tokens written to [bold]{out}[/bold]; "
+                  f"{len(cold)} of {len(cset.experts)} routed experts cold")
+    for row in cold[:20]:
+        console.print(f"  cold: layer {row.layer} expert {row.expert}: {row.tokens} tokens ({row.share:.2%})")
 
 
 @cli.command("export")

@@ -126,11 +126,11 @@ def validate(choice: CodecChoice, where: str) -> None:
 def default_w4_moe_layers(num_moe_layers: int) -> int:
     """How many leading MoE layers keep ``wint4`` experts in the 2-bit recipe.
 
-    FastDeploy's published ERNIE-4.5-300B-A47B 2-bit checkpoint keeps the routed
-    experts of its first 3 of 51 MoE layers (layers 3..5 of 54) at 4 bits; the same
-    share, rounded up, on a model with ``num_moe_layers`` MoE layers.
+    FastDeploy's published ERNIE-4.5-300B-A47B 2-bit config runs MoE layers up to
+    ``moe_w4_quant_end_layer: 6`` at wint4; its MoE layers are 3..53, so 4 of 51.
+    ernieq keeps the same share, rounded up: ceil(4 n / 51), at least one.
     """
-    return min(num_moe_layers, max(1, -(-3 * num_moe_layers // 51)))
+    return min(num_moe_layers, max(1, -(-4 * num_moe_layers // 51)))
 
 
 def recipe(

@@ -91,11 +91,27 @@ def _linear_weights(group, tensors):
             yield name, type(proto)(name, TensorClass.ROUTED_EXPERT, proto.layer, e, proj, False), weight
 
 
+def _round_to_nearest(codec, weight, stats, name):
+    return codec.encode(weight, stats, name=name)
+
+
+def _gptq(codec, weight, stats, name):
+    from ernieq.calibration import gptq_encode
+
+    return gptq_encode(codec, weight, stats, name=name)
+
+
+# How a weight is rounded: the codec's own encoder, or GPTQ's error feedback through it.
+METHODS = {"rtn": _round_to_nearest, "gptq": _gptq}
+
+
 def run_quantize(
     source: Path,
     out: Path,
     config: QuantConfig | None = None,
     *,
+    calib=None,
+    method: str = "rtn",
     bits: int = 4,
     fp8: bool = False,
     group_size: int = 128,
@@ -105,6 +121,9 @@ def run_quantize(
     overwrite: bool = False,
     progress: bool = True,
 ) -> QuantizeSummary:
+    if method not in METHODS:
+        raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    encode = METHODS[method]
     reader = CheckpointReader(source)
     adapter = adapter_for(reader.config, str(source / "config.json"))
     ordinals = moe_ordinals(reader, adapter)
@@ -139,7 +158,8 @@ def run_quantize(
                         continue
                     codec = codecs.get(choice) or codecs.setdefault(choice, get_codec(choice.codec, **choice.kwargs))
                     try:
-                        q = codec.encode(weight.to(device), name=name).to("cpu")
+                        stats = calib.stats(name) if calib is not None else None
+                        q = encode(codec, weight.to(device), stats, name).to("cpu")
                     except CodecError as err:
                         raise ErnieqError(f"{reader.file_of(_source_name(group, info))}: {err}") from None
                     writer.add_quantized(name, q)
@@ -157,7 +177,10 @@ def run_quantize(
                     writer.add_plain(info.name, t)
                 bar.advance(task)
         summary.seconds = time.perf_counter() - start
-        writer.close({"summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]}})
+        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]}}
+        if calib is not None:
+            extra["calibration"] = calib.info
+        writer.close(extra)
         copy_side_files(source, tmp)
         write_json(tmp / SUMMARY_NAME, summary.to_json())
     except BaseException:

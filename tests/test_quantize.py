@@ -120,3 +120,29 @@ def test_nan_weight_is_named(tiny, tmp_path):
     with pytest.raises(ErnieqError, match=r"model\.safetensors.*experts\.3\.up_proj.*NaN"):
         api.quantize(src, tmp_path / "q", bits=4, progress=False)
     assert not (tmp_path / "q").exists()
+
+
+def test_gptq_with_calibration_beats_round_to_nearest_on_calibration_inputs(tiny, tmp_path):
+    from ernieq.calibration import collect_stats
+
+    ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
+    cset = collect_stats(tiny["per_expert"], ids, progress=False)
+    outs = {}
+    for method in ("rtn", "gptq"):
+        outs[method] = tmp_path / method
+        from ernieq.quantize import run_quantize
+
+        run_quantize(tiny["per_expert"], outs[method], bits=4, group_size=32, calib=cset, method=method,
+                     progress=False)
+    base = tiny_ernie_model()
+    with torch.no_grad():
+        want = base(ids).logits
+        errors = {m: (load_quantized(o)(ids).logits - want).pow(2).mean().item() for m, o in outs.items()}
+    assert errors["gptq"] < errors["rtn"]
+    qc = json.loads((outs["gptq"] / "config.json").read_text())["quantization_config"]
+    assert qc["method"] == "gptq" and qc["calibration"]["tokens"] == 128
+
+
+def test_gptq_without_statistics_is_refused(tiny, tmp_path):
+    with pytest.raises(ErnieqError, match="needs calibration"):
+        api.quantize(tiny["per_expert"], tmp_path / "q", bits=4, method="gptq", progress=False)

@@ -36,7 +36,7 @@ def register_format(name: str) -> Callable[[ExportFn], ExportFn]:
 
 def _load_builtin_formats() -> None:
     """Import the formats shipped with ernieq; each registers itself on import."""
-    from ernieq.formats import compressed_tensors, hf_fp8  # noqa: F401
+    from ernieq.formats import compressed_tensors, fastdeploy, hf_fp8  # noqa: F401
 
 
 def format_names() -> list[str]:
