@@ -1,0 +1,207 @@
+"""Fused MoE: out[t] = sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t), weights decoded in the K loop.
+
+Shape legend: T tokens, H hidden size, I expert intermediate size, E experts,
+A active experts per token, P = T * A token-expert pairs.
+
+vLLM-style grouped GEMM: pairs are sorted by expert and padded to BLOCK_M
+(``ernieq.kernels.moe_align``), so every M block multiplies one expert's weights.
+Two kernels, any codec (the ``CODEC`` enum of ``ernieq.kernels.tiles``):
+
+1. gate/up: h[p] = silu(x[t] @ gate_e.T) * (x[t] @ up_e.T), both weight tiles in
+   one program, SiLU-and-multiply in the epilogue; h [P, I] in x.dtype.
+2. down: o[p] = w[p] * (h[p] @ down_e.T), the routing weight in the epilogue;
+   o [P, H] float32, then summed over A per token.
+
+Importing this module defines the Triton kernels (see ``ernieq.kernels.dequant_gemm``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ernieq.codecs import QuantizedTensor
+from ernieq.kernels.checks import KernelError, check_moe_args
+from ernieq.kernels.configs import TileConfig, moe_config
+from ernieq.kernels.dequant_gemm import check_device, dot_dtype, is_interpreted
+from ernieq.kernels.moe_align import moe_align_block_size
+from ernieq.kernels.operands import KernelOperand, operand_for
+from ernieq.kernels.tiles import accumulate_k_tile, load_code_params
+
+
+@triton.jit
+def _expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's block: (pair ids [BM], pair mask [BM], expert, offs_n [BN], n mask, live)."""
+    pid = tl.program_id(0)
+    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+
+    live = pid_m * BLOCK_M < tl.load(num_post_ptr)  # blocks past the padded total do nothing
+    pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
+    pair_mask = pairs < num_pairs  # padding slots hold num_pairs
+    expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    return pairs, pair_mask, expert, offs_n, offs_n < N, live & (expert >= 0)
+
+
+@triton.jit
+def _moe_gate_up_kernel(
+    # pointers
+    x_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    gq_ptr, gs_ptr, gz_ptr, gc_ptr, gcs_ptr, gcz_ptr,
+    uq_ptr, us_ptr, uz_ptr, uc_ptr, ucs_ptr, ucz_ptr,
+    # sizes
+    num_pairs, EM, N, K,
+    # strides
+    stride_xm, stride_xk, stride_hm, stride_hn,
+    stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk, stride_ce,
+    # quantization parameters
+    CODEC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+    HAS_CHANNEL_SCALE: tl.constexpr,
+    # meta-parameters
+    TOP_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """h[pairs, offs_n] = silu(x[t] @ gate_e.T) * (x[t] @ up_e.T) for one expert block; N = I, K = H."""
+    pairs, pair_mask, expert, offs_n, n_mask, live = _expert_block(
+        sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if live:
+        x_rows = x_ptr + (pairs // TOP_K)[:, None] * stride_xm  # [BM, 1]: pair p reads token p // A
+        q_off = expert * stride_qe
+        s_off = expert * stride_se
+        c_off = expert * stride_ce
+        g_cs, g_cz = load_code_params(gcs_ptr + c_off, gcz_ptr + c_off, offs_n, n_mask, CODEC)
+        u_cs, u_cz = load_code_params(ucs_ptr + c_off, ucz_ptr + c_off, offs_n, n_mask, CODEC)
+        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for t in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            acc_g = accumulate_k_tile(acc_g, x_rows, pair_mask, t * BLOCK_K, K, stride_xk, offs_n, n_mask,
+                                      gq_ptr + q_off, gs_ptr + s_off, gz_ptr + s_off,
+                                      stride_qn, stride_qk, stride_sn, stride_sk, g_cs, g_cz,
+                                      CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
+            acc_u = accumulate_k_tile(acc_u, x_rows, pair_mask, t * BLOCK_K, K, stride_xk, offs_n, n_mask,
+                                      uq_ptr + q_off, us_ptr + s_off, uz_ptr + s_off,
+                                      stride_qn, stride_qk, stride_sn, stride_sk, u_cs, u_cz,
+                                      CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
+        if HAS_CHANNEL_SCALE:
+            acc_g *= tl.load(gc_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            acc_u *= tl.load(uc_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(g) * u = g * sigmoid(g) * u
+        h_ptrs = h_ptr + pairs[:, None] * stride_hm + offs_n[None, :] * stride_hn
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _moe_down_kernel(
+    # pointers
+    h_ptr, o_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
+    q_ptr, s_ptr, z_ptr, c_ptr, cs_ptr, cz_ptr,
+    # sizes
+    num_pairs, EM, N, K,
+    # strides
+    stride_hm, stride_hk, stride_om, stride_on,
+    stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk, stride_ce,
+    # quantization parameters
+    CODEC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+    HAS_CHANNEL_SCALE: tl.constexpr,
+    # meta-parameters
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """o[pairs, offs_n] = w[pairs] * (h[pairs] @ down_e.T) for one expert block; N = H, K = I."""
+    pairs, pair_mask, expert, offs_n, n_mask, live = _expert_block(
+        sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
+    if live:
+        h_rows = h_ptr + pairs[:, None] * stride_hm  # [BM, 1]
+        q_off = expert * stride_qe
+        s_off = expert * stride_se
+        c_off = expert * stride_ce
+        cs, cz = load_code_params(cs_ptr + c_off, cz_ptr + c_off, offs_n, n_mask, CODEC)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+        for t in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            acc = accumulate_k_tile(acc, h_rows, pair_mask, t * BLOCK_K, K, stride_hk, offs_n, n_mask,
+                                    q_ptr + q_off, s_ptr + s_off, z_ptr + s_off,
+                                    stride_qn, stride_qk, stride_sn, stride_sk, cs, cz,
+                                    CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
+        if HAS_CHANNEL_SCALE:
+            acc *= tl.load(c_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        w = tl.load(topk_weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)  # [BM]
+        acc *= w[:, None]  # the routing weight w[t, a]
+        o_ptrs = o_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
+
+
+def _quant_args(op: KernelOperand, block_k: int, scale_per_tile: bool) -> tuple[list[int], dict]:
+    """The operand's strides (kernel order) and its quantization constexprs."""
+    strides = [op.stride_qe, op.stride_qn, op.stride_qk, op.stride_se, op.stride_sn, op.stride_sk, op.stride_ce]
+    consts = dict(CODEC=op.codec_id, GROUP=op.group, HAS_ZERO=op.has_zero, SCALE_PER_TILE=scale_per_tile,
+                  HAS_CHANNEL_SCALE=op.has_channel_scale, BLOCK_K=block_k)  # fmt: skip
+    return strides, consts
+
+
+def moe(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate: QuantizedTensor,
+    up: QuantizedTensor,
+    down: QuantizedTensor,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """The routed experts of one layer, fused.
+
+    x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A];
+    gate, up: shape (E, I, H), one codec and params; down: shape (E, H, I), any codec.
+    Returns [T, H] in x.dtype. config: tiles (default ``ernieq.kernels.configs.moe_config``); split_k is ignored.
+    """
+    check_moe_args(x, topk_ids, topk_weights, gate, up, down)
+    if gate.codec != up.codec or gate.params != up.params:
+        raise KernelError(
+            f"fused moe: gate and up must share codec and params, got {gate.codec}{gate.params} "
+            f"and {up.codec}{up.params}"
+        )
+    g_op, u_op, d_op = operand_for(gate), operand_for(up), operand_for(down)  # gate, up: one shape, one layout
+    check_device(x, g_op, f"moe gate/up ({gate.codec})")
+    check_device(x, u_op, f"moe gate/up ({up.codec})")
+    check_device(x, d_op, f"moe down ({down.codec})")
+    t, hidden = x.shape
+    a = topk_ids.shape[1]
+    e, inter, _ = gate.shape
+    p = t * a
+    cfg = config or moe_config(p, e, x.device, is_interpreted())
+    if p == 0:
+        return torch.zeros((t, hidden), dtype=x.dtype, device=x.device)
+
+    sorted_ids, expert_ids, num_post = moe_align_block_size(topk_ids, cfg.block_m, e)  # [EM], [EM/BM], [1]
+    em = sorted_ids.numel()
+    dot, precision = dot_dtype(x.dtype)
+    meta = dict(DOT=dot, PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)  # fmt: skip
+
+    h = torch.empty((p, inter), dtype=x.dtype, device=x.device)  # [P, I]
+    gu_strides, gu_consts = _quant_args(g_op, *g_op.block_k(cfg.block_k))
+    _moe_gate_up_kernel[(triton.cdiv(em, cfg.block_m) * triton.cdiv(inter, cfg.block_n),)](
+        x, h, sorted_ids, expert_ids, num_post,
+        *g_op.pointers(), *u_op.pointers(),
+        p, em, inter, hidden,
+        x.stride(0), x.stride(1), h.stride(0), h.stride(1),
+        *gu_strides, TOP_K=a, **gu_consts, **meta,
+    )  # fmt: skip
+
+    o = torch.empty((p, hidden), dtype=torch.float32, device=x.device)  # [P, H]
+    d_strides, d_consts = _quant_args(d_op, *d_op.block_k(cfg.block_k))
+    _moe_down_kernel[(triton.cdiv(em, cfg.block_m) * triton.cdiv(hidden, cfg.block_n),)](
+        h, o, topk_weights.contiguous(), sorted_ids, expert_ids, num_post,
+        *d_op.pointers(),
+        p, em, hidden, inter,
+        h.stride(0), h.stride(1), o.stride(0), o.stride(1),
+        *d_strides, **d_consts, **meta,
+    )  # fmt: skip
+    return o.view(t, a, hidden).sum(dim=1).to(x.dtype)  # [T, H]: sum over the A experts of each token
