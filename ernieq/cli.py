@@ -111,8 +111,8 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
                    "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
 @click.option("--fp8", is_flag=True, help="Block FP8 (128x128, float8_e4m3fn) everywhere instead of --bits.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="128", show_default=True,
-              help="wint4 group size along K.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "channel"]), default="128", show_default=True,
+              help="wint4 group size along K ('channel': one scale per output channel).")
 @click.option("--sym/--asym", default=True, show_default=True, help="wint4 symmetric, or with a zero point.")
 @click.option("--w4-moe-layers", type=click.IntRange(min=0), default=None,
               help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 4 of 51, rounded up).")
@@ -137,7 +137,8 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
              overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
              calib_seq_len: int, all_experts: bool, method: str | None, fmt: str, overwrite: bool) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT."""
-    summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=int(group_size), symmetric=sym,
+    group = None if group_size == "channel" else int(group_size)
+    summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=group, symmetric=sym,
                            w4_moe_layers=w4_moe_layers, overrides=overrides, calib_data=calib_data, calib=calib,
                            calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                            method=method, format=fmt, overwrite=overwrite)
@@ -195,6 +196,68 @@ def export(qdir: Path, fmt: str, out: Path, overwrite: bool) -> None:
 def generate(model: str, prompt: str, max_new_tokens: int) -> None:
     """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
     console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens), highlight=False)
+
+
+def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _comma_ints(ctx, param, value: str | None) -> tuple[int, ...] | None:
+    try:
+        return None if value is None else tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"a comma list of integers, got {value!r}") from None
+
+
+def _command_line(ctx: click.Context) -> str:
+    """The command as typed, rebuilt from the options that were given (for the report's header)."""
+    words = ["ernieq", ctx.info_name]
+    for param in ctx.command.params:
+        if ctx.get_parameter_source(param.name) in (None, click.core.ParameterSource.DEFAULT):
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            words.append((param.opts if value else param.secondary_opts)[0])
+        else:
+            words += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return " ".join(words)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the table as markdown here (rewritten after every case).")
+@click.option("--quick", is_flag=True, help="Fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=420.0, show_default=True,
+              help="Start no new case after this many seconds.")
+@click.option("--codecs", callback=_comma_strings, default=None, metavar="LIST",
+              help="Comma list of codecs (default: wint8,wint4,fp8,ccq2).")
+@click.option("--models", callback=_comma_strings, default=None, metavar="LIST",
+              help="Comma list of model shapes: 21b, 300b (default: both on a GPU, 21b on the CPU).")
+@click.option("--m", "m", callback=_comma_ints, default=None, metavar="LIST",
+              help="Comma list of M (tokens) instead of the default.")
+@click.option("--dense/--no-dense", default=True, help="Time the dense GEMMs (attention, one expert).")
+@click.option("--moe/--no-moe", default=True, help="Time whole MoE layers (not on the CPU under --quick).")
+@click.option("--sweep", is_flag=True, help="GPU: also time a few tile configurations per case.")
+@click.option("--save-configs", is_flag=True, help="With --sweep: store the fastest tiles in the launchers' tile table.")
+def bench(out: Path | None, quick: bool, budget_s: float, codecs: tuple[str, ...] | None,
+          models: tuple[str, ...] | None, m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool,
+          save_configs: bool) -> None:
+    """Time the kernels per codec and shape (ERNIE 4.5 21B/300B): Triton on a GPU, else the reference path on the CPU."""
+    report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
+                       moe=moe, sweep=sweep, save_configs=save_configs,
+                       command=_command_line(click.get_current_context()))
+    if report.banner:
+        console.print(f"[bold yellow]{report.banner}[/bold yellow]", soft_wrap=True)
+    for line in report.header[2:]:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    table = Table()
+    for col in report.columns:
+        table.add_column(col, justify="left" if col in ("model", "GEMM", "codec", "note") else "right")
+    for row in report.rows:
+        table.add_row(*row.cells())
+    console.print(table)
+    if report.failures:
+        raise ErnieqError(f"bench: {len(report.failures)} case(s) failed or errored; see the note column")
 
 
 def main() -> None:

@@ -136,7 +136,7 @@ def default_w4_moe_layers(num_moe_layers: int) -> int:
 def recipe(
     bits: int = 4,
     fp8: bool = False,
-    group_size: int = 128,
+    group_size: int | None = 128,
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     num_moe_layers: int = 0,
@@ -144,17 +144,19 @@ def recipe(
 ) -> QuantConfig:
     """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front."""
     wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)))
+    # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
+    wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)))
     if fp8:
         name, base = "fp8", [Rule(CodecChoice("fp8", (("block_size", 128),)))]
     elif bits == 8:
         name, base = "w8", [Rule(CodecChoice("wint8"))]
     elif bits == 4:
-        name, base = f"w4g{group_size}{'' if symmetric else 'a'}", [Rule(wint4)]
+        name, base = f"w4g{group_size or 'channel'}{'' if symmetric else 'a'}", [Rule(wint4)]
     elif bits == 2:
         n4 = default_w4_moe_layers(num_moe_layers) if w4_moe_layers is None else w4_moe_layers
         name = f"w2-w4x{n4}"
         base = [
-            Rule(wint4, classes=(TensorClass.ROUTED_EXPERT,), moe_layers_below=n4),
+            Rule(wint4_per_channel, classes=(TensorClass.ROUTED_EXPERT,), moe_layers_below=n4),
             Rule(CodecChoice("ccq2"), classes=(TensorClass.ROUTED_EXPERT,), moe_layers_from=n4),
             Rule(CodecChoice("wint8")),
         ]

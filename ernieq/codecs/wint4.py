@@ -1,6 +1,7 @@
 """``wint4``: 4-bit integers, group-wise along K, round to nearest.
 
-G = ``group_size`` in {32, 64, 128}; n_groups = ceil(K / G). The last group may
+G = ``group_size`` in {32, 64, 128}, or ``None`` for one group per output channel
+(G = K, FastDeploy's and vLLM's per-channel int4); n_groups = ceil(K / G). The last group may
 be partial: its scale comes from its own elements (the codec pads it with
 zeros, which changes neither an amax nor a range that already holds 0).
 
@@ -41,15 +42,19 @@ MAX_CODE = 15
 
 @dataclass(frozen=True)
 class WInt4Config:
-    """group_size: G, the number of K-consecutive weights that share a scale.
+    """group_size: G, the number of K-consecutive weights that share a scale (None: all of K).
     symmetric: True for a zero point fixed at code 8, False for a stored zero point."""
 
-    group_size: int = 128
+    group_size: int | None = 128
     symmetric: bool = True
 
+    def group(self, k: int) -> int:
+        """G for a weight with K input features."""
+        return self.group_size or k
+
     def __post_init__(self):
-        if self.group_size not in GROUP_SIZES:
-            raise CodecError(f"wint4: group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise CodecError(f"wint4: group_size must be one of {GROUP_SIZES} or None, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise CodecError(f"wint4: symmetric must be a bool, got {self.symmetric!r}")
 
@@ -121,7 +126,7 @@ class WInt4Codec:
         """
         w = check_weight(weight, name)  # [N, K] float32
         n, k = w.shape
-        wg = _group(w, self.config.group_size)  # [N, n_groups, G]
+        wg = _group(w, self.config.group(k))  # [N, n_groups, G]
         encode_groups = _encode_symmetric if self.config.symmetric else _encode_asymmetric
         codes, grid = encode_groups(wg)
         qweight = pack_int4_k_major(_ungroup(codes, k))  # [N, ceil(K/2)]
@@ -131,7 +136,7 @@ class WInt4Codec:
         """q: shape (N, K). Returns float32 W_hat [N, K] = (code - zero) * scale per group."""
         self._check_layout(q)
         n, k = q.shape
-        g = self.config.group_size
+        g = self.config.group(k)
         codes = _group(unpack_int4_k_major(q.tensors["qweight"], k).float(), g)  # [N, n_groups, G]
         scale = q.tensors["scale"][..., None]  # [N, n_groups, 1]
         if self.config.symmetric:
@@ -150,7 +155,7 @@ class WInt4Codec:
         if q.codec != self.name or q.params != params or len(q.shape) != 2:
             raise CodecError(f"wint4{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
         n, k = q.shape
-        n_groups = -(-k // self.config.group_size)  # ceil(K / G)
+        n_groups = -(-k // self.config.group(k))  # ceil(K / G)
         expected = {"qweight": (torch.uint8, (n, -(-k // 2))), "scale": (torch.float32, (n, n_groups))}
         if not self.config.symmetric:
             expected["zero"] = (torch.uint8, (n, n_groups))
@@ -175,9 +180,9 @@ class WInt4Columns:
 
     def __init__(self, codec: WInt4Codec, weight: torch.Tensor, static_groups: bool):
         self.codec = codec
-        self.group = codec.config.group_size
-        self.symmetric = codec.config.symmetric
         n, self.k = weight.shape
+        self.group = codec.config.group(self.k)
+        self.symmetric = codec.config.symmetric
         self.codes = torch.zeros(n, self.k, dtype=torch.uint8, device=weight.device)  # [N, K]
         if static_groups:
             self.scale, self.zero = _grid(_group(weight.float(), self.group), self.symmetric)  # [N, n_groups]

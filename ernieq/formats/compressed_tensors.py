@@ -150,8 +150,8 @@ def pack_int8_int32(codes: torch.Tensor) -> torch.Tensor:
 class _WInt4Layout:
     def scheme(self, module: str, spec: ModuleSpec) -> CtScheme:
         k = spec.shape[-1]
-        g, symmetric = spec.params["group_size"], spec.params["symmetric"]
-        if k < g:
+        g, symmetric = spec.params["group_size"] or k, spec.params["symmetric"]
+        if spec.params["group_size"] is None or k < g:
             strategy, group_size = "channel", None  # a single, partial group: one scale per row
         elif k % g == 0:
             strategy, group_size = "group", g

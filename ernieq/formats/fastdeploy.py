@@ -259,7 +259,7 @@ class _WInt4:
     def check(self, target: Target, specs: list[ModuleSpec]) -> None:
         n, k = _fused_shape(target, specs)
         for module, spec in zip(target.parts, specs):
-            if not spec.params["symmetric"] or spec.params["group_size"] < k:
+            if not spec.params["symmetric"] or (spec.params["group_size"] or k) < k:
                 raise ErnieqError(
                     f"{FORMAT_NAME}: {module} is wint4 {spec.params} with K={k}; FastDeploy's wint4 MoE layers "
                     f"are symmetric and per channel (one group per row: group_size >= K). Quantize with "

@@ -10,7 +10,7 @@ from ernieq.codecs import CodecError, decode, get_codec, stack_experts
 from ernieq.codecs.packing import pack_int4_int32, pack_int4_k_major, unpack_int4_int32, unpack_int4_k_major
 
 SHAPES = [(1, 33), (7, 100), (16, 576), (5, 257), (3, 32)]
-CONFIGS = [dict(group_size=g, symmetric=s) for g in (32, 64, 128) for s in (True, False)]
+CONFIGS = [dict(group_size=g, symmetric=s) for g in (32, 64, 128, None) for s in (True, False)]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -99,7 +99,7 @@ def test_packing_rejects_bad_codes():
 @pytest.mark.parametrize("shape", SHAPES)
 def test_layout_and_error_bound(shape, config, device):
     n, k = shape
-    g = config["group_size"]
+    g = config["group_size"] or k  # None: one group per output channel
     n_groups = math.ceil(k / g)
     w = gaussian(shape, device=device)
     q = get_codec("wint4", **config).encode(w)

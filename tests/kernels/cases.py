@@ -27,6 +27,7 @@ CODECS = [
     pytest.param("wint4", {"group_size": 32, "symmetric": True}, id="wint4-g32-sym"),
     pytest.param("wint4", {"group_size": 64, "symmetric": False}, id="wint4-g64-asym"),
     pytest.param("wint4", {"group_size": 128, "symmetric": False}, id="wint4-g128-asym"),
+    pytest.param("wint4", {"group_size": None, "symmetric": True}, id="wint4-channel-sym"),
     pytest.param("fp8", {"block_size": None}, id="fp8-channel"),
     pytest.param("fp8", {"block_size": 128}, id="fp8-b128"),
     pytest.param("fp8", {"block_size": 100}, id="fp8-b100"),
