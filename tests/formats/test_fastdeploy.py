@@ -302,7 +302,7 @@ def small_src(tmp_path_factory):
     ({"bits": 2, "w4_moe_layers": 0, "overrides": (FAST_CCQ2,)},
      r"model\.layers\.1\.mlp\.experts\.0\.down_proj is ccq2 with K=64; .*K % 128 == 0"),
     ({"bits": 4}, r"model\.layers\.0\.mlp\.down_proj is wint4; FastDeploy's w4w2 path reads wint8 there"),
-    ({"bits": 2, "w4_moe_layers": 2, "overrides": (r"experts=wint4:group_size=32",)},
+    ({"bits": 2, "w4_moe_layers": 2, "overrides": (r"mlp\.experts\.=wint4:group_size=32",)},
      r"experts\.0\.down_proj is wint4 .*'group_size': 32.* K=64; .*per channel"),
     ({"bits": 2, "w4_moe_layers": 2}, r"no ccq2 routed experts"),
     ({"bits": 8, "overrides": (r"shared_experts=none",)},
