@@ -218,3 +218,34 @@ def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
     with torch.inference_mode():
         out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def bench(
+    *,
+    out: str | Path | None = None,
+    quick: bool = False,
+    budget_s: float = 420.0,
+    codecs: tuple[str, ...] | None = None,
+    models: tuple[str, ...] | None = None,
+    m: tuple[int, ...] | None = None,
+    dense: bool = True,
+    moe: bool = True,
+    sweep: bool = False,
+    save_configs: bool = False,
+    command: str = "ernieq bench",
+) -> "Report":  # noqa: F821
+    """Time the kernels per codec and shape: the Triton kernels on a CUDA GPU; without one the
+    reference path on the CPU, labelled so (see ``ernieq.kernels.bench``). Returns the table
+    (``ernieq.kernels.bench_report.Report``), also written as markdown to ``out`` when given.
+
+    codecs, models ('21b', '300b'), m: None for the defaults of this machine.
+    sweep: also time a few tile configurations per case (GPU); save_configs: store the fastest
+    in the tile table the launchers read.
+    """
+    from ernieq.kernels.bench import BenchOptions, run_bench
+    from ernieq.kernels.bench_inputs import CODECS
+
+    options = BenchOptions(out=None if out is None else Path(out), quick=quick, budget_s=budget_s,
+                           codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,
+                           save_configs=save_configs, command=command)  # fmt: skip
+    return run_bench(options)

@@ -118,7 +118,7 @@ def linear(
     op = operand_for(q)
     check_device(x, op, f"linear({q.codec})")
     (m, k), n = x.shape, q.shape[0]
-    cfg = config or linear_config(m, n, k, x.device, is_interpreted())
+    cfg = config or linear_config(m, n, k, x.device, is_interpreted(), codec=q.codec)
     block_k, scale_per_tile = op.block_k(cfg.block_k)
     k_tiles = triton.cdiv(k, block_k)
     split_k = min(cfg.split_k, k_tiles)

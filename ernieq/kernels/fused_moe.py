@@ -175,7 +175,7 @@ def moe(
     a = topk_ids.shape[1]
     e, inter, _ = gate.shape
     p = t * a
-    cfg = config or moe_config(p, e, x.device, is_interpreted())
+    cfg = config or moe_config(p, e, x.device, is_interpreted(), codec=gate.codec, n=inter, k=hidden)
     if p == 0:
         return torch.zeros((t, hidden), dtype=x.dtype, device=x.device)
 
