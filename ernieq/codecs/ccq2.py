@@ -82,16 +82,23 @@ from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, ch
 from ernieq.codecs.ccq2_search import (
     GROUP,
     NIBBLE_MAX,
+    Q_ABS_MAX,
     QUAD,
     QUADS_PER_GROUP,
+    GroupChoice,
     check_code_grid,
     choose_code_grid,
-    choose_nibbles,
     choose_super_scale,
+    closed_form_nibbles,
     code_words,
+    energy,
     expand_codes,
-    fit_group_scales,
+    least_squares,
+    lloyd_steps,
     refine_super_scale,
+    repick_nibbles,
+    retry_groups,
+    search,
     start_scales,
 )
 
@@ -100,19 +107,21 @@ log = logging.getLogger(__name__)
 SCALE_BYTE_ROWS = 2 * GROUP  # one weight_scale byte row covers 128 K rows
 SUPER_SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Code grids (code_scale, code_zp) ranked by the mean squared error of their 256
-# words on i.i.d. unit Gaussian 4-vectors at their best of 15/16/17 code units per
-# standard deviation (0.110 .. 0.113 per weight); measured by
+# Code grids (code_scale, code_zp): the 32 whose 256 words have the least mean
+# squared error on i.i.d. unit Gaussian 4-vectors at their best of 15/16/17 code
+# units per standard deviation (0.110 .. 0.113 per weight), ordered greedily so
+# that the first C, each channel taking its best, fit Gaussian channels best
+# (``grid_candidates`` takes the first C); measured by
 # ``python benchmarks/ccq2_encoder.py scan-grids``. All dyadic: exact in float32.
 CODE_GRID_POOL: tuple[tuple[float, float], ...] = (
-    (120.0, 1100.0), (121.0, 800.0), (120.875, 1100.0), (121.0, 1100.0),
-    (121.0, 540.0), (121.0, 1600.0), (120.0, 540.0), (121.0, 200.0),
-    (120.875, 800.0), (123.125, 800.0), (121.75, 1100.0), (120.875, 540.0),
-    (123.125, 540.0), (121.75, 800.0), (120.875, 1600.0), (117.75, 1100.0),
-    (120.0, 800.0), (121.75, 540.0), (121.75, 1600.0), (121.75, 200.0),
-    (119.875, 800.0), (120.0, 1600.0), (123.125, 200.0), (117.75, 1600.0),
-    (119.875, 1600.0), (120.875, 200.0), (117.875, 800.0), (123.25, 540.0),
-    (119.875, 1100.0), (123.125, 1100.0), (117.875, 1600.0), (120.0, 200.0),
+    (120.0, 1100.0), (120.0, 540.0), (121.0, 1100.0), (121.0, 540.0),
+    (121.0, 1600.0), (121.0, 800.0), (120.875, 1100.0), (121.0, 200.0),
+    (123.125, 800.0), (120.875, 1600.0), (120.875, 540.0), (120.875, 800.0),
+    (123.125, 1100.0), (120.0, 800.0), (123.125, 540.0), (121.75, 540.0),
+    (121.75, 800.0), (121.75, 1600.0), (121.75, 200.0), (121.75, 1100.0),
+    (117.875, 1600.0), (120.0, 1600.0), (123.125, 200.0), (117.75, 1600.0),
+    (117.75, 1100.0), (119.875, 800.0), (119.875, 1100.0), (120.875, 200.0),
+    (117.875, 800.0), (123.25, 540.0), (119.875, 1600.0), (120.0, 200.0),
 )  # fmt: skip
 
 
@@ -120,26 +129,42 @@ CODE_GRID_POOL: tuple[tuple[float, float], ...] = (
 class CCQ2Config:
     """Search knobs of the ccq2 encoder (decode needs none of them).
 
+    The encoder's cost is its number of byte searches over all weights (see
+    ``fit``): ``grid_candidates + 1 + scale_steps + refine_steps``, plus searches
+    over a few groups only (outliers, moved nibbles: about 0.1 on Gaussian weights;
+    one more full search with importance, where every group tries the amax scale).
+
     code_scale, code_zp: one fixed code grid for every channel (both or neither);
         None: each channel picks the best of the first ``grid_candidates`` grids
         of ``CODE_GRID_POOL``.
-    grid_candidates: how many pool grids each channel tries (one byte search each).
+    grid_candidates: how many pool grids each channel tries (one search each).
     units_per_std: the starting local scale is group RMS / units_per_std.
-    scale_steps: Lloyd iterations (bytes, then least-squares scale) per start.
-    nibble_window: each group tries nibbles floor(r) - window + 1 .. floor(r) + window
-        around its continuous scale r (in super-scale units), and 0.
+    outlier_ratio: a group whose absolute max exceeds this many RMS also tries the
+        scale that keeps its max (amax / 31); 0 makes every group try it, as every
+        group does with importance (a weighted RMS does not tell outliers apart).
+    scale_steps: Lloyd iterations (least-squares scale, then bytes) before the nibbles.
+    nibble_window: each group weighs nibbles floor(r) - window + 1 .. floor(r) + window
+        around its least-squares scale r (in super-scale units), and 0.
+    nibble_repicks: rounds of weighing the nibbles again for the final bytes, each
+        with a search over the groups whose nibble moved (a few %).
     refine_steps: rounds of least-squares super-scale refinement.
+    quarter_unit_search: without importance, search the bytes against targets
+        rounded to 1/4 code unit (exact integer arithmetic, ~1.5x faster, ~0.02 %
+        more error); with importance the search is always in float32.
     super_scale_dtype: "bfloat16" (ERNIE 4.5 in FastDeploy) or "float16".
     hessian_damp: importance = diag(H) + damp * mean(diag(H)), as GPTQ dampens.
     """
 
     code_scale: float | None = None
     code_zp: float | None = None
-    grid_candidates: int = 16
+    grid_candidates: int = 3
     units_per_std: float = 16.0
-    scale_steps: int = 2
+    outlier_ratio: float = 3.5
+    scale_steps: int = 0
     nibble_window: int = 1
-    refine_steps: int = 1
+    nibble_repicks: int = 1
+    refine_steps: int = 0
+    quarter_unit_search: bool = True
     super_scale_dtype: str = "bfloat16"
     hessian_damp: float = 0.01
 
@@ -152,7 +177,9 @@ class CCQ2Config:
             raise CodecError(f"ccq2: grid_candidates must lie in 1..{len(CODE_GRID_POOL)}, got {self.grid_candidates}")
         if not self.units_per_std > 0:
             raise CodecError(f"ccq2: units_per_std must be positive, got {self.units_per_std}")
-        for knob in ("scale_steps", "refine_steps"):
+        if not self.outlier_ratio >= 0:
+            raise CodecError(f"ccq2: outlier_ratio must be >= 0, got {self.outlier_ratio}")
+        for knob in ("scale_steps", "nibble_repicks", "refine_steps"):
             if getattr(self, knob) < 0:
                 raise CodecError(f"ccq2: {knob} must be >= 0, got {getattr(self, knob)}")
         if self.nibble_window < 1:
@@ -216,6 +243,15 @@ def importance(stats: CalibrationStats | None, k: int, damp: float, device, name
 def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fit:
     """Search every choice of the code for ``w`` [N, K] float32 with importance [K] or None.
 
+    Byte searches, in order: one per candidate grid over all weights at the RMS
+    starting scales (``choose_code_grid``; the winner's bytes are kept), one over
+    the outlier groups at their amax scale (``retry_groups``), ``scale_steps`` Lloyd
+    steps, the super scale and nibbles in closed form for the current bytes
+    (``closed_form_nibbles``) and one search for those scales, ``nibble_repicks``
+    searches over the groups whose nibble then moves, ``refine_steps`` super-scale
+    rounds. Channels that picked the same grid go through the steps after the
+    first together (one shared table: the quarter-unit search needs it).
+
     The search runs on each channel divided by a power of two near its absolute
     max (exact, and commuting with the rounding of the super scale), so squared
     errors stay far from float32 overflow whatever the weights' magnitude.
@@ -229,29 +265,72 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fi
     if imp is None and pad:
         imp = torch.ones(k, device=w.device)
     q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).reshape(g, QUADS_PER_GROUP, QUAD)
+    quarter = config.quarter_unit_search and q_imp is None
     s_rms, s_amax = start_scales(x, q_imp, config.units_per_std)  # [N, G] each
+    e0 = energy(x, q_imp)  # [N, G], the error of decoding to 0
 
     if config.code_scale is not None:
         grids = torch.tensor([[config.code_scale, config.code_zp]], device=w.device)  # [1, 2]
     else:
         grids = torch.tensor(CODE_GRID_POOL[: config.grid_candidates], device=w.device)  # [C, 2]
-    pick = torch.zeros(n, dtype=torch.int64, device=w.device)  # [N], the grid of each channel
-    if len(grids) > 1:
-        pick = choose_code_grid(x, q_imp, code_words(grids[:, 0], grids[:, 1]), s_rms)
+    tables = code_words(grids[:, 0], grids[:, 1])  # [C, 256, 4]
+    pick, choice = choose_code_grid(x, q_imp, tables, s_rms, e0, quarter_units=quarter)  # [N], bytes at s_rms
+
+    super_scale = torch.empty(n, device=w.device)
+    nibble = torch.empty(n, g, dtype=torch.int64, device=w.device)
+    codes = torch.empty(n, g, QUADS_PER_GROUP, dtype=torch.uint8, device=w.device)
+    err = torch.empty(n, g, device=w.device)
+    for c in pick.unique().tolist():  # the channels of one grid share its table
+        rows = (pick == c).nonzero()[:, 0]  # [N_c]
+        sub_super, sub_nibble, sub = fit_channels(
+            x[rows], q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter
+        )
+        super_scale[rows], nibble[rows], codes[rows], err[rows] = sub_super, sub_nibble, sub.codes, sub.err
     code_scale, code_zp = grids[pick, 0].contiguous(), grids[pick, 1].contiguous()  # [N]
-    table = code_words(code_scale, code_zp)  # [N, 256, 4]
-
-    scale, err = fit_group_scales(x, q_imp, table, s_rms, config.scale_steps)
-    s2, e2 = fit_group_scales(x, q_imp, table, s_amax, config.scale_steps)
-    scale = torch.where(e2 < err, s2, scale)  # per group, the better start
-
-    dtype = SUPER_SCALE_DTYPES[config.super_scale_dtype]
-    super_scale = choose_super_scale(scale, dtype)
-    nibble, codes, err = choose_nibbles(x, q_imp, table, super_scale, scale, config.nibble_window)
-    for _ in range(config.refine_steps):
-        super_scale, codes, err = refine_super_scale(x, q_imp, table, super_scale, nibble, codes, err, dtype)
     super_scale = super_scale * unit  # back to weight units, exact
-    return CCQ2Fit(code_scale, code_zp, table, super_scale, nibble, codes.reshape(n, -1), err * (unit * unit)[:, None])
+    err = err * (unit * unit)[:, None]  # back to weight units
+    return CCQ2Fit(code_scale, code_zp, tables[pick], super_scale, nibble, codes.reshape(n, -1), err)
+
+
+def fit_channels(
+    x: torch.Tensor,
+    imp: torch.Tensor | None,
+    table: torch.Tensor,
+    e0: torch.Tensor,
+    choice: GroupChoice,
+    s_amax: torch.Tensor,
+    config: CCQ2Config,
+    quarter: bool,
+) -> tuple[torch.Tensor, torch.Tensor, GroupChoice]:
+    """Scales and bytes for channels that share one code grid, from their bytes at the RMS scales.
+
+    x: [N, G, 16, 4]; imp: [G, 16, 4] or None; table: [256, 4]; e0: [N, G] the
+    groups' energy; choice: the bytes at the RMS scales; s_amax: [N, G] the scales
+    that keep each group's max; quarter: the quarter-unit search.
+    Returns (super_scale [N], nibble int64 [N, G], the final choice).
+    """
+    s_rms = choice.scale
+    outliers = s_amax * Q_ABS_MAX > config.outlier_ratio * s_rms * config.units_per_std  # amax > ratio * RMS
+    if imp is not None:  # an importance-weighted RMS does not tell outliers apart: every group tries
+        outliers = torch.ones_like(outliers)
+    choice = retry_groups(x, imp, table, e0, choice, outliers, s_amax, quarter_units=quarter)
+    choice = lloyd_steps(x, imp, table, e0, choice, config.scale_steps, quarter_units=quarter)
+    ls = least_squares(choice)  # [N, G]
+    dtype = SUPER_SCALE_DTYPES[config.super_scale_dtype]
+    super_scale = choose_super_scale(ls, dtype)  # [N]
+    nibble, err = closed_form_nibbles(e0, choice, super_scale, ls, config.nibble_window)  # no search
+    scale = nibble * super_scale[:, None]  # local scale = nibble * super  [N, G]
+    choice = GroupChoice(scale, choice.codes, choice.xt, choice.tt, err)  # the current bytes at the final scales
+    choice = choice.better_of(search(x, imp, table, scale, e0, quarter_units=quarter))  # and fresh bytes
+    for _ in range(config.nibble_repicks):
+        nibble, choice = repick_nibbles(
+            x, imp, table, e0, super_scale, nibble, choice, config.nibble_window, quarter_units=quarter
+        )
+    for _ in range(config.refine_steps):
+        super_scale, choice = refine_super_scale(
+            x, imp, table, e0, super_scale, nibble, choice, dtype, quarter_units=quarter
+        )
+    return super_scale, nibble, choice
 
 
 def pack_local_scales(nibble: torch.Tensor) -> torch.Tensor:
