@@ -173,6 +173,8 @@ class WInt4Columns:
     column (``start_group``: GPTQ with ``static_groups=False``), or up front from
     the weight as given (``static_groups=True``, for activation order: the
     stored layout has no column permutation, so groups stay in K order).
+    Per channel (``group_size=None``) the scale is fixed up front from the whole
+    row, as GPTQ does for per-channel grids, and ``group = 0`` (no group starts).
     ``round`` returns the dequantized column; ``result`` packs what was chosen.
     """
 
@@ -181,25 +183,26 @@ class WInt4Columns:
     def __init__(self, codec: WInt4Codec, weight: torch.Tensor, static_groups: bool):
         self.codec = codec
         n, self.k = weight.shape
-        self.group = codec.config.group(self.k)
+        self.span = codec.config.group(self.k)  # G columns share a scale
+        self.group = 0 if codec.config.group_size is None else self.span  # when the loop calls start_group
         self.symmetric = codec.config.symmetric
         self.codes = torch.zeros(n, self.k, dtype=torch.uint8, device=weight.device)  # [N, K]
-        if static_groups:
-            self.scale, self.zero = _grid(_group(weight.float(), self.group), self.symmetric)  # [N, n_groups]
+        if static_groups or not self.group:
+            self.scale, self.zero = _grid(_group(weight.float(), self.span), self.symmetric)  # [N, n_groups]
         else:
-            n_groups = -(-self.k // self.group)
+            n_groups = -(-self.k // self.span)
             self.scale = torch.ones(n, n_groups, device=weight.device)
             self.zero = torch.full((n, n_groups), float(SYM_OFFSET), device=weight.device)
 
     def start_group(self, col: int, w: torch.Tensor) -> None:
         """col: the group's first column; w: [N, <= G] its current values."""
         scale, zero = _grid(w.float().unsqueeze(1), self.symmetric)  # [N, 1]
-        self.scale[:, col // self.group] = scale[:, 0]
-        self.zero[:, col // self.group] = zero[:, 0]
+        self.scale[:, col // self.span] = scale[:, 0]
+        self.zero[:, col // self.span] = zero[:, 0]
 
     def round(self, col: int, w: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
         """w: [N, 1] the current column ``col``. Returns its dequantized value [N, 1]."""
-        g = col // self.group
+        g = col // self.span
         scale, zero = self.scale[:, g : g + 1], self.zero[:, g : g + 1]  # [N, 1]
         code = (torch.round(w / scale) + zero).clamp_(0, MAX_CODE)  # code = clamp(round(w / s) + z, 0, 15)
         self.codes[:, col : col + 1] = code.to(torch.uint8)

@@ -1,0 +1,220 @@
+"""Run a checkpoint's decoder layers one at a time, with only the current layer in memory.
+
+The transformers model is built on the meta device (no memory for weights);
+embeddings, then each decoder layer in turn, are loaded from the checkpoint with
+``load_state_dict(assign=True)``, run over every calibration sequence, and sent
+back to the meta device. Hidden states [n_seq, L, H] are carried from one layer
+to the next; rotary embeddings and the causal mask are computed as the
+transformers model computes them.
+
+Checkpoint names become transformers names through the adapter
+(``Adapter.to_hf_name``); per-expert routed weights are fused into
+transformers' ``experts.gate_up_proj [E, 2I, H]`` (``[gate | up]``) and
+``experts.down_proj [E, H, I]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ernieq.errors import ErnieqError
+from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
+from ernieq.model.checkpoint import CheckpointError, CheckpointReader
+from ernieq.model.moe import ExpertGroup
+
+
+@dataclass(frozen=True)
+class LayerTensors:
+    """The checkpoint tensors of one decoder layer: their infos, and the routed experts if any."""
+
+    layer: int
+    infos: tuple[TensorInfo, ...]
+    experts: ExpertGroup | None
+
+
+def _hf_config(config: dict):
+    from transformers import AutoConfig
+
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    if "model_type" not in config:
+        raise CheckpointError("config.json: no model_type")
+    return AutoConfig.for_model(config["model_type"], **cfg)
+
+
+class LayerwiseModel:
+    """A checkpoint's transformers model, materialised one piece at a time (float32)."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        self.path = Path(path)
+        self.reader = CheckpointReader(self.path)
+        self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
+        self.dtype = dtype
+        self.config = _hf_config(self.reader.config)
+        self.config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.base = self.model.get_submodule(_base_prefix(self.model))
+        self.layers: nn.ModuleList = self.base.layers
+        self.rotary = type(self.base.rotary_emb)(config=self.config)  # buffers computed on the CPU
+        self._by_layer: dict[int | None, list[TensorInfo]] = {}
+        for name in self.reader.keys():
+            info = self.adapter.classify(name)
+            self._by_layer.setdefault(info.layer, []).append(info)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_prefix(self, i: int) -> str:
+        """The transformers module path of decoder layer i, e.g. ``model.layers.3``."""
+        return f"{_base_prefix(self.model)}.layers.{i}"
+
+    def layer_tensors(self, i: int) -> LayerTensors:
+        infos = tuple(sorted(self._by_layer.get(i, []), key=lambda t: t.name))
+        if not infos:
+            raise CheckpointError(f"{self.path}: no tensors for decoder layer {i}")
+        experts = ExpertGroup.from_infos(infos)
+        return LayerTensors(i, infos, experts.with_reader(self.reader) if experts else None)
+
+    def embed(self, token_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """token_ids: int64 [n_seq, L]. Returns the input embeddings in batches of [B, L, H]."""
+        emb = self.base.embed_tokens
+        names = [t.name for t in self._by_layer.get(None, []) if t.cls is TensorClass.EMBEDDING]
+        if not names:
+            raise CheckpointError(f"{self.path}: no embedding tensor")
+        state = {"weight": self.reader.get(names[0])}
+        module = _materialise(emb, state, f"{self.path}: embeddings")
+        try:
+            with torch.no_grad():
+                return [module(ids) for ids in token_ids.split(batch_size)]
+        finally:
+            module.to("meta")
+
+    def position_ids(self, seq_len: int) -> torch.Tensor:
+        return torch.arange(seq_len).unsqueeze(0)  # [1, L]
+
+    def layer_inputs(self, hidden: torch.Tensor) -> dict:
+        """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]."""
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = self.position_ids(hidden.shape[1])
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
+        )
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": self.rotary(hidden, position_ids),
+        }
+
+    def load_layer(self, i: int) -> nn.Module:
+        """Decoder layer i with its weights from the checkpoint (float32, on the CPU)."""
+        lt = self.layer_tensors(i)
+        prefix = self.layer_prefix(i) + "."
+        state = {}
+        routed = {t.name for t in lt.experts.infos} if lt.experts else set()
+        for info in lt.infos:
+            if info.name in routed:
+                continue
+            hf = self.adapter.to_hf_name(info.name)
+            if not hf.startswith(prefix):
+                raise CheckpointError(f"{self.reader.file_of(info.name)}: tensor {info.name!r} maps to {hf!r}, "
+                                      f"outside decoder layer {prefix[:-1]}")
+            state[hf[len(prefix):]] = self.reader.get(info.name)
+        if lt.experts:
+            state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix))
+        return _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
+
+    def release_layer(self, i: int) -> None:
+        """Send layer i's weights back to the meta device (frees their memory)."""
+        self.layers[i].to("meta")
+
+
+def _base_prefix(model: nn.Module) -> str:
+    """The path of the decoder stack (``model`` for *ForCausalLM)."""
+    for name in ("model", "transformer"):
+        sub = getattr(model, name, None)
+        if sub is not None and hasattr(sub, "layers"):
+            return name
+    raise ErnieqError(f"{type(model).__name__}: no decoder stack with .layers found")
+
+
+def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str) -> dict:
+    """transformers' fused expert parameters (relative to the layer) from either checkpoint layout."""
+    rel = hf_prefix[len(layer_prefix):]
+    if experts.fused:
+        return {f"{rel}.gate_up_proj": reader.get(f"{experts.prefix}.gate_up_proj"),
+                f"{rel}.down_proj": reader.get(f"{experts.prefix}.down_proj")}
+    first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
+    inter, hidden = first_gate.shape
+    gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
+    down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
+    for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
+        for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
+            src = reader.get(experts.canonical_name(e, proj))
+            if src.shape != dst.shape:
+                raise CheckpointError(f"{reader.file_of(experts.canonical_name(e, proj))}: "
+                                      f"{experts.canonical_name(e, proj)} has shape {tuple(src.shape)}, "
+                                      f"expert 0 has {tuple(dst.shape)}")
+            dst.copy_(src)
+    return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
+
+
+def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
+    """Load ``state`` into a meta-device ``module`` (strict: every tensor, nothing else)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{what}: checkpoint and model disagree: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    out = {}
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(v.shape)}, the model wants {tuple(expected[k].shape)}")
+        out[k] = v.to(expected[k].dtype) if v.is_floating_point() else v  # the model's dtype (float32)
+    module.load_state_dict(out, strict=True, assign=True)
+    return module
+
+
+def run_layers(
+    model: LayerwiseModel,
+    token_ids: torch.Tensor,
+    *,
+    batch_size: int,
+    observe: Callable[[int, nn.Module], object] | None = None,
+    on_output: Callable[[int, torch.Tensor], None] | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Run every decoder layer over ``token_ids`` [n_seq, L], one layer in memory at a time.
+
+    observe(i, layer): a context manager entered around layer i's whole pass (hooks go there).
+    on_output(i, hidden [n_seq, L, H]): called with layer i's output.
+    on_batch(): called after every batch of every layer (progress).
+    Returns the last layer's output [n_seq, L, H] (before the final norm).
+    """
+    hidden = model.embed(token_ids, batch_size)
+    for i in range(model.num_layers):
+        layer = model.load_layer(i).eval()
+        try:
+            ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
+            with ctx, torch.no_grad():
+                for j, h in enumerate(hidden):
+                    out = layer(h, **model.layer_inputs(h))
+                    hidden[j] = out[0] if isinstance(out, tuple) else out  # [B, L, H]
+                    if on_batch is not None:
+                        on_batch()
+        finally:
+            model.release_layer(i)
+        if on_output is not None:
+            on_output(i, torch.cat(hidden))
+    return torch.cat(hidden)
+
