@@ -1,7 +1,7 @@
 """Quantize the demo model with several settings, evaluate each, and print one table.
 
     python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
-        --max-windows 12 --settings bf16,w8,fp8,w4,w4-asym,w2 --out benchmarks/results/demo_accuracy.json
+        --max-windows 12 --settings dense-source,unquantized,w8,fp8,w4,w2 --out benchmarks/results/demo_accuracy.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
 protocol), tokens scored, bits per weight over the quantized classes, and the
@@ -19,9 +19,11 @@ import time
 from datetime import date
 from pathlib import Path
 
+import int2_baseline  # noqa: F401  (registers the int2-g64 baseline codec)
 from ernieq import api
 
 SETTINGS = {
+    "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
     "unquantized": None,
     "w8": {"bits": 8},
     "fp8": {"fp8": True},
@@ -29,6 +31,9 @@ SETTINGS = {
     "w4-asym": {"bits": 4, "symmetric": False},
     "w4-g64": {"bits": 4, "group_size": 64},
     "w2": {"bits": 2},
+    # the same recipe with its ccq2 experts (MoE layers 4..29 of the demo) on a plain
+    # round-to-nearest 2-bit g64 asymmetric grid (int2_baseline.py)
+    "w2-int2g64": {"bits": 2, "overrides": (r"layers\.([4-9]|[12]\d)\.mlp\.experts\.=int2g64",)},
 }
 
 
@@ -54,8 +59,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
             options = SETTINGS[name]
-            model, bpw = args.model, 16.0
-            if options is not None:
+            model, bpw = args.model, 32.0  # the demo checkpoints are float32
+            if name == "dense-source":
+                from ernieq.model.demo import DENSE_CACHE_NAME, cache_root, load_dense_source
+
+                load_dense_source()  # makes sure the float32 copy is cached
+                model = cache_root() / DENSE_CACHE_NAME
+            elif options is not None:
                 model = Path(tmp) / name
                 summary = api.quantize(args.model, model, progress=False, **options).to_json()
                 bpw = summary["bits_per_weight_quantized"]

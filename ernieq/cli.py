@@ -83,6 +83,14 @@ def inspect(model: str) -> None:
         classes.add_row(cls, f"{summary.params_by_class[cls]:,}", _human_bytes(summary.bytes_by_class[cls]),
                         f"{summary.bits_per_weight(cls):.4f}")
     console.print(classes)
+    if summary.params_by_codec:
+        codecs = Table(title="by codec (every stored byte, scales included)")
+        for col in ("codec", "weights", "bytes", "bits/weight"):
+            codecs.add_column(col, justify="left" if col == "codec" else "right")
+        for name in sorted(summary.params_by_codec):
+            codecs.add_row(name, f"{summary.params_by_codec[name]:,}", _human_bytes(summary.bytes_by_codec[name]),
+                           f"{summary.codec_bits_per_weight(name):.4f}")
+        console.print(codecs)
     moe = sum(s.kind == "moe" for s in summary.layers)
     dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")

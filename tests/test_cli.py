@@ -101,3 +101,16 @@ def test_quantize_straight_to_compressed_tensors(tiny, tmp_path, monkeypatch, ca
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "compressed-tensors"
     assert not list(tmp_path.glob(".*"))  # the intermediate native checkpoint is gone
+
+
+def test_inspect_reports_ccq2_storage_per_codec(tmp_path):
+    from ernieq import api
+
+    src = write_tiny_ernie(tmp_path / "m", hidden_size=128, moe_intermediate_size=128, intermediate_size=256)
+    api.quantize(src, tmp_path / "q", bits=2, w4_moe_layers=1, progress=False)
+    summary = api.inspect(tmp_path / "q")
+    # ccq2 experts of the last MoE layer: gate/up [128, 128] and down [128, 128], E = 4
+    n_weights = summary.params_by_codec["ccq2"]
+    assert n_weights == 4 * 3 * 128 * 128
+    per_channel = summary.bytes_by_codec["ccq2"] - n_weights * 2.0625 / 8
+    assert 0 < per_channel <= 10 * 4 * 3 * 128  # at most 10 bytes per output channel

@@ -41,9 +41,15 @@ class CheckpointSummary:
     layers: list[LayerSummary]
     params_by_class: Counter
     bytes_by_class: Counter
+    params_by_codec: Counter  # quantized weights only, by codec name
+    bytes_by_codec: Counter
 
     def bits_per_weight(self, cls: str) -> float:
         return 8.0 * self.bytes_by_class[cls] / self.params_by_class[cls] if self.params_by_class[cls] else 0.0
+
+    def codec_bits_per_weight(self, codec: str) -> float:
+        """Every stored byte of ``codec``'s modules (scales included) per weight."""
+        return 8.0 * self.bytes_by_codec[codec] / self.params_by_codec[codec]
 
 
 def summarize(reader: CheckpointReader) -> CheckpointSummary:
@@ -51,7 +57,7 @@ def summarize(reader: CheckpointReader) -> CheckpointSummary:
     adapter = adapter_for(reader.config, str(reader.path / "config.json"))
     modules = (reader.config.get("quantization_config") or {}).get("modules", {})
     layers: dict[int | None, LayerSummary] = {}
-    params, nbytes = Counter(), Counter()
+    params, nbytes, codec_params, codec_bytes = Counter(), Counter(), Counter(), Counter()
     counted: set[str] = set()
     for name in reader.keys():
         base = name.rsplit(".", 1)[0]
@@ -73,11 +79,13 @@ def summarize(reader: CheckpointReader) -> CheckpointSummary:
         if info.is_linear_weight and info.expert in (None, 0) and info.proj in SHOWN_PROJECTIONS:
             label = info.proj if info.cls is TensorClass.ATTENTION else f"{info.cls.value}.{info.proj}"
             s.shapes.setdefault(label, shape)
-        if spec and n:
+        if spec:
             s.codecs[spec["codec"]] += n
+            codec_params[spec["codec"]] += n
+            codec_bytes[spec["codec"]] += size
         s.params += n
         s.bytes += size
         params[info.cls.value] += n
         nbytes[info.cls.value] += size
     ordered = sorted(layers.values(), key=lambda s: (s.layer is None, s.layer or 0))
-    return CheckpointSummary(ordered, params, nbytes)
+    return CheckpointSummary(ordered, params, nbytes, codec_params, codec_bytes)
