@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ernieq.errors import ErnieqError
-from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
+from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.moe import ExpertGroup
 
@@ -39,15 +39,6 @@ class LayerTensors:
     experts: ExpertGroup | None
 
 
-def _hf_config(config: dict):
-    from transformers import AutoConfig
-
-    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
-    if "model_type" not in config:
-        raise CheckpointError("config.json: no model_type")
-    return AutoConfig.for_model(config["model_type"], **cfg)
-
-
 class LayerwiseModel:
     """A checkpoint's transformers model, materialised one piece at a time (float32)."""
 
@@ -58,7 +49,7 @@ class LayerwiseModel:
         self.reader = CheckpointReader(self.path)
         self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
         self.dtype = dtype
-        self.config = _hf_config(self.reader.config)
+        self.config = hf_config(self.reader.config)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)

@@ -183,6 +183,16 @@ register_adapter(
 )
 
 
+def hf_config(config: dict, source: str = "config.json"):
+    """The transformers config object of a checkpoint's ``config.json`` (its quantization_config left out)."""
+    from transformers import AutoConfig
+
+    if "model_type" not in config:
+        raise CheckpointError(f"{source}: no model_type")
+    cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    return AutoConfig.for_model(config["model_type"], **cfg)
+
+
 def adapter_for(config: dict, source: str = "config.json") -> Adapter:
     """The adapter for a checkpoint's ``config.json`` (by architecture, then model_type)."""
     archs = config.get("architectures") or []

@@ -16,19 +16,12 @@ from torch import nn
 
 from ernieq.codecs import stack_experts
 from ernieq.formats.native import NativeReader
-from ernieq.model.adapters import adapter_for
+from ernieq.model.adapters import adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError
 from ernieq.runtime.modules import QuantLinear, QuantMoEExperts
 
 log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
-
-
-def _hf_config(config: dict):
-    from transformers import AutoConfig
-
-    cfg = {k: v for k, v in config.items() if k != "quantization_config"}
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
 
 def _split_expert_modules(reader: NativeReader) -> tuple[dict, list[str]]:
@@ -60,7 +53,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
 
     reader = NativeReader(Path(path))
     adapter = adapter_for(reader.config, str(Path(path) / "config.json"))
-    config = _hf_config(reader.config)
+    config = hf_config(reader.config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
