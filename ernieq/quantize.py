@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ernieq.codecs import CodecError, get_codec
 from ernieq.config import QuantConfig, recipe
 from ernieq.errors import ErnieqError
+from ernieq.progress import progress_bar
 from ernieq.formats.native import NativeWriter, copy_side_files
 from ernieq.model.adapters import TensorClass, adapter_for, iter_groups, stream_groups
 from ernieq.model.checkpoint import CheckpointReader, write_json
@@ -141,9 +141,8 @@ def run_quantize(
     device = _encode_device()
     codecs: dict = {}
     groups = list(iter_groups(reader, adapter))
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, disable=not progress, transient=True) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task("quantizing", total=len(groups))
             for group, tensors in stream_groups(reader, adapter):
                 bar.update(task, description=f"quantizing {group.key}")

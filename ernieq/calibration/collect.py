@@ -17,7 +17,8 @@ import os
 import time
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ernieq.progress import progress_bar
 
 from ernieq.calibration.calibset import CalibrationSet
 from ernieq.calibration.hooks import CalibrationError, Collector
@@ -61,8 +62,7 @@ def collect_stats(
     batch = max(1, batch_tokens // seq_len)
     collector = Collector(model, all_experts)
     n_batches = -(-n_seq // batch)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress, transient=True) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("calibrating", total=model.num_layers * n_batches)
 
         def observe(i, layer):

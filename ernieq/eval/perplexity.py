@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ernieq.errors import ErnieqError
+from ernieq.progress import progress_bar
 
 
 class PerplexityError(ErnieqError, ValueError):
@@ -81,19 +81,6 @@ def _device_of(model) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 def perplexity(
     model,
     input_ids: torch.Tensor | Sequence[int],
@@ -117,7 +104,7 @@ def perplexity(
         raise PerplexityError(f"{len(ids)} tokens make no full window of {seq_len}")
     device = _device_of(model)
     nll_sum = 0.0
-    with torch.inference_mode(), _progress(progress) as bar:
+    with torch.inference_mode(), progress_bar(progress) as bar:
         task = bar.add_task("perplexity", total=windows)
         for w in range(windows):
             window = ids[w * seq_len : (w + 1) * seq_len].to(device)[None]  # [1, L]
