@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from ernieq import api
@@ -17,6 +18,7 @@ from ernieq.formats.registry import format_names
 
 console = Console()
 err_console = Console(stderr=True)
+_file_handler: logging.Handler | None = None  # the --log FILE handler on the "ernieq" logger
 
 
 def _human_bytes(n: float) -> str:
@@ -29,18 +31,37 @@ def _human_bytes(n: float) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def cli(verbose: bool) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; only warnings and errors on the terminal.")
+@click.option("--log", "log_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the full log (debug level, with times) to this file.")
+def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     """ernieq: quantize Mixture-of-Experts language models (ERNIE 4.5 first) and prove what was kept.
 
     MODEL arguments take a local Hugging Face-layout folder (config.json and
     safetensors) or the name `demo`: the offline demo MoE model, built from
     SmolLM2-135M on first use.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err_console, show_path=False)],
-    )
+    from ernieq.progress import set_quiet
+
+    set_quiet(quiet)
+    terminal = RichHandler(console=err_console, show_path=False)
+    terminal.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[terminal])
+    if log_file is not None:
+        _log_to_file(log_file)
+
+
+def _log_to_file(path: Path) -> None:
+    """ernieq's whole log, debug lines included (per-group timings), with times, to ``path``."""
+    global _file_handler
+    logger = logging.getLogger("ernieq")
+    if _file_handler is not None:
+        logger.removeHandler(_file_handler)
+        _file_handler.close()
+    _file_handler = logging.FileHandler(path)
+    _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(_file_handler)
+    logger.setLevel(logging.DEBUG)
 
 
 @cli.command("demo-model")
@@ -136,20 +157,37 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="Calibration sequence length for --calib-data.")
 @click.option("--all-experts", is_flag=True,
               help="With --calib-data: every routed expert also sees every calibration token (statistics only).")
-@click.option("--method", type=click.Choice(["rtn", "gptq"]), default=None,
-              help="Rounding: round-to-nearest, or GPTQ error feedback. Default: gptq with statistics, rtn without.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default=None,
+              help="Rounding: round-to-nearest; GPTQ error feedback; or AWQ (per-input-channel scales searched on "
+                   "the statistics and folded into the norms and up projections, then round-to-nearest). "
+                   "Default: gptq with statistics, rtn without.")
+@click.option("--rotate/--no-rotate", default=None,
+              help="Store the wint4 and ccq2 weights turned by orthogonal input rotations that ernieq's runtime "
+                   "applies (incoherence: outliers spread over all inputs). Default: on for --format native, "
+                   "which alone can carry them.")
+@click.option("--sequential", is_flag=True,
+              help="Calibrate each layer on the outputs of the already quantized layers before it "
+                   "(with --calib-data; about twice the calibration time).")
 @click.option("--format", "fmt", type=click.Choice(["native", *format_names()]), default="native", show_default=True,
               help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
+                   "on a GPU the weights are encoded there.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
              overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
-             calib_seq_len: int, all_experts: bool, method: str | None, fmt: str, overwrite: bool) -> None:
-    """Quantize MODEL's linear weights and write the checkpoint to OUT."""
+             calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None, sequential: bool,
+             fmt: str, workers: int | None, overwrite: bool) -> None:
+    """Quantize MODEL's linear weights and write the checkpoint to OUT.
+
+    A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
+    already written and gives the same bytes."""
     group = None if group_size == "channel" else int(group_size)
     summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=group, symmetric=sym,
                            w4_moe_layers=w4_moe_layers, overrides=overrides, calib_data=calib_data, calib=calib,
                            calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                           method=method, format=fmt, overwrite=overwrite)
+                           method=method, rotate=rotate, sequential=sequential, format=fmt, workers=workers,
+                           overwrite=overwrite)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
     for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):
@@ -162,7 +200,7 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
     console.print(
         f"{data['bits_per_weight_all']:.3f} bits per weight over all weights, "
         f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "
-        f"{_human_bytes(data['bytes_before'])} → {_human_bytes(data['bytes_after'])} in {data['seconds']:.1f} s"
+        f"{_human_bytes(data['bytes_before'])} → {_human_bytes(data['bytes_after'])} in {summary.seconds:.1f} s"
     )
 
 
@@ -204,6 +242,66 @@ def export(qdir: Path, fmt: str, out: Path, overwrite: bool) -> None:
 def generate(model: str, prompt: str, max_new_tokens: int) -> None:
     """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
     console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens), highlight=False)
+
+
+@cli.command()
+@click.argument("qdir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--baseline", required=True, help="The unquantized model QDIR was made from (a folder or 'demo').")
+@click.option("--data", required=True, metavar="SRC[,SRC...]",
+              help="Comma list of text sources scored for perplexity: 'wikitext2', 'demo', a .txt/.jsonl file or folder.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for report.json, report.md, report.html (self-contained) and plots/.")
+@click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Calibration statistics of the baseline (`ernieq calibrate`): output error, tokens per expert, cold experts.")
+@click.option("--compare", "compare", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+              help="Another ernieq checkpoint of the same baseline to score too (perplexity vs bits). Repeatable.")
+@click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
+@click.option("--max-windows", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Windows scored per corpus (every model on the same windows).")
+def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
+           seq_len: int, max_windows: int) -> None:
+    """Accuracy report of the ernieq checkpoint QDIR against its baseline: perplexity, KL, top-1, per-layer and
+    per-expert error, bits by tensor class, calibration coverage, plots."""
+    sources = tuple(s.strip() for s in data.split(",") if s.strip())
+    result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
+                        max_windows=max_windows)
+    for c in result["perplexity"]:
+        base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
+        console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
+                      f"{c['tokens']:,} tokens; KL {c['kl_mean']['quantized']:.4f}, top-1 agreement "
+                      f"{c['top1_agreement']['quantized']:.2%}")
+    console.print(f"report written to [bold]{out / 'report.html'}[/bold] (and report.md, report.json)")
+
+
+@cli.command()
+@click.argument("qdir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Folder to write (default: QDIR-hub beside QDIR).")
+@click.option("--name", default=None, help="The model's name in the card (default: the output folder's name).")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="An `ernieq report` folder: its accuracy table goes into the card and its files into report/. "
+                   "Without it the card carries no accuracy numbers and says so.")
+@click.option("--base-model", default=None, help="The base model (folder or 'demo'; default: the report's baseline), "
+                                                 "for the card and its license.")
+@click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO",
+              help="Upload the folder to this Hugging Face repository (needs network and a token).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def publish(qdir: Path, out: Path | None, name: str | None, report_dir: Path | None, base_model: str | None,
+            push_to_hub: str | None, overwrite: bool) -> None:
+    """Hub-ready folder of QDIR: model card, config, tokenizer, report, LICENSE, SHA256SUMS."""
+    path = api.publish(qdir, out, name=name, report_dir=report_dir, base_model=base_model, push_to_hub=push_to_hub,
+                       overwrite=overwrite)
+    console.print(f"published to [bold]{path}[/bold]; check it with `ernieq verify {path}`")
+
+
+@cli.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--no-smoke", is_flag=True, help="Skip the perplexity smoke test (files, sums and shapes only).")
+def verify(folder: Path, no_smoke: bool) -> None:
+    """Re-check a published folder: every SHA-256 sum, every tensor, shapes and dtypes, a perplexity smoke test."""
+    r = api.verify(folder, smoke=not no_smoke)
+    smoke = f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens" if r.smoke_ppl else ""
+    console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "
+                  f"modules{smoke}")
 
 
 def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
@@ -275,12 +373,20 @@ def main() -> None:
     except click.exceptions.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except click.ClickException as err:
-        err.show()
+    except click.ClickException as err:  # a bad option or argument: one line too, with where to read more
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(err.format_message()))}{escape(hint)}",
+                          highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except ErnieqError as err:
-        err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(str(err)))}", highlight=False, soft_wrap=True)
         sys.exit(1)
+
+
+def _one_line(message: str) -> str:
+    """A message on one line (a wrapped library message keeps its words)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
 
 
 if __name__ == "__main__":

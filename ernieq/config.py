@@ -18,6 +18,7 @@ from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
 KEEP = "none"  # an override's codec name that leaves the weight as it is
+ROTATED_CODECS = frozenset({"wint4", "ccq2"})  # --rotate turns the inputs of the low-bit codecs' weights
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,18 @@ class Rule:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """An ordered list of rules and the recipe's name (recorded in the checkpoint)."""
+    """An ordered list of rules and the recipe's name (recorded in the checkpoint).
+
+    rotate: the codecs whose weights are stored turned by an input rotation
+    (``ernieq.kernels.rotation``; the runtime turns their inputs online).
+    """
 
     recipe: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
+    rotate: frozenset[str] = frozenset()
+
+    def rotates(self, choice: CodecChoice | None) -> bool:
+        return choice is not None and choice.codec in self.rotate
 
     def choose(self, name: str, info: TensorInfo, moe_ordinal: int | None = None) -> CodecChoice | None:
         """The codec for the linear weight ``name`` (its canonical per-expert name), or None to keep it."""
@@ -141,8 +150,10 @@ def recipe(
     w4_moe_layers: int | None = None,
     num_moe_layers: int = 0,
     overrides: tuple[str, ...] = (),
+    rotate: bool = False,
 ) -> QuantConfig:
-    """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front."""
+    """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front; ``rotate``
+    stores the ``wint4`` and ``ccq2`` weights turned by input rotations."""
     wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)))
     # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
     wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)))
@@ -165,4 +176,7 @@ def recipe(
     for rule in base:
         if rule.choice is not None:
             validate(rule.choice, f"recipe {name}")
-    return QuantConfig(name, tuple(parse_override(o) for o in overrides) + tuple(base))
+    rules = tuple(parse_override(o) for o in overrides) + tuple(base)
+    if rotate:
+        return QuantConfig(f"{name}-rot", rules, ROTATED_CODECS)
+    return QuantConfig(name, rules)

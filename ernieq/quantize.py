@@ -1,7 +1,19 @@
-"""The quantization pass: checkpoint → adapter → codec → native format, one tensor group at a time."""
+"""The quantization pass: checkpoint → adapter → codec → native format, one tensor group at a time.
+
+Memory follows the largest tensor group, not the model: a group is loaded,
+encoded (its weights spread over a pool of worker processes, or on the GPU),
+written to its own shard and dropped, and the source shards are unmapped after
+each group. The output is built in ``.<out>.ernieq-tmp`` beside ``out`` and
+renamed into place when complete. A run that is killed leaves that folder
+behind; started again with the same arguments and the same source files it
+skips the groups already written and produces the same bytes as a run that was
+never interrupted (``ernieq.formats.native_writer``). A run that fails on bad
+input (an ``ErnieqError``) removes it; any other failure keeps it to resume.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -10,17 +22,23 @@ from pathlib import Path
 
 import torch
 
-from ernieq.codecs import CodecError, get_codec
+import ernieq
+from ernieq.codecs import CalibrationStats, CodecError
+from ernieq.kernels.rotation import Rotation, make_rotation
 from ernieq.config import QuantConfig, recipe
+from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
-from ernieq.progress import progress_bar
-from ernieq.formats.native import NativeWriter, copy_side_files
-from ernieq.model.adapters import TensorClass, adapter_for, iter_groups, stream_groups
-from ernieq.model.checkpoint import CheckpointReader, write_json
-from ernieq.model.moe import ExpertGroup
+from ernieq.formats.native import copy_side_files
+from ernieq.formats.native_writer import GroupTensors, NativeWriter, write_json_atomic
+from ernieq.killpoints import kill_point
+from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_groups
+from ernieq.model.checkpoint import CheckpointReader
+from ernieq.model.moe import linear_weights
+from ernieq.progress import QuantizeProgress
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
+RESUME_VERSION = 1  # bump when the bytes a run writes change, so old temporary folders are not resumed
 
 
 @dataclass
@@ -37,9 +55,19 @@ class ClassSummary:
     def bits_per_weight(self) -> float:
         return 8.0 * self.bytes_after / self.weights if self.weights else 0.0
 
+    def add(self, other: ClassSummary) -> None:
+        self.weights += other.weights
+        self.quantized_weights += other.quantized_weights
+        self.bytes_before += other.bytes_before
+        self.bytes_after += other.bytes_after
+        for codec, n in other.codecs.items():
+            self.codecs[codec] = self.codecs.get(codec, 0) + n
+
 
 @dataclass
 class QuantizeSummary:
+    """Totals by tensor class. ``seconds`` is this run's wall time; it is printed, never written to the checkpoint."""
+
     recipe: str
     classes: dict[str, ClassSummary]
     seconds: float = 0.0
@@ -50,11 +78,11 @@ class QuantizeSummary:
         return sum(c.weights for c in rows), sum(c.bytes_before for c in rows), sum(c.bytes_after for c in rows)
 
     def to_json(self) -> dict:
+        """What ``quantize_summary.json`` holds (nothing time-dependent)."""
         n_all, b_all, a_all = self.total()
         n_q, _, a_q = self.total(quantized_only=True)
         return {
             "recipe": self.recipe,
-            "seconds": round(self.seconds, 2),
             "bits_per_weight_all": 8.0 * a_all / n_all if n_all else 0.0,
             "bits_per_weight_quantized": 8.0 * a_q / n_q if n_q else 0.0,
             "bytes_before": b_all,
@@ -62,11 +90,20 @@ class QuantizeSummary:
             "classes": {k: {**asdict(c), "bits_per_weight": c.bits_per_weight} for k, c in sorted(self.classes.items())},
         }
 
+    @classmethod
+    def from_records(cls, recipe_name: str, records: list[dict]) -> QuantizeSummary:
+        """The totals of every group's record (``extra.classes``), in group order."""
+        classes: dict[str, ClassSummary] = {}
+        for record in records:
+            for name, row in record["extra"]["classes"].items():
+                classes.setdefault(name, ClassSummary()).add(ClassSummary(**row))
+        return cls(recipe_name, classes)
 
-def moe_ordinals(reader: CheckpointReader, adapter) -> dict[int, int]:
+
+def moe_ordinals(reader: CheckpointReader, adapter, groups: list[TensorGroup] | None = None) -> dict[int, int]:
     """Layer index → its ordinal among the layers that have routed experts."""
-    layers = sorted({g.layer for g in iter_groups(reader, adapter)
-                     if any(t.cls is TensorClass.ROUTED_EXPERT for t in g.tensors)})
+    groups = list(iter_groups(reader, adapter)) if groups is None else groups
+    layers = sorted({g.layer for g in groups if any(t.cls is TensorClass.ROUTED_EXPERT for t in g.tensors)})
     return {layer: i for i, layer in enumerate(layers)}
 
 
@@ -74,35 +111,194 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _encode_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def _group_weights(reader: CheckpointReader, group: TensorGroup) -> int:
+    """How many weights (elements) the group's tensors hold, from the headers only."""
+    total = 0
+    for t in group.tensors:
+        n = 1
+        for d in reader.shape(t.name):
+            n *= d
+        total += n
+    return total
 
 
-def _linear_weights(group, tensors):
-    """(name, info, weight [N, K]) of a group's linear weights; routed experts under per-expert names."""
-    experts = ExpertGroup.from_infos(group.tensors)
+@dataclass
+class _Job:
+    """Everything :func:`quantize_group` needs besides the group."""
+
+    reader: CheckpointReader
+    config: QuantConfig
+    ordinals: dict[int, int]
+    calib: object | None
+    method: str
+    encoder: Encoder
+    bar: QuantizeProgress
+
+
+    def stats(self, name: str) -> CalibrationStats | None:
+        return self.calib.stats(name) if self.calib is not None else None
+
+    def rotation(self, group: TensorGroup, choice, k: int) -> tuple[str | None, Rotation | None]:
+        """(key, rotation) for a weight with K inputs and this codec choice: (None, None) unless the
+        config rotates it. The key names the group, so each group's shard holds its own rotations."""
+        if not self.config.rotates(choice):
+            return None, None
+        return f"{group.key}.k{k}", make_rotation(k)
+
+
+def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
+    """AWQ's scales searched and folded into the group (``ernieq.calibration.awq``): the new weights
+    list, the group's other tensors (norms, router) and the statistics of every scaled weight."""
+    from ernieq.calibration.awq import Member, apply_awq
+
+    infos = {name: info for name, info, _ in weights}
+    named = {name: w for name, _, w in weights}
+    named.update({t.name: tensors[t.name] for t in group.tensors if not t.is_linear_weight})
+
+    def member(name: str, weight: torch.Tensor):
+        choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
+        return None if choice is None else Member(name, weight, codec_of(choice), job.stats(name))
+
+    named, scaled = apply_awq(named, member, job.stats)
+    return [(name, info, named[name]) for name, info, _ in weights], named, scaled
+
+
+def quantize_group(job: _Job, index: int, group: TensorGroup,
+                   tensors: dict[str, torch.Tensor]) -> tuple[GroupTensors, dict]:
+    """Encode group ``index``'s linear weights; returns what to store and its summary rows by class."""
+    out = GroupTensors()
+    rows: dict[str, ClassSummary] = {}
+    weights = list(linear_weights(group.tensors, tensors))  # routed experts under per-expert names
+    stats = {}
+    if job.method == "awq":
+        weights, tensors, stats = _awq(job, group, tensors, weights)
+    todo = []  # (name, info, weight, choice) of the weights to encode, in order
+    for name, info, weight in weights:
+        row = rows.setdefault(info.cls.value, ClassSummary())
+        row.weights += weight.numel()
+        row.bytes_before += _nbytes(weight)
+        choice = job.config.choose(name, info, job.ordinals.get(info.layer))
+        if choice is None:
+            out.add_plain(name, weight)
+            row.bytes_after += _nbytes(weight)
+            job.bar.weights_done(weight.numel())
+            continue
+        todo.append((name, info, weight, choice))
+    job.bar.start_group(index, group.key, len(todo))
+    rotations = [job.rotation(group, choice, weight.shape[1]) for _, _, weight, choice in todo]
+    for key, rotation in dict(rotations).items():
+        if key is not None:
+            out.add_rotation(key, rotation)
+    items = (WorkItem.of(choice, weight, stats[name] if name in stats else job.stats(name), name, job.method, rot)
+             for (name, _, weight, choice), (_, rot) in zip(todo, rotations))
+    done = 0
+    try:
+        for q in job.encoder.map(items, weights=sum(w.numel() for _, _, w, _ in todo)):
+            name, info, weight, choice = todo[done]
+            done += 1
+            out.add_quantized(name, q, rotations[done - 1][0])
+            row = rows[info.cls.value]
+            row.quantized_weights += weight.numel()
+            row.bytes_after += q.nbytes
+            row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
+            job.bar.weights_done(weight.numel(), name)
+    except CodecError as err:
+        name, info = todo[done][:2]
+        raise ErnieqError(f"{job.reader.file_of(_source_name(group, info))}: {err}") from None
     for info in group.tensors:
-        if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
-            yield info.name, info, tensors[info.name]
-    if experts is not None:
-        proto = next(t for t in group.tensors if t.cls is TensorClass.ROUTED_EXPERT)
-        for e, proj, weight in experts.weights(tensors):
-            name = experts.canonical_name(e, proj)
-            yield name, type(proto)(name, TensorClass.ROUTED_EXPERT, proto.layer, e, proj, False), weight
+        if info.is_linear_weight:
+            continue
+        t = tensors[info.name]
+        row = rows.setdefault(info.cls.value, ClassSummary())
+        row.weights += t.numel()
+        row.bytes_before += _nbytes(t)
+        row.bytes_after += _nbytes(t)
+        out.add_plain(info.name, t)
+        job.bar.weights_done(t.numel())
+    return out, {k: asdict(v) for k, v in sorted(rows.items())}
 
 
-def _round_to_nearest(codec, weight, stats, name):
-    return codec.encode(weight, stats, name=name)
+def _source_name(group, info) -> str:
+    """The source tensor a (possibly canonicalised) weight came from, for error messages."""
+    names = {t.name for t in group.tensors}
+    if info.name in names:
+        return info.name
+    return next(t.name for t in group.tensors if t.cls is TensorClass.ROUTED_EXPERT)
 
 
-def _gptq(codec, weight, stats, name):
-    from ernieq.calibration import gptq_encode
+def _calibration_info(calib) -> dict | None:
+    """What the checkpoint records of the calibration run: its info without wall times."""
+    if calib is None:
+        return None
+    return {k: v for k, v in calib.info.items() if k != "seconds"}
 
-    return gptq_encode(codec, weight, stats, name=name)
+
+def fingerprint(source: Path, config: QuantConfig, method: str, calib, device: torch.device,
+                groups: list[TensorGroup]) -> dict:
+    """What makes a run's bytes: ernieq's version, the source files (name, size, mtime), the recipe,
+    the method, the calibration, the encoding device and the groups. A leftover folder resumes only
+    when this matches exactly."""
+    files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
+    return json.loads(json.dumps({
+        "resume_version": RESUME_VERSION,
+        "ernieq": ernieq.__version__,
+        "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "recipe": repr(config),
+        "method": method,
+        "calibration": _calibration_info(calib),
+        "device": device.type,
+        "groups": [g.key for g in groups],
+    }, sort_keys=True, default=str))
 
 
-# How a weight is rounded: the codec's own encoder, or GPTQ's error feedback through it.
-METHODS = {"rtn": _round_to_nearest, "gptq": _gptq}
+def _check_out(out: Path, overwrite: bool) -> None:
+    if not out.exists() or overwrite:
+        return
+    if not out.is_dir() or any(out.iterdir()):
+        raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an existing ``out`` (with --overwrite) goes only after."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        old = out.parent / f".{out.name}.ernieq-old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    else:
+        tmp.rename(out)
+
+
+def _ordinals(source: Path) -> dict[int, int]:
+    reader = CheckpointReader(source)
+    return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
+
+
+def recipe_for(source: Path, bits: int = 4, fp8: bool = False, group_size: int | None = 128, symmetric: bool = True,
+               w4_moe_layers: int | None = None, overrides: tuple[str, ...] = (), rotate: bool = False) -> QuantConfig:
+    """The ``--bits``/``--fp8`` recipe for the checkpoint at ``source`` (which needs its MoE layer count)."""
+    return recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(_ordinals(source)), tuple(overrides), rotate)
+
+
+def sequential_plan(source: Path, config: QuantConfig, method: str):
+    """What sequential calibration must simulate: this config's codec choices (and rotations) and the method."""
+    from ernieq.calibration.sequential import SequentialPlan
+
+    check_method(method)
+    if method == "awq":
+        raise ErnieqError("--sequential simulates per-weight rounding; it does not combine with --method awq")
+    ordinals = _ordinals(source)
+
+    def choose(name, info):
+        choice = config.choose(name, info, ordinals.get(info.layer))
+        return (None if choice is None else (choice.codec, choice.kwargs)), config.rotates(choice)
+
+    return SequentialPlan(choose, method)
 
 
 def run_quantize(
@@ -118,82 +314,68 @@ def run_quantize(
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     overrides: tuple[str, ...] = (),
+    rotate: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | None = None,
 ) -> QuantizeSummary:
-    if method not in METHODS:
-        raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
-    encode = METHODS[method]
+    """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
+
+    ``workers``: encoder processes on the CPU (default: every usable core); on a
+    GPU the weights are encoded there, in this process.
+    """
+    check_method(method)
+    source, out = Path(source), Path(out)
     reader = CheckpointReader(source)
     adapter = adapter_for(reader.config, str(source / "config.json"))
-    ordinals = moe_ordinals(reader, adapter)
-    if config is None:
-        config = recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(ordinals), tuple(overrides))
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
-    tmp = out.parent / f".{out.name}.ernieq-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    start = time.perf_counter()
-    summary = QuantizeSummary(config.recipe, {})
-    writer = NativeWriter(tmp, reader.config, config.recipe)
-    device = _encode_device()
-    codecs: dict = {}
     groups = list(iter_groups(reader, adapter))
+    ordinals = moe_ordinals(reader, adapter, groups)
+    if config is None:
+        config = recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(ordinals), tuple(overrides), rotate)
+    _check_out(out, overwrite)
+    tmp = out.parent / f".{out.name}.ernieq-tmp"
+    start = time.perf_counter()
+    encoder = Encoder(workers)
     try:
-        with progress_bar(progress) as bar:
-            task = bar.add_task("quantizing", total=len(groups))
-            for group, tensors in stream_groups(reader, adapter):
-                bar.update(task, description=f"quantizing {group.key}")
-                for name, info, weight in _linear_weights(group, tensors):
-                    row = summary.classes.setdefault(info.cls.value, ClassSummary())
-                    row.weights += weight.numel()
-                    row.bytes_before += _nbytes(weight)
-                    choice = config.choose(name, info, ordinals.get(info.layer))
-                    if choice is None:
-                        writer.add_plain(name, weight)
-                        row.bytes_after += _nbytes(weight)
-                        continue
-                    codec = codecs.get(choice) or codecs.setdefault(choice, get_codec(choice.codec, **choice.kwargs))
-                    try:
-                        stats = calib.stats(name) if calib is not None else None
-                        q = encode(codec, weight.to(device), stats, name).to("cpu")
-                    except CodecError as err:
-                        raise ErnieqError(f"{reader.file_of(_source_name(group, info))}: {err}") from None
-                    writer.add_quantized(name, q)
-                    row.quantized_weights += weight.numel()
-                    row.bytes_after += q.nbytes
-                    row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
-                for info in group.tensors:
-                    if info.is_linear_weight:
-                        continue
-                    t = tensors[info.name]
-                    row = summary.classes.setdefault(info.cls.value, ClassSummary())
-                    row.weights += t.numel()
-                    row.bytes_before += _nbytes(t)
-                    row.bytes_after += _nbytes(t)
-                    writer.add_plain(info.name, t)
-                bar.advance(task)
-        summary.seconds = time.perf_counter() - start
+        writer = NativeWriter(tmp, reader.config, config.recipe, len(groups),
+                              fingerprint(source, config, method, calib, encoder.device, groups))
+        if writer.resumed:
+            log.info("resuming the run left in %s", tmp)
+        sizes = [_group_weights(reader, g) for g in groups]
+        with encoder, QuantizeProgress(progress, sum(sizes), len(groups)) as bar:
+            job = _Job(reader, config, ordinals, calib, method, encoder, bar)
+            for index, group in enumerate(groups):
+                if writer.finished(index) is not None:
+                    bar.skip_group(index, sizes[index])
+                    log.debug("%s: written by an earlier run", group.key)
+                    continue
+                t0 = time.perf_counter()
+                tensors = group.load(reader)
+                stored, rows = quantize_group(job, index, group, tensors)
+                writer.write_group(index, group.key, stored, {"classes": rows})
+                del tensors, stored
+                reader.release()  # unmap the source pages this group read
+                seconds = time.perf_counter() - t0
+                log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
+                          sizes[index] / seconds / 1e6)
+        summary = QuantizeSummary.from_records(config.recipe, writer.records())
         extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]}}
         if calib is not None:
-            extra["calibration"] = calib.info
+            extra["calibration"] = _calibration_info(calib)
         writer.close(extra)
         copy_side_files(source, tmp)
-        write_json(tmp / SUMMARY_NAME, summary.to_json())
-    except BaseException:
+        write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())
+        kill_point("rename")
+        writer.drop_state()
+        kill_point("final-rename")
+        _move_into_place(tmp, out)
+    except ErnieqError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    except BaseException:
+        if tmp.exists():
+            log.warning("stopped; the groups written so far are kept in %s: the same command resumes from there", tmp)
+        raise
+    summary.seconds = time.perf_counter() - start
+    log.debug("%s written in %.1f s", out, summary.seconds)
     return summary
-
-
-def _source_name(group, info) -> str:
-    """The source tensor a (possibly canonicalised) weight came from, for error messages."""
-    names = {t.name for t in group.tensors}
-    if info.name in names:
-        return info.name
-    return next(t.name for t in group.tensors if t.cls is TensorClass.ROUTED_EXPERT)

@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# The main job on the offline demo model: build it, quantize it to 2 bits, and
-# evaluate both on WikiText-2 (first $WINDOWS windows of 2048 tokens).
+# The whole job on the offline demo model: build it, quantize it to 2 bits, write the accuracy
+# report against the unquantized model (WikiText-2, first $WINDOWS windows of 2048 tokens, with
+# calibration statistics of the demo text for the output error and the expert table), publish a
+# hub-ready folder, verify it, and print where the report is.
 # WikiText-2 comes from $ERNIEQ_WIKITEXT2, else from ../shared/data beside the repo.
+# COMPARE_BITS="8 4" also quantizes those settings and adds them to the report (perplexity vs bits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export ERNIEQ_WIKITEXT2="${ERNIEQ_WIKITEXT2:-$(cd .. && pwd)/shared/data/wikitext-2-raw/wiki.test.raw}"
 WINDOWS="${WINDOWS:-12}"
 OUT="${OUT:-runs/demo}"
+CALIB_TOKENS="${CALIB_TOKENS:-8192}"
 mkdir -p "$OUT"
-.venv/bin/ernieq inspect demo
-.venv/bin/ernieq quantize demo --bits 2 --out "$OUT/w2" --overwrite
-.venv/bin/ernieq inspect "$OUT/w2"
-.venv/bin/ernieq eval demo --data wikitext2 --max-windows "$WINDOWS" --json "$OUT/eval-unquantized.json"
-.venv/bin/ernieq eval "$OUT/w2" --data wikitext2 --max-windows "$WINDOWS" --json "$OUT/eval-w2.json"
-.venv/bin/ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16
-echo "results: $OUT/eval-unquantized.json $OUT/eval-w2.json"
+ernieq=.venv/bin/ernieq
+$ernieq inspect demo
+$ernieq quantize demo --bits 2 --out "$OUT/w2" --overwrite
+compare=()
+for bits in ${COMPARE_BITS:-}; do
+  $ernieq quantize demo --bits "$bits" --out "$OUT/w$bits" --overwrite
+  compare+=(--compare "$OUT/w$bits")
+done
+$ernieq calibrate demo --data demo --tokens "$CALIB_TOKENS" --out "$OUT/calib"
+$ernieq report "$OUT/w2" --baseline demo --data wikitext2 --max-windows "$WINDOWS" --calib "$OUT/calib" \
+  ${compare[@]+"${compare[@]}"} --out "$OUT/report"
+$ernieq publish "$OUT/w2" --report "$OUT/report" --name ernieq-demo-w2 --out "$OUT/ernieq-demo-w2" --overwrite
+$ernieq verify "$OUT/ernieq-demo-w2"
+$ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16
+echo "report: $OUT/report/report.html ($OUT/report/report.md, $OUT/report/report.json)"
+echo "published: $OUT/ernieq-demo-w2 (model card README.md, SHA256SUMS)"

@@ -2,7 +2,8 @@
 
 - ``collect_stats(model_path, token_ids [n_seq, seq_len], all_experts=...)`` runs the
   unquantized model layer by layer and returns a :class:`CalibrationSet`;
-- ``save_stats`` / ``load_stats`` keep one on disk;
+- ``save_stats`` / ``load_stats`` keep one on disk (``collect_stats(out=DIR)`` streams it there
+  layer by layer; ``load_stats`` reads the tensors lazily);
 - ``gptq_encode(codec, W [N, K], stats)`` rounds with GPTQ behind the codec interface.
 """
 

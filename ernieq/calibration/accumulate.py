@@ -30,6 +30,10 @@ class SiteStats:
     abs_max: torch.Tensor
     tokens: int
 
+    @property
+    def k(self) -> int:
+        return int(self.abs_mean.shape[0])
+
 
 PANEL = 320  # columns per panel of X^T X (see add_upper_gram)
 

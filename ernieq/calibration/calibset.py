@@ -52,7 +52,8 @@ class ExpertRow:
 class CalibrationSet:
     """Calibration statistics of one model on one calibration text.
 
-    sites: statistics by site name. routes: weight name -> site (routed / ordinary).
+    sites: statistics by site name (in memory, or a ``SiteStore`` that reads them from disk when asked).
+    routes: weight name -> site (routed / ordinary).
     all_token_routes: routed-expert weight name -> its all-token site.
     expert_of: routed-expert weight name -> (layer, expert).
     experts: one row per routed expert. routers: router statistics by layer.
@@ -120,7 +121,7 @@ class CalibrationSet:
             ],
             "experts": [dict(r.__dict__) for r in self.experts],
             "routers": {str(layer): s.to_json() for layer, s in sorted(self.routers.items())},
-            "sites": {name: {"tokens": s.tokens, "k": int(s.hessian.shape[0])} for name, s in sorted(self.sites.items())},
+            "sites": {name: {"tokens": s.tokens, "k": s.k} for name, s in sorted(self.sites.items())},
             "routes": dict(sorted(self.routes.items())),
             "all_token_routes": dict(sorted(self.all_token_routes.items())),
             "expert_of": {name: list(key) for name, key in sorted(self.expert_of.items())},

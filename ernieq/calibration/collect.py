@@ -8,13 +8,21 @@ returns a :class:`CalibrationSet`: per-site Hessians ``X^T X / n`` and activatio
 statistics, the routed-expert table and the router statistics. With
 ``all_experts=True`` every routed expert also gets statistics from all of its
 layer's tokens, while the layer's output stays the model's.
+
+With ``out=DIR`` the statistics stream to disk: each decoder layer's sites are
+written to their own file as soon as the layer is done and dropped from memory
+(``stats.py``), the summary goes last, and the returned set reads its tensors
+back lazily. Peak memory then follows the largest layer, not the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,6 +31,8 @@ from ernieq.progress import progress_bar
 from ernieq.calibration.calibset import CalibrationSet
 from ernieq.calibration.hooks import CalibrationError, Collector
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
+from ernieq.calibration.sequential import SequentialPlan, quantized_layer
+from ernieq.calibration.stats import begin_stats, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +58,19 @@ def collect_stats(
     all_experts: bool = False,
     progress: bool = True,
     batch_tokens: int = BATCH_TOKENS,
+    out: str | os.PathLike | None = None,
+    info: dict | None = None,
+    sequential: SequentialPlan | None = None,
 ) -> CalibrationSet:
     """Calibration statistics of the unquantized checkpoint at ``model_path``.
 
     token_ids: int [n_seq, seq_len], the calibration text (never the evaluation text).
     all_experts: also collect all-token statistics for every routed expert (see module doc).
     batch_tokens: about how many tokens go through a layer per forward call.
+    out: a folder to stream the statistics into, layer by layer (see module doc); complete on return.
+    info: extra entries for the set's ``info`` (e.g. the calibration data's name).
+    sequential: quantize each layer as the plan says once its statistics are in, so that the next
+    layer is calibrated on the quantized layer's outputs (``sequential.py``).
     """
     start = time.perf_counter()
     model = LayerwiseModel(model_path)
@@ -61,33 +78,59 @@ def collect_stats(
     n_seq, seq_len = token_ids.shape
     batch = max(1, batch_tokens // seq_len)
     collector = Collector(model, all_experts)
-    n_batches = -(-n_seq // batch)
-    with progress_bar(progress) as bar:
-        task = bar.add_task("calibrating", total=model.num_layers * n_batches)
+    store = None
+    if out is not None:
+        fresh = not Path(out).exists()
+        store = collector.sites = begin_stats(out)  # finished sites go to the store, which writes them per layer
+    try:
+        return _run(model, token_ids, collector, store, batch, progress, start, {
+            "model": str(model_path), "n_seq": n_seq, "seq_len": seq_len, "tokens": n_seq * seq_len,
+            "all_experts": all_experts, "sequential": sequential is not None, **(info or {})}, sequential)
+    except BaseException:
+        if store is not None and fresh:  # a folder this call made holds nothing worth keeping
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-        def observe(i, layer):
-            bar.update(task, description=f"calibrating layer {i + 1}/{model.num_layers}")
-            return collector.observe(i, layer)
 
-        run_layers(model, token_ids, batch_size=batch, observe=observe, on_batch=lambda: bar.advance(task))
-    seconds = time.perf_counter() - start
-    cset = CalibrationSet(
+def _collected(collector: Collector, info: dict) -> CalibrationSet:
+    """The statistics the collector holds so far (every finished layer's)."""
+    return CalibrationSet(
         sites=collector.sites,
         routes=collector.routes,
         all_token_routes=collector.all_token_routes,
         expert_of=collector.expert_of,
         experts=collector.experts,
         routers=collector.routers,
-        info={
-            "model": str(model_path),
-            "n_seq": n_seq,
-            "seq_len": seq_len,
-            "tokens": n_seq * seq_len,
-            "all_experts": all_experts,
-            "seconds": round(seconds, 2),
-        },
+        info=info,
     )
+
+
+def _run(model, token_ids, collector, store, batch, progress, start, info, sequential=None) -> CalibrationSet:
+    """The pass itself: every layer over every batch, hooks on, the store flushed after each layer."""
+    n_seq = token_ids.shape[0]
+    n_batches = -(-n_seq // batch)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("calibrating", total=model.num_layers * n_batches)
+
+        @contextlib.contextmanager
+        def observe(i, layer):
+            bar.update(task, description=f"calibrating layer {i + 1}/{model.num_layers}")
+            with collector.observe(i, layer):
+                yield
+            if store is not None:
+                store.flush()  # layer i's sites to their file; only their names stay in memory
+
+        def adjust(i, layer):
+            bar.update(task, description=f"quantizing layer {i + 1}/{model.num_layers} (sequential)")
+            return quantized_layer(model, i, _collected(collector, info).stats, sequential)
+
+        run_layers(model, token_ids, batch_size=batch, observe=observe, adjust=adjust if sequential else None,
+                   on_batch=lambda: bar.advance(task))
+    seconds = time.perf_counter() - start
+    cset = _collected(collector, {**info, "seconds": round(seconds, 2)})
+    if store is not None:
+        save_stats(cset, store.folder)
     cold = cset.cold_experts()
     log.info("calibrated %s on %d tokens in %.1f s; %d of %d routed experts cold",
-             model_path, n_seq * seq_len, seconds, len(cold), len(cset.experts))
+             info["model"], info["tokens"], seconds, len(cold), len(cset.experts))
     return cset

@@ -107,8 +107,10 @@ class LayerwiseModel:
             "position_embeddings": self.rotary(hidden, position_ids),
         }
 
-    def load_layer(self, i: int) -> nn.Module:
-        """Decoder layer i with its weights from the checkpoint (float32, on the CPU)."""
+    def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """Decoder layer i with its weights from the checkpoint (float32, on the CPU); ``replaced``
+        gives other values for some checkpoint tensors (by name; routed experts by per-expert name)."""
+        replaced = replaced or {}
         lt = self.layer_tensors(i)
         prefix = self.layer_prefix(i) + "."
         state = {}
@@ -120,9 +122,10 @@ class LayerwiseModel:
             if not hf.startswith(prefix):
                 raise CheckpointError(f"{self.reader.file_of(info.name)}: tensor {info.name!r} maps to {hf!r}, "
                                       f"outside decoder layer {prefix[:-1]}")
-            state[hf[len(prefix):]] = self.reader.get(info.name)
+            state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
-            state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix))
+            state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
+                                        replaced))
         return _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
 
     def release_layer(self, i: int) -> None:
@@ -139,23 +142,34 @@ def _base_prefix(model: nn.Module) -> str:
     raise ErnieqError(f"{type(model).__name__}: no decoder stack with .layers found")
 
 
-def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str) -> dict:
-    """transformers' fused expert parameters (relative to the layer) from either checkpoint layout."""
+def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str,
+                   replaced: dict[str, torch.Tensor]) -> dict:
+    """transformers' fused expert parameters (relative to the layer) from either checkpoint layout,
+    with the per-expert weights named in ``replaced`` taking those values."""
     rel = hf_prefix[len(layer_prefix):]
     if experts.fused:
-        return {f"{rel}.gate_up_proj": reader.get(f"{experts.prefix}.gate_up_proj"),
-                f"{rel}.down_proj": reader.get(f"{experts.prefix}.down_proj")}
-    first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
-    inter, hidden = first_gate.shape
-    gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
-    down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
+        gate_up = reader.get(f"{experts.prefix}.gate_up_proj")  # [E, 2I, H]
+        down = reader.get(f"{experts.prefix}.down_proj")  # [E, H, I]
+        if replaced:
+            gate_up, down = gate_up.clone(), down.clone()
+        inter = gate_up.shape[1] // 2
+    else:
+        first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
+        inter, hidden = first_gate.shape
+        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
+        down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
     for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
         for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
-            src = reader.get(experts.canonical_name(e, proj))
+            name = experts.canonical_name(e, proj)
+            if name in replaced:
+                src = replaced[name]
+            elif experts.fused:
+                continue
+            else:
+                src = reader.get(name)
             if src.shape != dst.shape:
-                raise CheckpointError(f"{reader.file_of(experts.canonical_name(e, proj))}: "
-                                      f"{experts.canonical_name(e, proj)} has shape {tuple(src.shape)}, "
-                                      f"expert 0 has {tuple(dst.shape)}")
+                raise CheckpointError(f"{reader.file_of(name) if name in reader else reader.path}: {name} has shape "
+                                      f"{tuple(src.shape)}, expert 0 has {tuple(dst.shape)}")
             dst.copy_(src)
     return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
 
@@ -182,30 +196,42 @@ def run_layers(
     *,
     batch_size: int,
     observe: Callable[[int, nn.Module], object] | None = None,
+    adjust: Callable[[int, nn.Module], nn.Module] | None = None,
     on_output: Callable[[int, torch.Tensor], None] | None = None,
     on_batch: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run every decoder layer over ``token_ids`` [n_seq, L], one layer in memory at a time.
 
     observe(i, layer): a context manager entered around layer i's whole pass (hooks go there).
+    adjust(i, layer) -> layer: called after that pass; the layer it returns (e.g. with quantized
+    weights) computes layer i's output in a second pass, which is what layer i + 1 then sees.
     on_output(i, hidden [n_seq, L, H]): called with layer i's output.
-    on_batch(): called after every batch of every layer (progress).
+    on_batch(): called after every batch of every layer's first pass (progress).
     Returns the last layer's output [n_seq, L, H] (before the final norm).
     """
     hidden = model.embed(token_ids, batch_size)
+
+    def forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = layer(h, **model.layer_inputs(h))
+        return out[0] if isinstance(out, tuple) else out  # [B, L, H]
+
     for i in range(model.num_layers):
         layer = model.load_layer(i).eval()
         try:
             ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
                 for j, h in enumerate(hidden):
-                    out = layer(h, **model.layer_inputs(h))
-                    hidden[j] = out[0] if isinstance(out, tuple) else out  # [B, L, H]
+                    out = forward(layer, h)
+                    if adjust is None:
+                        hidden[j] = out
                     if on_batch is not None:
                         on_batch()
+            if adjust is not None:
+                layer = adjust(i, layer).eval()
+                with torch.no_grad():
+                    hidden = [forward(layer, h) for h in hidden]
         finally:
             model.release_layer(i)
         if on_output is not None:
             on_output(i, torch.cat(hidden))
     return torch.cat(hidden)
-

@@ -14,15 +14,17 @@ Everything else keeps its source name, dtype and values. ``config.json`` carries
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.model.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, read_json, write_json
+from ernieq.kernels.rotation import Rotation
+from ernieq.model.checkpoint import CheckpointError, CheckpointReader, read_json
 
 FORMAT_VERSION = 1
+ROTATIONS = "ernieq_rotations"  # input rotations are stored once per K as ``ernieq_rotations.k<K>.{signs,q}``
 QUANT_METHOD = "ernieq"
 # Files copied from the source checkpoint as they are.
 SIDE_FILES = (
@@ -51,6 +53,7 @@ class ModuleSpec:
     codec: str
     params: dict
     shape: tuple[int, ...]
+    rotation: str | None = None  # the input rotation the weight was stored turned by (``ROTATIONS`` prefix)
 
 
 def copy_side_files(src: Path, dst: Path) -> list[str]:
@@ -61,39 +64,6 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-class NativeWriter:
-    """Writes a native checkpoint into ``out_dir`` (which the caller makes atomic)."""
-
-    def __init__(self, out_dir: Path, source_config: dict, recipe: str, max_shard_bytes: int = 2**31):
-        self.out_dir = Path(out_dir)
-        self.source_config = source_config
-        self.recipe = recipe
-        self.modules: dict[str, ModuleSpec] = {}
-        self._writer = CheckpointWriter(self.out_dir, max_shard_bytes=max_shard_bytes)
-
-    def add_plain(self, name: str, tensor: torch.Tensor) -> None:
-        self._writer.add(name, tensor)
-
-    def add_quantized(self, weight_name: str, q: QuantizedTensor) -> None:
-        base = base_name(weight_name)
-        for key, tensor in q.tensors.items():
-            self._writer.add(f"{base}.{key}", tensor)
-        self.modules[base] = ModuleSpec(q.codec, dict(q.params), tuple(q.shape))
-
-    def close(self, extra: dict | None = None) -> None:
-        """Finish the shards and write ``config.json`` with the quantization config."""
-        self._writer.close()
-        config = dict(self.source_config)
-        config["quantization_config"] = {
-            "quant_method": QUANT_METHOD,
-            "format_version": FORMAT_VERSION,
-            "recipe": self.recipe,
-            "modules": {k: {**asdict(v), "shape": list(v.shape)} for k, v in sorted(self.modules.items())},
-            **(extra or {}),
-        }
-        write_json(self.out_dir / "config.json", config)
 
 
 class NativeReader:
@@ -107,9 +77,13 @@ class NativeReader:
             raise CheckpointError(f"{where}: not an ernieq checkpoint (quant_method {qc.get('quant_method')!r})")
         if qc.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{where}: format_version {qc.get('format_version')!r}, this ernieq reads {FORMAT_VERSION}")
-        self.modules = {
-            base: ModuleSpec(m["codec"], dict(m["params"]), tuple(m["shape"])) for base, m in qc["modules"].items()
-        }
+        try:
+            self.modules = {
+                base: ModuleSpec(m["codec"], dict(m["params"]), tuple(m["shape"]), m.get("rotation"))
+                for base, m in qc["modules"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited or damaged config
+            raise CheckpointError(f"{where}: malformed quantization_config.modules ({type(err).__name__}: {err})") from None
         self._stored: dict[str, list[str]] = {}  # module base → its stored tensor names
         for name in self.reader.keys():
             base = name.rsplit(".", 1)[0]
@@ -122,7 +96,21 @@ class NativeReader:
 
     def plain_names(self) -> list[str]:
         owned = {n for names in self._stored.values() for n in names}
-        return [n for n in self.reader.keys() if n not in owned]
+        return [n for n in self.reader.keys() if n not in owned and not n.startswith(ROTATIONS + ".")]
+
+    def rotation(self, base: str) -> Rotation | None:
+        """The input rotation quantized module ``base`` was stored turned by, or None."""
+        key = self.modules[base].rotation
+        if key is None:
+            return None
+        names = {part: f"{ROTATIONS}.{key}.{part}" for part in ("signs", "q")}
+        missing = [n for n in names.values() if n not in self.reader]
+        if missing:
+            raise CheckpointError(f"{self.reader.path}: {base} is stored rotated, but {missing[0]} is missing")
+        try:
+            return Rotation.from_tensors({part: self.reader.get(n) for part, n in names.items()})
+        except ValueError as err:
+            raise CheckpointError(f"{self.reader.path}: {names['q']}: {err}") from None
 
     def quantized(self, base: str) -> QuantizedTensor:
         spec = self.modules[base]

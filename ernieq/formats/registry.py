@@ -51,6 +51,19 @@ def get_format(name: str) -> ExportFn:
     return _FORMATS[name]
 
 
+def _check_no_rotations(native_dir: Path, fmt: str) -> None:
+    """Export formats hold weights only: an online input rotation has no place in them."""
+    from ernieq.formats.native import read_config
+
+    modules = (read_config(native_dir).get("quantization_config") or {}).get("modules") or {}
+    turned = [base for base, spec in modules.items() if isinstance(spec, dict) and spec.get("rotation")]
+    if turned:
+        raise ErnieqError(
+            f"{native_dir}: {len(turned)} modules (e.g. {turned[0]}) are stored with an online input rotation, "
+            f"which the {fmt} format cannot carry; quantize with --no-rotate for {fmt}"
+        )
+
+
 def export_checkpoint(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
     """Convert the native checkpoint ``native_dir`` into format ``fmt`` at ``out``; returns ``out``.
 
@@ -65,6 +78,7 @@ def export_checkpoint(native_dir: str | Path, out: str | Path, fmt: str, *, over
         raise ErnieqError(f"{out}: the export cannot replace the checkpoint it reads")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise ErnieqError(f"{out}: output exists and is not empty (use --overwrite to replace it)")
+    _check_no_rotations(native_dir, fmt)
     tmp = out.parent / f".{out.name}.ernieq-export-tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -27,6 +27,7 @@ from ernieq.kernels.configs import TileConfig, moe_config
 from ernieq.kernels.dequant_gemm import check_device, dot_dtype, is_interpreted
 from ernieq.kernels.moe_align import moe_align_block_size
 from ernieq.kernels.operands import KernelOperand, operand_for
+from ernieq.kernels.rotation import Rotation
 from ernieq.kernels.tiles import accumulate_k_tile, load_code_params
 
 
@@ -154,12 +155,14 @@ def moe(
     up: QuantizedTensor,
     down: QuantizedTensor,
     config: TileConfig | None = None,
+    down_rotation: Rotation | None = None,
 ) -> torch.Tensor:
     """The routed experts of one layer, fused.
 
     x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A];
     gate, up: shape (E, I, H), one codec and params; down: shape (E, H, I), any codec.
     Returns [T, H] in x.dtype. config: tiles (default ``ernieq.kernels.configs.moe_config``); split_k is ignored.
+    down_rotation: R [I, I] that down was stored turned by (down_e R): h is turned by R between the kernels.
     """
     check_moe_args(x, topk_ids, topk_weights, gate, up, down)
     if gate.codec != up.codec or gate.params != up.params:
@@ -195,6 +198,8 @@ def moe(
         *gu_strides, TOP_K=a, **gu_consts, **meta,
     )  # fmt: skip
 
+    if down_rotation is not None:
+        h = down_rotation.apply(h).contiguous()  # h R, for down stored as down_e R
     o = torch.empty((p, hidden), dtype=torch.float32, device=x.device)  # [P, H]
     d_strides, d_consts = _quant_args(d_op, *d_op.block_k(cfg.block_k))
     _moe_down_kernel[(triton.cdiv(em, cfg.block_m) * triton.cdiv(hidden, cfg.block_n),)](

@@ -38,6 +38,7 @@ import torch
 from ernieq.codecs import QuantizedTensor
 from ernieq.kernels import reference
 from ernieq.kernels.checks import KernelError
+from ernieq.kernels.rotation import Rotation
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +150,17 @@ def moe_op(
     up_spec: str,
     down: list[torch.Tensor],
     down_spec: str,
+    down_rotation: list[torch.Tensor],
 ) -> torch.Tensor:
-    """The routed experts of one layer -> [T, H], by the Triton fused MoE."""
+    """The routed experts of one layer -> [T, H], by the Triton fused MoE. down_rotation: [] or [signs, q]."""
     _, fused_moe = triton_modules(x.device)
     weights = from_op_args(gate, gate_spec), from_op_args(up, up_spec), from_op_args(down, down_spec)
-    return fused_moe.moe(x, topk_ids, topk_weights, *weights)
+    rotation = Rotation(*down_rotation) if down_rotation else None
+    return fused_moe.moe(x, topk_ids, topk_weights, *weights, down_rotation=rotation)
 
 
 @moe_op.register_fake
-def _moe_fake(x, topk_ids, topk_weights, gate, gate_spec, up, up_spec, down, down_spec):
+def _moe_fake(x, topk_ids, topk_weights, gate, gate_spec, up, up_spec, down, down_spec, down_rotation):
     return torch.empty_like(x)
 
 
@@ -183,12 +186,15 @@ def moe(
     up: QuantizedTensor,
     down: QuantizedTensor,
     backend: str | None = None,
+    down_rotation: Rotation | None = None,
 ) -> torch.Tensor:
     """sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t). x: float [T, H]; topk_ids: int [T, A];
-    topk_weights: float [T, A]; gate, up: (E, I, H); down: (E, H, I). Returns [T, H] in x.dtype."""
+    topk_weights: float [T, A]; gate, up: (E, I, H); down: (E, H, I). Returns [T, H] in x.dtype.
+    down_rotation: R [I, I] that down was stored turned by (down_e R), or None."""
     if resolve_backend(x.device, backend) == "reference":
-        return reference.moe(x, topk_ids, topk_weights, gate, up, down)
+        return reference.moe(x, topk_ids, topk_weights, gate, up, down, down_rotation)
     if _loaded is None and not torch.compiler.is_compiling():
         triton_modules(x.device)  # before the op call: dispatching it imports triton (the op loads them too)
     weights = (*to_op_args(gate), *to_op_args(up), *to_op_args(down))
-    return torch.ops.ernieq.moe(x, topk_ids, topk_weights, *weights)
+    rotation = [down_rotation.signs, down_rotation.q] if down_rotation is not None else []
+    return torch.ops.ernieq.moe(x, topk_ids, topk_weights, *weights, rotation)

@@ -13,6 +13,7 @@ import torch
 
 from ernieq.codecs import QuantizedTensor, codec_for, decode
 from ernieq.kernels.checks import check_linear_args, check_moe_args
+from ernieq.kernels.rotation import Rotation
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,11 +36,13 @@ def moe(
     gate: QuantizedTensor,
     up: QuantizedTensor,
     down: QuantizedTensor,
+    down_rotation: Rotation | None = None,
 ) -> torch.Tensor:
     """out[t] = sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, a].
 
     x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A];
     gate, up: shape (E, I, H); down: shape (E, H, I). Returns [T, H] in x.dtype.
+    down_rotation: R [I, I] that down was stored turned by (down_e R): h is turned by R first.
     Loops over the experts that received tokens, like vLLM's test ``torch_moe``.
     """
     check_moe_args(x, topk_ids, topk_weights, gate, up, down)
@@ -51,6 +54,8 @@ def moe(
         w_gate, w_up, w_down = (c.decode(w.expert(e)).to(x.device) for c, w in zip(codecs, (gate, up, down)))
         xe = xf[t_idx]  # [T_e, H]
         h = torch.nn.functional.silu(xe @ w_gate.T) * (xe @ w_up.T)  # [T_e, I]: silu(gate x) * up x
+        if down_rotation is not None:
+            h = down_rotation.apply(h)  # h R, for down stored as down_e R
         y = h @ w_down.T  # [T_e, H]
         out.index_add_(0, t_idx, y * topk_weights[t_idx, a_idx].float()[:, None])  # sum_a w[t, a] * y
     return out.to(x.dtype)

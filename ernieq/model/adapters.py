@@ -187,16 +187,23 @@ def hf_config(config: dict, source: str = "config.json"):
     """The transformers config object of a checkpoint's ``config.json`` (its quantization_config left out)."""
     from transformers import AutoConfig
 
-    if "model_type" not in config:
-        raise CheckpointError(f"{source}: no model_type")
+    if not isinstance(config.get("model_type"), str):
+        raise CheckpointError(f"{source}: no model_type string")
     cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
-    return AutoConfig.for_model(config["model_type"], **cfg)
+    try:
+        return AutoConfig.for_model(config["model_type"], **cfg)
+    except (ValueError, TypeError) as err:  # an unknown model_type, or a field transformers refuses
+        raise CheckpointError(f"{source}: transformers cannot build its config ({err})") from None
 
 
 def adapter_for(config: dict, source: str = "config.json") -> Adapter:
     """The adapter for a checkpoint's ``config.json`` (by architecture, then model_type)."""
     archs = config.get("architectures") or []
     model_type = config.get("model_type")
+    if not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise CheckpointError(f"{source}: 'architectures' must be a list of strings, got {archs!r}")
+    if model_type is not None and not isinstance(model_type, str):
+        raise CheckpointError(f"{source}: 'model_type' must be a string, got {model_type!r}")
     for adapter in _ADAPTERS:
         if any(a in adapter.architectures for a in archs) or model_type in adapter.model_types:
             return adapter
@@ -216,25 +223,50 @@ class TensorGroup:
     tensors: tuple[TensorInfo, ...]
 
     def load(self, reader: CheckpointReader) -> dict[str, "torch.Tensor"]:  # noqa: F821
-        return {t.name: reader.get(t.name) for t in self.tensors}
+        """The group's tensors; a NaN or Inf in any of them fails here, naming file and tensor."""
+        tensors = {t.name: reader.get(t.name) for t in self.tensors}
+        for name, t in tensors.items():
+            bad = non_finite_count(t)
+            if bad:
+                raise CheckpointError(f"{reader.file_of(name)}: tensor {name!r} has {bad} non-finite "
+                                      f"value(s) (NaN or Inf)")
+        return tensors
+
+
+def non_finite_count(t: "torch.Tensor") -> int:  # noqa: F821
+    """NaN and Inf values in ``t`` (0 for integer tensors); float8, which torch cannot test, is widened first."""
+    if not t.is_floating_point():
+        return 0
+    wide = t.float() if t.element_size() == 1 else t  # float8: isfinite is not implemented for every kind
+    finite = wide.isfinite()
+    return 0 if bool(finite.all()) else int((~finite).sum())
 
 
 def _group_key(info: TensorInfo) -> tuple[int, int, str]:
+    """(layer, order, part): a layer's attention (with its input norm), then its MLP or MoE block
+    (with the post-attention norm that feeds it, so a scale folded into that norm stays in the group)."""
     if info.layer is None:
         return (-1 if info.cls is TensorClass.EMBEDDING else 1 << 30, 0, "other")
     part = "attention" if info.cls in (TensorClass.ATTENTION, TensorClass.NORM) else "mlp"
-    if info.cls is TensorClass.OTHER:
+    if info.cls is TensorClass.NORM and "post_attention" in info.name:
         part = "mlp"
     return (info.layer, 0 if part == "attention" else 1, part)
 
 
 def iter_groups(reader: CheckpointReader, adapter: Adapter | None = None) -> Iterator[TensorGroup]:
-    """The checkpoint's tensors in groups, in layer order; nothing is loaded yet."""
-    adapter = adapter or adapter_for(reader.config, str(reader.path / "config.json"))
+    """The checkpoint's tensors in groups, in layer order; nothing is loaded yet.
+
+    Every tensor's shape is checked against config.json first (``shapes.py``).
+    """
+    from ernieq.model.shapes import check_shapes  # shapes.py reads TensorInfo from here
+
+    source = str(reader.path / "config.json")
+    adapter = adapter or adapter_for(reader.config, source)
     groups: dict[tuple[int, int, str], list[TensorInfo]] = {}
     for name in reader.keys():
         info = adapter.classify(name)
         groups.setdefault(_group_key(info), []).append(info)
+    check_shapes(reader, (i for g in groups.values() for i in g), reader.config, source)
     for key in sorted(groups):
         layer, _, part = key
         real_layer = layer if 0 <= layer < 1 << 30 else None

@@ -9,6 +9,7 @@ from the file (no pickle).
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -30,53 +31,115 @@ class CheckpointError(ErnieqError, ValueError):
 def read_json(path: Path) -> dict:
     """A JSON object from ``path``, or a CheckpointError naming the file."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({type(err).__name__}: {err})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    try:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot write ({err.strerror or err})") from None
 
 
-def _check_header(path: Path) -> None:
-    """Reject a truncated or corrupt safetensors file before safetensors maps it."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors header ({n} header bytes announced, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({err})") from None
+# Bytes per element of every safetensors dtype ernieq reads (F4 packs two values per byte: a shape
+# of [..., 2n] takes n bytes, so it is checked by safetensors itself, not here).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
+}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_entry(path: Path, name: str, info) -> tuple[int, int]:
+    """The byte range [begin, end) of one header entry, after checking dtype, shape and offsets agree."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r} (not an object)")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r} (data_offsets {offsets!r})")
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r} (shape {shape!r})")
+    if not (isinstance(dtype, str) and dtype in DTYPE_BYTES):
+        raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype!r}; ernieq reads {', '.join(DTYPE_BYTES)}")
+    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]  # elements x bytes per element
+    if offsets[1] - offsets[0] != nbytes:
+        raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r} "
+                              f"(shape {shape} of {dtype} needs {nbytes} bytes, "
+                              f"offsets span {offsets[1] - offsets[0]})")
+    return offsets[0], offsets[1]
+
+
+def _check_header(path: Path) -> set[str]:
+    """Reject a truncated or corrupt safetensors file before safetensors maps it; returns its tensor names."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise CheckpointError(f"{path}: truncated safetensors header "
+                                      f"({n} header bytes announced, file has {size})")
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: corrupt safetensors header ({n} bytes, more than {MAX_HEADER_BYTES})")
+            raw = f.read(n)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({type(err).__name__}: {err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    meta = header.pop("__metadata__", {})
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+    ranges = sorted(_check_entry(path, name, info) + (name,) for name, info in header.items())
     end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r}")
-        end = max(end, offsets[1])
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file (needs {8 + n + end} bytes, has {size})")
+    for begin, stop, name in ranges:  # the tensors tile the data buffer: no gap, no overlap
+        if begin != end:
+            raise CheckpointError(f"{path}: corrupt safetensors header at tensor {name!r} "
+                                  f"(data starts at byte {begin}, expected {end})")
+        end = stop
+    if 8 + n + end != size:
+        what = "truncated safetensors file" if 8 + n + end > size else "corrupt safetensors file (trailing bytes)"
+        raise CheckpointError(f"{path}: {what} (needs {8 + n + end} bytes, has {size})")
+    return set(header)
+
+
+def _safetensors_call(what: str, fn, *args):
+    """Call into safetensors; its errors (and the OS's) become a CheckpointError starting with ``what``."""
+    try:
+        return fn(*args)
+    except SafetensorError as err:
+        raise CheckpointError(f"{what}: {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"{what}: cannot read ({err.strerror or err})") from None
 
 
 class CheckpointReader:
     """Lazy access to a checkpoint folder's config and tensors.
 
     Tensors are read one at a time from memory-mapped shards: ``get`` returns a
-    CPU tensor holding just that tensor's data.
+    CPU tensor holding just that tensor's data. Every shard's header is checked
+    when the reader opens (dtype, shape and offsets of every tensor agree, the
+    file is as long as its header says), so a truncated or corrupt file fails here,
+    with its name, and not halfway through a run.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -84,46 +147,57 @@ class CheckpointReader:
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint folder")
         self.config = read_json(self.path / "config.json")
-        self._file_of = self._map_tensors()
         self._handles: dict[Path, object] = {}
+        self._file_of = self._map_tensors()
 
     def _map_tensors(self) -> dict[str, Path]:
         index = self.path / INDEX_NAME
         if index.exists():
-            weight_map = read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index}: no 'weight_map' object")
-            files = {name: self.path / shard for name, shard in weight_map.items()}
-        else:
-            shards = sorted(self.path.glob("*.safetensors"))
-            if not shards:
-                raise CheckpointError(f"{self.path}: no *.safetensors files")
-            files = {}
-            for shard in shards:
-                for name in self._header_keys(shard):
-                    files[name] = shard
-        for shard in sorted(set(files.values())):
-            if not shard.exists():
-                raise CheckpointError(f"{shard}: shard listed in the index is missing")
+            files = self._read_index(index)
+            for shard in sorted(set(files.values())):
+                if not shard.is_file():
+                    raise CheckpointError(f"{shard}: shard listed in {index.name} is missing")
+                held = _check_header(shard)
+                self._handle(shard)
+                for name in sorted(n for n, s in files.items() if s == shard and n not in held):
+                    raise CheckpointError(f"{shard}: {index.name} lists tensor {name!r}, "
+                                          f"which this shard does not hold")
+            return files
+        shards = sorted(self.path.glob("*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.path}: no *.safetensors files")
+        files = {}
+        for shard in shards:
             _check_header(shard)
+            for name in _safetensors_call(str(shard), lambda s: list(self._handle(s).keys()), shard):
+                if name in files:
+                    raise CheckpointError(f"{shard}: tensor {name!r} is also in {files[name].name}")
+                files[name] = shard
         return files
 
-    @staticmethod
-    def _header_keys(shard: Path) -> list[str]:
-        _check_header(shard)
-        try:
-            with safe_open(shard, framework="pt") as f:
-                return list(f.keys())
-        except SafetensorError as err:
-            raise CheckpointError(f"{shard}: {err}") from None
+    def _read_index(self, index: Path) -> dict[str, Path]:
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files = {}
+        for name, shard in weight_map.items():
+            if not (isinstance(shard, str) and shard and Path(shard).name == shard):
+                raise CheckpointError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name in the folder")
+            files[name] = self.path / shard
+        return files
 
     def _handle(self, shard: Path):
         if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(shard, framework="pt")
-            except SafetensorError as err:
-                raise CheckpointError(f"{shard}: {err}") from None
+            self._handles[shard] = _safetensors_call(str(shard), safe_open, shard, "pt")
         return self._handles[shard]
+
+    def release(self) -> None:
+        """Unmap every shard: the pages read so far stop counting in this process's memory.
+
+        Tensors from :meth:`get` are views of the map and count until dropped;
+        the next ``get`` maps its shard again.
+        """
+        self._handles.clear()
 
     def keys(self) -> list[str]:
         return list(self._file_of)
@@ -138,17 +212,11 @@ class CheckpointReader:
 
     def get(self, name: str) -> torch.Tensor:
         shard = self.file_of(name)
-        try:
-            return self._handle(shard).get_tensor(name)
-        except SafetensorError as err:
-            raise CheckpointError(f"{shard}: tensor {name!r}: {err}") from None
+        return _safetensors_call(f"{shard}: tensor {name!r}", lambda: self._handle(shard).get_tensor(name))
 
     def _slice(self, name: str):
         shard = self.file_of(name)
-        try:
-            return self._handle(shard).get_slice(name)
-        except SafetensorError as err:
-            raise CheckpointError(f"{shard}: tensor {name!r}: {err}") from None
+        return _safetensors_call(f"{shard}: tensor {name!r}", lambda: self._handle(shard).get_slice(name))
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
@@ -168,7 +236,10 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2**31, metadata: dict | None = None):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only or full disk
+            raise CheckpointError(f"{self.out_dir}: cannot create ({err.strerror or err})") from None
         self.max_shard_bytes = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
         self._pending: dict[str, torch.Tensor] = {}
@@ -190,7 +261,10 @@ class CheckpointWriter:
 
     def _flush(self) -> None:
         part = self.out_dir / f".part-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, part, metadata=self.metadata)
+        try:
+            save_file(self._pending, part, metadata=self.metadata)
+        except (OSError, SafetensorError) as err:  # safetensors reports a full disk as either
+            raise CheckpointError(f"{part}: cannot write ({err})") from None
         self._shards.append((part, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 
@@ -202,7 +276,10 @@ class CheckpointWriter:
         weight_map, paths = {}, []
         for i, (part, names) in enumerate(self._shards):
             final = self.out_dir / (SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-            part.rename(final)
+            try:
+                part.rename(final)
+            except OSError as err:
+                raise CheckpointError(f"{final}: cannot write ({err.strerror or err})") from None
             paths.append(final)
             weight_map.update({name: final.name for name in names})
         if n > 1:

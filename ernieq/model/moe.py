@@ -76,3 +76,17 @@ class ExpertGroup:
             yield e, "gate_proj", gate_up[e, :inter]  # [I, H]
             yield e, "up_proj", gate_up[e, inter:]  # [I, H]
             yield e, "down_proj", down[e]  # [H, I]
+
+
+def linear_weights(infos: tuple[TensorInfo, ...], tensors: dict[str, torch.Tensor]) -> Iterator[tuple[str, TensorInfo, torch.Tensor]]:
+    """(name, info, weight [N, K]) of the linear weights among ``infos``; routed experts under
+    their per-expert names (whichever layout the checkpoint uses), after the other weights."""
+    experts = ExpertGroup.from_infos(infos)
+    for info in infos:
+        if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+            yield info.name, info, tensors[info.name]
+    if experts is not None:
+        proto = next(t for t in infos if t.cls is TensorClass.ROUTED_EXPERT)
+        for e, proj, weight in experts.weights(tensors):
+            name = experts.canonical_name(e, proj)
+            yield name, type(proto)(name, TensorClass.ROUTED_EXPERT, proto.layer, e, proj, False), weight

@@ -47,6 +47,14 @@ def _plain_expert_tensors(names: list[str]) -> dict[str, dict]:
     return out
 
 
+def _shared_rotation(reader: NativeReader, path: Path, prefix: str, bases: list[str]):
+    """The one input rotation of modules that share their input (an expert layer's gate and up, or its downs)."""
+    keys = {reader.modules[b].rotation for b in bases}
+    if len(keys) > 1:
+        raise CheckpointError(f"{path}: {prefix}: experts sharing an input are stored with different rotations {sorted(map(str, keys))}")
+    return reader.rotation(bases[0])
+
+
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
     """A transformers causal LM computing with the packed weights of the ernieq checkpoint at ``path``."""
     from transformers import AutoModelForCausalLM
@@ -61,7 +69,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
     for base in linears:
         bias_name = f"{base}.bias"
         bias = reader.reader.get(bias_name).to(dtype) if bias_name in reader.reader else None
-        model.set_submodule(adapter.to_hf_name(base), QuantLinear(reader.quantized(base), bias))
+        model.set_submodule(adapter.to_hf_name(base), QuantLinear(reader.quantized(base), bias, reader.rotation(base)))
     for prefix, bases in experts.items():
         num = 1 + max(e for e, _ in bases)
         stacks = []
@@ -70,7 +78,9 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
             if missing:
                 raise CheckpointError(f"{path}: {prefix}: expert {missing[0]} {proj} is not quantized like the others")
             stacks.append(stack_experts([reader.quantized(bases[(e, proj)]) for e in range(num)]))
-        model.set_submodule(adapter.to_hf_name(prefix), QuantMoEExperts(*stacks))
+        turns = [_shared_rotation(reader, path, prefix, [bases[(e, p)] for e in range(num) for p in projs])
+                 for projs in (("gate_proj", "up_proj"), ("down_proj",))]
+        model.set_submodule(adapter.to_hf_name(prefix), QuantMoEExperts(*stacks, *turns))
 
     state = {}
     plain = reader.plain_names()

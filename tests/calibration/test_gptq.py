@@ -9,6 +9,7 @@ import torch
 import ernieq.calibration  # noqa: F401  (registers the ccq2 rounder)
 from ernieq.calibration.gptq import column_loop, column_rounder, gptq_encode, inverse_cholesky, usable_hessian
 from ernieq.codecs import CalibrationStats, CodecError, decode, get_codec
+from ernieq.codecs.wint4 import SYM_DIVISORS
 
 T = 1024
 CODECS = [
@@ -71,6 +72,14 @@ def wint8_columns(w0):
     return round_column
 
 
+def symmetric_scale(span):
+    """amax / d for the d of wint4's SYM_DIVISORS with the least squared error per row (first on ties)."""
+    amax = np.abs(span).max(1)
+    cands = [amax / d for d in SYM_DIVISORS]
+    errs = [((np.clip(np.round(span / c[:, None]), -8, 7) * c[:, None] - span) ** 2).sum(1) for c in cands]
+    return np.choose(np.argmin(np.stack(errs), axis=0), cands)
+
+
 def wint4_columns(group, symmetric):
     grid = {}
 
@@ -79,7 +88,7 @@ def wint4_columns(group, symmetric):
         if k % group == 0:  # scales from the current weights when the group starts
             span = w[:, k : k + group]
             if symmetric:
-                s = np.abs(span).max(1) / 7
+                s = symmetric_scale(span)
                 grid[g] = (s, np.full_like(s, 8.0))
             else:
                 lo, hi = np.minimum(span.min(1), 0), np.maximum(span.max(1), 0)
@@ -92,7 +101,7 @@ def wint4_columns(group, symmetric):
 
 
 def wint4_channel_columns(w0):
-    scale = w0.abs().amax(1).double().numpy() / 7  # one group per channel: fixed from the whole row, as for wint8
+    scale = symmetric_scale(w0.double().numpy())  # one group per channel: fixed from the whole row, as for wint8
 
     def round_column(k, w):
         return (np.clip(np.round(w[:, k] / scale) + 8, 0, 15) - 8) * scale

@@ -8,6 +8,7 @@ import torch
 
 from ernieq.codecs import CodecError, decode, get_codec, stack_experts
 from ernieq.codecs.packing import pack_int4_int32, pack_int4_k_major, unpack_int4_int32, unpack_int4_k_major
+from ernieq.codecs.wint4 import SYM_DIVISORS
 
 SHAPES = [(1, 33), (7, 100), (16, 576), (5, 257), (3, 32)]
 CONFIGS = [dict(group_size=g, symmetric=s) for g in (32, 64, 128, None) for s in (True, False)]
@@ -114,7 +115,27 @@ def test_layout_and_error_bound(shape, config, device):
     w_hat = decode(q)
     assert w_hat.dtype == torch.float32 and w_hat.shape == shape and w_hat.device == w.device
     scale = per_element(q.tensors["scale"], g, k)
-    assert ((w - w_hat).abs() <= scale * (0.5 + 1e-4)).all()  # half a step, plus float rounding
+    err = (w - w_hat).abs()
+    if config["symmetric"]:  # amax / d with d > 7 clips the largest weights to the end of the grid
+        assert (err <= scale * (0.5 + 1e-4))[w.abs() <= 7 * scale].all()  # half a step, plus float rounding
+        assert torch.equal(w_hat, torch.round(w / scale).clamp(-8, 7) * scale)
+    else:
+        assert (err <= scale * (0.5 + 1e-4)).all()
+
+
+def _group_sq_error(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """w: [N, G], scale: [N]. Squared error of the symmetric grid per row."""
+    return ((torch.round(w / scale[:, None]).clamp(-8, 7) * scale[:, None] - w) ** 2).sum(1)
+
+
+def test_symmetric_scale_is_the_least_error_divisor_and_beats_no_clipping():
+    w = gaussian((64, 128), seed=11)
+    q = get_codec("wint4", group_size=128, symmetric=True).encode(w)
+    amax = w.abs().amax(dim=1)
+    errs = torch.stack([_group_sq_error(w, amax / d) for d in SYM_DIVISORS])  # [D, N]
+    chosen = _group_sq_error(w, q.tensors["scale"][:, 0])
+    torch.testing.assert_close(chosen, errs.min(dim=0).values)
+    assert chosen.sum() < 0.95 * errs[0].sum()  # clipping pays on Gaussian weights (d = 7 clips nothing)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -125,7 +146,9 @@ def test_partial_group_scale_from_its_own_elements(symmetric):
     q = get_codec("wint4", group_size=g, symmetric=symmetric).encode(w)
     last = w[:, 512:]
     if symmetric:
-        expected = last.abs().amax(dim=1) / 7  # scale = amax / 7
+        amax = last.abs().amax(dim=1)
+        errs = torch.stack([_group_sq_error(last, amax / d) for d in SYM_DIVISORS])  # from its own elements
+        expected = amax / torch.tensor(SYM_DIVISORS)[errs.argmin(dim=0)]  # scale = amax / best d
     else:
         expected = last.amax(dim=1).clamp(min=0) / 15 - last.amin(dim=1).clamp(max=0) / 15  # (max - min) / 15
     torch.testing.assert_close(q.tensors["scale"][:, -1], expected, rtol=0, atol=0)
@@ -165,13 +188,11 @@ def test_reencode_is_identity(shape, config):
     q = codec.encode(gaussian(shape, seed=7))
     q2 = codec.encode(codec.decode(q))
     assert torch.equal(q.tensors["qweight"], q2.tensors["qweight"])
-    if config["symmetric"]:
-        # fl(fl(7 * s) / 7) == s for s = fl(amax / 7): the scale comes back bit for bit
-        assert torch.equal(q.tensors["scale"], q2.tensors["scale"])
-    else:
-        # the range (15 - zero) * s - (-zero * s) is rounded twice: the scale may move by an ulp
+    if not config["symmetric"]:
         assert torch.equal(q.tensors["zero"], q2.tensors["zero"])
-        torch.testing.assert_close(q.tensors["scale"], q2.tensors["scale"], rtol=1e-6, atol=0)
+    # symmetric: decoded groups have amax 7 s or 8 s, which d = 7 or 8 divides back to s up to the
+    # rounding of fl(7 s) / 7; asymmetric: the range (15 - zero) * s - (-zero * s) is rounded twice
+    torch.testing.assert_close(q.tensors["scale"], q2.tensors["scale"], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

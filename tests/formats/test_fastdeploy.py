@@ -69,7 +69,7 @@ def src(tmp_path_factory):
 def exported(tmp_path_factory, src):
     root = tmp_path_factory.mktemp("fastdeploy")
     native = root / "q"
-    api.quantize(src, native, bits=2, w4_moe_layers=1, progress=False)
+    api.quantize(src, native, bits=2, w4_moe_layers=1, progress=False, rotate=False)
     (native / "generation_config.json").write_text(json.dumps({"top_p": 0.8}))  # a side file to carry over
     out = export_checkpoint(native, root / "fd", FORMAT)
     reader = CheckpointReader(out)
@@ -309,14 +309,14 @@ def small_src(tmp_path_factory):
      r"model\.layers\.1\.mlp\.shared_experts\.\w+\.weight is stored unquantized"),
 ])
 def test_checkpoints_fastdeploy_cannot_serve_are_refused(small_src, tmp_path, options, message):
-    api.quantize(small_src, tmp_path / "q", progress=False, **options)
+    api.quantize(small_src, tmp_path / "q", progress=False, rotate=False, **options)
     with pytest.raises(ErnieqError, match=message):
         export_checkpoint(tmp_path / "q", tmp_path / "fd", FORMAT)
     assert not (tmp_path / "fd").exists()
 
 
 def test_wint4_after_ccq2_is_refused(src, tmp_path):
-    api.quantize(src, tmp_path / "q", bits=2, w4_moe_layers=0, progress=False,
+    api.quantize(src, tmp_path / "q", bits=2, w4_moe_layers=0, progress=False, rotate=False,
                  overrides=(rf"layers\.1\.mlp\.experts\.=ccq2:{FAST_SEARCH}", r"layers\.2\.mlp\.experts\.=wint4"))
     with pytest.raises(ErnieqError, match=r"wint4 experts in layer 2 follow ccq2 experts in layer 1"):
         export_checkpoint(tmp_path / "q", tmp_path / "fd", FORMAT)

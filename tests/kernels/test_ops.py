@@ -15,6 +15,7 @@ import torch
 from ernieq import kernels
 from ernieq.kernels import KernelError, reference
 from ernieq.kernels.ops import from_op_args, resolve_backend, to_op_args
+from ernieq.kernels.rotation import make_rotation
 from tests.kernels.cases import (
     CCQ2_FAST,
     DEVICE,
@@ -99,7 +100,10 @@ def test_opcheck_linear_and_moe():
     for bias in (None, torch.randn(16, generator=gen).to(DEVICE)):
         torch.library.opcheck(torch.ops.ernieq.linear, (x, *to_op_args(q), bias))
     x, ids, w, gate, up, down = small_moe(gen)
-    torch.library.opcheck(torch.ops.ernieq.moe, (x, ids, w, *to_op_args(gate), *to_op_args(up), *to_op_args(down)))
+    weights = (*to_op_args(gate), *to_op_args(up), *to_op_args(down))
+    torch.library.opcheck(torch.ops.ernieq.moe, (x, ids, w, *weights, []))
+    rotation = make_rotation(gate.shape[1])  # I inputs of down
+    torch.library.opcheck(torch.ops.ernieq.moe, (x, ids, w, *weights, [rotation.signs, rotation.q]))
 
 
 def test_torch_compile_traces_the_ops(no_backend_env, monkeypatch):

@@ -105,3 +105,18 @@ def test_writer_refuses_duplicates_and_cleans_up_on_error(tmp_path):
             w.add("b", torch.zeros(8))
             w.add("a", torch.zeros(8))
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_writer_turns_a_full_disk_into_an_error_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    from ernieq.model import checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"\.part-00000\.safetensors: cannot write .*No space left"):
+        with CheckpointWriter(tmp_path) as w:
+            w.add("a", torch.zeros(8))
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".part-*"))

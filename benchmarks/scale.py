@@ -1,0 +1,333 @@
+"""Peak memory and time of ``ernieq quantize`` on synthetic checkpoints with ERNIE-4.5-21B-A3B's shapes.
+
+    python benchmarks/scale.py --layers 2 8 --settings w2,w4 --out benchmarks/results/scale.json
+    python benchmarks/scale.py --layers 2 --experts 8 --settings w4        # a quick check, not the published shapes
+
+The checkpoint has baidu/ERNIE-4.5-21B-A3B-PT's configuration (transformers'
+``Ernie4_5_MoeConfig`` defaults: hidden 2560, 20 heads of 128, 4 KV heads,
+vocabulary 103424, dense first layer with intermediate 12288, then MoE layers of
+64 routed experts of 1536 and 2 shared experts, top-6) cut to ``--layers`` decoder
+layers, per-expert tensor names as published, random bf16 weights N(0, 0.02).
+It is written one shard per layer, tensor by tensor, so the builder never holds
+more than one tensor. Each setting runs ``ernieq quantize`` as a subprocess and
+records:
+
+- peak RSS: ``ru_maxrss`` of the quantize process from ``os.wait4`` (the largest
+  single process of its tree: the main process or one encoder worker);
+- peak tree PSS: the largest sum of PSS (``/proc/<pid>/smaps_rollup``) over the
+  quantize process and its workers, sampled every 0.5 s (shared pages counted once);
+- wall seconds, and seconds per layer from the run's ``--log`` file (each group's
+  encode-and-write time, summed per decoder layer).
+
+Settings: ``w2`` = ``--bits 2`` (the FastDeploy recipe: wint4 experts in the first
+ceil(4n/51) MoE layers, ccq2 after), ``w2-ccq2`` = ``--bits 2 --w4-moe-layers 0``
+(ccq2 experts in every MoE layer), ``w4`` = ``--bits 4``, ``w8`` = ``--bits 8``.
+Checkpoints and outputs live under ``--workdir`` and are deleted at the end
+unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+# baidu/ERNIE-4.5-21B-A3B-PT (transformers' Ernie4_5_MoeConfig defaults document the same values)
+ERNIE_21B = {
+    "architectures": ["Ernie4_5_MoeForCausalLM"],
+    "model_type": "ernie4_5_moe",
+    "vocab_size": 103424,
+    "hidden_size": 2560,
+    "intermediate_size": 12288,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-05,
+    "rope_theta": 500000.0,
+    "use_bias": False,
+    "tie_word_embeddings": True,
+    "moe_intermediate_size": 1536,
+    "moe_k": 6,
+    "moe_num_experts": 64,
+    "moe_num_shared_experts": 2,
+    "moe_layer_start_index": 1,
+    "moe_layer_end_index": -1,
+    "moe_layer_interval": 1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "dtype": "bfloat16",
+}
+SETTINGS = {
+    "w2": ["--bits", "2"],
+    "w2-ccq2": ["--bits", "2", "--w4-moe-layers", "0"],
+    "w4": ["--bits", "4"],
+    "w8": ["--bits", "8"],
+}
+_DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float32: "F32"}
+
+
+# --- the synthetic checkpoint ---------------------------------------------------------------------
+
+def layer_tensors(cfg: dict, layer: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of decoder layer ``layer``'s tensors, as the published checkpoint names them."""
+    h, d = cfg["hidden_size"], cfg["head_dim"]
+    p = f"model.layers.{layer}"
+    out = [
+        (f"{p}.input_layernorm.weight", (h,), torch.bfloat16),
+        (f"{p}.post_attention_layernorm.weight", (h,), torch.bfloat16),
+        (f"{p}.self_attn.q_proj.weight", (cfg["num_attention_heads"] * d, h), torch.bfloat16),
+        (f"{p}.self_attn.k_proj.weight", (cfg["num_key_value_heads"] * d, h), torch.bfloat16),
+        (f"{p}.self_attn.v_proj.weight", (cfg["num_key_value_heads"] * d, h), torch.bfloat16),
+        (f"{p}.self_attn.o_proj.weight", (h, cfg["num_attention_heads"] * d), torch.bfloat16),
+    ]
+    if layer < cfg["moe_layer_start_index"]:
+        i = cfg["intermediate_size"]
+        return out + [(f"{p}.mlp.gate_proj.weight", (i, h), torch.bfloat16),
+                      (f"{p}.mlp.up_proj.weight", (i, h), torch.bfloat16),
+                      (f"{p}.mlp.down_proj.weight", (h, i), torch.bfloat16)]
+    e, i = cfg["moe_num_experts"], cfg["moe_intermediate_size"]
+    s = i * cfg["moe_num_shared_experts"]
+    out += [(f"{p}.mlp.gate.weight", (e, h), torch.float32),
+            (f"{p}.mlp.moe_statics.e_score_correction_bias", (1, e), torch.float32),
+            (f"{p}.mlp.shared_experts.gate_proj.weight", (s, h), torch.bfloat16),
+            (f"{p}.mlp.shared_experts.up_proj.weight", (s, h), torch.bfloat16),
+            (f"{p}.mlp.shared_experts.down_proj.weight", (h, s), torch.bfloat16)]
+    for x in range(e):
+        out += [(f"{p}.mlp.experts.{x}.gate_proj.weight", (i, h), torch.bfloat16),
+                (f"{p}.mlp.experts.{x}.up_proj.weight", (i, h), torch.bfloat16),
+                (f"{p}.mlp.experts.{x}.down_proj.weight", (h, i), torch.bfloat16)]
+    return out
+
+
+def _random(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        return torch.ones(shape, dtype=dtype)
+    if name.endswith("e_score_correction_bias"):
+        return torch.zeros(shape, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * 0.02).to(dtype)
+
+
+def write_shard(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], seed: int) -> int:
+    """A safetensors file written tensor by tensor (header first, then each tensor's bytes); returns its bytes."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for i, (name, shape, dtype) in enumerate(specs):
+            f.write(_random(name, shape, dtype, seed * 100_003 + i).contiguous().view(torch.uint8).numpy())
+    return offset
+
+
+def build_checkpoint(out: Path, layers: int, experts: int, seed: int = 0) -> Path:
+    """The synthetic ERNIE-4.5-21B-A3B checkpoint with ``layers`` decoder layers (reused when complete)."""
+    done = out / ".complete"
+    if done.exists():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    cfg = {**ERNIE_21B, "num_hidden_layers": layers, "moe_num_experts": experts}
+    shards = [[("model.embed_tokens.weight", (cfg["vocab_size"], cfg["hidden_size"]), torch.bfloat16)]]
+    shards += [layer_tensors(cfg, i) for i in range(layers)]
+    shards[-1].append(("model.norm.weight", (cfg["hidden_size"],), torch.bfloat16))
+    weight_map, total = {}, 0
+    for i, specs in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += write_shard(out / name, specs, seed * 1000 + i)
+        weight_map.update({n: name for n, _, _ in specs})
+        print(f"  built {name} ({len(specs)} tensors)", file=sys.stderr, flush=True)
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    done.write_text("")
+    return out
+
+
+# --- measuring a run ----------------------------------------------------------------------------
+
+def _children(pid: int) -> list[int]:
+    """``pid`` and all its descendants (from /proc/<pid>/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                todo += [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        return 0
+    return 0
+
+
+def run_measured(cmd: list[str]) -> dict:
+    """Run ``cmd``; its wall time, ``ru_maxrss`` (KiB) and the peak PSS sum of its process tree (KiB)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)  # the summary table; errors go to stderr
+    peak = {"pss": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            peak["pss"] = max(peak["pss"], sum(_pss_kib(p) for p in _children(proc.pid)))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(proc.pid, 0)
+    stop.set()
+    sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}: exit code {proc.returncode}")
+    return {"wall_s": time.perf_counter() - start, "maxrss_kib": usage.ru_maxrss, "tree_pss_kib": peak["pss"]}
+
+
+_GROUP_LINE = re.compile(r"(layers\.(\d+)\.\w+|embeddings|head): (\d+) weights in ([\d.]+) s")
+
+
+def seconds_per_layer(log_file: Path) -> dict[int, float]:
+    """Decoder layer → seconds its groups took, from the quantize log (``ernieq.quantize`` debug lines)."""
+    per_layer: dict[int, float] = defaultdict(float)
+    for m in _GROUP_LINE.finditer(log_file.read_text()):
+        if m.group(2) is not None:
+            per_layer[int(m.group(2))] += float(m.group(4))
+    return dict(per_layer)
+
+
+def quantize(ckpt: Path, setting: str, out: Path, log_file: Path, workers: int | None) -> dict:
+    cmd = [sys.executable, "-m", "ernieq.cli", "--quiet", "--log", str(log_file), "quantize", str(ckpt),
+           "--out", str(out), "--overwrite", *SETTINGS[setting]]
+    if workers is not None:
+        cmd += ["--workers", str(workers)]
+    log_file.unlink(missing_ok=True)
+    row = run_measured(cmd)
+    layers = seconds_per_layer(log_file)
+    moe = [s for layer, s in layers.items() if layer >= ERNIE_21B["moe_layer_start_index"]]
+    row.update({"seconds_by_layer": layers, "moe_layer_s_mean": sum(moe) / len(moe) if moe else None,
+                "out_bytes": sum(p.stat().st_size for p in out.iterdir()), "command": " ".join(cmd[1:])})
+    return row
+
+
+# --- report -------------------------------------------------------------------------------------
+
+def commit() -> str:
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True)
+    return (rev.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def machine() -> str:
+    model = platform.machine()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [f"- machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}",
+             f"- command: `{meta['command']}`",
+             f"- load average (1 min) before / after: {meta['load_before']:.1f} / {meta['load_after']:.1f}", "",
+             "| layers | experts | setting | workers | peak RSS (largest process) | peak PSS (process tree) | wall s "
+             "| s per MoE layer (mean) | output |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        per = f"{r['moe_layer_s_mean']:.1f}" if r["moe_layer_s_mean"] is not None else "n/a"
+        lines.append(f"| {r['layers']} | {r['experts']} | {r['setting']} | {r['workers']} | "
+                     f"{r['maxrss_kib'] / 2**20:.2f} GiB | {r['tree_pss_kib'] / 2**20:.2f} GiB | {r['wall_s']:.0f} | "
+                     f"{per} | {r['out_bytes'] / 2**30:.2f} GiB |")
+    by_key = {(r["layers"], r["setting"], r["workers"]): r for r in rows}
+    layer_counts = sorted({r["layers"] for r in rows})
+    if len(layer_counts) >= 2:
+        lo, hi = layer_counts[0], layer_counts[-1]
+        lines.append("")
+        for (layers, setting, workers), r in sorted(by_key.items(), key=str):
+            base = by_key.get((lo, setting, workers))
+            if layers == hi and base is not None:
+                lines.append(f"- {setting}, {workers} workers: peak RSS {hi} / {lo} layers = "
+                             f"{r['maxrss_kib'] / base['maxrss_kib']:.3f}x; tree PSS "
+                             f"{r['tree_pss_kib'] / base['tree_pss_kib']:.3f}x")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8], help="decoder layer counts")
+    parser.add_argument("--experts", type=int, default=ERNIE_21B["moe_num_experts"],
+                        help="routed experts per MoE layer (64 is the published shape; fewer for a quick check)")
+    parser.add_argument("--settings", default="w2,w4", help=f"comma list of {', '.join(SETTINGS)}")
+    parser.add_argument("--workers", default="default", help="comma list of --workers values ('default': not given)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ernieq-scale"), help="checkpoints and outputs")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints (outputs are always deleted)")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args()
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown:
+        raise SystemExit(f"--settings: unknown {unknown}; known: {', '.join(SETTINGS)}")
+    workers = [None if w == "default" else int(w) for w in args.workers.split(",")]
+    meta = {"machine": machine(), "torch": torch.__version__, "date": date.today().isoformat(), "commit": commit(),
+            "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "load_before": os.getloadavg()[0]}
+    rows = []
+    for layers in args.layers:
+        ckpt = build_checkpoint(args.workdir / f"ernie21b-{layers}l-{args.experts}e", layers, args.experts)
+        for setting in settings:
+            for w in workers:
+                out, log_file = args.workdir / "q", args.workdir / "quantize.log"
+                row = quantize(ckpt, setting, out, log_file, w)
+                shutil.rmtree(out)
+                row.update({"layers": layers, "experts": args.experts, "setting": setting,
+                            "workers": w if w is not None else len(os.sched_getaffinity(0))})
+                rows.append(row)
+                print(f"{layers} layers {setting} workers {row['workers']}: peak RSS {row['maxrss_kib'] / 2**20:.2f} "
+                      f"GiB, tree PSS {row['tree_pss_kib'] / 2**20:.2f} GiB, {row['wall_s']:.0f} s", file=sys.stderr,
+                      flush=True)
+                if args.out is not None:
+                    args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        if not args.keep:
+            shutil.rmtree(ckpt)
+    meta["load_after"] = os.getloadavg()[0]
+    if args.out is not None:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""How one weight becomes codes: the rounding method, optionally after an input rotation.
+
+Shape legend: N output features, K input features.
+
+``encode_weight(codec, W [N, K], stats, name, method, rotation)``:
+
+- method ``rtn``: the codec's own encoder (round to nearest on its grid, with the
+  codec's search; the Hessian diagonal weights that search when there are stats);
+- method ``gptq``: GPTQ's error feedback through the codec (``gptq.py``);
+- method ``awq``: round to nearest, after AWQ's per-input-channel scales were
+  searched and folded into the weights of the whole tensor group (``awq.py``,
+  applied by ``ernieq.quantize``): per weight it is ``rtn``.
+
+With a rotation R (``ernieq.kernels.rotation``) the codec encodes W R and the
+statistics are turned with it (Hessian R^T H R; mean |x| no longer applies), so
+the runtime computes (x R) (W R)^T = x W^T.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor
+from ernieq.errors import ErnieqError
+from ernieq.kernels.rotation import Rotation
+
+
+def _round_to_nearest(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str) -> QuantizedTensor:
+    return codec.encode(weight, stats, name=name)
+
+
+def _gptq(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str) -> QuantizedTensor:
+    from ernieq.calibration.gptq import gptq_encode
+
+    return gptq_encode(codec, weight, stats, name=name)
+
+
+# How a weight is rounded: the codec's own encoder, or GPTQ's error feedback through it.
+METHODS: dict[str, Callable[..., QuantizedTensor]] = {"rtn": _round_to_nearest, "gptq": _gptq, "awq": _round_to_nearest}
+
+
+def rotate_stats(stats: CalibrationStats | None, rotation: Rotation) -> CalibrationStats | None:
+    """What the codec sees of inputs turned by R: Hessian R^T H R [K, K]; mean |x| dropped."""
+    if stats is None:
+        return None
+    hessian = rotation.conjugate(stats.hessian.double()).float() if stats.hessian is not None else None
+    return CalibrationStats(hessian=hessian, act_abs_mean=None, tokens=stats.tokens)
+
+
+def encode_weight(
+    codec: Codec,
+    weight: torch.Tensor,
+    stats: CalibrationStats | None,
+    name: str,
+    method: str = "rtn",
+    rotation: Rotation | None = None,
+) -> QuantizedTensor:
+    """Encode weight [N, K] by ``method``; with ``rotation``, encode W R (the runtime turns x by R)."""
+    if method not in METHODS:
+        raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    if rotation is not None:
+        if rotation.k != weight.shape[-1]:
+            raise ErnieqError(f"{name}: a rotation for K={rotation.k} on a weight with K={weight.shape[-1]}")
+        weight = rotation.apply(weight.float())  # W R [N, K]
+        stats = rotate_stats(stats, rotation)
+    return METHODS[method](codec, weight, stats, name)

@@ -1,0 +1,275 @@
+"""The accuracy report of a quantized checkpoint against its baseline (``ernieq report``).
+
+:func:`build_report` computes everything as one JSON-able dict (the content of
+``report.json``); :func:`write_report` adds the plots and renders ``report.md``
+and ``report.html`` from that dict alone. Sections:
+
+- ``perplexity``: per corpus, the same windows scored once by every model in
+  lock step (baseline, quantized, ``--compare`` checkpoints), with the token
+  count; KL(baseline || model) and top-1 agreement of the next-token
+  distributions from the same logits;
+- ``weight_error``: per module, layer, expert and tensor class, the relative
+  Frobenius error and SQNR, and the output error on calibration activations when
+  statistics are given (``ernieq.eval.weight_error``);
+- ``size``: weights, bytes and bits per weight by tensor class;
+- ``calibration``: tokens per expert and cold experts, when statistics are given;
+- ``settings``: bits per weight and perplexity of every model (the trade-off plot);
+- ``provenance``: command, versions, commit, times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ernieq.errors import ErnieqError
+from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count
+from ernieq.eval.provenance import now_iso, provenance
+from ernieq.eval.text import load_text
+from ernieq.eval.weight_error import summarize_errors, weight_errors
+from ernieq.formats.native import NativeReader
+from ernieq.model.adapters import LINEAR_CLASSES
+from ernieq.model.checkpoint import CheckpointReader
+from ernieq.model.summary import summarize
+from ernieq.progress import progress_bar
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BASELINE, QUANTIZED = "baseline", "quantized"
+# The classes a report shows sizes for; every other tensor class (router, norms, embeddings, head) is "other".
+REPORT_CLASSES = tuple(c.value for c in LINEAR_CLASSES)
+OTHER_CLASS = "other"
+JSON_NAME, MD_NAME, HTML_NAME, PLOTS_DIR = "report.json", "report.md", "report.html", "plots"
+
+Loader = Callable[[Path], tuple]  # path -> (model, tokenizer), as ernieq.api.load
+
+
+class ReportError(ErnieqError, ValueError):
+    """A report that cannot be made: mismatched models, no windows, bad options."""
+
+
+@dataclass
+class CorpusScore:
+    """One corpus: every model scored on the same ``windows`` windows of ``seq_len`` tokens.
+
+    ppl, nll_mean: by model label. kl_mean (nats per token, KL(baseline || model)) and
+    top1_agreement: by label, for every model but the baseline; all over ``tokens`` predictions.
+    """
+
+    corpus: str
+    tokens: int
+    windows: int
+    seq_len: int
+    ppl: dict[str, float] = field(default_factory=dict)
+    nll_mean: dict[str, float] = field(default_factory=dict)
+    kl_mean: dict[str, float] = field(default_factory=dict)
+    top1_agreement: dict[str, float] = field(default_factory=dict)
+
+
+def _logits(model, window: torch.Tensor) -> torch.Tensor:
+    """[L, V] float32 logits of one window [1, L]."""
+    out = model(input_ids=window)
+    return (out.logits if hasattr(out, "logits") else out)[0].float()
+
+
+def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_len: int,
+                 max_windows: int | None, progress: bool = True) -> CorpusScore:
+    """Perplexity of every model (``BASELINE`` among them) over the same windows, each run once per window.
+
+    ids: LongTensor [1, L] or [L]. Per window, every model's logits [L, V] are computed, scored
+    (NLL of tokens 1..L-1) and compared with the baseline's at the same L-1 positions, then dropped.
+    """
+    ids = ids.reshape(-1)
+    windows = window_count(ids.numel(), seq_len, max_windows)
+    if windows == 0:
+        raise PerplexityError(f"{corpus}: {ids.numel()} tokens make no full window of {seq_len}")
+    nll = dict.fromkeys(models, 0.0)
+    kl = dict.fromkeys([m for m in models if m != BASELINE], 0.0)
+    agree = dict(kl)
+    per_window = seq_len - 1  # every window predicts all but its first token
+    with torch.inference_mode(), progress_bar(progress) as bar:
+        task = bar.add_task(f"scoring {corpus}", total=windows)
+        for w in range(windows):
+            window = ids[w * seq_len : (w + 1) * seq_len][None]  # [1, L]
+            target = window[0, 1:]  # [L-1]
+            base = None
+            for label, model in models.items():
+                logits = _logits(model, window)[:-1]  # [L-1, V]
+                if not torch.isfinite(logits).all():
+                    raise PerplexityError(f"{corpus}: window {w}: {label} model returned non-finite logits")
+                nll[label] += F.cross_entropy(logits, target, reduction="sum").item()  # sum of -log p(t_i | t_<i)
+                if label == BASELINE:
+                    base = logits
+                    continue
+                d = next_token_divergence(base, logits)
+                kl[label] += d.kl_mean * per_window
+                agree[label] += d.top1_agreement * per_window
+            bar.advance(task)
+    tokens = windows * per_window
+    score = CorpusScore(corpus, tokens, windows, seq_len)
+    for label, total in nll.items():
+        score.nll_mean[label] = total / tokens
+        score.ppl[label] = float(torch.tensor(total / tokens, dtype=torch.float64).exp())  # ppl = exp(mean NLL)
+    score.kl_mean = {k: v / tokens for k, v in kl.items()}
+    score.top1_agreement = {k: v / tokens for k, v in agree.items()}
+    return score
+
+
+def size_by_class(path: Path) -> dict:
+    """Weights, bytes and bits per weight of a checkpoint by report class (every stored byte counted)."""
+    s = summarize(CheckpointReader(path))
+    classes: dict[str, dict] = {}
+    for cls in s.params_by_class:
+        row = classes.setdefault(cls if cls in REPORT_CLASSES else OTHER_CLASS, {"weights": 0, "bytes": 0})
+        row["weights"] += s.params_by_class[cls]
+        row["bytes"] += s.bytes_by_class[cls]
+    for row in classes.values():
+        row["bits_per_weight"] = 8.0 * row["bytes"] / row["weights"] if row["weights"] else 0.0  # bits = 8 B / n
+    linear = [classes[c] for c in REPORT_CLASSES if c in classes]
+    n_lin, b_lin = sum(r["weights"] for r in linear), sum(r["bytes"] for r in linear)
+    n_all, b_all = sum(r["weights"] for r in classes.values()), sum(r["bytes"] for r in classes.values())
+    return {
+        "classes": dict(sorted(classes.items())),
+        "weights": n_all,
+        "bytes": b_all,
+        "bits_per_weight_all": 8.0 * b_all / n_all if n_all else 0.0,
+        "bits_per_weight_linear": 8.0 * b_lin / n_lin if n_lin else 0.0,
+        "codecs": {k: {"weights": s.params_by_codec[k], "bytes": s.bytes_by_codec[k],
+                       "bits_per_weight": s.codec_bits_per_weight(k)} for k in sorted(s.params_by_codec)},
+    }
+
+
+def calibration_section(cset) -> dict:
+    """Tokens per routed expert and the cold experts of a :class:`~ernieq.calibration.CalibrationSet`."""
+    cold = cset.cold_experts(cset.cold_share, cset.cold_min_tokens)
+    return {
+        "info": dict(cset.info),
+        "cold_share": cset.cold_share,
+        "cold_min_tokens": cset.cold_min_tokens,
+        "experts": [asdict(r) for r in cset.experts],
+        "cold_experts": [{"layer": r.layer, "expert": r.expert, "tokens": r.tokens, "share": r.share} for r in cold],
+        "routed_experts": len(cset.experts),
+    }
+
+
+def _labels(compare: tuple[Path, ...]) -> dict[str, Path]:
+    """A unique label per --compare checkpoint: its folder name (``name-2`` ... on clashes)."""
+    labels: dict[str, Path] = {}
+    for path in compare:
+        label, i = path.name or str(path), 2
+        while label in labels or label in (BASELINE, QUANTIZED):
+            label, i = f"{path.name}-{i}", i + 1
+        labels[label] = path
+    return labels
+
+
+def build_report(
+    qdir: Path,
+    baseline: Path,
+    data: tuple[str, ...],
+    load: Loader,
+    *,
+    baseline_name: str | None = None,
+    calib=None,
+    calib_source: str | None = None,
+    compare: tuple[Path, ...] = (),
+    seq_len: int = 2048,
+    max_windows: int | None = 4,
+    progress: bool = True,
+) -> dict:
+    """The report of the ernieq checkpoint ``qdir`` against ``baseline`` on the text sources ``data``.
+
+    load: path -> (model, tokenizer). calib: a CalibrationSet of the baseline, for the output
+    error and the expert table (``calib_source`` names where it came from). All models are held in
+    memory at once so that each runs once per window.
+    """
+    started = now_iso()
+    if not data:
+        raise ReportError("give at least one text source (--data)")
+    quantized = NativeReader(qdir)
+    qc = quantized.config["quantization_config"]
+    paths = {BASELINE: baseline, QUANTIZED: qdir, **_labels(tuple(compare))}
+    models, tokenizer = {}, None
+    for label, path in paths.items():
+        models[label], tok = load(path)
+        tokenizer = tokenizer or tok
+    corpora = []
+    for source in data:
+        ids = tokenize_text(tokenizer, load_text(source, split="eval"))
+        corpora.append(asdict(score_corpus(models, ids, source, seq_len, max_windows, progress)))
+    del models
+    hessian_of = None
+    if calib is not None:
+        def hessian_of(name: str):
+            stats = calib.stats(name)
+            return None if stats is None else stats.hessian
+    errors = weight_errors(CheckpointReader(baseline), quantized, hessian_of)
+    sizes = {label: size_by_class(path) for label, path in paths.items()}
+    settings = [{"label": label, "path": str(path), "bits_per_weight": sizes[label]["bits_per_weight_linear"],
+                 "bits_per_weight_all": sizes[label]["bits_per_weight_all"],
+                 "ppl": {c["corpus"]: c["ppl"][label] for c in corpora},
+                 "recipe": _recipe_of(path)} for label, path in paths.items()]
+    return {
+        "schema": SCHEMA_VERSION,
+        "model": {
+            "quantized": str(qdir),
+            "baseline": baseline_name or str(baseline),
+            "baseline_path": str(baseline),
+            "recipe": qc.get("recipe"),
+            "method": qc.get("method"),
+            "quantized_calibration": qc.get("calibration"),
+            "architecture": (quantized.config.get("architectures") or [quantized.config.get("model_type")])[0],
+        },
+        "perplexity": corpora,
+        "weight_error": {**summarize_errors(errors), "calib": calib_source},
+        "size": {QUANTIZED: sizes[QUANTIZED], BASELINE: sizes[BASELINE]},
+        "calibration": calibration_section(calib) if calib is not None else None,
+        "settings": settings,
+        "options": {"data": list(data), "seq_len": seq_len, "max_windows": max_windows,
+                    "compare": [str(p) for p in compare]},
+        "provenance": provenance(started),
+    }
+
+
+def _recipe_of(path: Path) -> str:
+    qc = (CheckpointReader(path).config.get("quantization_config") or {})
+    return qc.get("recipe") or qc.get("quant_method") or "unquantized"
+
+
+def write_report(report: dict, out: Path) -> dict[str, Path]:
+    """report.json (sorted keys), the plots (PNG), report.md and report.html (images embedded) in ``out``."""
+    from ernieq.eval.plots import report_plots
+    from ernieq.eval.render import render_html, render_markdown
+
+    out = Path(out)
+    (out / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    (out / JSON_NAME).write_text(text)
+    images = report_plots(report)  # {name: PNG bytes}
+    for name, png in images.items():
+        (out / PLOTS_DIR / f"{name}.png").write_bytes(png)
+    (out / MD_NAME).write_text(render_markdown(report, {n: f"{PLOTS_DIR}/{n}.png" for n in images}))
+    (out / HTML_NAME).write_text(render_html(report, images))
+    return {"json": out / JSON_NAME, "md": out / MD_NAME, "html": out / HTML_NAME}
+
+
+def read_report(path: Path) -> dict:
+    """report.json from a report folder (or the file itself)."""
+    path = Path(path)
+    file = path / JSON_NAME if path.is_dir() else path
+    try:
+        report = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ReportError(f"{file}: no report (run `ernieq report` first)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ReportError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(report, dict) or report.get("schema") != SCHEMA_VERSION:
+        raise ReportError(f"{file}: not an ernieq report of schema {SCHEMA_VERSION}")
+    return report
