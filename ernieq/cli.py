@@ -212,7 +212,7 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
 @click.option("--seq-len", type=click.IntRange(min=2), default=512, show_default=True, help="Sequence length.")
 @click.option("--all-experts", is_flag=True,
               help="Extra pass: every routed expert sees every token (statistics only; the model's output is unchanged).")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for stats.safetensors + summary.json.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the statistics: stats-NNNNN.safetensors (one per decoder layer) + summary.json.")
 def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: bool, out: Path) -> None:
     """Run MODEL over calibration text layer by layer and save per-layer, per-expert statistics."""
     cset = api.calibrate(model, data, tokens=tokens, seq_len=seq_len, all_experts=all_experts, out=out)

@@ -170,6 +170,14 @@ def _labels(compare: tuple[Path, ...]) -> dict[str, Path]:
     return labels
 
 
+def _hessian_reader(calib):
+    """name -> the calibration Hessian of that weight's inputs, or None."""
+    def hessian_of(name: str):
+        stats = calib.stats(name)
+        return None if stats is None else stats.hessian
+    return hessian_of
+
+
 def build_report(
     qdir: Path,
     baseline: Path,
@@ -205,12 +213,7 @@ def build_report(
         ids = tokenize_text(tokenizer, load_text(source, split="eval"))
         corpora.append(asdict(score_corpus(models, ids, source, seq_len, max_windows, progress)))
     del models
-    hessian_of = None
-    if calib is not None:
-        def hessian_of(name: str):
-            stats = calib.stats(name)
-            return None if stats is None else stats.hessian
-    errors = weight_errors(CheckpointReader(baseline), quantized, hessian_of)
+    errors = weight_errors(CheckpointReader(baseline), quantized, None if calib is None else _hessian_reader(calib))
     sizes = {label: size_by_class(path) for label, path in paths.items()}
     settings = [{"label": label, "path": str(path), "bits_per_weight": sizes[label]["bits_per_weight_linear"],
                  "bits_per_weight_all": sizes[label]["bits_per_weight_all"],

@@ -17,7 +17,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ernieq.codecs import QuantizedTensor
 from ernieq.kernels.rotation import Rotation
