@@ -153,10 +153,12 @@ def recipe(
     rotate: bool = False,
 ) -> QuantConfig:
     """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front; ``rotate``
-    stores the ``wint4`` and ``ccq2`` weights turned by input rotations."""
-    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)))
+    stores the ``wint4`` and ``ccq2`` weights turned by input rotations, and lets symmetric
+    ``wint4`` clip (rotated weights look Gaussian, where clipping pays)."""
+    clip = (("clip", True),) if rotate and symmetric else ()
+    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip)
     # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
-    wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)))
+    wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)) + (("clip", True),) * rotate)
     if fp8:
         name, base = "fp8", [Rule(CodecChoice("fp8", (("block_size", 128),)))]
     elif bits == 8:

@@ -14,12 +14,14 @@ Stored tensors (a contract with the kernels and format writers):
 - ``zero``: uint8 [N, n_groups], asymmetric only, the integer zero point in [0, 15].
 
 Symmetric:  ``scale = amax / d``, ``code = clamp(round(w / scale), -8, 7) + 8``,
-            ``W_hat = (code - 8) * scale``, with d in ``SYM_DIVISORS`` chosen per
-            group for the least squared error: d = 7 clips nothing (every error
-            at most scale / 2), larger d give a finer grid and clip the largest
-            weights (GPTQ's and AWQ's clipping search; on Gaussian weights it
-            lowers the error by about 10 %). Decoded weights re-encode to
-            themselves: their amax is 7 or 8 steps, which d = 7 or 8 hits exactly.
+            ``W_hat = (code - 8) * scale``. d = 7 clips nothing: every error is at
+            most scale / 2. With ``clip``, d in ``SYM_DIVISORS`` is chosen per group
+            for the least squared error: larger d give a finer grid and clip the
+            largest weights (GPTQ's and AWQ's clipping search). That suits weights
+            that look Gaussian (after a rotation it lowers the error by about
+            10 %); weights with meaningful outliers lose by it, so it is off by
+            default. Decoded weights re-encode to themselves: their amax is 7 or 8
+            steps, which d = 7 or 8 hits exactly.
 Asymmetric: the range [min, max] is widened to hold 0, ``scale = (max - min) / 15``,
             ``zero = clamp(round(-min / scale), 0, 15)``,
             ``code = clamp(round(w / scale) + zero, 0, 15)``, ``W_hat = (code - zero) * scale``.
@@ -50,6 +52,7 @@ class WInt4Config:
 
     group_size: int | None = 128
     symmetric: bool = True
+    clip: bool = False  # symmetric only: search the scale that clips for the least squared error
 
     def group(self, k: int) -> int:
         """G for a weight with K input features."""
@@ -60,6 +63,8 @@ class WInt4Config:
             raise CodecError(f"wint4: group_size must be one of {GROUP_SIZES} or None, got {self.group_size!r}")
         if not isinstance(self.symmetric, bool):
             raise CodecError(f"wint4: symmetric must be a bool, got {self.symmetric!r}")
+        if not isinstance(self.clip, bool) or (self.clip and not self.symmetric):
+            raise CodecError(f"wint4: clip must be a bool and applies to the symmetric grid, got clip={self.clip!r}")
 
 
 def _group(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -78,12 +83,12 @@ def _positive(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _symmetric_scale(wg: torch.Tensor) -> torch.Tensor:
-    """wg: [N, n_groups, G]. Returns scale [N, n_groups] = amax / d, the d of ``SYM_DIVISORS`` with
-    the least squared error per group (the first on ties)."""
+def _symmetric_scale(wg: torch.Tensor, clip: bool) -> torch.Tensor:
+    """wg: [N, n_groups, G]. Returns scale [N, n_groups] = amax / 7, or with ``clip`` amax / d for
+    the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties)."""
     amax = wg.abs().amax(dim=2)  # [N, n_groups]
     best, best_err = None, None
-    for d in SYM_DIVISORS:
+    for d in SYM_DIVISORS if clip else SYM_DIVISORS[:1]:
         scale = _positive(amax / d)
         w_hat = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1) * scale[..., None]
         err = (w_hat - wg).square().sum(dim=2)  # [N, n_groups]
@@ -104,9 +109,9 @@ def _asymmetric_grid(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, zero
 
 
-def _encode_symmetric(wg: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _encode_symmetric(wg: torch.Tensor, clip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """wg: [N, n_groups, G]. Returns codes uint8 [N, n_groups, G] and {"scale": [N, n_groups]}."""
-    scale = _symmetric_scale(wg)
+    scale = _symmetric_scale(wg, clip)
     value = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1)  # in [-8, 7]
     return (value + SYM_OFFSET).to(torch.uint8), {"scale": scale}  # code = value + 8
 
@@ -118,10 +123,10 @@ def _encode_asymmetric(wg: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.
     return code.to(torch.uint8), {"scale": scale, "zero": zero.to(torch.uint8)}
 
 
-def _grid(wg: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(wg: torch.Tensor, config: WInt4Config) -> tuple[torch.Tensor, torch.Tensor]:
     """wg: [N, n_groups, G]. Returns (scale, zero) [N, n_groups]: zero is 8 when symmetric."""
-    if symmetric:
-        scale = _symmetric_scale(wg)
+    if config.symmetric:
+        scale = _symmetric_scale(wg, config.clip)
         return scale, torch.full_like(scale, SYM_OFFSET)
     return _asymmetric_grid(wg)
 
@@ -142,8 +147,10 @@ class WInt4Codec:
         w = check_weight(weight, name)  # [N, K] float32
         n, k = w.shape
         wg = _group(w, self.config.group(k))  # [N, n_groups, G]
-        encode_groups = _encode_symmetric if self.config.symmetric else _encode_asymmetric
-        codes, grid = encode_groups(wg)
+        if self.config.symmetric:
+            codes, grid = _encode_symmetric(wg, self.config.clip)
+        else:
+            codes, grid = _encode_asymmetric(wg)
         qweight = pack_int4_k_major(_ungroup(codes, k))  # [N, ceil(K/2)]
         return QuantizedTensor(self.name, (n, k), {"qweight": qweight, **grid}, dataclasses.asdict(self.config))
 
@@ -203,7 +210,7 @@ class WInt4Columns:
         self.symmetric = codec.config.symmetric
         self.codes = torch.zeros(n, self.k, dtype=torch.uint8, device=weight.device)  # [N, K]
         if static_groups or not self.group:
-            self.scale, self.zero = _grid(_group(weight.float(), self.span), self.symmetric)  # [N, n_groups]
+            self.scale, self.zero = _grid(_group(weight.float(), self.span), codec.config)  # [N, n_groups]
         else:
             n_groups = -(-self.k // self.span)
             self.scale = torch.ones(n, n_groups, device=weight.device)
@@ -211,7 +218,7 @@ class WInt4Columns:
 
     def start_group(self, col: int, w: torch.Tensor) -> None:
         """col: the group's first column; w: [N, <= G] its current values."""
-        scale, zero = _grid(w.float().unsqueeze(1), self.symmetric)  # [N, 1]
+        scale, zero = _grid(w.float().unsqueeze(1), self.codec.config)  # [N, 1]
         self.scale[:, col // self.span] = scale[:, 0]
         self.zero[:, col // self.span] = zero[:, 0]
 

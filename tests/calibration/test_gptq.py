@@ -72,15 +72,16 @@ def wint8_columns(w0):
     return round_column
 
 
-def symmetric_scale(span):
-    """amax / d for the d of wint4's SYM_DIVISORS with the least squared error per row (first on ties)."""
+def symmetric_scale(span, clip=False):
+    """amax / 7, or with clip amax / d for the d of wint4's SYM_DIVISORS with the least squared error
+    per row (first on ties)."""
     amax = np.abs(span).max(1)
-    cands = [amax / d for d in SYM_DIVISORS]
+    cands = [amax / d for d in (SYM_DIVISORS if clip else SYM_DIVISORS[:1])]
     errs = [((np.clip(np.round(span / c[:, None]), -8, 7) * c[:, None] - span) ** 2).sum(1) for c in cands]
     return np.choose(np.argmin(np.stack(errs), axis=0), cands)
 
 
-def wint4_columns(group, symmetric):
+def wint4_columns(group, symmetric, clip=False):
     grid = {}
 
     def round_column(k, w):
@@ -88,7 +89,7 @@ def wint4_columns(group, symmetric):
         if k % group == 0:  # scales from the current weights when the group starts
             span = w[:, k : k + group]
             if symmetric:
-                s = symmetric_scale(span)
+                s = symmetric_scale(span, clip)
                 grid[g] = (s, np.full_like(s, 8.0))
             else:
                 lo, hi = np.minimum(span.min(1), 0), np.maximum(span.max(1), 0)
@@ -114,6 +115,7 @@ def wint4_channel_columns(w0):
     [
         ("wint8", {}, lambda w: wint8_columns(w)),
         ("wint4", dict(group_size=64), lambda w: wint4_columns(64, True)),
+        ("wint4", dict(group_size=64, clip=True), lambda w: wint4_columns(64, True, clip=True)),
         ("wint4", dict(group_size=32, symmetric=False), lambda w: wint4_columns(32, False)),
         ("wint4", dict(group_size=None), lambda w: wint4_channel_columns(w)),
     ],

@@ -128,11 +128,18 @@ def _group_sq_error(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return ((torch.round(w / scale[:, None]).clamp(-8, 7) * scale[:, None] - w) ** 2).sum(1)
 
 
+def test_clip_applies_to_the_symmetric_grid_only():
+    with pytest.raises(CodecError, match="clip"):
+        get_codec("wint4", symmetric=False, clip=True)
+
+
 def test_symmetric_scale_is_the_least_error_divisor_and_beats_no_clipping():
     w = gaussian((64, 128), seed=11)
-    q = get_codec("wint4", group_size=128, symmetric=True).encode(w)
+    q = get_codec("wint4", group_size=128, symmetric=True, clip=True).encode(w)
     amax = w.abs().amax(dim=1)
     errs = torch.stack([_group_sq_error(w, amax / d) for d in SYM_DIVISORS])  # [D, N]
+    plain = get_codec("wint4", group_size=128, symmetric=True).encode(w)
+    torch.testing.assert_close(plain.tensors["scale"][:, 0], amax / 7, rtol=0, atol=0)  # no clip: amax / 7
     chosen = _group_sq_error(w, q.tensors["scale"][:, 0])
     torch.testing.assert_close(chosen, errs.min(dim=0).values)
     assert chosen.sum() < 0.95 * errs[0].sum()  # clipping pays on Gaussian weights (d = 7 clips nothing)
@@ -146,9 +153,7 @@ def test_partial_group_scale_from_its_own_elements(symmetric):
     q = get_codec("wint4", group_size=g, symmetric=symmetric).encode(w)
     last = w[:, 512:]
     if symmetric:
-        amax = last.abs().amax(dim=1)
-        errs = torch.stack([_group_sq_error(last, amax / d) for d in SYM_DIVISORS])  # from its own elements
-        expected = amax / torch.tensor(SYM_DIVISORS)[errs.argmin(dim=0)]  # scale = amax / best d
+        expected = last.abs().amax(dim=1) / 7  # scale = amax / 7, from its own elements
     else:
         expected = last.amax(dim=1).clamp(min=0) / 15 - last.amin(dim=1).clamp(max=0) / 15  # (max - min) / 15
     torch.testing.assert_close(q.tensors["scale"][:, -1], expected, rtol=0, atol=0)
