@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ernieq.cli import main
+from tests.test_cli import run as run_cli
 from tests.tiny import write_tiny_ernie
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ernieq"
@@ -32,13 +31,7 @@ QUANTIZE = ("quantize", "--workers", "1")  # encode in this process: no worker s
 
 def run(monkeypatch, capsys, *args) -> tuple[int, list[str]]:
     """The console entry point on ``args``; returns (exit code, the non-empty lines on stderr)."""
-    monkeypatch.setattr(sys, "argv", ["ernieq", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    _, err = capsys.readouterr()
+    code, _, err = run_cli(monkeypatch, capsys, *args)
     return code, [line for line in err.splitlines() if line.strip()]
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from ernieq.calibration.accumulate import RouterStats
 from ernieq.calibration.calibset import SUMMARY_VERSION, CalibrationSet, ExpertRow
 from ernieq.calibration.site_store import FILE_GLOB, LazySiteStats, SiteStore, StatsError
+from ernieq.model.checkpoint import CheckpointError, read_json
 
 TENSORS_NAME = "stats.safetensors"  # the single file of the first layout (read only)
 SUMMARY_NAME = "summary.json"
@@ -92,13 +93,9 @@ def load_stats(path: str | os.PathLike) -> CalibrationSet:
     if not summary_path.is_file():
         raise StatsError(f"{summary_path}: missing (not a calibration folder, or an interrupted write)")
     try:
-        summary = json.loads(summary_path.read_bytes())
-    except OSError as err:
-        raise StatsError(f"{summary_path}: cannot read ({err.strerror or err})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise StatsError(f"{summary_path}: not valid JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(summary, dict):
-        raise StatsError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+        summary = read_json(summary_path)  # a JSON object, or one line naming the file
+    except CheckpointError as err:
+        raise StatsError(str(err)) from None
     if summary.get("version") != SUMMARY_VERSION:
         raise StatsError(f"{summary_path}: version {summary.get('version')!r}, ernieq reads {SUMMARY_VERSION}")
     _check_summary(summary, summary_path)
