@@ -18,7 +18,9 @@ from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
 KEEP = "none"  # an override's codec name that leaves the weight as it is
-ROTATED_CODECS = frozenset({"wint4", "ccq2"})  # --rotate turns the inputs of the low-bit codecs' weights
+# --rotate turns the inputs of the low-bit codecs' weights; a sorted tuple, not a set, so that
+# the recipe's repr (part of the resume fingerprint) is the same in every process
+ROTATED_CODECS = ("ccq2", "wint4")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class QuantConfig:
 
     recipe: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
-    rotate: frozenset[str] = frozenset()
+    rotate: tuple[str, ...] = ()
 
     def rotates(self, choice: CodecChoice | None) -> bool:
         return choice is not None and choice.codec in self.rotate

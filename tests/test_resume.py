@@ -102,6 +102,19 @@ def test_killed_quantize_resumes_to_the_same_bytes(tiny, reference, tmp_path, po
     assert {name: (out / name).stat().st_ino for name in finished} == finished
 
 
+def test_fingerprint_is_the_same_in_every_process(tiny):
+    """A resumed run is a new process: its fingerprint must not depend on hash randomisation."""
+    code = ("import json, sys, torch; from pathlib import Path; "
+            "from ernieq.model.adapters import adapter_for, iter_groups; "
+            "from ernieq.model.checkpoint import CheckpointReader; from ernieq.quantize import fingerprint, recipe_for; "
+            "src = Path(sys.argv[1]); r = CheckpointReader(src); g = list(iter_groups(r, adapter_for(r.config, 'c'))); "
+            "print(json.dumps(fingerprint(src, recipe_for(src, 2, rotate=True), 'gptq', None, torch.device('cpu'), g)))")
+    prints = {subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(REPO)}).stdout
+              for seed in range(4)}
+    assert len(prints) == 1 and "w2" in prints.pop()
+
+
 def test_same_input_same_bytes_with_a_worker_pool(tiny, reference, tmp_path):
     out = tmp_path / "q"
     summary = api.quantize(tiny, out, bits=2, progress=False, workers=2)
