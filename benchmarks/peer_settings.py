@@ -33,6 +33,7 @@ FLOAT_BITS = 32.0  # the demo checkpoints are float32
 
 HQQ_W4 = CodecChoice("hqq", (("nbits", 4), ("group_size", 64)))
 HQQ_W2 = CodecChoice("hqq", (("nbits", 2), ("group_size", 64)))
+W4_G128 = CodecChoice("wint4", (("group_size", 128), ("symmetric", True), ("clip", True), ("scale_dtype", "float16")))
 INT2_G64_FP16 = CodecChoice("int2g64", (("group_size", 64), ("fp16_zero", True)))  # 2.5 bits per weight
 
 
@@ -110,7 +111,7 @@ def swapped_recipe(model: Path, swap: dict[str, CodecChoice], **recipe_kwargs) -
     rules = tuple(dataclasses.replace(r, choice=swap.get(r.choice.codec, r.choice)) if r.choice else r
                   for r in base.rules)
     name = base.recipe + "".join(f"+{old}->{new.describe()}" for old, new in swap.items())
-    return QuantConfig(name, rules)
+    return QuantConfig(name, rules, base.rotate)
 
 
 def _span(layers: list[int]) -> str:
@@ -157,7 +158,7 @@ def ernieq(name: str, label: str, *, swap: dict[str, CodecChoice] | None = None,
     every method but ``rtn`` gets the shared calibration statistics."""
     quantize_kwargs.setdefault("method", label.lower())
     needs_calib = quantize_kwargs["method"] != "rtn"
-    recipe_keys = ("bits", "fp8", "group_size", "symmetric", "w4_moe_layers", "overrides")
+    recipe_keys = ("bits", "fp8", "group_size", "symmetric", "w4_moe_layers", "overrides", "rotate")
 
     def build(ctx: Context) -> Built:
         out = ctx.work / name
@@ -185,7 +186,7 @@ def _unquantized(ctx: Context) -> Built:
 
 
 register(Setting("unquantized", "-", _unquantized))
-# ernieq: --bits 4 at G = 128 (4.25 bits per weight) and at the peers' G = 64 (4.5); --bits 2. "+rot": the
+# ernieq: --bits 4 at G = 128 and G = 64 (float16 scales: 4.125 and 4.25 bits per weight); --bits 2. "+rot": the
 # online input rotations of ernieq's own format (--rotate); without them the checkpoint also exports to
 # vLLM / FastDeploy. "+seq": sequential calibration (--sequential, calibrated while quantizing).
 for _bits in (4, 2):
@@ -195,6 +196,8 @@ for _bits in (4, 2):
     ernieq(f"ernieq-w{_bits}-gptq-rot", "GPTQ+rot", method="gptq", bits=_bits, rotate=True)
     ernieq(f"ernieq-w{_bits}-gptq-rot-seq", "GPTQ+rot+seq", method="gptq", bits=_bits, rotate=True, sequential=True)
 ernieq("ernieq-w4-gptq-rot-g64", "GPTQ+rot", method="gptq", bits=4, group_size=64, rotate=True)
+# --bits 2 with the ccq2 experts at 4 bits instead: how close to the unquantized model 4-bit experts get
+ernieq("ernieq-w2-experts-at-w4", "GPTQ+rot", method="gptq", bits=2, rotate=True, swap={"ccq2": W4_G128})
 # peers, on the tensors ernieq puts in the swapped codec; the other tensors as ernieq's recipe (HQQ
 # needs no calibration, so its rows round the rest to nearest; the GPTQ baseline runs GPTQ throughout)
 ernieq("hqq-w4-g64", "HQQ", swap={"wint4": HQQ_W4}, requires=("hqq",), bits=4, group_size=64, method="rtn")

@@ -156,9 +156,11 @@ def recipe(
 ) -> QuantConfig:
     """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front; ``rotate``
     stores the ``wint4`` and ``ccq2`` weights turned by input rotations, and lets symmetric
-    ``wint4`` clip (rotated weights look Gaussian, where clipping pays)."""
+    ``wint4`` clip (rotated weights look Gaussian, where clipping pays). Grouped ``wint4`` stores
+    float16 scales, as GPTQ checkpoints do: 4.25 bits per weight at G = 64, 4.125 at G = 128."""
     clip = (("clip", True),) if rotate and symmetric else ()
-    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip)
+    half = (("scale_dtype", "float16"),) if group_size else ()
+    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip + half)
     # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
     wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)) + (("clip", True),) * rotate)
     if fp8:

@@ -112,9 +112,9 @@ def test_peers_script_runs_a_setting_in_a_child(tmp_path, demo_routed_dir, wikit
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "ernieq-w4-rtn" and row["method"] == "RTN"
     assert row["tokens"] == 127 and math.isfinite(row["ppl"]) and row["ppl"] > 1
-    (bits,) = row["bits_by_codec"].values()  # fp32 scale per 128; K = 576 ends in a partial group of 64
-    assert list(row["bits_by_codec"]) == ["wint4"] and 4 + 32 / 128 < bits < 4 + 32 / 64
-    assert row["quantized"] == "every linear: wint4:group_size=128,symmetric=True"
+    (bits,) = row["bits_by_codec"].values()  # fp16 scale per 128; K = 576 ends in a partial group of 64
+    assert list(row["bits_by_codec"]) == ["wint4"] and 4 + 16 / 128 < bits < 4 + 16 / 64
+    assert row["quantized"] == "every linear: wint4:group_size=128,symmetric=True,scale_dtype=float16"
     assert row["wall_seconds"] >= row["quantize_seconds"] + row["eval_seconds"] > 0
     assert row["peak_rss_bytes"] > 100 * 2**20  # the child's own ru_maxrss, in bytes (torch alone is more)
     text = md.read_text()

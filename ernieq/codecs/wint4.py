@@ -10,7 +10,8 @@ Stored tensors (a contract with the kernels and format writers):
 - ``qweight``: uint8 [N, ceil(K/2)], codes in [0, 15] packed two per byte, even k
   in the low nibble (``ernieq.codecs.packing.pack_int4_k_major``); an odd K pads
   one zero code that decode drops.
-- ``scale``: float32 [N, n_groups].
+- ``scale``: float32 [N, n_groups], or float16 with ``scale_dtype="float16"`` (4.25 bits per
+  weight at G = 64). Codes are chosen against the scale as stored.
 - ``zero``: uint8 [N, n_groups], asymmetric only, the integer zero point in [0, 15].
 
 Symmetric:  ``scale = amax / d``, ``code = clamp(round(w / scale), -8, 7) + 8``,
@@ -43,6 +44,7 @@ SYM_DIVISORS = (7.0, 7.5, 8.0, 8.5, 9.0, 9.5, 10.0)  # symmetric grid: scale = a
 SYM_OFFSET = 8  # code = value + 8, value in [-8, 7]
 ASYM_LEVELS = 15  # asymmetric grid: 16 codes, 15 steps
 MAX_CODE = 15
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,11 @@ class WInt4Config:
     group_size: int | None = 128
     symmetric: bool = True
     clip: bool = False  # symmetric only: search the scale that clips for the least squared error
+    scale_dtype: str = "float32"  # how scales are stored: "float32" or "float16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
 
     def group(self, k: int) -> int:
         """G for a weight with K input features."""
@@ -65,6 +72,8 @@ class WInt4Config:
             raise CodecError(f"wint4: symmetric must be a bool, got {self.symmetric!r}")
         if not isinstance(self.clip, bool) or (self.clip and not self.symmetric):
             raise CodecError(f"wint4: clip must be a bool and applies to the symmetric grid, got clip={self.clip!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise CodecError(f"wint4: scale_dtype must be one of {sorted(SCALE_DTYPES)}, got {self.scale_dtype!r}")
 
 
 def _group(w: torch.Tensor, g: int) -> torch.Tensor:
@@ -78,18 +87,24 @@ def _ungroup(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.flatten(1)[:, :k]
 
 
-def _positive(scale: torch.Tensor) -> torch.Tensor:
-    """An all-zero (or underflowing) group gets scale 1.0: finite, positive, decodes to 0."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+def _positive(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The scale as ``dtype`` stores it, in float32; an all-zero (or underflowing) group gets 1.0:
+    finite, positive, decodes to 0. A scale ``dtype`` cannot hold is an error."""
+    stored = scale.to(dtype)
+    if not torch.isfinite(stored).all():
+        raise CodecError(f"wint4: a group's scale {scale.abs().max().item():.4g} overflows {dtype}")
+    stored = stored.float()
+    return torch.where(stored > 0, stored, torch.ones_like(stored))
 
 
-def _symmetric_scale(wg: torch.Tensor, clip: bool) -> torch.Tensor:
+def _symmetric_scale(wg: torch.Tensor, clip: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """wg: [N, n_groups, G]. Returns scale [N, n_groups] = amax / 7, or with ``clip`` amax / d for
-    the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties)."""
+    the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties), each
+    rounded to ``dtype`` (and returned as float32)."""
     amax = wg.abs().amax(dim=2)  # [N, n_groups]
     best, best_err = None, None
     for d in SYM_DIVISORS if clip else SYM_DIVISORS[:1]:
-        scale = _positive(amax / d)
+        scale = _positive(amax / d, dtype)
         w_hat = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1) * scale[..., None]
         err = (w_hat - wg).square().sum(dim=2)  # [N, n_groups]
         if best is None:
@@ -100,35 +115,31 @@ def _symmetric_scale(wg: torch.Tensor, clip: bool) -> torch.Tensor:
     return best
 
 
-def _asymmetric_grid(wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg: [N, n_groups, G]. Returns scale [N, n_groups] and the float zero point [N, n_groups] in [0, 15]."""
+def _asymmetric_grid(wg: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """wg: [N, n_groups, G]. Returns scale [N, n_groups] (rounded to ``dtype``, as float32) and the
+    float zero point [N, n_groups] in [0, 15]."""
     lo = wg.amin(dim=2).clamp(max=0)  # min, widened to hold 0
     hi = wg.amax(dim=2).clamp(min=0)  # max, widened to hold 0
-    scale = _positive(hi / ASYM_LEVELS - lo / ASYM_LEVELS)  # (max - min) / 15, no overflow at float max
+    scale = _positive(hi / ASYM_LEVELS - lo / ASYM_LEVELS, dtype)  # (max - min) / 15, no overflow at float max
     zero = torch.round(-lo / scale).clamp_(0, MAX_CODE)  # zero = round(-min / scale)
     return scale, zero
 
 
-def _encode_symmetric(wg: torch.Tensor, clip: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """wg: [N, n_groups, G]. Returns codes uint8 [N, n_groups, G] and {"scale": [N, n_groups]}."""
-    scale = _symmetric_scale(wg, clip)
-    value = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1)  # in [-8, 7]
-    return (value + SYM_OFFSET).to(torch.uint8), {"scale": scale}  # code = value + 8
-
-
-def _encode_asymmetric(wg: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """wg: [N, n_groups, G]. Returns codes uint8 [N, n_groups, G], {"scale", "zero": [N, n_groups]}."""
-    scale, zero = _asymmetric_grid(wg)
-    code = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, MAX_CODE)
-    return code.to(torch.uint8), {"scale": scale, "zero": zero.to(torch.uint8)}
-
-
 def _grid(wg: torch.Tensor, config: WInt4Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg: [N, n_groups, G]. Returns (scale, zero) [N, n_groups]: zero is 8 when symmetric."""
+    """wg: [N, n_groups, G]. Returns (scale, zero) [N, n_groups], the scale as stored (in float32):
+    zero is 8 when symmetric."""
     if config.symmetric:
-        scale = _symmetric_scale(wg, config.clip)
+        scale = _symmetric_scale(wg, config.clip, config.dtype)
         return scale, torch.full_like(scale, SYM_OFFSET)
-    return _asymmetric_grid(wg)
+    return _asymmetric_grid(wg, config.dtype)
+
+
+def _stored_grid(config: WInt4Config, scale: torch.Tensor, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored scale (and zero point, asymmetric) tensors of a grid from ``_grid``."""
+    grid = {"scale": scale.to(config.dtype).contiguous()}
+    if not config.symmetric:
+        grid["zero"] = zero.to(torch.uint8)
+    return grid
 
 
 @register_codec("wint4", WInt4Config)
@@ -141,17 +152,16 @@ class WInt4Codec:
     ) -> QuantizedTensor:
         """weight: [N, K], any float dtype. stats: unused by round to nearest.
 
-        Returns qweight uint8 [N, ceil(K/2)], scale float32 [N, n_groups] and,
+        Returns qweight uint8 [N, ceil(K/2)], scale [N, n_groups] (``scale_dtype``) and,
         when asymmetric, zero uint8 [N, n_groups].
         """
         w = check_weight(weight, name)  # [N, K] float32
         n, k = w.shape
         wg = _group(w, self.config.group(k))  # [N, n_groups, G]
-        if self.config.symmetric:
-            codes, grid = _encode_symmetric(wg, self.config.clip)
-        else:
-            codes, grid = _encode_asymmetric(wg)
+        scale, zero = _grid(wg, self.config)  # [N, n_groups]
+        codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp_(0, MAX_CODE).to(torch.uint8)
         qweight = pack_int4_k_major(_ungroup(codes, k))  # [N, ceil(K/2)]
+        grid = _stored_grid(self.config, scale, zero)
         return QuantizedTensor(self.name, (n, k), {"qweight": qweight, **grid}, dataclasses.asdict(self.config))
 
     def decode(self, q: QuantizedTensor) -> torch.Tensor:
@@ -160,7 +170,7 @@ class WInt4Codec:
         n, k = q.shape
         g = self.config.group(k)
         codes = _group(unpack_int4_k_major(q.tensors["qweight"], k).float(), g)  # [N, n_groups, G]
-        scale = q.tensors["scale"][..., None]  # [N, n_groups, 1]
+        scale = q.tensors["scale"][..., None].float()  # [N, n_groups, 1]
         if self.config.symmetric:
             zero = torch.full_like(scale, SYM_OFFSET)
         else:
@@ -178,7 +188,7 @@ class WInt4Codec:
             raise CodecError(f"wint4{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
         n, k = q.shape
         n_groups = -(-k // self.config.group(k))  # ceil(K / G)
-        expected = {"qweight": (torch.uint8, (n, -(-k // 2))), "scale": (torch.float32, (n, n_groups))}
+        expected = {"qweight": (torch.uint8, (n, -(-k // 2))), "scale": (self.config.dtype, (n, n_groups))}
         if not self.config.symmetric:
             expected["zero"] = (torch.uint8, (n, n_groups))
         got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
@@ -207,7 +217,6 @@ class WInt4Columns:
         n, self.k = weight.shape
         self.span = codec.config.group(self.k)  # G columns share a scale
         self.group = 0 if codec.config.group_size is None else self.span  # when the loop calls start_group
-        self.symmetric = codec.config.symmetric
         self.codes = torch.zeros(n, self.k, dtype=torch.uint8, device=weight.device)  # [N, K]
         if static_groups or not self.group:
             self.scale, self.zero = _grid(_group(weight.float(), self.span), codec.config)  # [N, n_groups]
@@ -232,7 +241,5 @@ class WInt4Columns:
 
     def result(self) -> QuantizedTensor:
         n = self.codes.shape[0]
-        tensors = {"qweight": pack_int4_k_major(self.codes), "scale": self.scale.contiguous()}
-        if not self.symmetric:
-            tensors["zero"] = self.zero.to(torch.uint8)
+        tensors = {"qweight": pack_int4_k_major(self.codes), **_stored_grid(self.codec.config, self.scale, self.zero)}
         return QuantizedTensor(self.codec.name, (n, self.k), tensors, dataclasses.asdict(self.codec.config))

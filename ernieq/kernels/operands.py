@@ -146,7 +146,7 @@ def _wint4(q: QuantizedTensor) -> KernelOperand:
     n, k = q.shape[-2:]
     g = int(q.params["group_size"] or k)  # None: one group per output channel
     codes = _stored(q, "qweight", (torch.uint8,), (n, _cdiv(k, 2)))  # [E, N, K/2]
-    scale = _stored(q, "scale", (torch.float32,), (n, _cdiv(k, g)))  # [E, N, K/G]
+    scale = _stored(q, "scale", (torch.float32, torch.float16), (n, _cdiv(k, g)))  # [E, N, K/G]
     has_zero = not q.params["symmetric"]
     zero = _stored(q, "zero", (torch.uint8,), (n, _cdiv(k, g))) if has_zero else scale  # [E, N, K/G]
     return KernelOperand(

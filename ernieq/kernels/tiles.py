@@ -90,7 +90,7 @@ def _dot_wint4(acc, x_rows, row_mask, k0, K, stride_xk, offs_n, n_mask, q_ptr, s
     byte = tl.load(q_ptr + offs_n[None, :] * stride_qn + ps[:, None] * stride_qk,
                    mask=n_mask[None, :] & (2 * ps[:, None] < K), other=0).to(tl.int32)  # [BK/2, BN]
     g = k0 // GROUP
-    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sk, mask=n_mask, other=0.0)  # [BN]
+    s = tl.load(s_ptr + offs_n * stride_sn + g * stride_sk, mask=n_mask, other=0.0).to(tl.float32)  # [BN]
     if HAS_ZERO:
         zero = tl.load(z_ptr + offs_n * stride_sn + g * stride_sk, mask=n_mask, other=0).to(tl.int32)  # [BN]
     else:

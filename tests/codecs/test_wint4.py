@@ -11,7 +11,10 @@ from ernieq.codecs.packing import pack_int4_int32, pack_int4_k_major, unpack_int
 from ernieq.codecs.wint4 import SYM_DIVISORS
 
 SHAPES = [(1, 33), (7, 100), (16, 576), (5, 257), (3, 32)]
-CONFIGS = [dict(group_size=g, symmetric=s) for g in (32, 64, 128, None) for s in (True, False)]
+CONFIGS = [dict(group_size=g, symmetric=s) for g in (32, 64, 128, None) for s in (True, False)] + [
+    dict(group_size=64, symmetric=True, scale_dtype="float16"),  # the --bits 4 recipe's 4.25 bits
+    dict(group_size=128, symmetric=False, scale_dtype="float16"),
+]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -31,8 +34,8 @@ def sqnr_db(w, w_hat):
 
 
 def per_element(t, group_size, k):
-    """[N, n_groups] -> [N, K]: the value of each element's group."""
-    return t.repeat_interleave(group_size, dim=1)[:, :k]
+    """[N, n_groups] -> [N, K]: the value of each element's group, in float32."""
+    return t.float().repeat_interleave(group_size, dim=1)[:, :k]
 
 
 # ---- packing -------------------------------------------------------------------------
@@ -104,7 +107,8 @@ def test_layout_and_error_bound(shape, config, device):
     n_groups = math.ceil(k / g)
     w = gaussian(shape, device=device)
     q = get_codec("wint4", **config).encode(w)
-    expected = {"qweight": (torch.uint8, (n, math.ceil(k / 2))), "scale": (torch.float32, (n, n_groups))}
+    scale_dtype = getattr(torch, config.get("scale_dtype", "float32"))
+    expected = {"qweight": (torch.uint8, (n, math.ceil(k / 2))), "scale": (scale_dtype, (n, n_groups))}
     if not config["symmetric"]:
         expected["zero"] = (torch.uint8, (n, n_groups))
     assert {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()} == expected
@@ -222,6 +226,24 @@ def test_bits_per_weight_formula(shape, symmetric, zero_bytes):
     n_groups = math.ceil(k / 128)
     # packed codes + fp32 scale (+ uint8 zero point) per group
     assert q.bits_per_weight == (n * math.ceil(k / 2) + (4 + zero_bytes) * n * n_groups) * 8 / (n * k)
+
+
+def test_float16_scales_cost_a_quarter_bit_at_g64_and_codes_follow_the_stored_scale():
+    w = gaussian((16, 576), seed=9) * 1e-3  # small weights: float16 rounds their scales visibly
+    q16 = get_codec("wint4", group_size=64, scale_dtype="float16").encode(w)
+    q32 = get_codec("wint4", group_size=64).encode(w)
+    assert q16.bits_per_weight == 4.25 and q32.bits_per_weight == 4.5
+    assert torch.equal(q16.tensors["scale"], q32.tensors["scale"].half())  # the same amax / 7, rounded
+    scale = per_element(q16.tensors["scale"], 64, 576)
+    assert torch.equal(decode(q16), torch.round(w / scale).clamp(-8, 7) * scale)  # codes for the stored scale
+    assert sqnr_db(w, decode(q16)) > sqnr_db(w, decode(q32)) - 0.05
+
+
+def test_float16_scale_overflow_is_an_error():
+    with pytest.raises(CodecError, match="overflows torch.float16"):
+        get_codec("wint4", group_size=64, scale_dtype="float16").encode(torch.full((2, 64), 1e6))
+    with pytest.raises(CodecError, match="scale_dtype"):
+        get_codec("wint4", scale_dtype="bfloat16")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

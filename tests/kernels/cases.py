@@ -33,9 +33,11 @@ CODECS = [
     pytest.param("fp8", {"block_size": 100}, id="fp8-b100"),
     pytest.param("ccq2", CCQ2_FAST, id="ccq2", marks=_needs_ccq2),
 ]
-# Dense tests also take ccq2 with float16 super scales (bfloat16 is the default).
+# Dense tests also take ccq2 with float16 super scales (bfloat16 is the default) and wint4 with
+# float16 scales (the --bits 4 recipe's).
 DENSE_CODECS = CODECS + [
     pytest.param("ccq2", {**CCQ2_FAST, "super_scale_dtype": "float16"}, id="ccq2-f16", marks=_needs_ccq2),
+    pytest.param("wint4", {"group_size": 64, "symmetric": True, "scale_dtype": "float16"}, id="wint4-g64-f16"),
 ]
 
 # Kernel vs reference, per activation dtype: |y - ref| <= atol_rel * max|ref| + rtol * |ref|.
