@@ -33,6 +33,7 @@ FLOAT_BITS = 32.0  # the demo checkpoints are float32
 
 HQQ_W4 = CodecChoice("hqq", (("nbits", 4), ("group_size", 64)))
 HQQ_W2 = CodecChoice("hqq", (("nbits", 2), ("group_size", 64)))
+W4_G64_F32 = CodecChoice("wint4", (("group_size", 64), ("symmetric", True), ("clip", True)))
 W4_G128 = CodecChoice("wint4", (("group_size", 128), ("symmetric", True), ("clip", True), ("scale_dtype", "float16")))
 INT2_G64_FP16 = CodecChoice("int2g64", (("group_size", 64), ("fp16_zero", True)))  # 2.5 bits per weight
 
@@ -186,7 +187,7 @@ def _unquantized(ctx: Context) -> Built:
 
 
 register(Setting("unquantized", "-", _unquantized))
-# ernieq: --bits 4 at G = 128 and G = 64 (float16 scales: 4.125 and 4.25 bits per weight); --bits 2. "+rot": the
+# ernieq: --bits 4 (G = 64, float16 scales: 4.25 bits per weight; "-g128": G = 128, 4.125); --bits 2. "+rot": the
 # online input rotations of ernieq's own format (--rotate); without them the checkpoint also exports to
 # vLLM / FastDeploy. "+seq": sequential calibration (--sequential, calibrated while quantizing).
 for _bits in (4, 2):
@@ -195,7 +196,9 @@ for _bits in (4, 2):
     ernieq(f"ernieq-w{_bits}-gptq", "GPTQ", bits=_bits, rotate=False)
     ernieq(f"ernieq-w{_bits}-gptq-rot", "GPTQ+rot", method="gptq", bits=_bits, rotate=True)
     ernieq(f"ernieq-w{_bits}-gptq-rot-seq", "GPTQ+rot+seq", method="gptq", bits=_bits, rotate=True, sequential=True)
-ernieq("ernieq-w4-gptq-rot-g64", "GPTQ+rot", method="gptq", bits=4, group_size=64, rotate=True)
+ernieq("ernieq-w4-gptq-rot-g128", "GPTQ+rot", method="gptq", bits=4, group_size=128, rotate=True)
+# the same with float32 scales (4.5 bits per weight): what storing them in float16 costs
+ernieq("ernieq-w4-gptq-rot-f32", "GPTQ+rot", method="gptq", bits=4, rotate=True, swap={"wint4": W4_G64_F32})
 # --bits 2 with the ccq2 experts at 4 bits instead: how close to the unquantized model 4-bit experts get
 ernieq("ernieq-w2-experts-at-w4", "GPTQ+rot", method="gptq", bits=2, rotate=True, swap={"ccq2": W4_G128})
 # peers, on the tensors ernieq puts in the swapped codec; the other tensors as ernieq's recipe (HQQ

@@ -9,7 +9,8 @@
                "wall_seconds", "peak_rss_bytes", "run": RUN_ID}, ...]}
 
 Rows are kept one per setting, in the registry's order; a new run replaces the rows
-it measured and leaves the others (and the runs they came from) as they were.
+it measured and leaves the others (and the runs they came from) as they were, except
+rows of settings no longer registered, which it drops.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def merge_rows(path: Path, result: dict) -> dict:
     run_id = f"{result['run']['date']} {result['run']['commit']}"
     merged["runs"][run_id] = {**result["run"], "calibration": result.get("calibration")}
     fresh = {r["setting"]: {**r, "run": run_id} for r in result["rows"]}
-    rows = [r for r in merged["rows"] if r["setting"] not in fresh] + list(fresh.values())
+    kept = [r for r in merged["rows"] if r["setting"] not in fresh and r["setting"] in SETTINGS]  # not retired
+    rows = kept + list(fresh.values())
     merged["rows"] = sorted(rows, key=lambda r: _order(r["setting"]))
     used = {r["run"] for r in merged["rows"]}
     merged["runs"] = {k: v for k, v in merged["runs"].items() if k in used}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ernieq.config import W4_GROUP_SIZE
 from ernieq.errors import ErnieqError
 from ernieq.model.checkpoint import CheckpointReader, read_json
 from ernieq.model.summary import CheckpointSummary, summarize
@@ -122,7 +123,7 @@ def quantize(
     *,
     bits: int = 4,
     fp8: bool = False,
-    group_size: int = 128,
+    group_size: int | None = W4_GROUP_SIZE,
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     overrides: tuple[str, ...] = (),

@@ -13,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ernieq import api
+from ernieq.config import W4_GROUP_SIZE
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
 
@@ -80,6 +81,16 @@ def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, 
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
 
 
+def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -> Table:
+    """A table of (name, weights, bytes, bits per weight) rows."""
+    table = Table(title=title)
+    for col in (key, "weights", "bytes", "bits/weight"):
+        table.add_column(col, justify="left" if col == key else "right")
+    for name, weights, nbytes, bits in rows:
+        table.add_row(name, f"{weights:,}", _human_bytes(nbytes), f"{bits:.4f}")
+    return table
+
+
 @cli.command()
 @click.argument("model")
 def inspect(model: str) -> None:
@@ -97,21 +108,13 @@ def inspect(model: str) -> None:
     total_bytes = sum(s.bytes for s in summary.layers)
     table.add_row("total", "", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
     console.print(table)
-    classes = Table(title="by tensor class")
-    for col in ("class", "params", "bytes", "bits/weight"):
-        classes.add_column(col, justify="left" if col == "class" else "right")
-    for cls in sorted(summary.params_by_class):
-        classes.add_row(cls, f"{summary.params_by_class[cls]:,}", _human_bytes(summary.bytes_by_class[cls]),
-                        f"{summary.bits_per_weight(cls):.4f}")
-    console.print(classes)
+    classes = [(c, summary.params_by_class[c], summary.bytes_by_class[c], summary.bits_per_weight(c))
+               for c in sorted(summary.params_by_class)]
+    console.print(_bits_table("by tensor class", "class", classes))
     if summary.params_by_codec:
-        codecs = Table(title="by codec (every stored byte, scales included)")
-        for col in ("codec", "weights", "bytes", "bits/weight"):
-            codecs.add_column(col, justify="left" if col == "codec" else "right")
-        for name in sorted(summary.params_by_codec):
-            codecs.add_row(name, f"{summary.params_by_codec[name]:,}", _human_bytes(summary.bytes_by_codec[name]),
-                           f"{summary.codec_bits_per_weight(name):.4f}")
-        console.print(codecs)
+        codecs = [(c, summary.params_by_codec[c], summary.bytes_by_codec[c], summary.codec_bits_per_weight(c))
+                  for c in sorted(summary.params_by_codec)]
+        console.print(_bits_table("by codec (every stored byte, scales included)", "codec", codecs))
     moe = sum(s.kind == "moe" for s in summary.layers)
     dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
@@ -140,8 +143,9 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
                    "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
 @click.option("--fp8", is_flag=True, help="Block FP8 (128x128, float8_e4m3fn) everywhere instead of --bits.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128", "channel"]), default="128", show_default=True,
-              help="wint4 group size along K ('channel': one scale per output channel).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "channel"]), default=str(W4_GROUP_SIZE),
+              show_default=True, help="wint4 group size along K, float16 scales ('channel': one float32 scale per "
+                                      "output channel).")
 @click.option("--sym/--asym", default=True, show_default=True, help="wint4 symmetric, or with a zero point.")
 @click.option("--w4-moe-layers", type=click.IntRange(min=0), default=None,
               help="--bits 2: how many leading MoE layers keep wint4 experts (default: FastDeploy's 300B share, 4 of 51, rounded up).")

@@ -17,6 +17,8 @@ from ernieq.codecs import CodecError, get_codec
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
+# --bits 4's wint4 groups: 64 weights share a float16 scale, 4.25 bits per weight
+W4_GROUP_SIZE = 64
 KEEP = "none"  # an override's codec name that leaves the weight as it is
 # --rotate turns the inputs of the low-bit codecs' weights; a sorted tuple, not a set, so that
 # the recipe's repr (part of the resume fingerprint) is the same in every process
@@ -147,7 +149,7 @@ def default_w4_moe_layers(num_moe_layers: int) -> int:
 def recipe(
     bits: int = 4,
     fp8: bool = False,
-    group_size: int | None = 128,
+    group_size: int | None = W4_GROUP_SIZE,
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     num_moe_layers: int = 0,

@@ -25,7 +25,7 @@ import torch
 import ernieq
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.kernels.rotation import Rotation, make_rotation
-from ernieq.config import QuantConfig, recipe
+from ernieq.config import W4_GROUP_SIZE, QuantConfig, recipe
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
@@ -279,7 +279,8 @@ def _ordinals(source: Path) -> dict[int, int]:
     return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
 
 
-def recipe_for(source: Path, bits: int = 4, fp8: bool = False, group_size: int | None = 128, symmetric: bool = True,
+def recipe_for(source: Path, bits: int = 4, fp8: bool = False, group_size: int | None = W4_GROUP_SIZE,
+               symmetric: bool = True,
                w4_moe_layers: int | None = None, overrides: tuple[str, ...] = (), rotate: bool = False) -> QuantConfig:
     """The ``--bits``/``--fp8`` recipe for the checkpoint at ``source`` (which needs its MoE layer count)."""
     return recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(_ordinals(source)), tuple(overrides), rotate)
@@ -310,7 +311,7 @@ def run_quantize(
     method: str = "rtn",
     bits: int = 4,
     fp8: bool = False,
-    group_size: int = 128,
+    group_size: int | None = W4_GROUP_SIZE,
     symmetric: bool = True,
     w4_moe_layers: int | None = None,
     overrides: tuple[str, ...] = (),

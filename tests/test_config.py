@@ -28,7 +28,7 @@ def test_overrides_come_first_and_parse_parameters():
         "wint4", (("group_size", 32), ("symmetric", False))
     )
     assert cfg.choose("model.layers.1.self_attn.o_proj.weight", att) is None
-    expected = {"group_size": 128, "symmetric": True, "scale_dtype": "float16"}
+    expected = {"group_size": 64, "symmetric": True, "scale_dtype": "float16"}
     assert cfg.choose("model.layers.2.self_attn.q_proj.weight", att).kwargs == expected
 
 

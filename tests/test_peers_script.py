@@ -112,9 +112,8 @@ def test_peers_script_runs_a_setting_in_a_child(tmp_path, demo_routed_dir, wikit
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "ernieq-w4-rtn" and row["method"] == "RTN"
     assert row["tokens"] == 127 and math.isfinite(row["ppl"]) and row["ppl"] > 1
-    (bits,) = row["bits_by_codec"].values()  # fp16 scale per 128; K = 576 ends in a partial group of 64
-    assert list(row["bits_by_codec"]) == ["wint4"] and 4 + 16 / 128 < bits < 4 + 16 / 64
-    assert row["quantized"] == "every linear: wint4:group_size=128,symmetric=True,scale_dtype=float16"
+    assert row["bits_by_codec"] == {"wint4": 4.25}  # a float16 scale per 64 weights; K = 576, 1536 divide
+    assert row["quantized"] == "every linear: wint4:group_size=64,symmetric=True,scale_dtype=float16"
     assert row["wall_seconds"] >= row["quantize_seconds"] + row["eval_seconds"] > 0
     assert row["peak_rss_bytes"] > 100 * 2**20  # the child's own ru_maxrss, in bytes (torch alone is more)
     text = md.read_text()
@@ -133,7 +132,7 @@ def test_a_later_run_replaces_its_rows_and_keeps_the_others(tmp_path):
                         "command": "cmd", "calib_reused": None}, "rows": rows, "calibration": None}
 
     path = tmp_path / "p.json"
-    peers_report.merge_rows(path, result("d1", ["hqq-w2-g64", "unquantized"], 20.0))
+    peers_report.merge_rows(path, result("d1", ["hqq-w2-g64", "unquantized", "a-retired-setting"], 20.0))
     merged = peers_report.merge_rows(path, result("d2", ["ernieq-w2-gptq", "unquantized"], 10.0))
     assert [r["setting"] for r in merged["rows"]] == ["unquantized", "ernieq-w2-gptq", "hqq-w2-g64"]
     assert {r["setting"]: r["run"] for r in merged["rows"]}["hqq-w2-g64"] == "d1 c"

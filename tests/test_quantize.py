@@ -91,7 +91,7 @@ def test_config_records_codecs_and_side_files_are_copied(tiny, tmp_path):
     assert qc["quant_method"] == "ernieq" and qc["format_version"] == 1
     assert qc["modules"]["model.layers.0.self_attn.q_proj"]["codec"] == "wint8"
     assert qc["modules"]["model.layers.0.self_attn.k_proj"] == {
-        "codec": "wint4", "params": {"group_size": 128, "symmetric": True, "clip": True, "scale_dtype": "float16"},
+        "codec": "wint4", "params": {"group_size": 64, "symmetric": True, "clip": True, "scale_dtype": "float16"},
         "shape": [32, 64],
         "rotation": "layers.0.attention.k64"}  # wint4 is stored rotated (and clips) by default; wint8 is not
     assert "rotation" not in qc["modules"]["model.layers.0.self_attn.q_proj"]

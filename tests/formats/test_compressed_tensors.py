@@ -57,14 +57,14 @@ def _ct_config(out) -> dict:
 # K of the tiny model is 64 (attention, gate/up), 96 (dense down_proj) or 32 (expert down_proj):
 # wint4 with G=128 is one partial group per row (channel strategy), G=32 divides every K (group).
 CASES = {
-    "wint4-sym-g128": ({"bits": 4}, "pack-quantized"),
+    "wint4-sym-g128": ({"bits": 4, "group_size": 128}, "pack-quantized"),
     "wint4-asym-g32": ({"bits": 4, "symmetric": False, "group_size": 32}, "pack-quantized"),
     "wint8": ({"bits": 8}, "pack-quantized"),
     "fp8-block128": ({"fp8": True}, "float-quantized"),
     "fp8-channel": ({"fp8": True, "overrides": (".*=fp8:block_size=none",)}, "float-quantized"),
     "wint8-attention+wint4-asym": (
         {"bits": 4, "symmetric": False, "group_size": 32, "overrides": (r"self_attn=wint8",)}, "pack-quantized"),
-    "wint4+fp8-experts": ({"bits": 4, "overrides": (r"mlp\.experts\.=fp8",)}, "mixed-precision"),
+    "wint4+fp8-experts": ({"bits": 4, "group_size": 128, "overrides": (r"mlp\.experts\.=fp8",)}, "mixed-precision"),
 }
 
 
@@ -154,7 +154,7 @@ def test_partial_group_is_refused_with_the_module_named(tiny, tmp_path):
 
 
 def test_codec_without_compressed_tensors_form_is_named(tiny, tmp_path):
-    native = _quantize(tiny, tmp_path, bits=4)
+    native = _quantize(tiny, tmp_path, bits=4, group_size=32)
     config = json.loads((native / "config.json").read_text())
     config["quantization_config"]["modules"]["model.layers.2.mlp.experts.1.up_proj"]["codec"] = "ccq2"
     (native / "config.json").write_text(json.dumps(config))
@@ -170,7 +170,7 @@ def test_codec_without_compressed_tensors_form_is_named(tiny, tmp_path):
     (r"shared_experts\.up_proj=none", r"layers\.1\.mlp\.shared_experts\.gate_up_proj"),
 ])
 def test_modules_vllm_fuses_need_one_scheme(tiny, tmp_path, override, fused):
-    native = _quantize(tiny, tmp_path, bits=4, overrides=(override,))
+    native = _quantize(tiny, tmp_path, bits=4, group_size=32, overrides=(override,))
     with pytest.raises(ErnieqError, match=rf"{fused} runs as one fused module"):
         export_checkpoint(native, tmp_path / "ct", FORMAT)
 
@@ -202,7 +202,7 @@ def test_fp8_schemes_are_compressed_tensors_presets(block_size, preset):
     assert ours.format == "float-quantized"
 
 
-@pytest.mark.parametrize("options", [{"bits": 4, "group_size": 64}, {"bits": 8}])
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}])
 def test_demo_model_export_round_trips_through_compressed_tensors(demo_routed_dir, tmp_path, options):
     """The reduced demo checkpoint (hidden 576, experts of 128): every module comes back bit for bit."""
     native = _quantize(demo_routed_dir, tmp_path, **options)
