@@ -37,6 +37,7 @@ from peers_report import merge_rows, write_markdown
 log = logging.getLogger("peers")
 HERE = Path(__file__).resolve().parent
 BENCHMARKS_MD = HERE / "BENCHMARKS.md"
+README_MD = HERE.parent / "README.md"
 CALIBRATION = "calibration"  # the pseudo-setting of the shared calibration pass
 
 
@@ -173,6 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="Merge the rows into this JSON file.")
     p.add_argument("--markdown", nargs="?", const=BENCHMARKS_MD, default=None, type=Path,
                    help=f"Rewrite the peers section of this file (default {BENCHMARKS_MD.name}) from --out.")
+    p.add_argument("--readme", nargs="?", const=README_MD, default=None, type=Path,
+                   help=f"Rewrite the short table of this file (default {README_MD.name}) from --out.")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
@@ -186,17 +189,24 @@ def main(argv: list[str] | None = None) -> dict | None:
         row = child_calibration(a) if a.child == CALIBRATION else child_setting(a)
         a.result.write_text(json.dumps(row, indent=2) + "\n")
         return None
-    if a.markdown is not None and a.out is None:
-        raise PeersError("--markdown writes the table from the merged --out file: give --out too")
-    if not a.settings:
-        if a.out is None or a.markdown is None or not a.out.exists():
-            raise PeersError("--settings '' only rewrites the markdown: give --markdown and an existing --out")
-        write_markdown(a.markdown, json.loads(a.out.read_text()))
-        return None
-    def publish(result: dict) -> None:
-        merged = merge_rows(a.out, result)
+    wanted = a.markdown is not None or a.readme is not None
+    if wanted and a.out is None:
+        raise PeersError("--markdown/--readme write tables from the merged --out file: give --out too")
+
+    def rewrite(merged: dict) -> None:
         if a.markdown is not None:
             write_markdown(a.markdown, merged)
+        if a.readme is not None:
+            write_markdown(a.readme, merged, summary=True)
+
+    if not a.settings:
+        if not wanted or not a.out.exists():
+            raise PeersError("--settings '' only rewrites the tables: give --markdown or --readme and an existing --out")
+        rewrite(json.loads(a.out.read_text()))
+        return None
+
+    def publish(result: dict) -> None:
+        rewrite(merge_rows(a.out, result))
 
     return run(a, publish if a.out is not None else None)
 

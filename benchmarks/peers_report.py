@@ -21,7 +21,28 @@ from pathlib import Path
 from peer_settings import SETTINGS
 
 BEGIN, END = "<!-- peers:begin -->", "<!-- peers:end -->"
+SUMMARY_BEGIN, SUMMARY_END = "<!-- peers-summary:begin -->", "<!-- peers-summary:end -->"
 BASELINE = "unquantized"
+# the README's short table: setting -> (command, method), in this order
+SUMMARY = {
+    "unquantized": ("demo MoE, unquantized", "-"),
+    "ernieq-w4-rtn": ("`--bits 4`", "RTN"),
+    "ernieq-w4-awq": ("`--bits 4`", "AWQ"),
+    "ernieq-w4-gptq": ("`--bits 4`", "GPTQ"),
+    "ernieq-w4-gptq-rot": ("`--bits 4`", "GPTQ + rotations (default)"),
+    "ernieq-w4-gptq-rot-seq": ("`--bits 4 --sequential`", "GPTQ + rotations, sequential"),
+    "ernieq-w4-gptq-rot-f32": ("`--bits 4`, float32 scales", "GPTQ + rotations"),
+    "ernieq-w4-gptq-rot-g128": ("`--bits 4 --group-size 128`", "GPTQ + rotations"),
+    "hqq-w4-g64": ("`--bits 4`'s tensors, HQQ 4-bit g64 (peer)", "HQQ"),
+    "ernieq-w2-rtn": ("`--bits 2`", "RTN"),
+    "ernieq-w2-awq": ("`--bits 2`", "AWQ"),
+    "ernieq-w2-gptq": ("`--bits 2`", "GPTQ (FastDeploy-exportable)"),
+    "ernieq-w2-gptq-rot": ("`--bits 2`", "GPTQ + rotations (default)"),
+    "ernieq-w2-gptq-rot-seq": ("`--bits 2 --sequential`", "GPTQ + rotations, sequential"),
+    "gptq-int2-g64": ("`--bits 2`'s ccq2 tensors on a plain 2-bit g64 grid, 2.5 bits (peer baseline)", "GPTQ"),
+    "hqq-w2-g64": ("`--bits 2`'s ccq2 tensors, HQQ 2-bit g64 (peer)", "HQQ"),
+    "ernieq-w2-experts-at-w4": ("`--bits 2` with those experts at wint4 g128 instead (a bound check)", "GPTQ + rotations"),
+}
 
 
 class ReportError(RuntimeError):
@@ -94,16 +115,32 @@ def table(merged: dict) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path: Path, merged: dict) -> None:
-    """Replace the text between the peers markers in ``path`` (appended, with markers, when absent)."""
+def summary_table(merged: dict) -> str:
+    """The README's short table: the ``SUMMARY`` settings measured, with bits, perplexity and the change."""
+    rows = {r["setting"]: r for r in merged["rows"]}
+    base = rows.get(BASELINE)
+    lines = ["| setting | method | bits per quantized weight | perplexity | vs unquantized |", "|---|---|---|---|---|"]
+    for name, (command, method) in SUMMARY.items():
+        r = rows.get(name)
+        if r is None:
+            continue
+        change = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f} %" if base and _comparable(r, base) and r is not base else ""
+        lines.append(f"| {command} | {method} | {r['bits_per_weight']:.3f} | {r['ppl']:,.3f} | {change} |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, merged: dict, summary: bool = False) -> None:
+    """Replace the text between the peers markers in ``path`` (the full table; with ``summary`` the
+    short one between the summary markers). The full table is appended with markers when absent."""
+    begin, end = (SUMMARY_BEGIN, SUMMARY_END) if summary else (BEGIN, END)
     text = path.read_text() if path.exists() else ""
-    body = f"{BEGIN}\n{table(merged)}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
+    body = f"{begin}\n{summary_table(merged) if summary else table(merged)}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
         text = head + body + tail
-    elif BEGIN in text or END in text:
-        raise ReportError(f"{path}: only one of the markers {BEGIN} / {END} is present")
+    elif begin in text or end in text or summary:
+        raise ReportError(f"{path}: needs both markers {begin} / {end}")
     else:
         text = text.rstrip("\n") + "\n\n## ernieq beside its peers\n\n" + body + "\n"
     path.write_text(text)
