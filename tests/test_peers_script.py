@@ -138,3 +138,13 @@ def test_a_later_run_replaces_its_rows_and_keeps_the_others(tmp_path):
     assert {r["setting"]: r["run"] for r in merged["rows"]}["hqq-w2-g64"] == "d1 c"
     assert set(merged["runs"]) == {"d1 c", "d2 c"}
     assert "| hqq-w2-g64 | - | x | 32.000 | - | 20.000 | 2.00x |" in peers_report.table(merged)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{peers_report.SUMMARY_BEGIN}\nold\n{peers_report.SUMMARY_END}\nrest\n")
+    peers_report.write_markdown(readme, merged, summary=True)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("rest\n") and "old" not in text
+    assert "| demo MoE, unquantized | - | 32.000 | 10.000 |  |" in text
+    assert "| `--bits 2` | GPTQ (FastDeploy-exportable) | 32.000 | 10.000 | +0.0 % |" in text
+    assert "HQQ 2-bit" in text  # the older run's row stays
+    with pytest.raises(peers_report.ReportError, match="needs both markers"):
+        peers_report.write_markdown(tmp_path / "other.md", merged, summary=True)
