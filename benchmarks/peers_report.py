@@ -34,6 +34,7 @@ SUMMARY = {
     "ernieq-w4-gptq-rot-f32": ("`--bits 4`, float32 scales", "GPTQ + rotations"),
     "ernieq-w4-gptq-rot-g128": ("`--bits 4 --group-size 128`", "GPTQ + rotations"),
     "hqq-w4-g64": ("`--bits 4`'s tensors, HQQ 4-bit g64 (peer)", "HQQ"),
+    "llmcompressor-w4a16": ("`--bits 4`'s tensors, llm-compressor W4A16 g64 (peer)", "GPTQ"),
     "ernieq-w2-rtn": ("`--bits 2`", "RTN"),
     "ernieq-w2-awq": ("`--bits 2`", "AWQ"),
     "ernieq-w2-gptq": ("`--bits 2`", "GPTQ (FastDeploy-exportable)"),
