@@ -6,7 +6,11 @@ Shape legend: N output features, K input features.
 
 - method ``rtn``: the codec's own encoder (round to nearest on its grid, with the
   codec's search; the Hessian diagonal weights that search when there are stats);
-- method ``gptq``: GPTQ's error feedback through the codec (``gptq.py``);
+- method ``gptq``: GPTQ's error feedback through the codec (``gptq.py``), visiting
+  columns by activation order (decreasing H_kk) when the weight is not rotated: a
+  rotation makes the Hessian's diagonal nearly flat, where the order does not help
+  (demo, 12 windows: unrotated ``--bits 4`` 38.76 -> 33.30, ``--bits 2`` 37.01 -> 36.82;
+  rotated ``--bits 4`` 27.50 -> 27.64, so rotated weights keep K order);
 - method ``awq``: round to nearest, after AWQ's per-input-channel scales were
   searched and folded into the weights of the whole tensor group (``awq.py``,
   applied by ``ernieq.quantize``): per weight it is ``rtn``.
@@ -27,14 +31,16 @@ from ernieq.errors import ErnieqError
 from ernieq.kernels.rotation import Rotation
 
 
-def _round_to_nearest(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str) -> QuantizedTensor:
+def _round_to_nearest(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str,
+                      rotated: bool = False) -> QuantizedTensor:
     return codec.encode(weight, stats, name=name)
 
 
-def _gptq(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str) -> QuantizedTensor:
+def _gptq(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str,
+          rotated: bool = False) -> QuantizedTensor:
     from ernieq.calibration.gptq import gptq_encode
 
-    return gptq_encode(codec, weight, stats, name=name)
+    return gptq_encode(codec, weight, stats, name=name, act_order=not rotated)
 
 
 # How a weight is rounded: the codec's own encoder, or GPTQ's error feedback through it.
@@ -65,4 +71,4 @@ def encode_weight(
             raise ErnieqError(f"{name}: a rotation for K={rotation.k} on a weight with K={weight.shape[-1]}")
         weight = rotation.apply(weight.float())  # W R [N, K]
         stats = rotate_stats(stats, rotation)
-    return METHODS[method](codec, weight, stats, name)
+    return METHODS[method](codec, weight, stats, name, rotated=rotation is not None)

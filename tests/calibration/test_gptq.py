@@ -247,3 +247,19 @@ def test_bad_input_fails_loudly():
         gptq_encode(codec, w, CalibrationStats(hessian=torch.eye(64), tokens=4), damp=0.0)
     with pytest.raises(CodecError, match="rounding unit 4"):
         gptq_encode(get_codec("ccq2"), weight(8, 66), CalibrationStats(hessian=torch.eye(66), tokens=4))
+
+
+def test_activation_order_for_unrotated_weights_only():
+    """``--method gptq`` visits columns by activation order unless the weight is rotated."""
+    from ernieq.calibration.rounding import encode_weight, rotate_stats
+    from ernieq.kernels.rotation import make_rotation
+
+    codec, x = get_codec("wint4", group_size=32), correlated(64)
+    w, st = weight(16, 64), stats_of(x)
+    plain, ordered = gptq_encode(codec, w, st), gptq_encode(codec, w, st, act_order=True)
+    assert not torch.equal(plain.tensors["qweight"], ordered.tensors["qweight"])  # the order matters here
+    assert torch.equal(encode_weight(codec, w, st, "w", "gptq").tensors["qweight"], ordered.tensors["qweight"])
+    rot = make_rotation(64)
+    turned = gptq_encode(codec, rot.apply(w), rotate_stats(st, rot))
+    assert torch.equal(encode_weight(codec, w, st, "w", "gptq", rotation=rot).tensors["qweight"],
+                       turned.tensors["qweight"])
