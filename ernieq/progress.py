@@ -28,12 +28,13 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
-def progress_bar(enabled: bool = True) -> Progress:
-    """A transient rich progress bar; ``enabled`` False (or ``--quiet``) shows nothing."""
+def progress_bar(enabled: bool = True, *counts: ProgressColumn) -> Progress:
+    """A transient rich progress bar; ``enabled`` False (or ``--quiet``) shows nothing.
+    ``counts``: the columns after the bar (default: done / total)."""
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        *(counts or (MofNCompleteColumn(),)),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
@@ -61,17 +62,7 @@ class QuantizeProgress:
 
     def __init__(self, enabled: bool, total_weights: int, num_groups: int):
         self.num_groups = num_groups
-        self.bar = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.fields[count]}"),
-            WeightRateColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            disable=_quiet or not enabled,
-            transient=True,
-        )
+        self.bar = progress_bar(enabled, TextColumn("{task.fields[count]}"), WeightRateColumn())
         self.model = self.bar.add_task("quantizing", total=total_weights, count="", rate=True)
         self.group = self.bar.add_task("", total=1, count="", rate=False, visible=False)
         self._group_total = 0
