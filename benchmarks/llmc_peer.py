@@ -70,7 +70,7 @@ def main() -> None:
 
     from ernieq import api
     from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.eval.text import load_text
+    from ernieq.text import load_text
 
     path = api.resolve_model(a.model)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -102,7 +102,7 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of ``model`` on the text source ``data`` (GPTQ/AWQ protocol)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.eval.text import load_text
+    from ernieq.text import load_text
 
     text = load_text(data, split="eval")
     net, tokenizer = load(model)
@@ -205,7 +205,7 @@ def quantize(
 def calibration_tokens(model: str | Path, data: str, tokens: int, seq_len: int) -> torch.Tensor:
     """The calibration split of ``data`` tokenized once and cut into [tokens // seq_len, seq_len] windows."""
     from ernieq.eval.perplexity import tokenize_text
-    from ernieq.eval.text import load_text
+    from ernieq.text import load_text
 
     if tokens < seq_len:
         raise ErnieqError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}")

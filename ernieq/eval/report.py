@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ernieq.errors import ErnieqError
 from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count
 from ernieq.eval.provenance import now_iso, provenance
-from ernieq.eval.text import load_text
+from ernieq.text import load_text
 from ernieq.eval.weight_error import summarize_errors, weight_errors
 from ernieq.formats.native import NativeReader
 from ernieq.model.adapters import LINEAR_CLASSES

