@@ -299,8 +299,8 @@ def publish(
     """A hub-ready folder of QDIR (default: ``QDIR-hub`` beside it): model card from REPORT_DIR's report.json,
     SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given."""
     from ernieq.eval.report import read_report
-    from ernieq.formats.publish import publish as publish_folder
-    from ernieq.formats.publish import push_to_hub as push
+    from ernieq.publish.folder import publish as publish_folder
+    from ernieq.publish.folder import push_to_hub as push
 
     qdir = Path(qdir)
     out = Path(out) if out is not None else qdir.parent / f"{qdir.name}-hub"
@@ -328,7 +328,8 @@ def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128,
     (``smoke``) the perplexity of one short window of built-in text: finite and below ``max_ppl``
     (default: the vocabulary size, what a uniform guess scores)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.formats.publish import SMOKE_TEXT, VerifyError, verify_files
+    from ernieq.publish.folder import SMOKE_TEXT
+    from ernieq.publish.verify import VerifyError, verify_files
 
     folder = Path(folder)
     files = verify_files(folder)
@@ -361,15 +362,15 @@ def bench(
     command: str = "ernieq bench",
 ) -> "Report":  # noqa: F821
     """Time the kernels per codec and shape: the Triton kernels on a CUDA GPU; without one the
-    reference path on the CPU, labelled so (see ``ernieq.kernels.bench``). Returns the table
-    (``ernieq.kernels.bench_report.Report``), also written as markdown to ``out`` when given.
+    reference path on the CPU, labelled so (see ``ernieq.bench.kernels``). Returns the table
+    (``ernieq.bench.report.Report``), also written as markdown to ``out`` when given.
 
     codecs, models ('21b', '300b'), m: None for the defaults of this machine.
     sweep: also time a few tile configurations per case (GPU); save_configs: store the fastest
     in the tile table the launchers read.
     """
-    from ernieq.kernels.bench import BenchOptions, run_bench
-    from ernieq.kernels.bench_inputs import CODECS
+    from ernieq.bench.kernels import BenchOptions, run_bench
+    from ernieq.bench.inputs import CODECS
 
     options = BenchOptions(out=None if out is None else Path(out), quick=quick, budget_s=budget_s,
                            codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,

@@ -68,7 +68,7 @@ class QuantConfig:
     """An ordered list of rules and the recipe's name (recorded in the checkpoint).
 
     rotate: the codecs whose weights are stored turned by an input rotation
-    (``ernieq.kernels.rotation``; the runtime turns their inputs online).
+    (``ernieq.transforms``; the runtime turns their inputs online).
     """
 
     recipe: str

@@ -58,7 +58,7 @@ class WorkItem:
     stats: CalibrationStats | None
     name: str
     method: str
-    rotation: object | None = None  # an ernieq.kernels.rotation.Rotation, passed through to encode_weight
+    rotation: object | None = None  # an ernieq.transforms.Rotation, passed through to encode_weight
 
     @classmethod
     def of(cls, choice: CodecChoice, weight: torch.Tensor, stats, name: str, method: str, rotation=None) -> WorkItem:

@@ -24,7 +24,7 @@ import torch
 
 import ernieq
 from ernieq.codecs import CalibrationStats, CodecError
-from ernieq.kernels.rotation import Rotation, make_rotation
+from ernieq.transforms import Rotation, make_rotation
 from ernieq.config import W4_GROUP_SIZE, QuantConfig, recipe
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError

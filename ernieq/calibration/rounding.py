@@ -14,7 +14,7 @@ Shape legend: N output features, K input features.
   searched and folded into the weights of the whole tensor group (``awq.py``,
   applied by ``ernieq.quantize``): per weight it is ``rtn``.
 
-With a rotation R (``ernieq.kernels.rotation``) the codec encodes W R and the
+With a rotation R (``ernieq.transforms``) the codec encodes W R and the
 statistics are turned with it (Hessian R^T H R; mean |x| no longer applies), so
 the runtime computes (x R) (W R)^T = x W^T.
 """
@@ -27,7 +27,7 @@ import torch
 
 from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor
 from ernieq.errors import ErnieqError
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 
 def _round_to_nearest(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str,
@@ -50,7 +50,8 @@ def rotate_stats(stats: CalibrationStats | None, rotation: Rotation) -> Calibrat
     """What the codec sees of inputs turned by R: Hessian R^T H R [K, K]; mean |x| dropped."""
     if stats is None:
         return None
-    hessian = rotation.conjugate(stats.hessian.double()).float() if stats.hessian is not None else None
+    h = stats.hessian
+    hessian = rotation.to(h.device).conjugate(h.double()).float() if h is not None else None
     return CalibrationStats(hessian=hessian, act_abs_mean=None, tokens=stats.tokens)
 
 
@@ -68,6 +69,7 @@ def encode_weight(
     if rotation is not None:
         if rotation.k != weight.shape[-1]:
             raise ErnieqError(f"{name}: a rotation for K={rotation.k} on a weight with K={weight.shape[-1]}")
+        rotation = rotation.to(weight.device)
         weight = rotation.apply(weight.float())  # W R [N, K]
         stats = rotate_stats(stats, rotation)
     return METHODS[method](codec, weight, stats, name, rotated=rotation is not None)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader, read_json
 
 FORMAT_VERSION = 1

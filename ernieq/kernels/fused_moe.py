@@ -27,7 +27,7 @@ from ernieq.kernels.configs import TileConfig, moe_config
 from ernieq.kernels.dequant_gemm import check_device, dot_dtype, is_interpreted
 from ernieq.kernels.moe_align import moe_align_block_size
 from ernieq.kernels.operands import KernelOperand, operand_for
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 from ernieq.kernels.tiles import accumulate_k_tile, load_code_params
 
 

@@ -38,7 +38,7 @@ import torch
 from ernieq.codecs import QuantizedTensor
 from ernieq.kernels import reference
 from ernieq.kernels.checks import KernelError
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 
 from ernieq.codecs import QuantizedTensor, codec_for, decode
 from ernieq.kernels.checks import check_linear_args, check_moe_args
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

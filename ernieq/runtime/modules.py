@@ -11,7 +11,7 @@ from torch import nn
 
 from ernieq import kernels
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 
 class _Packed(nn.Module):
@@ -32,7 +32,7 @@ class _Packed(nn.Module):
 
 
 class _Turn(nn.Module):
-    """An input rotation's tensors as buffers (see ``ernieq.kernels.rotation``)."""
+    """An input rotation's tensors as buffers (see ``ernieq.transforms``)."""
 
     def __init__(self, rotation: Rotation):
         super().__init__()

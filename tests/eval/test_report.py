@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ernieq import api
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 from ernieq.calibration import load_stats
 from ernieq.codecs import QuantizedTensor, get_codec
 from ernieq.eval.perplexity import PerplexityError, perplexity, tokenize_text

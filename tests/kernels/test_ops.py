@@ -15,7 +15,7 @@ import torch
 from ernieq import kernels
 from ernieq.kernels import KernelError, reference
 from ernieq.kernels.ops import from_op_args, resolve_backend, to_op_args
-from ernieq.kernels.rotation import make_rotation
+from ernieq.transforms import make_rotation
 from tests.kernels.cases import (
     CCQ2_FAST,
     DEVICE,

@@ -22,9 +22,9 @@ from typing import Iterator
 
 import torch
 
-from ernieq.kernels.bench_inputs import CODECS, Model, looped_moe, route, synthetic
-from ernieq.kernels.bench_report import Report, Row, rel_err, timed_row
-from ernieq.kernels.bench_timing import Timer
+from ernieq.bench.inputs import CODECS, Model, looped_moe, route, synthetic
+from ernieq.bench.report import Report, Row, rel_err, timed_row
+from ernieq.bench.timing import Timer
 from ernieq.kernels.configs import TileConfig
 from ernieq.kernels.tile_table import make_entry
 

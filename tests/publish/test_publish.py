@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from ernieq import api
 from ernieq.errors import ErnieqError
 from ernieq.eval.report import read_report
-from ernieq.formats.publish import SUMS_NAME, VerifyError, push_to_hub, verify_files, write_sums
+from ernieq.publish.folder import SUMS_NAME, push_to_hub, write_sums
+from ernieq.publish.verify import VerifyError, verify_files
 from tests.eval.report_case import report_case
 
 

@@ -10,9 +10,15 @@ spread over all K columns), and the runtime turns x by R before the GEMM. Here
 
 with s random signs [K], Q a random orthogonal [m, m] and H_b the Sylvester
 Hadamard matrix [b, b]: for x viewed as X [m, b] (index k = i * b + j),
-x R = Q^T (X ∘ S) H_b / sqrt(b) — O(K (m + b)) per row instead of O(K^2).
-The signs and Q are stored with the checkpoint, so decoding never depends on a
-random generator.
+x R = Q^T (X ∘ S) H_b / sqrt(b). The Hadamard part is a fast Walsh-Hadamard
+transform (:func:`fwht`: log2 b butterfly steps, no matrix), so a row costs
+O(K (m + log b)) instead of O(K^2), and nothing is built on the host per call:
+the signs and Q are module buffers on the device, which makes the transform
+capturable by CUDA graphs and ``torch.compile``. The signs and Q are stored
+with the checkpoint, so decoding never depends on a random generator.
+
+Here, not in ``ernieq.kernels``: calibration (GPTQ on W R with R^T H R), the
+quantize pass, the formats that store rotations and the runtime all use it.
 """
 
 from __future__ import annotations
@@ -30,6 +36,27 @@ def hadamard(b: int) -> torch.Tensor:
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # [[H, H], [H, -H]]
     return h
+
+
+def fwht(x: torch.Tensor) -> torch.Tensor:
+    """x [..., b] -> x H_b / sqrt(b), b a power of two, by log2 b butterfly steps on x's device.
+
+    Step with half-width h: each pair (u, v) of entries h apart becomes (u + v, u - v), which is
+    the Sylvester recursion H_2n = [[H_n, H_n], [H_n, -H_n]] applied from the inside out.
+    Half-precision inputs are transformed in float32 (log2 b additions would round each time).
+    """
+    b = x.shape[-1]
+    if b < 1 or b & (b - 1):
+        raise ValueError(f"Hadamard order {b} is not a power of two")
+    y = x.float() if x.element_size() < 4 else x
+    lead = y.shape[:-1]
+    h = 1
+    while h < b:
+        pairs = y.reshape(*lead, b // (2 * h), 2, h)  # [..., b/2h, 2, h]: u = [..., 0, :], v = [..., 1, :]
+        u, v = pairs[..., 0, :], pairs[..., 1, :]
+        y = torch.stack((u + v, u - v), dim=-2)  # (u + v, u - v)
+        h *= 2
+    return (y.reshape(x.shape) * b**-0.5).to(x.dtype)
 
 
 def power_of_two_block(k: int) -> int:
@@ -52,22 +79,23 @@ class Rotation:
     def block(self) -> int:
         return self.k // self.q.shape[0]
 
-    def _hadamard(self, like: torch.Tensor) -> torch.Tensor:
-        return hadamard(self.block).to(like.device, like.dtype) / self.block**0.5  # H_b / sqrt(b), symmetric
-
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> x R."""
+        """x [..., K] -> x R. signs and q must be on x's device (the runtime keeps them as buffers)."""
         m, b = self.q.shape[0], self.block
-        xs = (x * self.signs.to(x.device, x.dtype)).reshape(*x.shape[:-1], m, b)  # X ∘ S as [.., m, b]
-        y = self.q.to(x.device, x.dtype).T @ (xs @ self._hadamard(x))  # Q^T X H
+        xs = (x * self.signs.to(x.dtype)).reshape(*x.shape[:-1], m, b)  # X ∘ S as [.., m, b]
+        y = self.q.to(x.dtype).T @ fwht(xs)  # Q^T (X ∘ S) H / sqrt(b)
         return y.reshape(x.shape)
 
     def apply_t(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> x R^T (the inverse turn)."""
         m, b = self.q.shape[0], self.block
         xs = x.reshape(*x.shape[:-1], m, b)
-        y = self.q.to(x.device, x.dtype) @ (xs @ self._hadamard(x))  # Q X H^T, H symmetric
-        return y.reshape(x.shape) * self.signs.to(x.device, x.dtype)
+        y = self.q.to(x.dtype) @ fwht(xs)  # Q X H^T / sqrt(b), H symmetric
+        return y.reshape(x.shape) * self.signs.to(x.dtype)
+
+    def to(self, device: torch.device | str) -> Rotation:
+        """The same rotation with its tensors on ``device``."""
+        return Rotation(self.signs.to(device), self.q.to(device))
 
     def conjugate(self, h: torch.Tensor) -> torch.Tensor:
         """A Hessian [K, K] of the inputs x, as seen by the turned inputs x R: R^T h R."""

@@ -16,9 +16,9 @@ from ernieq import api
 from ernieq.cli import cli
 from ernieq.errors import ErnieqError
 from ernieq.kernels import configs, tile_table
-from ernieq.kernels.bench import CPU_LABEL, BenchOptions, run_bench
-from ernieq.kernels.bench_inputs import CODECS
-from ernieq.kernels.bench_report import significant
+from ernieq.bench.kernels import CPU_LABEL, BenchOptions, run_bench
+from ernieq.bench.inputs import CODECS
+from ernieq.bench.report import significant
 from ernieq.kernels.checks import KernelError
 from ernieq.kernels.configs import TileConfig
 

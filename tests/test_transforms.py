@@ -7,7 +7,7 @@ import torch
 
 from ernieq import kernels
 from ernieq.codecs import decode
-from ernieq.kernels.rotation import Rotation, hadamard, make_rotation
+from ernieq.transforms import Rotation, fwht, hadamard, make_rotation
 from tests.kernels.cases import MOE_TOLERANCES, assert_close, encode_stack, seeded
 from tests.kernels.test_moe_align import random_ids
 
@@ -44,6 +44,43 @@ def test_rotation_is_deterministic_and_round_trips_through_tensors():
     assert torch.equal(back.signs, a.signs) and back.block == 64
     with pytest.raises(ValueError, match="K = m"):
         Rotation.from_tensors({"signs": torch.ones(576), "q": torch.eye(5)})
+
+
+@pytest.mark.parametrize("b", [1, 2, 8, 64, 512])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fwht_equals_the_dense_hadamard_product(b, dtype):
+    x = torch.randn(3, 5, b, generator=torch.Generator().manual_seed(b)).to(dtype)
+    want = (x.double() @ hadamard(b).double()) / b**0.5
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fwht(x).double(), want, atol=tol * want.abs().max().item(), rtol=0)
+    assert fwht(x).dtype == dtype
+    with pytest.raises(ValueError, match="power of two"):
+        fwht(torch.ones(2, 12))
+
+
+def test_rotation_builds_nothing_on_the_host():
+    """apply and apply_t make every intermediate on x's device: no host matrix, no host-to-device copy
+    per call (what CUDA graphs and torch.compile need); checked on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.seen.add(t.device.type)
+            return out
+
+    rot = make_rotation(576).to("meta")
+    x = torch.empty(4, 576, device="meta")
+    with Devices() as mode:
+        rot.apply(x)
+        rot.apply_t(x)
+    assert mode.seen == {"meta"}
 
 
 def test_hadamard_rejects_orders_that_are_not_powers_of_two():

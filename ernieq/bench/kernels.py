@@ -45,10 +45,12 @@ from pathlib import Path
 
 import torch
 
+from ernieq.bench import cases as bench_cases
+from ernieq.bench import timing as bench_timing
+from ernieq.bench.inputs import CODECS, MODELS, Model, resolve_codecs, resolve_models
+from ernieq.bench.report import Report
 from ernieq.errors import ErnieqError
-from ernieq.kernels import bench_cases, bench_timing, tile_table
-from ernieq.kernels.bench_inputs import CODECS, MODELS, Model, resolve_codecs, resolve_models
-from ernieq.kernels.bench_report import Report
+from ernieq.kernels import tile_table
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +244,7 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """The script: 0 when every case ran and matched the reference, 1 on failures, 2 without a GPU or on bad input."""
-    p = argparse.ArgumentParser(description="GPU benchmark of ernieq's Triton kernels (see ernieq.kernels.bench)")
+    p = argparse.ArgumentParser(description="GPU benchmark of ernieq's Triton kernels (see ernieq.bench.kernels)")
     p.add_argument("--out", type=Path, required=True, help="markdown file to write")
     p.add_argument("--quick", action="store_true", help="M in {1, 16, 4096} only")
     p.add_argument("--budget-s", type=float, default=420.0, help="start no new case after this many seconds")
