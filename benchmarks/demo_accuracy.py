@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import int2_baseline  # noqa: F401  (registers the int2-g64 baseline codec)
 from ernieq import api
+from ernieq.provenance import git_commit
 
 SETTINGS = {
     "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
@@ -35,14 +35,6 @@ SETTINGS = {
     # round-to-nearest 2-bit g64 asymmetric grid (int2_baseline.py)
     "w2-int2g64": {"bits": 2, "overrides": (r"layers\.([4-9]|[12]\d)\.mlp\.experts\.=int2g64",)},
 }
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -75,7 +67,7 @@ def main() -> None:
                          "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
-    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {commit()}, "
+    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "
               f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
     lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | time vs unquantized |",
              "|---|---|---|---|---|---|---|"]

@@ -104,7 +104,7 @@ def moe_layers(model: Path) -> list[int]:
 
 def swapped_recipe(model: Path, swap: dict[str, CodecChoice], **recipe_kwargs) -> QuantConfig:
     """ernieq's recipe for ``model`` with every rule choosing codec X choosing ``swap[X]`` instead."""
-    base = recipe(num_moe_layers=len(moe_layers(model)), **recipe_kwargs)
+    base = recipe(num_moe_layers=len(moe_layers(model)), **recipe_kwargs)  # QuantizeOptions fields
     found = {r.choice.codec for r in base.rules if r.choice is not None}
     absent = set(swap) - found
     if absent:

@@ -5,6 +5,7 @@ Everything the command line does is callable from here, without a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ernieq.config import W4_GROUP_SIZE
+from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.errors import ErnieqError
 from ernieq.model.checkpoint import CheckpointReader, read_json
 from ernieq.model.summary import CheckpointSummary, summarize
@@ -22,7 +23,6 @@ from ernieq.model.summary import CheckpointSummary, summarize
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
-NATIVE_FORMAT = "native"
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -116,84 +116,62 @@ def evaluate(
     return result
 
 
-def quantize(
-    model: str | Path,
-    out: str | Path,
-    config: "QuantConfig | None" = None,  # noqa: F821
-    *,
-    bits: int = 4,
-    fp8: bool = False,
-    group_size: int | None = W4_GROUP_SIZE,
-    symmetric: bool = True,
-    w4_moe_layers: int | None = None,
-    overrides: tuple[str, ...] = (),
-    calib_data: str | None = None,
-    calib: str | Path | None = None,
-    calib_tokens: int = 64 * 512,
-    calib_seq_len: int = 512,
-    all_experts: bool = False,
-    method: str | None = None,
-    rotate: bool | None = None,
-    sequential: bool = False,
-    format: str = NATIVE_FORMAT,
-    overwrite: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-) -> "QuantizeSummary":  # noqa: F821
+def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = None,  # noqa: F821
+             options: QuantizeOptions | None = None, **fields) -> "QuantizeSummary":  # noqa: F821
     """Encode every linear weight of MODEL's decoder layers and write the checkpoint to OUT.
 
+    ``options`` (a :class:`ernieq.config.QuantizeOptions`; keyword ``fields`` replace its fields:
+    ``quantize("demo", "q2", bits=2)``) say how; ``config`` replaces the ``--bits`` preset's recipe.
     The checkpoint is read and written one tensor group (a layer's attention, a
     layer's MLP or MoE block) at a time; the output appears at OUT only when
-    complete. ``format`` other than native converts the native result at the end.
+    complete. A format other than native converts the native result at the end.
     Calibration statistics come from ``calib`` (a saved ``ernieq calibrate`` folder)
     or are collected from ``calib_data``; ``method`` defaults to GPTQ with
     statistics and round-to-nearest without. ``rotate``: store the wint4 and ccq2
     weights turned by input rotations the runtime applies (default: on for the
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
-    ``workers``: encoder processes on the CPU (default: every usable core). A
-    killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     """
     from ernieq.formats.registry import export_checkpoint, get_format
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
+    o = with_fields(options, fields)
     out = Path(out)
     source = resolve_model(model)
-    if calib_data is not None and calib is not None:
+    if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
-    if rotate is None:
-        rotate = format == NATIVE_FORMAT
-    elif rotate and format != NATIVE_FORMAT:
-        raise ErnieqError(f"--rotate: the {format} format cannot carry online input rotations (use --no-rotate)")
-    if sequential and calib_data is None:
+    if o.rotate is None:
+        o = dataclasses.replace(o, rotate=o.format == NATIVE_FORMAT)
+    elif o.rotate and o.format != NATIVE_FORMAT:
+        raise ErnieqError(f"--rotate: the {o.format} format cannot carry online input rotations (use --no-rotate)")
+    if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     if config is None:
-        config = recipe_for(source, bits, fp8, group_size, symmetric, w4_moe_layers, overrides, rotate)
+        config = recipe_for(source, o)
     stats, calib_dir = None, None
-    if calib is not None:
+    if o.calib is not None:
         from ernieq.calibration import load_stats
 
-        stats = load_stats(calib)
-    elif calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
+        stats = load_stats(o.calib)
+    elif o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
         calib_dir = out.parent / f".{out.name}.ernieq-calib"
-        plan = sequential_plan(source, config, method or "gptq") if sequential else None
-        stats = calibrate(source, calib_data, tokens=calib_tokens, seq_len=calib_seq_len, all_experts=all_experts,
-                          out=calib_dir, progress=progress, sequential=plan)
-    method = method or ("gptq" if stats is not None else "rtn")
-    if method != "rtn" and stats is None:
-        raise ErnieqError(f"--method {method} needs calibration statistics (--calib-data SRC or --calib DIR)")
-    options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric, w4_moe_layers=w4_moe_layers,
-                   overrides=overrides, progress=progress, calib=stats, method=method, workers=workers)
+        plan = sequential_plan(source, config, o.method or "gptq") if o.sequential else None
+        stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
+                          all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan)
+    o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
+    if o.method != "rtn" and stats is None:
+        raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
     try:
-        if format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, overwrite=overwrite, **options)
-        get_format(format)  # an unknown name fails before any work
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if o.format == NATIVE_FORMAT:
+            return run_quantize(source, out, config, o, calib=stats)
+        get_format(o.format)  # an unknown name fails before any work
+        if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
-            summary = run_quantize(source, native, config, overwrite=True, **options)
-            export_checkpoint(native, out, format, overwrite=overwrite)
+            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
+            export_checkpoint(native, out, o.format, overwrite=o.overwrite)
         finally:
             shutil.rmtree(native, ignore_errors=True)
         return summary

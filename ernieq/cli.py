@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ernieq import api
-from ernieq.config import W4_GROUP_SIZE
+from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
 
@@ -187,11 +187,11 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
     already written and gives the same bytes."""
     group = None if group_size == "channel" else int(group_size)
-    summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=group, symmetric=sym,
-                           w4_moe_layers=w4_moe_layers, overrides=overrides, calib_data=calib_data, calib=calib,
-                           calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                           method=method, rotate=rotate, sequential=sequential, format=fmt, workers=workers,
-                           overwrite=overwrite)
+    options = QuantizeOptions(bits=int(bits), fp8=fp8, group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
+                              overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
+                              calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
+                              sequential=sequential, format=fmt, overwrite=overwrite, workers=workers)
+    summary = api.quantize(model, out, options=options)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
     for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):

@@ -10,8 +10,10 @@ decoder layers reach the rules.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ernieq.codecs import CodecError, get_codec
 from ernieq.errors import ErnieqError
@@ -19,6 +21,7 @@ from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
 # --bits 4's wint4 groups: 64 weights share a float16 scale, 4.25 bits per weight
 W4_GROUP_SIZE = 64
+NATIVE_FORMAT = "native"
 KEEP = "none"  # an override's codec name that leaves the weight as it is
 # --rotate turns the inputs of the low-bit codecs' weights; a sorted tuple, not a set, so that
 # the recipe's repr (part of the resume fingerprint) is the same in every process
@@ -146,20 +149,50 @@ def default_w4_moe_layers(num_moe_layers: int) -> int:
     return min(num_moe_layers, max(1, -(-4 * num_moe_layers // 51)))
 
 
-def recipe(
-    bits: int = 4,
-    fp8: bool = False,
-    group_size: int | None = W4_GROUP_SIZE,
-    symmetric: bool = True,
-    w4_moe_layers: int | None = None,
-    num_moe_layers: int = 0,
-    overrides: tuple[str, ...] = (),
-    rotate: bool = False,
-) -> QuantConfig:
-    """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front; ``rotate``
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``ernieq quantize`` takes besides MODEL, OUT and an explicit :class:`QuantConfig`.
+
+    The preset (bits .. rotate) builds the recipe (:func:`recipe`); rotate None means on for the
+    native format, which alone can carry rotations. method None: GPTQ with statistics, round to
+    nearest without. calib_data collects statistics first, calib reuses saved ones; sequential
+    calibrates each layer on the quantized layers before it. workers: encoder processes on the CPU
+    (None: every usable core).
+    """
+
+    bits: int = 4
+    fp8: bool = False
+    group_size: int | None = W4_GROUP_SIZE
+    symmetric: bool = True
+    w4_moe_layers: int | None = None
+    overrides: tuple[str, ...] = ()
+    rotate: bool | None = None
+    method: str | None = None
+    calib_data: str | None = None
+    calib: str | Path | None = None
+    calib_tokens: int = 64 * 512
+    calib_seq_len: int = 512
+    all_experts: bool = False
+    sequential: bool = False
+    format: str = NATIVE_FORMAT
+    overwrite: bool = False
+    progress: bool = True
+    workers: int | None = None
+
+
+def with_fields(options: QuantizeOptions | None, fields: dict) -> QuantizeOptions:
+    """``options`` (default: the defaults) with some fields replaced; an unknown field is a TypeError."""
+    return dataclasses.replace(options or QuantizeOptions(), **fields)
+
+
+def recipe(options: QuantizeOptions | None = None, num_moe_layers: int = 0, **fields) -> QuantConfig:
+    """The recipe for ``--bits``/``--fp8`` (``options`` with ``fields`` replaced), with ``--override`` rules in front; ``rotate``
     stores the ``wint4`` and ``ccq2`` weights turned by input rotations, and lets symmetric
     ``wint4`` clip (rotated weights look Gaussian, where clipping pays). Grouped ``wint4`` stores
     float16 scales, as GPTQ checkpoints do: 4.25 bits per weight at G = 64, 4.125 at G = 128."""
+    options = with_fields(options, fields)
+    bits, fp8, group_size, symmetric = options.bits, options.fp8, options.group_size, options.symmetric
+    w4_moe_layers, rotate = options.w4_moe_layers, bool(options.rotate)
     clip = (("clip", True),) if rotate and symmetric else ()
     half = (("scale_dtype", "float16"),) if group_size else ()
     wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip + half)
@@ -184,7 +217,7 @@ def recipe(
     for rule in base:
         if rule.choice is not None:
             validate(rule.choice, f"recipe {name}")
-    rules = tuple(parse_override(o) for o in overrides) + tuple(base)
+    rules = tuple(parse_override(o) for o in options.overrides) + tuple(base)
     if rotate:
         return QuantConfig(f"{name}-rot", rules, ROTATED_CODECS)
     return QuantConfig(name, rules)

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "ernieq"
 
 # unit (a subpackage or a top-level module of ernieq) -> floor; lower floors never import higher ones
 FLOORS = {
-    "errors": 0, "codecs": 0, "text": 0, "progress": 0, "killpoints": 0, "device": 0, "distributed": 0,
+    "errors": 0, "codecs": 0, "text": 0, "progress": 0, "killpoints": 0, "provenance": 0, "device": 0,
+    "distributed": 0,
     "model": 1,
     "config": 2, "transforms": 2, "kernels": 2,
     "runtime": 3, "calibration": 3, "formats": 3,

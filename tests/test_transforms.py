@@ -99,7 +99,7 @@ def test_moe_turns_h_by_the_down_rotation(backend):
     rot = make_rotation(i)
     x = torch.randn(t, h, generator=gen)
     ids, weights = random_ids(t, a, e, gen), torch.rand(t, a, generator=gen)
-    got = kernels.moe(x, ids, weights, gate, up, down, backend=backend, down_rotation=rot)
+    got = kernels.moe(x, ids, weights, kernels.MoEWeights(gate, up, down, rot), backend=backend)
     want = torch.zeros(t, h)
     for tok in range(t):
         for slot in range(a):
@@ -107,5 +107,5 @@ def test_moe_turns_h_by_the_down_rotation(backend):
             hid = torch.nn.functional.silu(x[tok] @ decode(gate.expert(k)).T) * (x[tok] @ decode(up.expert(k)).T)
             want[tok] += weights[tok, slot] * (rot.apply(hid) @ decode(down.expert(k)).T)
     assert_close(got, want, MOE_TOLERANCES[torch.float32])
-    plain = kernels.moe(x, ids, weights, gate, up, down, backend="reference")
+    plain = kernels.moe(x, ids, weights, kernels.MoEWeights(gate, up, down), backend="reference")
     assert (plain - got).abs().max() > 1e-3 * want.abs().max()  # the rotation changed the result

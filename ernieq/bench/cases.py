@@ -25,6 +25,7 @@ import torch
 from ernieq.bench.inputs import CODECS, Model, looped_moe, route, synthetic
 from ernieq.bench.report import Report, Row, rel_err, timed_row
 from ernieq.bench.timing import Timer
+from ernieq.kernels.args import MoEWeights
 from ernieq.kernels.configs import TileConfig
 from ernieq.kernels.tile_table import make_entry
 
@@ -50,8 +51,8 @@ def _reference_kernels():
     def linear(x, q, config=None):
         return reference.linear(x, q)
 
-    def moe(x, ids, w, gate, up, down, config=None):
-        return reference.moe(x, ids, w, gate, up, down)
+    def moe(x, ids, w, weights, config=None):
+        return reference.moe(x, ids, w, weights)
 
     return linear, moe
 
@@ -268,7 +269,7 @@ def moe_cases(plan: Plan, model: Model, m_list, codecs: list[str], report: Repor
             try:
                 if t not in batches:
                     batches[t] = _moe_inputs(plan, model, t, base_cache, report)
-                report.rows.append(_moe_codec_row(plan, moe, model, batches[t], gate, up, down))
+                report.rows.append(_moe_codec_row(plan, moe, model, batches[t], MoEWeights(gate, up, down)))
             except Exception as exc:  # noqa: BLE001
                 report.rows.append(_error(model.name, "MoE layer", codec, t, "", exc))
             report.write()
@@ -276,40 +277,42 @@ def moe_cases(plan: Plan, model: Model, m_list, codecs: list[str], report: Repor
         _free_cache(plan.device)
 
 
-def _moe_codec_row(plan: Plan, moe, model: Model, batch: MoeInputs, gate, up, down) -> Row:
+def _moe_codec_row(plan: Plan, moe, model: Model, batch: MoeInputs, weights: MoEWeights) -> Row:
     """Check (small T), time and, with --sweep, tune the MoE layer on ``batch``."""
     x, ids, w = batch.x, batch.ids, batch.weights
+    gate, up, down = weights.projections
     t, (e, i, h), a = x.shape[0], gate.shape, ids.shape[1]
-    err = _moe_error(plan, moe, x, ids, w, gate, up, down)
-    ms = plan.timer(lambda: moe(x, ids, w, gate, up, down))
+    err = _moe_error(plan, moe, x, ids, w, weights)
+    ms = plan.timer(lambda: moe(x, ids, w, weights))
     notes = [f"{batch.active} experts active", _check(err)]
     if plan.sweep:
-        notes.append(_sweep_moe(plan, moe, x, ids, w, gate, up, down, ms))
+        notes.append(_sweep_moe(plan, moe, x, ids, w, weights, ms))
     nbytes = batch.active * (gate.nbytes + up.nbytes + down.nbytes) / e + batch.act_bytes(i)  # active experts only
     return timed_row(model.name, "MoE layer", gate.codec, t, ms, 6 * t * a * h * i, nbytes, plan.bandwidth_gbps,
                      batch.base_ms, err, "; ".join(n for n in notes if n))  # fmt: skip
 
 
-def _moe_error(plan: Plan, moe, x, ids, w, gate, up, down, config: TileConfig | None = None) -> float | None:
+def _moe_error(plan: Plan, moe, x, ids, w, weights: MoEWeights, config: TileConfig | None = None) -> float | None:
     if x.shape[0] > plan.check_max_m:
         return None
     from ernieq.kernels import reference
 
-    return rel_err(moe(x, ids, w, gate, up, down, config=config), reference.moe(x, ids, w, gate, up, down))
+    return rel_err(moe(x, ids, w, weights, config=config), reference.moe(x, ids, w, weights))
 
 
-def _sweep_moe(plan: Plan, moe, x, ids, w, gate, up, down, default_ms: float) -> str:
+def _sweep_moe(plan: Plan, moe, x, ids, w, weights: MoEWeights, default_ms: float) -> str:
     """As ``_sweep_dense`` for the fused MoE, keyed by M = T * A pairs, N = I, K = H."""
     from ernieq.kernels.configs import moe_config
     from ernieq.kernels.dequant_gemm import is_interpreted
 
+    gate = weights.gate
     e, inter, hidden = gate.shape
     pairs = ids.numel()
     default = moe_config(pairs, e, x.device, is_interpreted(), codec=gate.codec, n=inter, k=hidden)
-    timed = [(default_ms, default)] + [(plan.timer(lambda c=c: moe(x, ids, w, gate, up, down, config=c)), c)
+    timed = [(default_ms, default)] + [(plan.timer(lambda c=c: moe(x, ids, w, weights, config=c)), c)
                                        for c in moe_sweep_configs() if c != default]  # fmt: skip
     best_ms, best = min(timed, key=lambda p: p[0])
-    if _check(_moe_error(plan, moe, x, ids, w, gate, up, down, best)):
+    if _check(_moe_error(plan, moe, x, ids, w, weights, best)):
         return f"FAIL: sweep winner {best} above the error bound"
     plan.tuned.append(make_entry("moe", plan.gpu, gate.codec, pairs, inter, hidden, best,
                                  us=round(best_ms * 1e3, 2), default_us=round(default_ms * 1e3, 2),

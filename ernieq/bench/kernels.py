@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.metadata
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +49,7 @@ from ernieq.bench.inputs import CODECS, MODELS, Model, resolve_codecs, resolve_m
 from ernieq.bench.report import Report
 from ernieq.errors import ErnieqError
 from ernieq.kernels import tile_table
+from ernieq.provenance import git_commit, package_versions
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +162,7 @@ def run_bench(options: BenchOptions) -> Report:
     device = torch.device(mode.device)
     gpu = _device_name(device, mode_name)
     bandwidth = bench_timing.copy_bandwidth_gbps(device, mode.copy_bytes, mode.timer)
-    source = f"{options.command}; {_today()}; commit {_commit()}"  # recorded with every saved tile config
+    source = f"{options.command}; {_today()}; commit {git_commit()}"  # recorded with every saved tile config
     plan = bench_cases.Plan(device, mode.backend, mode.timer, mode.act_dtype, mode.baselines, mode.check_max_m,
                             bandwidth, start + options.budget_s, torch.Generator(device=device).manual_seed(0),
                             sweep=options.sweep, gpu=gpu, source=source)  # fmt: skip
@@ -207,8 +206,8 @@ def _header(options: BenchOptions, mode_name: str, gpu: str, bandwidth: float, c
         lines.append(f"- GPU: {gpu}; measured {memory} copy bandwidth {bandwidth:.0f} GB/s")
     checked = " (not checked on the CPU)" if mode.check_max_m == 0 else f", M <= {mode.check_max_m}"
     return lines + [
-        f"- date: {_today()}; commit: {_commit()}",
-        f"- torch {torch.__version__}, triton {_version('triton')}, python {platform.python_version()}",
+        f"- date: {_today()}; commit: {git_commit()}",
+        f"- torch {torch.__version__}, triton {package_versions()['triton']}, python {platform.python_version()}",
         f"- command: `{options.command}`",
         "- weights synthetic in each codec's layout: " + ", ".join(f"{c} {CODECS[c]}" for c in codecs),
         f"- speed-up: over {mode.baseline_note}; GB/s counts weight bytes read (active experts only) plus "
@@ -218,21 +217,6 @@ def _header(options: BenchOptions, mode_name: str, gpu: str, bandwidth: float, c
 
 def _today() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
 
 
 # ---- the GPU script's command line (benchmarks/bench_kernels.py) ---------------------------------

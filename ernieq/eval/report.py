@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ernieq.errors import ErnieqError
 from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count
-from ernieq.eval.provenance import now_iso, provenance
+from ernieq.provenance import now_iso, provenance
 from ernieq.text import load_text
 from ernieq.eval.weight_error import summarize_errors, weight_errors
 from ernieq.formats.native import NativeReader

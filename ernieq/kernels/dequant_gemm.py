@@ -18,10 +18,10 @@ import triton
 import triton.language as tl
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.checks import KernelError, check_linear_args
+from ernieq.kernels.args import KernelError, check_linear_args
 from ernieq.kernels.configs import TileConfig, linear_config
 from ernieq.kernels.operands import KernelOperand, operand_for
-from ernieq.kernels.tiles import accumulate_k_tile, load_code_params
+from ernieq.kernels.tiles import accumulate_k_tile, grouped_tile, load_code_params
 
 
 @triton.jit
@@ -44,14 +44,7 @@ def _linear_kernel(
     """Program (pid, pid_k) computes y[BLOCK_M, BLOCK_N] over its K slice (all of K when SPLIT_K = 1)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    # grouped ordering: GROUP_M row tiles sweep the N tiles together, so W tiles are reused from L2
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(pid, (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]

@@ -21,28 +21,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.checks import KernelError, check_moe_args
+from ernieq.kernels.args import KernelError, MoEWeights, check_moe_args
 from ernieq.kernels.configs import TileConfig, moe_config
 from ernieq.kernels.dequant_gemm import check_device, dot_dtype, is_interpreted
 from ernieq.kernels.moe_align import moe_align_block_size
 from ernieq.kernels.operands import KernelOperand, operand_for
-from ernieq.transforms import Rotation
-from ernieq.kernels.tiles import accumulate_k_tile, load_code_params
+from ernieq.kernels.tiles import accumulate_k_tile, grouped_tile, load_code_params
 
 
 @triton.jit
 def _expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's block: (pair ids [BM], pair mask [BM], expert, offs_n [BN], n mask, live)."""
-    pid = tl.program_id(0)
-    num_pid_m = (EM + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    pids_per_group = GROUP_M * num_pid_n
-    first_m = (pid // pids_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % pids_per_group) % group_rows
-    pid_n = (pid % pids_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), (EM + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N, GROUP_M)
 
     live = pid_m * BLOCK_M < tl.load(num_post_ptr)  # blocks past the padded total do nothing
     pairs = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]
@@ -151,20 +142,18 @@ def moe(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    gate: QuantizedTensor,
-    up: QuantizedTensor,
-    down: QuantizedTensor,
+    weights: MoEWeights,
     config: TileConfig | None = None,
-    down_rotation: Rotation | None = None,
 ) -> torch.Tensor:
     """The routed experts of one layer, fused.
 
-    x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A];
-    gate, up: shape (E, I, H), one codec and params; down: shape (E, H, I), any codec.
-    Returns [T, H] in x.dtype. config: tiles (default ``ernieq.kernels.configs.moe_config``); split_k is ignored.
-    down_rotation: R [I, I] that down was stored turned by (down_e R): h is turned by R between the kernels.
+    x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A]; weights: gate, up (E, I, H)
+    of one codec and params, down (E, H, I) of any codec, and down's rotation R, by which h is
+    turned between the kernels. Returns [T, H] in x.dtype.
+    config: tiles (default ``ernieq.kernels.configs.moe_config``); split_k is ignored.
     """
-    check_moe_args(x, topk_ids, topk_weights, gate, up, down)
+    check_moe_args(x, topk_ids, topk_weights, weights)
+    gate, up, down = weights.projections
     if gate.codec != up.codec or gate.params != up.params:
         raise KernelError(
             f"fused moe: gate and up must share codec and params, got {gate.codec}{gate.params} "
@@ -198,8 +187,8 @@ def moe(
         *gu_strides, TOP_K=a, **gu_consts, **meta,
     )  # fmt: skip
 
-    if down_rotation is not None:
-        h = down_rotation.apply(h).contiguous()  # h R, for down stored as down_e R
+    if weights.down_rotation is not None:
+        h = weights.down_rotation.apply(h).contiguous()  # h R, for down stored as down_e R
     o = torch.empty((p, hidden), dtype=torch.float32, device=x.device)  # [P, H]
     d_strides, d_consts = _quant_args(d_op, *d_op.block_k(cfg.block_k))
     _moe_down_kernel[(triton.cdiv(em, cfg.block_m) * triton.cdiv(hidden, cfg.block_n),)](

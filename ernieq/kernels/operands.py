@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.checks import KernelError
+from ernieq.kernels.args import KernelError
 
 # The codec ids of ernieq.kernels.tiles (WINT8, WINT4, FP8, CCQ2).
 CODEC_IDS = {"wint8": 0, "wint4": 1, "fp8": 2, "ccq2": 3}

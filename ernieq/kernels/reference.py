@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from ernieq.codecs import QuantizedTensor, codec_for, decode
-from ernieq.kernels.checks import check_linear_args, check_moe_args
-from ernieq.transforms import Rotation
+from ernieq.kernels.args import MoEWeights, check_linear_args, check_moe_args
 
 
 def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,29 +28,21 @@ def linear(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | None = None
     return y.to(x.dtype)
 
 
-def moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate: QuantizedTensor,
-    up: QuantizedTensor,
-    down: QuantizedTensor,
-    down_rotation: Rotation | None = None,
-) -> torch.Tensor:
+def moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights) -> torch.Tensor:
     """out[t] = sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, a].
 
-    x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A];
-    gate, up: shape (E, I, H); down: shape (E, H, I). Returns [T, H] in x.dtype.
-    down_rotation: R [I, I] that down was stored turned by (down_e R): h is turned by R first.
+    x: float [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A]; weights: gate, up (E, I, H),
+    down (E, H, I) and down's rotation R, by which h is turned first. Returns [T, H] in x.dtype.
     Loops over the experts that received tokens, like vLLM's test ``torch_moe``.
     """
-    check_moe_args(x, topk_ids, topk_weights, gate, up, down)
+    check_moe_args(x, topk_ids, topk_weights, weights)
+    down_rotation = weights.down_rotation
     xf = x.float()  # [T, H]
     out = torch.zeros_like(xf)  # [T, H]
-    codecs = [codec_for(w) for w in (gate, up, down)]
+    codecs = [codec_for(w) for w in weights.projections]
     for e in torch.unique(topk_ids).tolist():
         t_idx, a_idx = torch.nonzero(topk_ids == e, as_tuple=True)  # [T_e], [T_e]
-        w_gate, w_up, w_down = (c.decode(w.expert(e)).to(x.device) for c, w in zip(codecs, (gate, up, down)))
+        w_gate, w_up, w_down = (c.decode(w.expert(e)).to(x.device) for c, w in zip(codecs, weights.projections))
         xe = xf[t_idx]  # [T_e, H]
         h = torch.nn.functional.silu(xe @ w_gate.T) * (xe @ w_up.T)  # [T_e, I]: silu(gate x) * up x
         if down_rotation is not None:

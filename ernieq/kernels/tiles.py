@@ -41,6 +41,18 @@ CCQ2_BYTE_ROWS = tl.constexpr(16)  # 64 rows / 4 weights per byte
 
 
 @triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row tiles sweep the N tiles
+    together, so the weight tiles they share are reused from L2 (the Triton matmul tutorial's order)."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def load_x(x_rows, row_mask, ks, K, stride_xk):
     """x_rows: [BM, 1] row pointers; ks: [BK] k indices. Returns x[:, ks], zero outside K."""
     return tl.load(x_rows + ks[None, :] * stride_xk, mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)

@@ -19,7 +19,7 @@ from ernieq.kernels import configs, tile_table
 from ernieq.bench.kernels import CPU_LABEL, BenchOptions, run_bench
 from ernieq.bench.inputs import CODECS
 from ernieq.bench.report import significant
-from ernieq.kernels.checks import KernelError
+from ernieq.kernels.args import KernelError
 from ernieq.kernels.configs import TileConfig
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU reference run; a GPU runs the kernels")
@@ -162,9 +162,25 @@ def test_a_bad_table_fails_loudly(table):
         tile_table.lookup("linear", "Test GPU", "wint8", 1, 64, 64)
 
 
-def test_the_shipped_table_is_valid():
-    for entry in tile_table.read_table(tile_table.DEFAULT_TABLE):
-        TileConfig(**entry["config"])
+def test_the_shipped_table_loads_and_the_loader_refuses_bad_entries(tmp_path):
+    """Every shipped entry builds a TileConfig (empty until a GPU sweep fills it); the loader reads a
+    written entry back by its key and names the file for a bad config or an unknown kernel."""
+    assert all(isinstance(c, TileConfig) for c in tile_table._loaded(str(tile_table.DEFAULT_TABLE)).values())
+    path = tmp_path / "tiles.json"
+    cfg = TileConfig(block_m=16, block_n=32, block_k=64, group_m=4)
+    tile_table.save_entries([tile_table.make_entry("linear", "Test GPU", "wint8", 3, 64, 128, cfg)], path)
+    assert tile_table.lookup("linear", "Test GPU", "wint8", 4, 64, 128, path) == cfg  # m = 3 and 4: bucket 4
+    assert tile_table.lookup("linear", "Test GPU", "wint8", 5, 64, 128, path) is None
+    data = json.loads(path.read_text())
+    data["entries"][0]["config"]["block_m"] = "sixteen"
+    path.write_text(json.dumps(data))
+    tile_table._loaded.cache_clear()
+    with pytest.raises(KernelError, match="tiles.json: bad tile config"):
+        tile_table.lookup("linear", "Test GPU", "wint8", 4, 64, 128, path)
+    data["entries"][0]["kernel"] = "conv"
+    path.write_text(json.dumps(data))
+    with pytest.raises(KernelError, match="unknown kernel"):
+        tile_table.read_table(path)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU stand-in for the GPU sweep")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ernieq.codecs import decode
-from ernieq.kernels import reference
+from ernieq.kernels import MoEWeights, reference
 from ernieq.kernels.dequant_gemm import linear
 from ernieq.kernels.fused_moe import moe
 from tests.kernels.cases import DEVICE, MOE_TOLERANCES, TOLERANCES, assert_close, seeded
@@ -37,8 +37,9 @@ def test_synthetic_weights_decode_and_match_the_kernels(codec):
     gate, up, down = (bench.synthetic(codec, bench.CODECS[codec], s, DEVICE, gen) for s in shapes)
     x = torch.randn(3, 64, generator=seeded(codec, "moe")).to(DEVICE, torch.bfloat16)
     ids, w = bench.route(3, 4, 2, DEVICE, gen)
-    want = reference.moe(x, ids, w, gate, up, down)
-    assert_close(moe(x, ids, w, gate, up, down), want, MOE_TOLERANCES[torch.bfloat16])
+    experts = MoEWeights(gate, up, down)
+    want = reference.moe(x, ids, w, experts)
+    assert_close(moe(x, ids, w, experts), want, MOE_TOLERANCES[torch.bfloat16])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")

@@ -1,4 +1,4 @@
-"""Argument checks shared by the reference path and the Triton launchers.
+"""What the kernels take, and the argument checks shared by the reference path and the Triton launchers.
 
 Shape legend: T tokens, E experts, A active experts per token, K input features,
 N output features, H hidden size, I expert intermediate size, M rows of x.
@@ -6,10 +6,13 @@ N output features, H hidden size, I expert intermediate size, M rows of x.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ernieq.codecs import QuantizedTensor
 from ernieq.errors import ErnieqError
+from ernieq.transforms import Rotation
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -37,15 +40,28 @@ def check_linear_args(x: torch.Tensor, q: QuantizedTensor, bias: torch.Tensor | 
             raise KernelError(f"linear: bias must be [N={n}], got {tuple(bias.shape)}")
 
 
-def check_moe_args(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate: QuantizedTensor,
-    up: QuantizedTensor,
-    down: QuantizedTensor,
-) -> None:
+@dataclass(frozen=True)
+class MoEWeights:
+    """The routed experts of one layer, as every MoE path takes them.
+
+    gate, up: shape (E, I, H); down: shape (E, H, I), each a stack of E encoded weights.
+    down_rotation: R [I, I] that down was stored turned by (down_e R), or None; the MoE turns
+    h = silu(gate x) * up x by R between its two GEMMs.
+    """
+
+    gate: QuantizedTensor
+    up: QuantizedTensor
+    down: QuantizedTensor
+    down_rotation: Rotation | None = None
+
+    @property
+    def projections(self) -> tuple[QuantizedTensor, QuantizedTensor, QuantizedTensor]:
+        return self.gate, self.up, self.down
+
+
+def check_moe_args(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights) -> None:
     """x: [T, H]; topk_ids: int [T, A]; topk_weights: float [T, A]; gate, up: (E, I, H); down: (E, H, I)."""
+    gate, up, down = weights.projections
     _check_float(x, "x")
     _check_float(topk_weights, "topk_weights")
     if x.ndim != 2:
@@ -64,3 +80,6 @@ def check_moe_args(
         raise KernelError(f"moe: down must have shape (E={e}, H={h}, I={i}), got {down.shape}")
     if x.shape[1] != h:
         raise KernelError(f"moe: x must be [T, H={h}], got {tuple(x.shape)}")
+    rot = weights.down_rotation
+    if rot is not None and rot.k != i:
+        raise KernelError(f"moe: down_rotation turns K={rot.k} inputs, down takes I={i}")
