@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -104,6 +104,15 @@ class Codec(Protocol):
         ...
 
 
+class CodecBase:
+    """What every registered codec class shares: it is built from its frozen config."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Any):
+        self.config = config
+
+
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
 
@@ -147,6 +156,22 @@ def decode(q: QuantizedTensor) -> torch.Tensor:
     if len(q.shape) == 3:
         return torch.stack([codec.decode(q.expert(e)) for e in range(q.shape[0])])
     return codec.decode(q)
+
+
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored tensor name -> (dtype, shape)
+
+
+def check_layout(codec: Codec, q: QuantizedTensor, expected: Callable[[int, int], Layout], *,
+                 params: bool = True) -> None:
+    """Fail loudly when ``q`` is not ``codec``'s tensor of its own shape (N, K): its codec name,
+    its params (when ``params``) and every stored tensor's dtype and shape, ``expected(N, K)``."""
+    mine = dataclasses.asdict(codec.config)
+    if q.codec != codec.name or (params and q.params != mine) or len(q.shape) != 2:
+        raise CodecError(f"{codec.name}{mine}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
+    want = expected(*q.shape)
+    got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
+    if got != want:
+        raise CodecError(f"{codec.name}: stored tensors {got} do not match the layout {want} for shape {q.shape}")
 
 
 def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import (
+    CalibrationStats,
+    CodecBase,
+    CodecError,
+    Layout,
+    QuantizedTensor,
+    check_layout,
+    check_weight,
+    register_codec,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
@@ -66,9 +75,8 @@ def _scale(w: torch.Tensor, b: int | None) -> torch.Tensor:
 
 
 @register_codec("fp8", FP8Config)
-class FP8Codec:
-    def __init__(self, config: FP8Config):
-        self.config = config
+class FP8Codec(CodecBase):
+    config: FP8Config
 
     def encode(
         self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
@@ -101,16 +109,13 @@ class FP8Codec:
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
-        params = dataclasses.asdict(self.config)
-        if q.codec != self.name or q.params != params or len(q.shape) != 2:
-            raise CodecError(f"fp8{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
-        n, k = q.shape
         b = self.config.block_size
-        scale_shape = (n,) if b is None else (-(-n // b), -(-k // b))  # [N] or [ceil(N/B), ceil(K/B)]
-        expected = {"qweight": (FP8_DTYPE, (n, k)), "scale": (torch.float32, scale_shape)}
-        got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
-        if got != expected:
-            raise CodecError(f"fp8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+        def layout(n: int, k: int) -> Layout:
+            scale_shape = (n,) if b is None else (-(-n // b), -(-k // b))  # [N] or [ceil(N/B), ceil(K/B)]
+            return {"qweight": (FP8_DTYPE, (n, k)), "scale": (torch.float32, scale_shape)}
+
+        check_layout(self, q, layout)
 
 
 class FP8Columns:

@@ -184,19 +184,15 @@ def markdown_table(head: tuple[str, ...], rows) -> str:
 
 def render_markdown(report: dict, figure_paths: dict[str, str]) -> str:
     """report.md; figures link to ``figure_paths`` (relative PNG paths)."""
-    parts = []
-    for b in blocks(report, set(figure_paths)):
-        if b.kind in ("h1", "h2"):
-            parts.append(f"{'#' * int(b.kind[1])} {b.text}")
-        elif b.kind == "p":
-            parts.append(b.text)
-        elif b.kind == "table":
-            parts.append(markdown_table(b.head, b.rows))
-        elif b.kind == "figure":
-            parts.append(f"![{b.text}]({figure_paths[b.text]})\n\n*{FIGURE_CAPTIONS[b.text]}*")
-        elif b.kind == "code":
-            parts.append(f"```\n{b.text}\n```")
-    return "\n\n".join(parts) + "\n"
+    kinds = {
+        "h1": lambda b: f"# {b.text}",
+        "h2": lambda b: f"## {b.text}",
+        "p": lambda b: b.text,
+        "table": lambda b: markdown_table(b.head, b.rows),
+        "figure": lambda b: f"![{b.text}]({figure_paths[b.text]})\n\n*{FIGURE_CAPTIONS[b.text]}*",
+        "code": lambda b: f"```\n{b.text}\n```",
+    }
+    return "\n\n".join(kinds[b.kind](b) for b in blocks(report, set(figure_paths))) + "\n"
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -214,21 +210,21 @@ def _inline(text: str) -> str:
 
 def render_html(report: dict, images: dict[str, bytes]) -> str:
     """report.html: one file, figures embedded as base64 PNG."""
-    body = []
-    for b in blocks(report, set(images)):
-        if b.kind in ("h1", "h2"):
-            body.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            body.append(f"<p>{_inline(b.text)}</p>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.head)
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b.kind == "figure":
-            body.append(f'<figure><img alt="{b.text}" src="{data_uri(images[b.text])}">'
-                        f"<figcaption>{html.escape(FIGURE_CAPTIONS[b.text])}</figcaption></figure>")
-        elif b.kind == "code":
-            body.append(f"<pre>{html.escape(b.text)}</pre>")
+    def table(b: Block) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in b.head)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+    kinds = {
+        "h1": lambda b: f"<h1>{_inline(b.text)}</h1>",
+        "h2": lambda b: f"<h2>{_inline(b.text)}</h2>",
+        "p": lambda b: f"<p>{_inline(b.text)}</p>",
+        "table": table,
+        "figure": lambda b: (f'<figure><img alt="{b.text}" src="{data_uri(images[b.text])}">'
+                             f"<figcaption>{html.escape(FIGURE_CAPTIONS[b.text])}</figcaption></figure>"),
+        "code": lambda b: f"<pre>{html.escape(b.text)}</pre>",
+    }
+    body = [kinds[b.kind](b) for b in blocks(report, set(images))]
     title = html.escape(f"ernieq report: {report['model']['quantized']}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -7,8 +7,8 @@ vLLM-style grouped GEMM: pairs are sorted by expert and padded to BLOCK_M
 (``ernieq.kernels.moe_align``), so every M block multiplies one expert's weights.
 Two kernels, any codec (the ``CODEC`` enum of ``ernieq.kernels.tiles``):
 
-1. gate/up: h[p] = silu(x[t] @ gate_e.T) * (x[t] @ up_e.T), both weight tiles in
-   one program, SiLU-and-multiply in the epilogue; h [P, I] in x.dtype.
+1. gate/up: h[p] = silu(x[t] @ gate_e.T) * (x[t] @ up_e.T), both products in one
+   program, SiLU-and-multiply in the epilogue; h [P, I] in x.dtype.
 2. down: o[p] = w[p] * (h[p] @ down_e.T), the routing weight in the epilogue;
    o [P, H] float32, then summed over A per token.
 
@@ -44,6 +44,28 @@ def _expert_block(sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N
 
 
 @triton.jit
+def _expert_gemm(rows, pair_mask, K, stride_k, offs_n, n_mask, expert,
+                 q_ptr, s_ptr, z_ptr, c_ptr, cs_ptr, cz_ptr,
+                 stride_qe, stride_qn, stride_qk, stride_se, stride_sn, stride_sk, stride_ce,
+                 CODEC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, SCALE_PER_TILE: tl.constexpr,
+                 HAS_CHANNEL_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """rows[BM, K] @ W_e[offs_n, :].T -> float32 [BM, BN]: expert e's weight decoded tile by tile along K,
+    its per-channel scale applied in the epilogue."""
+    c_off = expert * stride_ce
+    cs, cz = load_code_params(cs_ptr + c_off, cz_ptr + c_off, offs_n, n_mask, CODEC)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for t in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        acc = accumulate_k_tile(acc, rows, pair_mask, t * BLOCK_K, K, stride_k, offs_n, n_mask,
+                                q_ptr + expert * stride_qe, s_ptr + expert * stride_se, z_ptr + expert * stride_se,
+                                stride_qn, stride_qk, stride_sn, stride_sk, cs, cz,
+                                CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
+    if HAS_CHANNEL_SCALE:
+        acc *= tl.load(c_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]  # y *= scale[n]
+    return acc
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     # pointers
     x_ptr, h_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_ptr,
@@ -66,25 +88,14 @@ def _moe_gate_up_kernel(
         sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
         x_rows = x_ptr + (pairs // TOP_K)[:, None] * stride_xm  # [BM, 1]: pair p reads token p // A
-        q_off = expert * stride_qe
-        s_off = expert * stride_se
-        c_off = expert * stride_ce
-        g_cs, g_cz = load_code_params(gcs_ptr + c_off, gcz_ptr + c_off, offs_n, n_mask, CODEC)
-        u_cs, u_cz = load_code_params(ucs_ptr + c_off, ucz_ptr + c_off, offs_n, n_mask, CODEC)
-        acc_g = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        acc_u = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for t in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            acc_g = accumulate_k_tile(acc_g, x_rows, pair_mask, t * BLOCK_K, K, stride_xk, offs_n, n_mask,
-                                      gq_ptr + q_off, gs_ptr + s_off, gz_ptr + s_off,
-                                      stride_qn, stride_qk, stride_sn, stride_sk, g_cs, g_cz,
-                                      CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
-            acc_u = accumulate_k_tile(acc_u, x_rows, pair_mask, t * BLOCK_K, K, stride_xk, offs_n, n_mask,
-                                      uq_ptr + q_off, us_ptr + s_off, uz_ptr + s_off,
-                                      stride_qn, stride_qk, stride_sn, stride_sk, u_cs, u_cz,
-                                      CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
-        if HAS_CHANNEL_SCALE:
-            acc_g *= tl.load(gc_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            acc_u *= tl.load(uc_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc_g = _expert_gemm(x_rows, pair_mask, K, stride_xk, offs_n, n_mask, expert,
+                             gq_ptr, gs_ptr, gz_ptr, gc_ptr, gcs_ptr, gcz_ptr, stride_qe, stride_qn, stride_qk,
+                             stride_se, stride_sn, stride_sk, stride_ce, CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE,
+                             HAS_CHANNEL_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION)  # x @ gate_e.T
+        acc_u = _expert_gemm(x_rows, pair_mask, K, stride_xk, offs_n, n_mask, expert,
+                             uq_ptr, us_ptr, uz_ptr, uc_ptr, ucs_ptr, ucz_ptr, stride_qe, stride_qn, stride_qk,
+                             stride_se, stride_sn, stride_sk, stride_ce, CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE,
+                             HAS_CHANNEL_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION)  # x @ up_e.T
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(g) * u = g * sigmoid(g) * u
         h_ptrs = h_ptr + pairs[:, None] * stride_hm + offs_n[None, :] * stride_hn
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=pair_mask[:, None] & n_mask[None, :])
@@ -112,18 +123,10 @@ def _moe_down_kernel(
         sorted_ids_ptr, expert_ids_ptr, num_post_ptr, num_pairs, EM, N, BLOCK_M, BLOCK_N, GROUP_M)
     if live:
         h_rows = h_ptr + pairs[:, None] * stride_hm  # [BM, 1]
-        q_off = expert * stride_qe
-        s_off = expert * stride_se
-        c_off = expert * stride_ce
-        cs, cz = load_code_params(cs_ptr + c_off, cz_ptr + c_off, offs_n, n_mask, CODEC)
-        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-        for t in range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            acc = accumulate_k_tile(acc, h_rows, pair_mask, t * BLOCK_K, K, stride_hk, offs_n, n_mask,
-                                    q_ptr + q_off, s_ptr + s_off, z_ptr + s_off,
-                                    stride_qn, stride_qk, stride_sn, stride_sk, cs, cz,
-                                    CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE, BLOCK_K, DOT, PRECISION)
-        if HAS_CHANNEL_SCALE:
-            acc *= tl.load(c_ptr + c_off + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        acc = _expert_gemm(h_rows, pair_mask, K, stride_hk, offs_n, n_mask, expert,
+                           q_ptr, s_ptr, z_ptr, c_ptr, cs_ptr, cz_ptr, stride_qe, stride_qn, stride_qk,
+                           stride_se, stride_sn, stride_sk, stride_ce, CODEC, GROUP, HAS_ZERO, SCALE_PER_TILE,
+                           HAS_CHANNEL_SCALE, BLOCK_M, BLOCK_N, BLOCK_K, DOT, PRECISION)  # h @ down_e.T
         w = tl.load(topk_weights_ptr + pairs, mask=pair_mask, other=0.0).to(tl.float32)  # [BM]
         acc *= w[:, None]  # the routing weight w[t, a]
         o_ptrs = o_ptr + pairs[:, None] * stride_om + offs_n[None, :] * stride_on

@@ -128,17 +128,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@register_operand("wint8")
-def _wint8(q: QuantizedTensor) -> KernelOperand:
+def _one_byte_per_code(q: QuantizedTensor, codec: str, dtype: torch.dtype) -> KernelOperand:
+    """wint8 and per-channel fp8: qweight [E, N, K] of ``dtype``, a float32 scale [E, N] per channel."""
     n, k = q.shape[-2:]
-    codes = _stored(q, "qweight", (torch.int8,), (n, k))  # [E, N, K]
+    codes = _stored(q, "qweight", (dtype,), (n, k))  # [E, N, K]
     scale = _stored(q, "scale", (torch.float32,), (n,))  # [E, N]
     return KernelOperand(
-        CODEC_IDS["wint8"], codes, codes, codes, scale, scale, scale,
+        CODEC_IDS[codec], codes, codes, codes, scale, scale, scale,
         stride_qe=_expert_stride(q, codes), stride_qn=codes.stride(1), stride_qk=codes.stride(2),
         stride_se=0, stride_sn=0, stride_sk=0, stride_ce=_expert_stride(q, scale),
         has_channel_scale=True,
     )  # fmt: skip
+
+
+@register_operand("wint8")
+def _wint8(q: QuantizedTensor) -> KernelOperand:
+    return _one_byte_per_code(q, "wint8", torch.int8)
 
 
 @register_operand("wint4")
@@ -161,15 +166,9 @@ def _wint4(q: QuantizedTensor) -> KernelOperand:
 def _fp8(q: QuantizedTensor) -> KernelOperand:
     n, k = q.shape[-2:]
     b = q.params["block_size"]
-    codes = _stored(q, "qweight", (torch.float8_e4m3fn,), (n, k))  # [E, N, K]
     if b is None:
-        scale = _stored(q, "scale", (torch.float32,), (n,))  # [E, N]
-        return KernelOperand(
-            CODEC_IDS["fp8"], codes, codes, codes, scale, scale, scale,
-            stride_qe=_expert_stride(q, codes), stride_qn=codes.stride(1), stride_qk=codes.stride(2),
-            stride_se=0, stride_sn=0, stride_sk=0, stride_ce=_expert_stride(q, scale),
-            has_channel_scale=True,
-        )  # fmt: skip
+        return _one_byte_per_code(q, "fp8", torch.float8_e4m3fn)
+    codes = _stored(q, "qweight", (torch.float8_e4m3fn,), (n, k))  # [E, N, K]
     scale = _stored(q, "scale", (torch.float32,), (_cdiv(n, b), _cdiv(k, b)))  # [E, N/B, K/B]
     return KernelOperand(
         CODEC_IDS["fp8"], codes, scale, scale, scale, scale, scale,
