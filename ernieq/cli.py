@@ -17,8 +17,9 @@ from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
 
-console = Console()
-err_console = Console(stderr=True)
+# A pipe or a file gets every table at its full width (rich would cut it at 80 columns)
+console = Console(width=None if sys.stdout.isatty() else 100_000)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 100_000)
 _file_handler: logging.Handler | None = None  # the --log FILE handler on the "ernieq" logger
 
 

@@ -114,3 +114,15 @@ def test_inspect_reports_ccq2_storage_per_codec(tmp_path):
     assert n_weights == 4 * 3 * 128 * 128
     per_channel = summary.bytes_by_codec["ccq2"] - n_weights * 2.0625 / 8
     assert 0 < per_channel <= 10 * 4 * 3 * 128  # at most 10 bytes per output channel
+
+
+def test_piped_tables_are_never_cut(tiny, tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal gets every table at full width: no cell ends in an ellipsis."""
+    code, out, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--bits", "2",
+                         "--w4-moe-layers", "1")
+    assert code == 0, err
+    code, out2, _ = run(monkeypatch, capsys, "inspect", tmp_path / "q")
+    assert code == 0
+    for text in (out, out2):
+        assert "…" not in text
+        assert "routed_experts" in text

@@ -93,5 +93,5 @@ def export_checkpoint(native_dir: str | Path, out: str | Path, fmt: str, *, over
     elif out.exists():
         out.unlink()
     tmp.rename(out)
-    log.info("exported %s as %s to %s", native_dir, fmt, out)
+    log.debug("exported %s as %s to %s", native_dir, fmt, out)  # the CLI prints the result line
     return out
