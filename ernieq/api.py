@@ -16,8 +16,7 @@ import torch
 
 from ernieq.config import W4_GROUP_SIZE
 from ernieq.errors import ErnieqError
-from ernieq.model.checkpoint import CheckpointReader, read_json
-from ernieq.model.summary import CheckpointSummary, summarize
+from ernieq.model.summary import CheckpointSummary
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +39,18 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def inspect(model: str | Path) -> CheckpointSummary:
-    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class."""
-    return summarize(CheckpointReader(resolve_model(model)))
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class.
+    Any checkpoint folder: plain, ernieq native or another format ernieq reads (FastDeploy)."""
+    from ernieq.formats.registry import checkpoint_summary
+
+    return checkpoint_summary(resolve_model(model))
 
 
 def is_quantized(path: Path) -> bool:
-    qc = read_json(path / "config.json").get("quantization_config") or {}
-    return qc.get("quant_method") == "ernieq"
+    """Whether ``path`` is a quantized checkpoint of a format ernieq reads (native, FastDeploy)."""
+    from ernieq.formats.registry import quantized_format
+
+    return quantized_format(path) is not None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -66,7 +70,7 @@ def load_tokenizer(path: Path):
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) for a plain or an ernieq-quantized checkpoint, ready for inference."""
+    """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for inference."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
@@ -136,6 +140,7 @@ def quantize(
     rotate: bool | None = None,
     sequential: bool = False,
     format: str = NATIVE_FORMAT,
+    tp: int = 1,
     overwrite: bool = False,
     progress: bool = True,
     workers: int | None = None,
@@ -151,16 +156,20 @@ def quantize(
     weights turned by input rotations the runtime applies (default: on for the
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
-    ``workers``: encoder processes on the CPU (default: every usable core). A
+    ``workers``: encoder processes on the CPU (default: every usable core). ``tp``: the
+    fastdeploy format split for that many GPUs (FastDeploy's per-rank folders). A
     killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     """
-    from ernieq.formats.registry import export_checkpoint, get_format
+    from ernieq.formats.registry import check_options, export_checkpoint
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
     out = Path(out)
     source = resolve_model(model)
     if calib_data is not None and calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
+    options = _format_options(format, tp)
+    if format != NATIVE_FORMAT:
+        check_options(format, options)  # an unknown format or option fails before any work
     if rotate is None:
         rotate = format == NATIVE_FORMAT
     elif rotate and format != NATIVE_FORMAT:
@@ -182,24 +191,33 @@ def quantize(
     method = method or ("gptq" if stats is not None else "rtn")
     if method != "rtn" and stats is None:
         raise ErnieqError(f"--method {method} needs calibration statistics (--calib-data SRC or --calib DIR)")
-    options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric, w4_moe_layers=w4_moe_layers,
-                   overrides=overrides, progress=progress, calib=stats, method=method, workers=workers)
+    quantize_options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric,
+                            w4_moe_layers=w4_moe_layers, overrides=overrides, progress=progress, calib=stats,
+                            method=method, workers=workers)
     try:
         if format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, overwrite=overwrite, **options)
-        get_format(format)  # an unknown name fails before any work
+            return run_quantize(source, out, config, overwrite=overwrite, **quantize_options)
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
-            summary = run_quantize(source, native, config, overwrite=True, **options)
-            export_checkpoint(native, out, format, overwrite=overwrite)
+            summary = run_quantize(source, native, config, overwrite=True, **quantize_options)
+            export_checkpoint(native, out, format, overwrite=overwrite, options=options)
         finally:
             shutil.rmtree(native, ignore_errors=True)
         return summary
     finally:
         if calib_dir is not None:
             shutil.rmtree(calib_dir, ignore_errors=True)
+
+
+def _format_options(fmt: str, tp: int) -> dict:
+    """The export format's options from the CLI's: ``tp`` only where it is not 1 (FastDeploy's split)."""
+    if tp == 1:
+        return {}
+    if fmt == NATIVE_FORMAT:
+        raise ErnieqError("--tp applies to the fastdeploy format (FastDeploy's per-rank checkpoint), not native")
+    return {"tp": tp}
 
 
 def calibration_tokens(model: str | Path, data: str, tokens: int, seq_len: int) -> torch.Tensor:
@@ -240,11 +258,12 @@ def calibrate(
                          sequential=sequential)
 
 
-def export(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
-    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete)."""
+def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, overwrite: bool = False) -> Path:
+    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete);
+    ``tp``: FastDeploy's split for that many GPUs."""
     from ernieq.formats.registry import export_checkpoint
 
-    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite)
+    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite, options=_format_options(fmt, tp))
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
