@@ -8,7 +8,8 @@ quantized tensor of the sub-weight, bit for bit::
 
     decode(slice_n(q, a, b)) == decode(q)[a:b]        decode(slice_k(q, a, b)) == decode(q)[:, a:b]
 
-and joining the pieces gives ``q`` back. How each codec's stored tensors follow N
+and joining the pieces gives ``q`` back. Pieces are contiguous copies (kernels read
+them as packed). How each codec's stored tensors follow N
 and K is one table per codec (``AXES``); the cutting itself is one code path.
 A tensor that does not vary along K (a per-channel scale) is copied into every
 K piece, and joining K pieces checks that they agree.
@@ -96,7 +97,7 @@ def slice_n(q: QuantizedTensor, start: int, stop: int, what: str = "weight") -> 
     n, k = q.shape
     if not 0 <= start < stop <= n:
         raise ErnieqError(f"{what}: output channels {start}..{stop} outside N={n}")
-    tensors = {name: t.narrow(a.n, start, stop - start) for name, (t, a) in _zip(q, what).items()}
+    tensors = {name: t.narrow(a.n, start, stop - start).contiguous() for name, (t, a) in _zip(q, what).items()}
     return _replace(q, stop - start, k, tensors)
 
 
@@ -115,7 +116,7 @@ def slice_k(q: QuantizedTensor, start: int, stop: int, what: str = "weight") -> 
             tensors[name] = t
         else:
             first, last = start // a.k_unit, -(-stop // a.k_unit)  # elements covering [start, stop)
-            tensors[name] = t.narrow(a.k, first, last - first)
+            tensors[name] = t.narrow(a.k, first, last - first).contiguous()
     return _replace(q, n, stop - start, tensors)
 
 

@@ -432,3 +432,16 @@ def test_a_missing_expert_is_named(exported, tmp_path):
     (folder / "model.safetensors.index.json").unlink(missing_ok=True)
     with pytest.raises(ErnieqError, match=r"no tensors of ernie\.layers\.1\.mlp\.experts\.3\.down_proj"):
         open_quantized(folder)
+
+
+def test_a_fastdeploy_folder_runs_through_the_triton_kernels(hand, monkeypatch):
+    """ERNIEQ_KERNELS=triton (the interpreter on a CPU) on what the reader presents, against the reference path."""
+    _, _, _, fd2 = hand
+    model = load_quantized(fd2)
+    ids = IDS[:1, :6]
+    with torch.no_grad():
+        monkeypatch.setenv("ERNIEQ_KERNELS", "reference")
+        want = model(ids).logits
+        monkeypatch.setenv("ERNIEQ_KERNELS", "triton")
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
