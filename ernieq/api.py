@@ -17,8 +17,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.errors import ErnieqError
-from ernieq.model.checkpoint import CheckpointReader, read_json
-from ernieq.model.summary import CheckpointSummary, summarize
+from ernieq.model.summary import CheckpointSummary
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +39,18 @@ def resolve_model(model: str | Path) -> Path:
 
 
 def inspect(model: str | Path) -> CheckpointSummary:
-    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class."""
-    return summarize(CheckpointReader(resolve_model(model)))
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class.
+    Any checkpoint folder: plain, ernieq native or another format ernieq reads (FastDeploy)."""
+    from ernieq.formats.registry import checkpoint_summary
+
+    return checkpoint_summary(resolve_model(model))
 
 
 def is_quantized(path: Path) -> bool:
-    qc = read_json(path / "config.json").get("quantization_config") or {}
-    return qc.get("quant_method") == "ernieq"
+    """Whether ``path`` is a quantized checkpoint of a format ernieq reads (native, FastDeploy)."""
+    from ernieq.formats.registry import quantized_format
+
+    return quantized_format(path) is not None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -66,7 +70,7 @@ def load_tokenizer(path: Path):
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) for a plain or an ernieq-quantized checkpoint, ready for inference."""
+    """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for inference."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
@@ -131,9 +135,10 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     weights turned by input rotations the runtime applies (default: on for the
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
-    A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
+    folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     """
-    from ernieq.formats.registry import export_checkpoint, get_format
+    from ernieq.formats.registry import check_options, export_checkpoint
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
     o = with_fields(options, fields)
@@ -141,6 +146,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     source = resolve_model(model)
     if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
+    format_options = _format_options(o.format, o.tp)
+    if o.format != NATIVE_FORMAT:
+        check_options(o.format, format_options)  # an unknown format or option fails before any work
     if o.rotate is None:
         o = dataclasses.replace(o, rotate=o.format == NATIVE_FORMAT)
     elif o.rotate and o.format != NATIVE_FORMAT:
@@ -165,19 +173,27 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     try:
         if o.format == NATIVE_FORMAT:
             return run_quantize(source, out, config, o, calib=stats)
-        get_format(o.format)  # an unknown name fails before any work
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
-            export_checkpoint(native, out, o.format, overwrite=o.overwrite)
+            export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
             shutil.rmtree(native, ignore_errors=True)
         return summary
     finally:
         if calib_dir is not None:
             shutil.rmtree(calib_dir, ignore_errors=True)
+
+
+def _format_options(fmt: str, tp: int) -> dict:
+    """The export format's options from the CLI's: ``tp`` only where it is not 1 (FastDeploy's split)."""
+    if tp == 1:
+        return {}
+    if fmt == NATIVE_FORMAT:
+        raise ErnieqError("--tp applies to the fastdeploy format (FastDeploy's per-rank checkpoint), not native")
+    return {"tp": tp}
 
 
 def calibration_tokens(model: str | Path, data: str, tokens: int, seq_len: int) -> torch.Tensor:
@@ -218,11 +234,12 @@ def calibrate(
                          sequential=sequential)
 
 
-def export(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
-    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete)."""
+def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, overwrite: bool = False) -> Path:
+    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete);
+    ``tp``: FastDeploy's split for that many GPUs."""
     from ernieq.formats.registry import export_checkpoint
 
-    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite)
+    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite, options=_format_options(fmt, tp))
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:

@@ -95,7 +95,8 @@ def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -
 @cli.command()
 @click.argument("model")
 def inspect(model: str) -> None:
-    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class."""
+    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class.
+    MODEL: a plain or quantized folder (ernieq native, or FastDeploy's wint2 layout, split per rank or not)."""
     summary = api.inspect(model)
     table = Table(title=f"{model}")
     for col in ("layer", "kind", "experts", "shapes", "codecs", "params", "bytes"):
@@ -174,7 +175,10 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="Calibrate each layer on the outputs of the already quantized layers before it "
                    "(with --calib-data; about twice the calibration time).")
 @click.option("--format", "fmt", type=click.Choice(["native", *format_names()]), default="native", show_default=True,
-              help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers).")
+              help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers), "
+                   "fastdeploy (FastDeploy's 2-bit wint2; quantizes without rotations).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--format fastdeploy: write the split FastDeploy loads on TP GPUs (folders rank0 .. rank{TP-1}).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
                    "on a GPU the weights are encoded there.")
@@ -182,7 +186,7 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
 def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
              overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
              calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None, sequential: bool,
-             fmt: str, workers: int | None, overwrite: bool) -> None:
+             fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
@@ -191,7 +195,7 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: 
     options = QuantizeOptions(bits=int(bits), fp8=fp8, group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                              sequential=sequential, format=fmt, overwrite=overwrite, workers=workers)
+                              sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
@@ -231,12 +235,15 @@ def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: boo
 @cli.command("export")
 @click.argument("qdir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(format_names()), required=True,
-              help="compressed-tensors: vLLM (wint4/wint8/fp8); hf-fp8: transformers' block FP8 (--fp8 only).")
+              help="compressed-tensors: vLLM (wint4/wint8/fp8); hf-fp8: transformers' block FP8 (--fp8 only); "
+                   "fastdeploy: FastDeploy's 2-bit wint2 (--bits 2, no rotations).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the exported checkpoint.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--format fastdeploy: write the split FastDeploy loads on TP GPUs (folders rank0 .. rank{TP-1}).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(qdir: Path, fmt: str, out: Path, overwrite: bool) -> None:
+def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
     """Convert the ernieq checkpoint QDIR into another format at OUT."""
-    path = api.export(qdir, out, fmt, overwrite=overwrite)
+    path = api.export(qdir, out, fmt, tp=tp, overwrite=overwrite)
     console.print(f"{qdir} exported as {fmt} to [bold]{path}[/bold]")
 
 
@@ -259,13 +266,14 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Calibration statistics of the baseline (`ernieq calibrate`): output error, tokens per expert, cold experts.")
 @click.option("--compare", "compare", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Another ernieq checkpoint of the same baseline to score too (perplexity vs bits). Repeatable.")
+              help="Another quantized checkpoint (ernieq or FastDeploy) of the same baseline to score too "
+                   "(perplexity vs bits). Repeatable.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Windows scored per corpus (every model on the same windows).")
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
            seq_len: int, max_windows: int) -> None:
-    """Accuracy report of the ernieq checkpoint QDIR against its baseline: perplexity, KL, top-1, per-layer and
+    """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL, top-1, per-layer and
     per-expert error, bits by tensor class, calibration coverage, plots."""
     sources = tuple(s.strip() for s in data.split(",") if s.strip())
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,

@@ -156,8 +156,8 @@ class QuantizeOptions:
     The preset (bits .. rotate) builds the recipe (:func:`recipe`); rotate None means on for the
     native format, which alone can carry rotations. method None: GPTQ with statistics, round to
     nearest without. calib_data collects statistics first, calib reuses saved ones; sequential
-    calibrates each layer on the quantized layers before it. workers: encoder processes on the CPU
-    (None: every usable core).
+    calibrates each layer on the quantized layers before it. tp: the fastdeploy format's split for
+    that many GPUs. workers: encoder processes on the CPU (None: every usable core).
     """
 
     bits: int = 4
@@ -175,6 +175,7 @@ class QuantizeOptions:
     all_experts: bool = False
     sequential: bool = False
     format: str = NATIVE_FORMAT
+    tp: int = 1
     overwrite: bool = False
     progress: bool = True
     workers: int | None = None

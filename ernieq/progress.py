@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 from rich.progress import (
     BarColumn,

@@ -33,10 +33,9 @@ from ernieq.eval.perplexity import PerplexityError, next_token_divergence, token
 from ernieq.provenance import now_iso, provenance
 from ernieq.text import load_text
 from ernieq.eval.weight_error import summarize_errors, weight_errors
-from ernieq.formats.native import NativeReader
+from ernieq.formats.registry import checkpoint_summary, open_quantized, quantized_format
 from ernieq.model.adapters import LINEAR_CLASSES
 from ernieq.model.checkpoint import CheckpointReader
-from ernieq.model.summary import summarize
 from ernieq.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_
 
 def size_by_class(path: Path) -> dict:
     """Weights, bytes and bits per weight of a checkpoint by report class (every stored byte counted)."""
-    s = summarize(CheckpointReader(path))
+    s = checkpoint_summary(path)
     classes: dict[str, dict] = {}
     for cls in s.params_by_class:
         row = classes.setdefault(cls if cls in REPORT_CLASSES else OTHER_CLASS, {"weights": 0, "bytes": 0})
@@ -192,7 +191,8 @@ def build_report(
     max_windows: int | None = 4,
     progress: bool = True,
 ) -> dict:
-    """The report of the ernieq checkpoint ``qdir`` against ``baseline`` on the text sources ``data``.
+    """The report of the quantized checkpoint ``qdir`` (any format ernieq reads: native, FastDeploy)
+    against ``baseline`` on the text sources ``data``.
 
     load: path -> (model, tokenizer). calib: a CalibrationSet of the baseline, for the output
     error and the expert table (``calib_source`` names where it came from). All models are held in
@@ -201,8 +201,8 @@ def build_report(
     started = now_iso()
     if not data:
         raise ReportError("give at least one text source (--data)")
-    quantized = NativeReader(qdir)
-    qc = quantized.config["quantization_config"]
+    quantized = open_quantized(qdir)
+    qc = quantized.quant_info
     paths = {BASELINE: baseline, QUANTIZED: qdir, **_labels(tuple(compare))}
     models, tokenizer = {}, None
     for label, path in paths.items():
@@ -242,8 +242,10 @@ def build_report(
 
 
 def _recipe_of(path: Path) -> str:
-    qc = (CheckpointReader(path).config.get("quantization_config") or {})
-    return qc.get("recipe") or qc.get("quant_method") or "unquantized"
+    if quantized_format(path) is None:
+        return "unquantized"
+    qc = open_quantized(path).quant_info
+    return qc.get("recipe") or qc.get("quant_method")
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:

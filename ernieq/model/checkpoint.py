@@ -139,14 +139,15 @@ class CheckpointReader:
     CPU tensor holding just that tensor's data. Every shard's header is checked
     when the reader opens (dtype, shape and offsets of every tensor agree, the
     file is as long as its header says), so a truncated or corrupt file fails here,
-    with its name, and not halfway through a run.
+    with its name, and not halfway through a run. ``config``: the model's config when
+    the folder has none of its own (one rank's folder of a tensor-parallel checkpoint).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, config: dict | None = None):
         self.path = Path(path)
         if not self.path.is_dir():
             raise CheckpointError(f"{self.path}: not a checkpoint folder")
-        self.config = read_json(self.path / "config.json")
+        self.config = read_json(self.path / "config.json") if config is None else config
         self._handles: dict[Path, object] = {}
         self._file_of = self._map_tensors()
 
