@@ -82,12 +82,17 @@ class PlainProgress(Progress):
         self._thread = threading.Thread(target=self._run, name="plain-progress", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, finished: bool = True) -> None:
+        """Stop the timer; one last line per task when the job ``finished`` (not when it failed)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            self._write()
+            if finished:
+                self._write()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop(finished=exc_type is None)
 
 
 def progress_bar(enabled: bool = True, *counts: ProgressColumn) -> Progress:

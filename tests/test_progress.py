@@ -30,3 +30,14 @@ def test_progress_bar_is_plain_off_a_terminal_and_silent_when_quiet(monkeypatch)
         assert not isinstance(progress.progress_bar(True), progress.PlainProgress)
     finally:
         progress.set_quiet(False)
+
+
+def test_a_failed_job_ends_without_a_final_progress_line():
+    stream = io.StringIO()
+    try:
+        with progress.PlainProgress(interval=60, stream=stream) as bar:
+            bar.add_task("quantizing", total=10)
+            raise RuntimeError("bad weight")
+    except RuntimeError:
+        pass
+    assert stream.getvalue() == ""
