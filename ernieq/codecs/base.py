@@ -103,14 +103,24 @@ class Codec(Protocol):
         """q of shape (N, K). Returns float32 W_hat [N, K]. Stacks go through ``decode``."""
         ...
 
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K], the inputs of a weight of this codec. Returns them as the checkpoint
+        multiplies them: x itself for weight-only codecs, x rounded as the codec quantizes it otherwise."""
+        ...
+
 
 class CodecBase:
-    """What every registered codec class shares: it is built from its frozen config."""
+    """What every registered codec class shares: it is built from its frozen config, and its
+    weights multiply the activations as they are (weight-only) unless it says otherwise."""
 
     name: ClassVar[str]
 
     def __init__(self, config: Any):
         self.config = config
+
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K]. Weight-only: returned as it is."""
+        return x
 
 
 _REGISTRY: dict[str, tuple[type, type]] = {}

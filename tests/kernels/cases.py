@@ -20,7 +20,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CCQ2_FAST = {"grid_candidates": 2, "scale_steps": 1, "refine_steps": 0}
 
 # (codec, params): every kernel path. fp8 block 100 takes the element-wise scale fallback
-# (no power-of-two tile divides it); wint4 g32/g64/g128 put 1, 2 or 4 tiles in a group.
+# (no power-of-two tile divides it); wint4 g32/g64/g128 put 1, 2 or 4 tiles in a group. fp8 runs
+# W8A8 (activations quantized per token and group: per token for per-channel weights) and
+# weight-only ("-w16").
 CODECS = [
     pytest.param("wint8", {}, id="wint8"),
     pytest.param("wint4", {"group_size": 32, "symmetric": True}, id="wint4-g32-sym"),
@@ -30,6 +32,8 @@ CODECS = [
     pytest.param("fp8", {"block_size": None}, id="fp8-channel"),
     pytest.param("fp8", {"block_size": 128}, id="fp8-b128"),
     pytest.param("fp8", {"block_size": 100}, id="fp8-b100"),
+    pytest.param("fp8", {"block_size": 128, "activations": "none"}, id="fp8-b128-w16"),
+    pytest.param("fp8", {"block_size": 100, "activations": "none"}, id="fp8-b100-w16"),
     pytest.param("ccq2", CCQ2_FAST, id="ccq2"),
 ]
 # Dense tests also take ccq2 with float16 super scales (bfloat16 is the default) and wint4 with

@@ -68,8 +68,8 @@ def test_op_args_round_trip():
     assert (back.codec, back.shape, back.params) == (q.codec, q.shape, q.params)
     assert back.tensors.keys() == q.tensors.keys()
     assert all(torch.equal(back.tensors[k].view(torch.uint8), q.tensors[k].view(torch.uint8)) for k in q.tensors)
-    assert json.loads(to_op_args(q)[1]) == {"codec": "fp8", "params": [["block_size", 128]], "shape": [16, 200],
-                                            "names": ["qweight", "scale"]}  # fmt: skip
+    assert json.loads(to_op_args(q)[1]) == {"codec": "fp8", "params": [["activations", "dynamic"], ["block_size", 128]],
+                                            "shape": [16, 200], "names": ["qweight", "scale"]}  # fmt: skip
     assert to_op_args(q)[1] is to_op_args(q.to(DEVICE))[1]  # built once per layout, not per call
 
 
