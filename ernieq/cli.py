@@ -145,6 +145,10 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
                    "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
 @click.option("--fp8", is_flag=True, help="Block FP8 (128x128, float8_e4m3fn) everywhere instead of --bits.")
+@click.option("--fp8-activations", type=click.Choice(["dynamic", "none"]), default="dynamic", show_default=True,
+              help="With --fp8: 'dynamic' (W8A8): activations are quantized to fp8 per token and 128-channel group "
+                   "at run time, as the hf-fp8 and compressed-tensors exports declare; 'none': weight-only FP8 "
+                   "(activations stay in the model's dtype; exported by compressed-tensors only).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128", "channel"]), default=str(W4_GROUP_SIZE),
               show_default=True, help="wint4 group size along K, float16 scales ('channel': one float32 scale per "
                                       "output channel).")
@@ -183,16 +187,17 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
                    "on a GPU the weights are encoded there.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
-             overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
-             calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None, sequential: bool,
-             fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
+def quantize(model: str, out: Path, bits: str, fp8: bool, fp8_activations: str, group_size: str, sym: bool,
+             w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
+             calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None,
+             sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
     already written and gives the same bytes."""
     group = None if group_size == "channel" else int(group_size)
-    options = QuantizeOptions(bits=int(bits), fp8=fp8, group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
+    options = QuantizeOptions(bits=int(bits), fp8=fp8, fp8_activations=fp8_activations, group_size=group,
+                              symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ernieq.codecs import CodecError, get_codec
+from ernieq.codecs.fp8 import DYNAMIC as FP8_DYNAMIC
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
@@ -153,15 +154,18 @@ def default_w4_moe_layers(num_moe_layers: int) -> int:
 class QuantizeOptions:
     """Everything ``ernieq quantize`` takes besides MODEL, OUT and an explicit :class:`QuantConfig`.
 
-    The preset (bits .. rotate) builds the recipe (:func:`recipe`); rotate None means on for the
-    native format, which alone can carry rotations. method None: GPTQ with statistics, round to
-    nearest without. calib_data collects statistics first, calib reuses saved ones; sequential
-    calibrates each layer on the quantized layers before it. tp: the fastdeploy format's split for
-    that many GPUs. workers: encoder processes on the CPU (None: every usable core).
+    The preset (bits .. rotate) builds the recipe (:func:`recipe`); fp8_activations: with fp8,
+    ``"dynamic"`` (W8A8: activations quantized per token and 128-channel group at run time, as
+    the hf-fp8 and compressed-tensors exports declare) or ``"none"`` (weight-only). rotate None
+    means on for the native format, which alone can carry rotations. method None: GPTQ with
+    statistics, round to nearest without. calib_data collects statistics first, calib reuses saved
+    ones; sequential calibrates each layer on the quantized layers before it. tp: the fastdeploy
+    format's split for that many GPUs. workers: encoder processes on the CPU (None: every usable core).
     """
 
     bits: int = 4
     fp8: bool = False
+    fp8_activations: str = FP8_DYNAMIC
     group_size: int | None = W4_GROUP_SIZE
     symmetric: bool = True
     w4_moe_layers: int | None = None
@@ -199,8 +203,11 @@ def recipe(options: QuantizeOptions | None = None, num_moe_layers: int = 0, **fi
     wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip + half)
     # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
     wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)) + (("clip", True),) * rotate)
-    if fp8:
-        name, base = "fp8", [Rule(CodecChoice("fp8", (("block_size", 128),)))]
+    if not fp8 and options.fp8_activations != FP8_DYNAMIC:
+        raise ErnieqError(f"--fp8-activations {options.fp8_activations}: applies to --fp8 only")
+    if fp8:  # W8A8 (the default) or weight-only block FP8
+        fp8_choice = CodecChoice("fp8", (("block_size", 128), ("activations", options.fp8_activations)))
+        name, base = "fp8" if options.fp8_activations == FP8_DYNAMIC else "fp8-weight-only", [Rule(fp8_choice)]
     elif bits == 8:
         name, base = "w8", [Rule(CodecChoice("wint8"))]
     elif bits == 4:

@@ -126,3 +126,11 @@ def test_piped_tables_are_never_cut(tiny, tmp_path, monkeypatch, capsys):
     for text in (out, out2):
         assert "…" not in text
         assert "routed_experts" in text
+
+
+@pytest.mark.parametrize("flags, activations", [((), "dynamic"), (("--fp8-activations", "none"), "none")])
+def test_quantize_fp8_records_how_activations_are_computed(tiny, tmp_path, monkeypatch, capsys, flags, activations):
+    code, _, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--fp8", *flags)
+    assert code == 0, err
+    modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["params"]["activations"] for m in modules.values()} == {activations}

@@ -48,3 +48,15 @@ def test_default_w4_layers_is_at_least_one_and_at_most_all():
     assert default_w4_moe_layers(1) == 1
     assert 1 <= default_w4_moe_layers(51) <= 51
     assert default_w4_moe_layers(0) == 0
+
+
+def test_fp8_recipe_is_w8a8_unless_asked_for_weight_only():
+    linear = _info(TensorClass.ATTENTION)
+    w8a8 = recipe(fp8=True)
+    assert (w8a8.recipe, w8a8.choose("q", linear).kwargs) == ("fp8", {"block_size": 128, "activations": "dynamic"})
+    w16 = recipe(fp8=True, fp8_activations="none")
+    assert (w16.recipe, w16.choose("q", linear).kwargs) == ("fp8-weight-only", {"block_size": 128, "activations": "none"})
+    with pytest.raises(ErnieqError, match="--fp8-activations none: applies to --fp8 only"):
+        recipe(bits=4, fp8_activations="none")
+    with pytest.raises(ErnieqError, match="activations must be one of"):
+        recipe(fp8=True, fp8_activations="static")

@@ -47,7 +47,7 @@ def _decoded_reference_logits(qdir, ids):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("options", [{"bits": 8}, {"bits": 4}, {"bits": 4, "rotate": False},
-                                     {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 2}, {"fp8": True}])
+                                     {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 2}, {"fp8": True, "fp8_activations": "none"}])
 def test_quantized_model_computes_with_the_decoded_weights(tiny, tmp_path, layout, options):
     out = tmp_path / "q"
     summary = api.quantize(tiny[layout], out, progress=False, workers=1, **options)
