@@ -20,7 +20,7 @@ from ernieq.eval.render import accuracy_table, fmt_bits, markdown_table
 log = logging.getLogger(__name__)
 
 VLLM_CODECS = {"wint4", "wint8", "fp8"}  # what the compressed-tensors export writes
-HF_FP8_CODECS = {"fp8"}
+HF_FP8_PARAMS = {"block_size": 128, "activations": "dynamic"}  # the one fp8 the hf-fp8 export writes (W8A8)
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ def _codecs(qc: dict) -> set[str]:
     return {m["codec"] for m in qc.get("modules", {}).values()}
 
 
+def _all_hf_fp8(qc: dict) -> bool:
+    modules = qc.get("modules", {}).values()
+    return bool(modules) and all(m["codec"] == "fp8" and m["params"] == HF_FP8_PARAMS for m in modules)
+
+
 def how_to_load(repo: str, qc: dict, model_type: str | None) -> list[str]:
     """Markdown paragraphs: loading with ernieq/transformers always, vLLM / FastDeploy when the codecs allow."""
     codecs = _codecs(qc)
@@ -96,7 +101,7 @@ def how_to_load(repo: str, qc: dict, model_type: str | None) -> list[str]:
         parts += ["vLLM: convert to compressed-tensors first:",
                   f"```bash\nernieq export {repo} --format compressed-tensors --out model-vllm\n"
                   "vllm serve model-vllm\n```"]
-    if codecs and codecs <= HF_FP8_CODECS:
+    if _all_hf_fp8(qc):
         parts += ["transformers' own FP8 (`quant_method: fp8`):",
                   f"```bash\nernieq export {repo} --format hf-fp8 --out model-fp8\n```"]
     if "ccq2" in codecs and model_type == "ernie4_5_moe":
