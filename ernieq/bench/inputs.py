@@ -23,7 +23,7 @@ from ernieq.errors import ErnieqError
 CODECS = {
     "wint8": {},
     "wint4": {"group_size": 128, "symmetric": True},
-    "fp8": {"block_size": 128},
+    "fp8": {"block_size": 128, "activations": "dynamic"},  # W8A8: the activation quantizer is timed too
     "ccq2": {},
 }
 
