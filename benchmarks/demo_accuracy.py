@@ -1,12 +1,12 @@
 """Quantize the demo model with several settings, evaluate each, and print one table.
 
     python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
-        --max-windows 12 --settings dense-source,unquantized,w8,fp8,fp8-weight-only,w4,w2 \
+        --max-windows 12 --settings dense-source,unquantized,w8,fp8-w8a8,fp8-weight-only,w4,w2 \
         --out benchmarks/results/demo_accuracy.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
 protocol), tokens scored, bits per weight over the quantized classes, and the
-evaluation's wall time and its ratio to the unquantized model's. ``fp8`` is W8A8 (activations
+evaluation's wall time and its ratio to the unquantized model's. ``fp8-w8a8`` is ``--fp8`` (activations
 quantized to fp8 per token and 128-channel group at run time, what the hf-fp8 and
 compressed-tensors exports declare), ``fp8-weight-only`` the same weights with activations
 left in float (``--fp8-activations none``).
@@ -30,7 +30,7 @@ SETTINGS = {
     "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
     "unquantized": None,
     "w8": {"bits": 8},
-    "fp8": {"fp8": True},  # W8A8
+    "fp8-w8a8": {"fp8": True},
     "fp8-weight-only": {"fp8": True, "fp8_activations": "none"},
     "w4": {"bits": 4},
     "w4-asym": {"bits": 4, "symmetric": False},
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--max-windows", type=int, default=12)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--settings", default="unquantized,w8,fp8,fp8-weight-only,w4")
+    parser.add_argument("--settings", default="unquantized,w8,fp8-w8a8,fp8-weight-only,w4")
     parser.add_argument("--out", type=Path, default=None, help="Write the rows as JSON here.")
     args = parser.parse_args()
 

@@ -207,7 +207,8 @@ def recipe(options: QuantizeOptions | None = None, num_moe_layers: int = 0, **fi
         raise ErnieqError(f"--fp8-activations {options.fp8_activations}: applies to --fp8 only")
     if fp8:  # W8A8 (the default) or weight-only block FP8
         fp8_choice = CodecChoice("fp8", (("block_size", 128), ("activations", options.fp8_activations)))
-        name, base = "fp8" if options.fp8_activations == FP8_DYNAMIC else "fp8-weight-only", [Rule(fp8_choice)]
+        name = "fp8-w8a8" if options.fp8_activations == FP8_DYNAMIC else "fp8-weight-only"  # reports name it
+        base = [Rule(fp8_choice)]
     elif bits == 8:
         name, base = "w8", [Rule(CodecChoice("wint8"))]
     elif bits == 4:

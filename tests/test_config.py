@@ -53,7 +53,7 @@ def test_default_w4_layers_is_at_least_one_and_at_most_all():
 def test_fp8_recipe_is_w8a8_unless_asked_for_weight_only():
     linear = _info(TensorClass.ATTENTION)
     w8a8 = recipe(fp8=True)
-    assert (w8a8.recipe, w8a8.choose("q", linear).kwargs) == ("fp8", {"block_size": 128, "activations": "dynamic"})
+    assert (w8a8.recipe, w8a8.choose("q", linear).kwargs) == ("fp8-w8a8", {"block_size": 128, "activations": "dynamic"})
     w16 = recipe(fp8=True, fp8_activations="none")
     assert (w16.recipe, w16.choose("q", linear).kwargs) == ("fp8-weight-only", {"block_size": 128, "activations": "none"})
     with pytest.raises(ErnieqError, match="--fp8-activations none: applies to --fp8 only"):
