@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("reference", "triton")
 BACKEND_ENV = "ERNIEQ_KERNELS"
 _TRITON_MODULES = ("ernieq.kernels.dequant_gemm", "ernieq.kernels.fused_moe")
+_KERNEL_DEFINITIONS = (*_TRITON_MODULES, "ernieq.kernels.act_quant")  # every module that defines a Triton kernel
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -65,7 +66,7 @@ def triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType]:
     global _loaded
     if _loaded is None:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            if any(name in sys.modules for name in _TRITON_MODULES):
+            if any(name in sys.modules for name in _KERNEL_DEFINITIONS):
                 raise KernelError(
                     f"Triton kernels on {device} need the Triton interpreter, but they were defined without it "
                     "in this process; set TRITON_INTERPRET=1 before ernieq's Triton kernels are first imported "
