@@ -120,6 +120,53 @@ def evaluate(
     return result
 
 
+@dataclass
+class TaskEvalResult:
+    """lm-eval's scores of ``model`` (``ernieq.eval.tasks.TaskScore.to_json`` per task) and how they were run."""
+
+    model: str
+    tasks: list[dict]
+    limit: int | None
+    num_fewshot: int | None
+    batch_size: int
+    device: str
+    seconds: float
+    provenance: dict
+
+
+def evaluate_tasks(
+    model: str | Path,
+    tasks: tuple[str, ...],
+    *,
+    include_paths: tuple[str | Path, ...] = (),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    json_path: Path | None = None,
+    perplexity: EvalResult | None = None,
+) -> TaskEvalResult:
+    """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
+    ``model`` as :func:`load` loads it on ``device`` (see ``ernieq.eval.tasks``). Unknown tasks and data
+    that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
+    ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
+    from ernieq.eval.tasks import TaskSuite, run_tasks
+    from ernieq.provenance import now_iso, provenance
+
+    started = now_iso()
+    suite = TaskSuite(tuple(tasks), tuple(include_paths))
+    net, tokenizer = load(model, device=device)
+    start = time.perf_counter()
+    scores = run_tasks(net, tokenizer, suite, device=device, limit=limit, num_fewshot=num_fewshot,
+                       batch_size=batch_size)
+    result = TaskEvalResult(str(model), [s.to_json() for s in scores], limit, num_fewshot, batch_size, str(device),
+                            time.perf_counter() - start, provenance(started))
+    if json_path is not None:
+        data = {**asdict(result), **({"perplexity": asdict(perplexity)} if perplexity is not None else {})}
+        Path(json_path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return result
+
+
 def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = None,  # noqa: F821
              options: QuantizeOptions | None = None, **fields) -> "QuantizeSummary":  # noqa: F821
     """Encode every linear weight of MODEL's decoder layers and write the checkpoint to OUT.
@@ -262,9 +309,11 @@ def report(
     seq_len: int = 2048,
     max_windows: int | None = 4,
     progress: bool = True,
+    tasks: "TaskOptions | None" = None,  # noqa: F821
 ) -> dict:
     """The accuracy report of the ernieq checkpoint QDIR against BASELINE (see ``ernieq.eval.report``);
-    written to OUT as report.json, report.md, report.html and plots/ when OUT is given."""
+    written to OUT as report.json, report.md, report.html and plots/ when OUT is given. ``tasks``
+    (an ``ernieq.eval.tasks.TaskOptions``): lm-evaluation-harness tasks every model runs too."""
     from ernieq.eval.report import build_report, write_report
 
     cset = None
@@ -275,7 +324,7 @@ def report(
     result = build_report(Path(qdir), resolve_model(baseline), tuple(data), load, baseline_name=str(baseline),
                           calib=cset, calib_source=None if calib is None else str(calib),
                           compare=tuple(Path(c) for c in compare), seq_len=seq_len, max_windows=max_windows,
-                          progress=progress)
+                          progress=progress, tasks=tasks)
     if out is not None:
         write_report(result, Path(out))
     return result

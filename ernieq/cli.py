@@ -122,20 +122,65 @@ def inspect(model: str) -> None:
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
 
 
+def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _task_options(f):
+    """``--tasks`` and what goes with it, shared by ``eval`` and ``report``."""
+    options = [
+        click.option("--tasks", callback=_comma_strings, default=None, metavar="NAME[,NAME...]",
+                     help="lm-evaluation-harness tasks: lm-eval's names, ernieq's offline 'wikitext2_lastword', names "
+                          "in --include-path folders, or task YAML files."),
+        click.option("--include-path", "include_paths", multiple=True,
+                     type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="A folder of lm-eval task YAML files (lm-eval's include_path). Repeatable."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="--tasks: the first N examples per task."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+                     help="--tasks: few-shot examples (default: each task's own, else 0)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="--tasks: requests per forward pass."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", required=True,
-              help="Text source: a .txt/.jsonl/.raw file or folder, 'wikitext2' (or $ERNIEQ_WIKITEXT2), or 'demo'.")
+@click.option("--data", default=None,
+              help="Text source for perplexity: a .txt/.jsonl/.raw file or folder, 'wikitext2' (or $ERNIEQ_WIKITEXT2), "
+                   "or 'demo'.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
+@_task_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
-def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_path: Path | None) -> None:
-    """Perplexity of MODEL on DATA: non-overlapping windows, exp(mean token NLL)."""
-    r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows, json_path=json_path)
-    console.print(
-        f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
-        f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
-    )
+def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, tasks: tuple[str, ...] | None,
+          include_paths: tuple[Path, ...], limit: int | None, num_fewshot: int | None, batch_size: int,
+          json_path: Path | None) -> None:
+    """Perplexity of MODEL on DATA (non-overlapping windows, exp(mean token NLL)) and/or lm-evaluation-harness
+    TASKS on MODEL as ernieq runs it."""
+    if not data and not tasks:
+        raise click.UsageError("give --data SRC (perplexity), --tasks NAMES (lm-eval), or both")
+    r = None
+    if data:
+        r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows,
+                         json_path=None if tasks else json_path)
+        console.print(
+            f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
+            f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
+        )
+    if tasks:
+        t = api.evaluate_tasks(model, tasks, include_paths=include_paths, limit=limit, num_fewshot=num_fewshot,
+                               batch_size=batch_size, json_path=json_path, perplexity=r)
+        table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s")
+        for col in ("task", "metric", "examples", "shots", "value", "stderr"):
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for task in t.tasks:
+            for m in task["metrics"]:
+                table.add_row(task["task"], m["metric"], str(task["samples"]), str(task["num_fewshot"]),
+                              f"{m['value']:.4f}", "" if m["stderr"] is None else f"{m['stderr']:.4f}")
+        console.print(table)
 
 
 @cli.command()
@@ -276,18 +321,27 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Windows scored per corpus (every model on the same windows).")
+@_task_options
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
-           seq_len: int, max_windows: int) -> None:
-    """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL, top-1, per-layer and
-    per-expert error, bits by tensor class, calibration coverage, plots."""
+           seq_len: int, max_windows: int, tasks: tuple[str, ...] | None, include_paths: tuple[Path, ...],
+           limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
+    """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL,
+    top-1, lm-eval task accuracy (--tasks), per-layer and per-expert error, bits by tensor class, calibration
+    coverage, plots."""
+    from ernieq.eval.tasks import TaskOptions
+
     sources = tuple(s.strip() for s in data.split(",") if s.strip())
+    task_options = TaskOptions(tasks, tuple(map(str, include_paths)), limit, num_fewshot, batch_size) if tasks else None
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
-                        max_windows=max_windows)
+                        max_windows=max_windows, tasks=task_options)
     for c in result["perplexity"]:
         base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
         console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
                       f"{c['tokens']:,} tokens; KL {c['kl_mean']['quantized']:.4f}, top-1 agreement "
                       f"{c['top1_agreement']['quantized']:.2%}")
+    for row in (result["tasks"] or {}).get("rows", []):
+        diffs = ", ".join(f"{label} {v:+.4f}" for label, v in row["diff"].items())
+        console.print(f"{row['task']} {row['metric']}: baseline {row['value']['baseline']:.4f}; {diffs}")
     console.print(f"report written to [bold]{out / 'report.html'}[/bold] (and report.md, report.json)")
 
 
@@ -320,10 +374,6 @@ def verify(folder: Path, no_smoke: bool) -> None:
     smoke = f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens" if r.smoke_ppl else ""
     console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "
                   f"modules{smoke}")
-
-
-def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _comma_ints(ctx, param, value: str | None) -> tuple[int, ...] | None:

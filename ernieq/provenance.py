@@ -17,7 +17,8 @@ from pathlib import Path
 
 import ernieq
 
-PACKAGES = ("torch", "transformers", "safetensors", "triton", "compressed-tensors", "numpy", "matplotlib")
+PACKAGES = ("torch", "transformers", "safetensors", "triton", "compressed-tensors", "numpy", "matplotlib",
+            "lm-eval")
 
 
 def package_versions() -> dict[str, str]:

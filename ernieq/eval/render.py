@@ -77,6 +77,38 @@ def accuracy_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]
     return head, rows
 
 
+def fmt_metric(x: float | None, sign: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:{'+' if sign else ''}.4g}" if abs(x) >= 1e6 else f"{x:{'+' if sign else ''},.4f}"
+
+
+TASK_NOTE = ("lm-evaluation-harness tasks, every model on the same examples. A difference to the baseline carries "
+             "its standard error: for a mean over examples (acc) the paired one, from the per-example differences; "
+             "for other metrics (perplexity) sqrt(se_baseline² + se_model²), marked unpaired.")
+
+
+def task_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]] | None:
+    """(head, rows): per task, metric and model, the examples, the value ± its standard error and the
+    difference to the baseline ± its standard error; None when the report ran no tasks. The model
+    card shows exactly this table."""
+    section = report.get("tasks")
+    if not section:
+        return None
+    head = ("task", "metric", "model", "examples", "value", "stderr", "vs baseline", "stderr of the difference")
+    rows = []
+    for r in section["rows"]:
+        for label, value in r["value"].items():
+            is_base = label == "baseline"
+            se = "" if is_base else fmt_metric(r["diff_stderr"][label])
+            if not is_base and not r["paired"][label] and r["diff_stderr"][label] is not None:
+                se += " (unpaired)"
+            rows.append((r["task"], r["metric"], label, str(r["samples"]), fmt_metric(value),
+                         fmt_metric(r["stderr"][label]), "" if is_base else fmt_metric(r["diff"][label], sign=True),
+                         se))
+    return head, rows
+
+
 def size_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     head = ("class", "weights", "bytes (baseline)", "bytes (quantized)", "bits per weight")
     q, b = report["size"]["quantized"], report["size"]["baseline"]
@@ -115,6 +147,13 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
     ]
     if "ppl_vs_bits" in figures:
         out.append(Block("figure", "ppl_vs_bits"))
+    tasks = task_table(report)
+    if tasks is not None:
+        opts = report["tasks"]["options"]
+        shots = "each task's own shots" if opts["num_fewshot"] is None else f"{opts['num_fewshot']} shots"
+        limit = f"the first {opts['limit']} examples" if opts["limit"] else "every example"
+        out += [Block("h2", "Task accuracy"), Block("p", f"{TASK_NOTE} {limit.capitalize()} of each task, {shots}."),
+                Block("table", head=tasks[0], rows=tuple(tasks[1]))]
     out += [Block("h2", "Size by tensor class"), Block("table", head=size_head, rows=tuple(size_rows))]
     if q["codecs"]:
         out.append(Block("table", head=("codec", "weights", "bytes", "bits per weight"),

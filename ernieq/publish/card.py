@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ernieq.eval.render import accuracy_table, fmt_bits, markdown_table
+from ernieq.eval.render import TASK_NOTE, accuracy_table, fmt_bits, markdown_table, task_table
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ def render_card(config: dict, name: str, report: dict | None, lic: License, base
             f"against the baseline `{report['model']['baseline']}`, KL divergence and top-1 agreement of the "
             "next-token distributions. The full report with per-layer and per-expert errors: `report/report.html`.",
             "", markdown_table(head, rows), ""]
+        tasks = task_table(report)
+        if tasks is not None:
+            body += ["## Task accuracy", "", f"From `report/report.json`: {TASK_NOTE}", "", markdown_table(*tasks), ""]
     body += ["## How to use", "", *"\n\n".join(how_to_load(name, qc, config.get("model_type"))).split("\n"), ""]
     body += ["## License", "",
              (f"The base model's license carries over: {lic.spdx or 'see LICENSE'} (from {lic.where})"

@@ -58,6 +58,13 @@ def test_card_numbers_equal_report_json(published):
         if label != "baseline":
             assert float(kl) == pytest.approx(corpus["kl_mean"][label], abs=5e-5)
             assert float(top1.rstrip(" %")) == pytest.approx(100 * corpus["top1_agreement"][label], abs=5e-3)
+    task_rows = [[c.strip() for c in line.split("|")[1:-1]] for line in card.splitlines()
+                 if line.startswith("| wikitext2_lastword |")]
+    assert len(task_rows) == 2 * 3  # acc and perplexity of three models
+    values = {(r["metric"], label): v for r in report["tasks"]["rows"] for label, v in r["value"].items()}
+    for _, metric, label, examples, value, *_ in task_rows:
+        assert float(value.replace(",", "")) == pytest.approx(values[metric, label], rel=1e-3, abs=5e-5)
+        assert int(examples) == report["tasks"]["options"]["limit"]
     size = report["size"]["quantized"]
     assert f"{size['bits_per_weight_linear']:.3f} bits per weight over the linear layers" in card
     assert "license: apache-2.0" in card  # the demo's source package is Apache-2.0
