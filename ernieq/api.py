@@ -46,6 +46,15 @@ def inspect(model: str | Path) -> CheckpointSummary:
     return checkpoint_summary(resolve_model(model))
 
 
+def stored_recipe(model: str | Path) -> dict | None:
+    """The recipe an ernieq checkpoint was made with (``quantization_config.recipe_spec``), or None."""
+    from ernieq.model.checkpoint import read_json
+    from ernieq.recipes import SPEC_KEY
+
+    qc = read_json(resolve_model(model) / "config.json").get("quantization_config") or {}
+    return qc.get(SPEC_KEY)
+
+
 def is_quantized(path: Path) -> bool:
     """Whether ``path`` is a quantized checkpoint of a format ernieq reads (native, FastDeploy)."""
     from ernieq.formats.registry import quantized_format
@@ -172,7 +181,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     """Encode every linear weight of MODEL's decoder layers and write the checkpoint to OUT.
 
     ``options`` (a :class:`ernieq.config.QuantizeOptions`; keyword ``fields`` replace its fields:
-    ``quantize("demo", "q2", bits=2)``) say how; ``config`` replaces the ``--bits`` preset's recipe.
+    ``quantize("demo", "q2", bits=2)``, ``quantize("demo", "q", recipe="my.yaml")``) say how; ``config``
+    replaces the recipe. A recipe that does not fit the model fails before any work (``ernieq.plan``).
     The checkpoint is read and written one tensor group (a layer's attention, a
     layer's MLP or MoE block) at a time; the output appears at OUT only when
     complete. A format other than native converts the native result at the end.
@@ -186,6 +196,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     """
     from ernieq.formats.registry import check_options, export_checkpoint
+    from ernieq.plan import check_plan
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
     o = with_fields(options, fields)
@@ -196,14 +207,17 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     format_options = _format_options(o.format, o.tp)
     if o.format != NATIVE_FORMAT:
         check_options(o.format, format_options)  # an unknown format or option fails before any work
-    if o.rotate is None:
-        o = dataclasses.replace(o, rotate=o.format == NATIVE_FORMAT)
-    elif o.rotate and o.format != NATIVE_FORMAT:
-        raise ErnieqError(f"--rotate: the {o.format} format cannot carry online input rotations (use --no-rotate)")
+    native = o.format == NATIVE_FORMAT
+    if config is None:
+        config, o = recipe_for(source, o, default_rotate=native)
+    elif o.rotate is None:
+        o = dataclasses.replace(o, rotate=native)
+    if o.rotate and not native:
+        raise ErnieqError(f"--rotate (or the recipe's rotate: true): the {o.format} format cannot carry online "
+                          f"input rotations (use --no-rotate)")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
-    if config is None:
-        config = recipe_for(source, o)
+    check_plan(source, config)
     stats, calib_dir = None, None
     if o.calib is not None:
         from ernieq.calibration import load_stats

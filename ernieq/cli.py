@@ -120,6 +120,13 @@ def inspect(model: str) -> None:
     moe = sum(s.kind == "moe" for s in summary.layers)
     dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
+    spec = api.stored_recipe(model)
+    if spec is not None:
+        from ernieq.recipes import dump
+
+        console.print("recipe (a recipe file: `ernieq quantize MODEL --recipe FILE` makes this checkpoint again):",
+                      markup=False, highlight=False, soft_wrap=True)
+        console.print(dump(spec), markup=False, highlight=False, soft_wrap=True, end="")
 
 
 def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
@@ -183,9 +190,40 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
         console.print(table)
 
 
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the shipped recipes (`ernieq recipes show NAME` prints one; `quantize --recipe NAME|FILE` uses one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ernieq.recipes import load_recipe, shipped_names
+
+    table = Table(title="shipped recipes")
+    table.add_column("name")
+    table.add_column("what it does")
+    for name in shipped_names():
+        table.add_row(name, load_recipe(name).description)
+    console.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print the shipped recipe NAME (a YAML file; copy it to start your own)."""
+    from ernieq.recipes import shipped_text
+
+    console.print(shipped_text(name), markup=False, highlight=False, soft_wrap=True, end="")
+
+
+PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe_layers")  # pick and set a shipped recipe
+
+
 @cli.command()
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the quantized checkpoint.")
+@click.option("--recipe", default=None, metavar="FILE|NAME",
+              help="A recipe file (YAML: rules, rounding, rotations, calibration; see the README) or a shipped "
+                   "recipe's name (`ernieq recipes`), instead of --bits/--fp8.")
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
               help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
                    "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
@@ -232,7 +270,8 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
               help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
                    "on a GPU the weights are encoded there.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def quantize(model: str, out: Path, bits: str, fp8: bool, fp8_activations: str, group_size: str, sym: bool,
+def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
+             sym: bool,
              w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
              calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None,
              sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
@@ -240,9 +279,14 @@ def quantize(model: str, out: Path, bits: str, fp8: bool, fp8_activations: str, 
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
     already written and gives the same bytes."""
+    ctx = click.get_current_context()
+    given = [p for p in PRESET_OPTIONS if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
+    if recipe is not None and given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} sets a --bits preset; with --recipe, write it in "
+                               f"the recipe file")
     group = None if group_size == "channel" else int(group_size)
-    options = QuantizeOptions(bits=int(bits), fp8=fp8, fp8_activations=fp8_activations, group_size=group,
-                              symmetric=sym, w4_moe_layers=w4_moe_layers,
+    options = QuantizeOptions(recipe=recipe, bits=int(bits), fp8=fp8, fp8_activations=fp8_activations,
+                              group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers)

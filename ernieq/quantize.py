@@ -25,7 +25,7 @@ import torch
 import ernieq
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.transforms import Rotation, make_rotation
-from ernieq.config import QuantConfig, QuantizeOptions, recipe, with_fields
+from ernieq.config import QuantConfig, QuantizeOptions, with_fields
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
@@ -35,6 +35,7 @@ from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_gr
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weights
 from ernieq.progress import QuantizeProgress
+from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
@@ -279,10 +280,12 @@ def _ordinals(source: Path) -> dict[int, int]:
     return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
 
 
-def recipe_for(source: Path, options: QuantizeOptions | None = None, **fields) -> QuantConfig:
-    """The ``--bits``/``--fp8`` recipe (``options`` with ``fields`` replaced) for the checkpoint at
-    ``source`` (which needs its MoE layer count)."""
-    return recipe(with_fields(options, fields), len(_ordinals(source)))
+def recipe_for(source: Path, options: QuantizeOptions, default_rotate: bool = False
+               ) -> tuple[QuantConfig, QuantizeOptions]:
+    """The recipe (``options.recipe``, else the ``--bits``/``--fp8`` preset) for the checkpoint at
+    ``source`` (which needs its MoE layer count), and ``options`` completed from it
+    (``ernieq.recipes.configure``)."""
+    return configure(options, len(_ordinals(source)), default_rotate)
 
 
 def sequential_plan(source: Path, config: QuantConfig, method: str):
@@ -306,7 +309,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
 
     options: :class:`QuantizeOptions` with ``fields`` replaced.
-    config: the recipe (default: ``options``' preset); calib: calibration statistics for the method
+    config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
     (``options.method``, default round to nearest). ``options.workers``: encoder processes on the CPU
     (default: every usable core); on a GPU the weights are encoded there, in this process.
     """
@@ -319,7 +322,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     groups = list(iter_groups(reader, adapter))
     ordinals = moe_ordinals(reader, adapter, groups)
     if config is None:
-        config = recipe(options, len(ordinals))
+        config = configure(options, len(ordinals))[0]
     _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
@@ -347,7 +350,8 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
                 log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
                           sizes[index] / seconds / 1e6)
         summary = QuantizeSummary.from_records(config.recipe, writer.records())
-        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]}}
+        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
+                 SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
         if calib is not None:
             extra["calibration"] = _calibration_info(calib)
         writer.close(extra)

@@ -2,10 +2,11 @@
 # The whole job on the offline demo model: build it, calibrate it on the demo text, quantize it to
 # 2 bits (GPTQ with the calibration statistics, online rotations: ernieq's best measured setting),
 # write the accuracy report against the unquantized model (WikiText-2, first $WINDOWS windows of
-# 2048 tokens; the statistics give the output error and the expert table), publish a hub-ready
-# folder, verify it, and print where the report is. Beside the native checkpoint it writes the same
-# recipe in FastDeploy's 2-bit (wint2) layout, without rotations (the format cannot carry them), and
-# the report scores it too (read back through ernieq's runtime, nothing re-encoded).
+# 2048 tokens; the statistics give the output error and the expert table; lm-evaluation-harness on
+# ernieq's offline task wikitext2_lastword, first $TASK_LIMIT examples, for every model), publish a
+# hub-ready folder, verify it, and print where the report is. Beside the native checkpoint it writes
+# the same recipe in FastDeploy's 2-bit (wint2) layout, without rotations (the format cannot carry
+# them), and the report scores it too (read back through ernieq's runtime, nothing re-encoded).
 # WikiText-2 comes from $ERNIEQ_WIKITEXT2, else from ../shared/data beside the repo.
 # COMPARE_BITS="8 4" also quantizes those settings and adds them to the report (perplexity vs bits).
 set -euo pipefail
@@ -15,6 +16,7 @@ export ERNIEQ_WIKITEXT2="${ERNIEQ_WIKITEXT2:-$(cd .. && pwd)/shared/data/wikitex
 WINDOWS="${WINDOWS:-12}"
 OUT="${OUT:-runs/demo}"
 CALIB_TOKENS="${CALIB_TOKENS:-32768}"
+TASK_LIMIT="${TASK_LIMIT:-100}"
 mkdir -p "$OUT"
 ernieq=.venv/bin/ernieq
 $ernieq inspect demo
@@ -34,7 +36,7 @@ for bits in ${COMPARE_BITS:-}; do
   compare+=(--compare "$OUT/w$bits")
 done
 $ernieq report "$OUT/w2" --baseline demo --data wikitext2 --max-windows "$WINDOWS" --calib "$OUT/calib" \
-  ${compare[@]+"${compare[@]}"} --out "$OUT/report"
+  --tasks wikitext2_lastword --limit "$TASK_LIMIT" ${compare[@]+"${compare[@]}"} --out "$OUT/report"
 $ernieq publish "$OUT/w2" --report "$OUT/report" --name ernieq-demo-w2 --out "$OUT/ernieq-demo-w2" --overwrite
 $ernieq verify "$OUT/ernieq-demo-w2"
 $ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16

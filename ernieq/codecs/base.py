@@ -184,13 +184,18 @@ def check_layout(codec: Codec, q: QuantizedTensor, expected: Callable[[int, int]
         raise CodecError(f"{codec.name}: stored tensors {got} do not match the layout {want} for shape {q.shape}")
 
 
+def check_shape(shape: tuple[int, ...], name: str = "weight") -> None:
+    """Fail loudly on a shape no codec takes: not 2-D, or empty (every codec pads K and N as it needs)."""
+    if len(shape) != 2 or math.prod(shape) == 0:
+        raise CodecError(f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(shape)}")
+
+
 def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """Fail loudly on a weight no codec should take: not 2-D, empty or non-finite.
 
     Returns the weight as float32.
     """
-    if weight.ndim != 2 or weight.numel() == 0:
-        raise CodecError(f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    check_shape(tuple(weight.shape), name)
     w = weight.float()
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()

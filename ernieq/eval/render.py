@@ -11,6 +11,7 @@ import html
 from dataclasses import dataclass
 
 from ernieq.eval.plots import data_uri
+from ernieq.recipes import dump
 
 TOP_EXPERTS = 10  # the worst routed experts listed by name
 
@@ -178,6 +179,12 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
                 Block("table", head=("layer", "expert", *ERROR_HEAD),
                       rows=tuple(_error_rows(worst, ("layer", "expert"))))]
     out += _calibration_blocks(report, figures)
+    spec = m.get("recipe_spec")
+    if spec:
+        out += [Block("h2", "Recipe"),
+                Block("p", "The recipe the checkpoint was made with, as it stores it (a recipe file: "
+                           "`ernieq quantize MODEL --recipe FILE` makes the checkpoint again)."),
+                Block("code", dump(spec).rstrip())]
     out += [
         Block("h2", "Provenance"),
         Block("code", prov["command"]),

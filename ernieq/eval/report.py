@@ -40,6 +40,7 @@ from ernieq.formats.registry import checkpoint_summary, open_quantized, quantize
 from ernieq.model.adapters import LINEAR_CLASSES
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.progress import progress_bar
+from ernieq.recipes import SPEC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +233,7 @@ def build_report(
             "baseline": baseline_name or str(baseline),
             "baseline_path": str(baseline),
             "recipe": qc.get("recipe"),
+            "recipe_spec": qc.get(SPEC_KEY),
             "method": qc.get("method"),
             "quantized_calibration": qc.get("calibration"),
             "architecture": (quantized.config.get("architectures") or [quantized.config.get("model_type")])[0],

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ernieq.eval.render import TASK_NOTE, accuracy_table, fmt_bits, markdown_table, task_table
+from ernieq.recipes import SPEC_KEY, dump
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,10 @@ def render_card(config: dict, name: str, report: dict | None, lic: License, base
         tasks = task_table(report)
         if tasks is not None:
             body += ["## Task accuracy", "", f"From `report/report.json`: {TASK_NOTE}", "", markdown_table(*tasks), ""]
+    spec = qc.get(SPEC_KEY)
+    if spec:
+        body += ["## Recipe", "", "The recipe this checkpoint was made with (`ernieq quantize MODEL --recipe FILE` "
+                 "makes it again):", "", "```yaml", dump(spec).rstrip(), "```", ""]
     body += ["## How to use", "", *"\n\n".join(how_to_load(name, qc, config.get("model_type"))).split("\n"), ""]
     body += ["## License", "",
              (f"The base model's license carries over: {lic.spdx or 'see LICENSE'} (from {lic.where})"
