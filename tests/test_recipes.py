@@ -249,3 +249,20 @@ def test_a_codec_that_cannot_take_a_weight_fails_before_any_work(tiny, tmp_path)
         api.quantize(tiny, tmp_path / "out", config=config, workers=1, progress=False)
     assert "safetensors" in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_what_a_recipe_states_fills_what_the_command_leaves_open(tmp_path):
+    from ernieq.config import QuantizeOptions
+    from ernieq.recipes import configure
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("ernieq_recipe: 1\nname: r\nrotate: false\nmethod: gptq\n"
+                      "calibration: {data: demo, tokens: 4096, sequential: true}\nrules: [{codec: wint8}]\n")
+    config, o = configure(QuantizeOptions(recipe=str(recipe)), num_moe_layers=2, default_rotate=True)
+    assert (o.rotate, o.method, o.calib_data, o.calib_tokens, o.calib_seq_len, o.sequential) == \
+           (False, "gptq", "demo", 4096, 512, True)
+    assert config.rotate == () and config.recipe == "r"
+    given = QuantizeOptions(recipe=str(recipe), rotate=True, method="rtn", calib="stats/")
+    config, o = configure(given, num_moe_layers=2)
+    assert (o.rotate, o.method, o.calib_data, o.sequential) == (True, "rtn", None, False)  # the command wins
+    assert config.recipe == "r-rot"
