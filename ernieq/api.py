@@ -17,6 +17,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.errors import ErnieqError
+from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,23 @@ DEMO_NAME = "demo"
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A checkpoint folder for ``model``: a local path, or ``demo`` (built and cached on first use)."""
-    if str(model) == DEMO_NAME:
+    """A checkpoint folder for ``model``: a local folder; ``demo`` (built and cached on first use); or a
+    Hugging Face hub id ``org/name[@revision]`` (its snapshot, from the local hub cache when offline).
+    A local folder wins over a name that means something else, and the log says so."""
+    path = Path(model)
+    if path.exists():
+        if str(model) == DEMO_NAME or parse_hub_id(str(model)):
+            log.info("%s: using the local folder %s, not the %s of that name", model, path.resolve(),
+                     "built-in demo model" if str(model) == DEMO_NAME else "hub model")
+    elif str(model) == DEMO_NAME:
         from ernieq.model.demo import demo_model_path
 
         return demo_model_path()
-    path = Path(model)
-    if not path.exists():
-        raise ErnieqError(f"{path}: no such model folder (give a local checkpoint folder or 'demo'; the hub is not used)")
+    elif (hub := parse_hub_id(str(model))) is not None:
+        path = hub_snapshot(*hub)
+    else:
+        raise ErnieqError(f"{path}: no such model folder (give a local checkpoint folder, 'demo' or a hub id "
+                          f"org/name[@revision])")
     if not (path / "config.json").exists():
         raise ErnieqError(f"{path / 'config.json'}: missing; not a Hugging Face-layout checkpoint folder")
     return path

@@ -40,8 +40,9 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     """ernieq: quantize Mixture-of-Experts language models (ERNIE 4.5 first) and prove what was kept.
 
     MODEL arguments take a local Hugging Face-layout folder (config.json and
-    safetensors) or the name `demo`: the offline demo MoE model, built from
-    SmolLM2-135M on first use.
+    safetensors), a hub id org/name[@revision] (safetensors, config and tokenizer
+    only; from the local hub cache when offline, HF_HUB_OFFLINE=1), or the name
+    `demo`: the offline demo MoE model, built from SmolLM2-135M on first use.
     """
     from ernieq.progress import set_quiet
 
