@@ -61,7 +61,8 @@ def main() -> None:
             options = SETTINGS[name]
             model, bpw = args.model, 32.0  # the demo checkpoints are float32
             if name == "dense-source":
-                from ernieq.model.demo import DENSE_CACHE_NAME, cache_root, load_dense_source
+                from ernieq.demo.cache import cache_root
+                from ernieq.demo.source import DENSE_CACHE_NAME, load_dense_source
 
                 load_dense_source()  # makes sure the float32 copy is cached
                 model = cache_root() / DENSE_CACHE_NAME

@@ -28,7 +28,7 @@ NATIVE_FORMAT = "native"
 def resolve_model(model: str | Path) -> Path:
     """A checkpoint folder for ``model``: a local path, or ``demo`` (built and cached on first use)."""
     if str(model) == DEMO_NAME:
-        from ernieq.model.demo import demo_model_path
+        from ernieq.demo import demo_model_path
 
         return demo_model_path()
     path = Path(model)

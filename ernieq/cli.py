@@ -74,7 +74,7 @@ def _log_to_file(path: Path) -> None:
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
     """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.model.demo import build_demo_model
+    from ernieq.demo import build_demo_model
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
     path = build_demo_model(out, variant=variant, **options)
