@@ -10,7 +10,6 @@ other file. :func:`verify_files` re-checks all of it; every failure is one
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.model_card import base_license, render_card
 from ernieq.formats.native import NativeReader
 from ernieq.model.adapters import adapter_for, hf_config
-from ernieq.model.checkpoint import CheckpointError, read_json
+from ernieq.model.checkpoint import CheckpointError, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,6 @@ CARD_NAME = "README.md"
 LICENSE_NAME = "LICENSE"
 REPORT_DIR = "report"
 REPORT_FILES = ("report.json", "report.md", "report.html")
-CHUNK = 1 << 20
 # The smoke test's text (verify): plain encyclopedic English any language model should find likely.
 SMOKE_TEXT = (
     "The city is the capital of the country and its largest city. It lies on the river, which flows from the "
@@ -44,14 +42,6 @@ SMOKE_TEXT = (
 
 class VerifyError(ErnieqError, ValueError):
     """A published folder that does not check out: the message names the file (and tensor)."""
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(folder: Path) -> list[str]:
