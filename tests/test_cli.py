@@ -114,3 +114,13 @@ def test_inspect_reports_ccq2_storage_per_codec(tmp_path):
     assert n_weights == 4 * 3 * 128 * 128
     per_channel = summary.bytes_by_codec["ccq2"] - n_weights * 2.0625 / 8
     assert 0 < per_channel <= 10 * 4 * 3 * 128  # at most 10 bytes per output channel
+
+
+def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
+    import ernieq.demo
+    from ernieq.model.checkpoint import weights_sha256
+
+    monkeypatch.setattr(ernieq.demo, "build_demo_model", lambda out, variant, **options: write_tiny_ernie(out))
+    code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")

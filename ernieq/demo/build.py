@@ -12,7 +12,7 @@ from ernieq.demo.convert import checkpoint_tensors, ernie_config, layer_index
 from ernieq.demo.plan import moe_plans
 from ernieq.demo.recipe import RECIPE_VERSION, DemoModelError, DemoRecipe, make_recipe, validate_recipe
 from ernieq.demo.source import SOURCE_GGUF, SOURCE_PIP_NAME, DenseSource, load_dense_source
-from ernieq.model.checkpoint import CheckpointWriter, write_json
+from ernieq.model.checkpoint import CheckpointWriter, weights_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ RECIPE_FILE = "demo_recipe.json"
 
 
 def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_text: str | None) -> None:
+    """The checkpoint, config, tokenizer and ``demo_recipe.json`` (the recipe and ``weights_sha256``:
+    the same on every machine) into ``tmp``."""
     from transformers import GenerationConfig
 
     dense = source.model.config
@@ -37,7 +39,8 @@ def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_
     special = {k: getattr(dense, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     GenerationConfig(**special).save_pretrained(tmp)
     source.tokenizer.save_pretrained(tmp)
-    meta = {"version": RECIPE_VERSION, "source": f"{SOURCE_PIP_NAME}/{SOURCE_GGUF}", **dataclasses.asdict(recipe)}
+    meta = {"version": RECIPE_VERSION, "source": f"{SOURCE_PIP_NAME}/{SOURCE_GGUF}", "weights_sha256": weights_sha256(tmp),
+            **dataclasses.asdict(recipe)}
     write_json(tmp / RECIPE_FILE, meta)
 
 

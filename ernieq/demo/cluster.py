@@ -9,14 +9,15 @@ import torch.nn.functional as F
 def balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
     """LongTensor [n]: each of n items to one of G groups of exactly ``size``, greedily by similarity.
 
-    sim: [n, G] with n == G * size. Pairs are taken best first; a pair is kept
+    sim: [n, G] with n == G * size. Pairs are taken best first (equal ones in index
+    order, so the result does not depend on the sort's implementation); a pair is kept
     while its item is free and its group has room.
     """
     n, groups = sim.shape
     assign = [-1] * n
     fill = [0] * groups
     left = n
-    for flat in torch.argsort(sim.flatten(), descending=True).tolist():
+    for flat in torch.argsort(sim.flatten(), descending=True, stable=True).tolist():
         item, group = divmod(flat, groups)
         if assign[item] < 0 and fill[group] < size:
             assign[item], fill[group], left = group, fill[group] + 1, left - 1
@@ -56,7 +57,7 @@ def refine_experts(
     router picks. kept[n, e] = sum over tokens routed to e of energy[t, n]; the balanced
     assignment maximises the energy the router's choices keep.
     """
-    mask = torch.zeros(energy.shape[0], groups).scatter_(1, chosen, 1.0)  # [T, E]
+    mask = torch.zeros(energy.shape[0], groups, dtype=energy.dtype).scatter_(1, chosen, 1.0)  # [T, E]
     kept = energy.T @ mask  # [E*m, E]
     assign = balanced_assign(kept, len(routed) // groups)  # [E*m]
     return torch.stack([routed[assign == e] for e in range(groups)])  # [E, m]

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ernieq.demo.cluster import balanced_kmeans, refine_experts
-from ernieq.demo.mlp_inputs import collect_mlp_inputs
+from ernieq.demo.mlp_inputs import calibration_windows, mlp_inputs
 from ernieq.demo.recipe import DemoRecipe
-from ernieq.demo.router import expert_log_norms, ridge_solver
-from ernieq.demo.source import DenseSource, first_layers
+from ernieq.demo.router import expert_log_norms, ridge_solver, snap_to_bfloat16
+from ernieq.demo.source import DenseSource
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,8 @@ class MoePlan:
 
     shared: LongTensor [S*m] dense neuron indices of the shared experts.
     experts: LongTensor [E, m] dense neuron indices of each routed expert.
-    router: float32 [E, H] gate weight; bias: float32 [E] e_score_correction_bias.
+    router: float32 [E, H] gate weight; bias: float32 [E] e_score_correction_bias (the routed
+    variant's on the bfloat16 grid, see ``router.snap_to_bfloat16``).
     down_scale: routed experts' down_proj factor (1 / the routing weight each gets).
     """
 
@@ -58,17 +59,19 @@ def routed_plan(
 ) -> MoePlan:
     """Shared experts, co-activation clusters and a fitted router for one dense MLP.
 
-    x: float32 [T, H] the MLP's inputs on calibration text; gate/up [I, H]; down [H, I].
+    x: float64 [T, H] the MLP's inputs on calibration text; gate/up [I, H]; down [H, I] (float64).
     Steps: (1) the most used neurons become the shared experts; (2) the others are
     clustered by co-activation into E experts of m; (3) a linear router is fitted to
     each expert's log output norm; (4) a few rounds move neurons to the experts the
     router picks when they are active, refitting the router each time.
+    Everything runs in float64 and every sort breaks ties by index, so the discrete
+    steps see the same order on every machine.
     """
     e, k = recipe.experts, recipe.top_k
     m = gate.shape[0] // (e + recipe.shared)
     h = neuron_outputs(x, gate, up)  # [T, I]
     contrib = h.abs() * down.norm(dim=0)  # [T, I] size of neuron n's output |h_n| * ||down[:, n]||
-    by_use = torch.argsort(contrib.mean(0), descending=True)  # [I]
+    by_use = torch.argsort(contrib.mean(0), descending=True, stable=True)  # [I]
     shared = by_use[: recipe.shared * m].sort().values  # [S*m] the most used neurons are always on
     routed = by_use[recipe.shared * m :].sort().values  # [E*m]
     feats = contrib[:, routed].T  # [E*m, T] each neuron's activity over the tokens
@@ -79,12 +82,12 @@ def routed_plan(
     a, c = fit_router(expert_log_norms(h, down, experts))  # [E, H], [E]
     energy = contrib[:, routed].square()  # [T, E*m]
     for _ in range(recipe.refine_rounds):
-        chosen = (x @ a.T + c).topk(k, dim=1).indices  # [T, A]
+        chosen = torch.argsort(x @ a.T + c, dim=1, descending=True, stable=True)[:, :k]  # [T, A] top k
         experts = refine_experts(energy, routed, chosen, e)
         a, c = fit_router(expert_log_norms(h, down, experts))
     eps = recipe.router_logit_std / (x @ a.T).std().clamp_min(1e-12)  # logit scale
     # softmax(eps * x a^T) ~ (1 + eps * x a_e) / E, so adding eps * c_e / E ranks experts by the prediction
-    return MoePlan(shared, experts, eps * a, eps * c / e, float(k))
+    return MoePlan(shared, experts, snap_to_bfloat16(eps * a), snap_to_bfloat16(eps * c / e), float(k))
 
 
 def moe_plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_text: str | None) -> dict[int, MoePlan]:
@@ -99,15 +102,14 @@ def moe_plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_te
         from ernieq.text import load_text
 
         calib_text = load_text("demo", split="calib")
-    log.info("demo model: MLP inputs of %d layers over %d calibration tokens", len(layers), recipe.calib_tokens)
-    with first_layers(source.model, num_layers):
-        inputs = collect_mlp_inputs(source, calib_text, layers, recipe.calib_tokens, recipe.calib_seq_len)
+    ids = calibration_windows(source.tokenizer, calib_text, recipe.calib_tokens, recipe.calib_seq_len)  # [W, S]
+    log.info("demo model: fitting %d MoE layers on %d calibration tokens", len(layers), ids.numel())
     generator = torch.Generator().manual_seed(recipe.seed)
     plans = {}
-    for i in layers:
+    for i, x in mlp_inputs(state, cfg, ids, range(1, num_layers)):
         p = f"model.layers.{i}.mlp"
-        w = [state[f"{p}.{n}_proj.weight"].float() for n in ("gate", "up", "down")]
-        plans[i] = routed_plan(inputs.pop(i), *w, recipe, generator)
+        w = [state[f"{p}.{n}_proj.weight"].double() for n in ("gate", "up", "down")]
+        plans[i] = routed_plan(x, *w, recipe, generator)
         log.debug("demo model: layer %d planned", i)
     log.info("demo model: experts and routers fitted for %d MoE layers", len(plans))
     return plans

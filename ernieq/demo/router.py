@@ -1,4 +1,9 @@
-"""The routed variant's linear router: a ridge fit to each expert's log output norm."""
+"""The routed variant's linear router: a ridge fit to each expert's log output norm, in float64.
+
+The stored router is snapped to values that bfloat16 represents: the fit's last-bit
+differences between machines (about 1e-13 relative here) move a value only where it
+straddles a rounding boundary, 2^-9 relative apart, so the bytes written agree.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +15,19 @@ import torch
 def ridge_solver(x: torch.Tensor, ridge: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """Ridge least squares target ~ x a^T + c for any number of targets, factorised once.
 
-    x [T, H]; the returned solve(target [T, E]) gives a [E, H], c [E]:
+    x [T, H]; the returned solve(target [T, E]) gives float64 a [E, H], c [E]:
     [a c]^T = (X^T X + lambda I)^-1 X^T target with X = [x 1], lambda = ridge * mean(diag X^T X).
     """
-    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)  # [T, H+1]
-    gram = (xa.T @ xa).double()  # [H+1, H+1]
+    xa = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1).double()  # [T, H+1]
+    gram = xa.T @ xa  # [H+1, H+1]
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
     chol = torch.linalg.cholesky(gram)
 
     def solve(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        coef = torch.cholesky_solve((xa.T @ target).double(), chol)  # [H+1, E]
-        return coef[:-1].T.float(), coef[-1].float()
+        coef = torch.cholesky_solve(xa.T @ target.double(), chol)  # [H+1, E]
+        return coef[:-1].T, coef[-1]
 
     return solve
-
-
-def fit_linear(x: torch.Tensor, target: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge least squares target ~ x a^T + c; x [T, H], target [T, E] -> a [E, H], c [E]."""
-    return ridge_solver(x, ridge)(target)
 
 
 def expert_log_norms(h: torch.Tensor, down: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -41,3 +41,8 @@ def expert_log_norms(h: torch.Tensor, down: torch.Tensor, experts: torch.Tensor)
         sq.append(((h_e @ (d_e.T @ d_e)) * h_e).sum(1))  # [T]
     norms = torch.stack(sq, dim=1).clamp_min(0).sqrt()  # [T, E]
     return (norms + 1e-3 * norms.mean()).log()
+
+
+def snap_to_bfloat16(t: torch.Tensor) -> torch.Tensor:
+    """float32 copy of ``t`` rounded to the nearest bfloat16 value (8 significant bits)."""
+    return t.to(torch.bfloat16).float()
