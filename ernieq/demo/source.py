@@ -6,9 +6,7 @@ float32 model is kept under ``$ERNIEQ_CACHE`` so the slow GGUF parse happens onc
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,14 +89,3 @@ def load_dense_source(cache: bool = True) -> DenseSource:
             if not folder.is_dir():  # not another process's finished copy: a real failure
                 raise
     return source
-
-
-@contextlib.contextmanager
-def first_layers(model: torch.nn.Module, num_layers: int) -> Iterator[torch.nn.Module]:
-    """Run ``model`` with only its first ``num_layers`` decoder layers (then restore them)."""
-    layers, count = model.model.layers, model.config.num_hidden_layers
-    model.model.layers, model.config.num_hidden_layers = layers[:num_layers], num_layers
-    try:
-        yield model
-    finally:
-        model.model.layers, model.config.num_hidden_layers = layers, count

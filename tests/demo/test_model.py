@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 
@@ -10,7 +11,6 @@ import torch
 
 from ernieq.demo import demo_model_path
 from ernieq.demo.build import build_demo_model
-from ernieq.demo.source import first_layers
 from ernieq.eval.perplexity import next_token_divergence, perplexity, tokenize_text
 from ernieq.model.checkpoint import CheckpointReader
 from tests.conftest import DEMO_TEST_LAYERS
@@ -33,6 +33,17 @@ def eval_ids(dense_source):
 
     ids = tokenize_text(dense_source.tokenizer, load_text("demo", "eval")[:20000])
     return ids[:, :EVAL_TOKENS]
+
+
+@contextlib.contextmanager
+def first_layers(model: torch.nn.Module, num_layers: int):
+    """Run ``model`` with only its first ``num_layers`` decoder layers (then restore them)."""
+    layers, count = model.model.layers, model.config.num_hidden_layers
+    model.model.layers, model.config.num_hidden_layers = layers[:num_layers], num_layers
+    try:
+        yield model
+    finally:
+        model.model.layers, model.config.num_hidden_layers = layers, count
 
 
 @pytest.fixture(scope="module")
