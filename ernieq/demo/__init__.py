@@ -19,12 +19,19 @@ whose experts are slices of that layer's 1536 dense MLP neurons:
   such measurements: k=6 gave 1.5x (first 2 windows), k=7 without the refinement
   rounds and with 8192 calibration tokens 1.28x.
 
+Both variants pad the hidden size 576 -> 640 and the heads 9 / 3 -> 12 / 4 with zero
+channels and zero heads, exactly (``pad``), so every K and N is a multiple of 128 and
+every export format takes the demo. The build writes the same bytes on every machine
+and thread count: the routed plan is fitted in float64 (``mlp_inputs``, ``plan``) and
+its router snapped to the bfloat16 grid (``router``); ``demo_recipe.json`` records the
+weights' sha256.
+
 One job per module: ``recipe`` (what decides the weights), ``cache`` (where builds
 live), ``source`` (the dense GGUF model), ``mlp_inputs`` (what its MLPs see),
 ``cluster`` (neurons into experts), ``router`` (the router fit), ``plan`` (one MoE
-layer from one dense MLP), ``convert`` (the ERNIE checkpoint tensors and config),
-``build`` (the folder and the cache entry). This package stands above ``model``
-and ``text``; nothing in ``model`` imports it.
+layer from one dense MLP), ``pad`` (sizes to multiples of 128), ``convert`` (the
+ERNIE checkpoint tensors and config), ``build`` (the folder and the cache entry).
+This package stands above ``model`` and ``text``; nothing in ``model`` imports it.
 """
 
 from ernieq.demo.build import build_demo_model, demo_model_path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ernieq.demo.cache import atomic_folder, cache_root
 from ernieq.demo.convert import checkpoint_tensors, ernie_config, layer_index
+from ernieq.demo.pad import padding_for
 from ernieq.demo.plan import moe_plans
 from ernieq.demo.recipe import RECIPE_VERSION, DemoModelError, DemoRecipe, make_recipe, validate_recipe
 from ernieq.demo.source import SOURCE_GGUF, SOURCE_PIP_NAME, DenseSource, load_dense_source
@@ -20,8 +21,8 @@ RECIPE_FILE = "demo_recipe.json"
 
 
 def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_text: str | None) -> None:
-    """The checkpoint, config, tokenizer and ``demo_recipe.json`` (the recipe and ``weights_sha256``:
-    the same on every machine) into ``tmp``."""
+    """The checkpoint, config, tokenizer and ``demo_recipe.json`` (the recipe, the padding and
+    ``weights_sha256``: the same on every machine) into ``tmp``."""
     from transformers import GenerationConfig
 
     dense = source.model.config
@@ -29,18 +30,19 @@ def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_
     if num_layers > dense.num_hidden_layers:
         raise DemoModelError(f"num_layers {num_layers} exceeds the source model's {dense.num_hidden_layers}")
     moe_size = validate_recipe(recipe, dense.intermediate_size, num_layers)
+    padding = padding_for(dense)
     plans = moe_plans(source, recipe, num_layers, calib_text)
     state = {k: v.float() for k, v in source.model.state_dict().items() if (layer_index(k) or 0) < num_layers}
     with CheckpointWriter(tmp, max_shard_bytes=2**30) as writer:
-        for name, tensor in checkpoint_tensors(state, plans, dense.head_dim):
+        for name, tensor in checkpoint_tensors(state, plans, padding):
             writer.add(name, tensor)
-    config = ernie_config(dense, recipe, moe_size, num_layers)
+    config = ernie_config(dense, recipe, moe_size, num_layers, padding)
     write_json(tmp / "config.json", config)
     special = {k: getattr(dense, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     GenerationConfig(**special).save_pretrained(tmp)
     source.tokenizer.save_pretrained(tmp)
     meta = {"version": RECIPE_VERSION, "source": f"{SOURCE_PIP_NAME}/{SOURCE_GGUF}", "weights_sha256": weights_sha256(tmp),
-            **dataclasses.asdict(recipe)}
+            "padding": padding.to_json(), **dataclasses.asdict(recipe)}
     write_json(tmp / RECIPE_FILE, meta)
 
 

@@ -2,8 +2,9 @@
 
 ERNIE's rotary embedding pairs dimensions (2i, 2i+1) where Llama pairs
 (i, i + D/2), so the rows of ``q_proj``/``k_proj`` are permuted within each head.
-The checkpoint is written in the per-expert layout of published ERNIE 4.5
-checkpoints, in float32 (bfloat16 would make the exact variant inexact).
+Every tensor is then grown to the padded sizes (``ernieq.demo.pad``). The checkpoint
+is written in the per-expert layout of published ERNIE 4.5 checkpoints, in float32
+(bfloat16 would make the exact variant inexact).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ernieq.demo.pad import Padding, pad_tensor
 from ernieq.demo.plan import MoePlan
 from ernieq.demo.recipe import DemoRecipe
 
@@ -39,22 +41,25 @@ def permute_rope_rows(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     return weight.reshape(rows // head_dim, head_dim, k)[:, perm].reshape(rows, k)
 
 
-def ernie_config(dense, recipe: DemoRecipe, moe_size: int, num_layers: int) -> dict:
-    """config.json of the Ernie4_5_MoeForCausalLM checkpoint, from the dense Llama config."""
+def ernie_config(dense, recipe: DemoRecipe, moe_size: int, num_layers: int, padding: Padding) -> dict:
+    """config.json of the Ernie4_5_MoeForCausalLM checkpoint, from the dense Llama config and the padding.
+
+    head_dim is explicit: H' / Q' (640 / 12) is not the head size.
+    """
     from transformers import Ernie4_5_MoeConfig
 
     cfg = Ernie4_5_MoeConfig(
         architectures=["Ernie4_5_MoeForCausalLM"],
         vocab_size=dense.vocab_size,
-        hidden_size=dense.hidden_size,
+        hidden_size=padding.padded_hidden,
         intermediate_size=dense.intermediate_size,
         num_hidden_layers=num_layers,
-        num_attention_heads=dense.num_attention_heads,
-        num_key_value_heads=dense.num_key_value_heads,
-        head_dim=dense.head_dim,
+        num_attention_heads=padding.padded_heads,
+        num_key_value_heads=padding.padded_kv_heads,
+        head_dim=padding.head_dim,
         hidden_act=dense.hidden_act,
         max_position_embeddings=dense.max_position_embeddings,
-        rms_norm_eps=dense.rms_norm_eps,
+        rms_norm_eps=dense.rms_norm_eps * padding.eps_scale,
         rope_parameters={"rope_type": "default", "rope_theta": dense.rope_parameters["rope_theta"]},
         tie_word_embeddings=dense.tie_word_embeddings,
         use_bias=False,
@@ -87,8 +92,14 @@ def moe_tensors(prefix: str, gate: torch.Tensor, up: torch.Tensor, down: torch.T
         yield f"{prefix}.shared_experts.down_proj.weight", down[:, plan.shared].contiguous()  # [H, S*m]
 
 
-def checkpoint_tensors(state: dict[str, torch.Tensor], plans: dict[int, MoePlan], head_dim: int) -> Iterator:
-    """(name, tensor) of the whole ERNIE checkpoint from the dense Llama state dict."""
+def checkpoint_tensors(state: dict[str, torch.Tensor], plans: dict[int, MoePlan], padding: Padding) -> Iterator:
+    """(name, tensor) of the whole padded ERNIE checkpoint from the dense Llama state dict."""
+    for name, tensor in _ernie_tensors(state, plans, padding.head_dim):
+        yield name, pad_tensor(name, tensor, padding)
+
+
+def _ernie_tensors(state: dict[str, torch.Tensor], plans: dict[int, MoePlan], head_dim: int) -> Iterator:
+    """(name, tensor) of the ERNIE checkpoint at the source sizes."""
     for name, tensor in state.items():
         if name == "lm_head.weight":
             continue  # tied to model.embed_tokens.weight

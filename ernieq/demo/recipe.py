@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ernieq.errors import ErnieqError
 
-RECIPE_VERSION = 3  # bump whenever the build changes the weights it writes (3: the float64 fit)
+RECIPE_VERSION = 3  # bump whenever the build changes the weights it writes (3: the float64 fit and the padded sizes)
 ROUTED_SIZE_MULTIPLE = 128  # moe_intermediate_size of the routed variant: a whole number of 128-row groups
 MAX_SHARED_FRACTION = 0.25  # shared experts hold at most a quarter of the dense neurons
 

@@ -202,9 +202,9 @@ def test_fp8_schemes_are_compressed_tensors_presets(block_size, preset):
     assert ours.format == "float-quantized"
 
 
-@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}])
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}, {"fp8": True}])
 def test_demo_model_export_round_trips_through_compressed_tensors(demo_routed_dir, tmp_path, options):
-    """The reduced demo checkpoint (hidden 576, experts of 128): every module comes back bit for bit."""
+    """The reduced demo checkpoint (hidden 640, experts of 128): every module comes back bit for bit."""
     native = _quantize(demo_routed_dir, tmp_path, **options)
     out = export_checkpoint(native, tmp_path / "ct", FORMAT)
     reader = NativeReader(native)

@@ -13,7 +13,7 @@ from ernieq.codecs import decode
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.formats.registry import export_checkpoint
-from tests.tiny import tiny_ernie_model, write_tiny_ernie
+from tests.tiny import write_tiny_ernie
 
 FORMAT = "hf-fp8"
 # every quantized N and K a multiple of 128: transformers reads only whole 128 x 128 blocks
@@ -21,13 +21,14 @@ DIMS = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 1
         "head_dim": 32}
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def exported(request, tmp_path_factory):
+    """(source, native, export) of the tiny model and of the reduced demo (hidden 640, 12 + 4 heads of 64)."""
     root = tmp_path_factory.mktemp("hf_fp8")
-    src = write_tiny_ernie(root / "src", **DIMS)
+    src = write_tiny_ernie(root / "src", **DIMS) if request.param == "tiny" else request.getfixturevalue("demo_routed_dir")
     native = root / "q"
     api.quantize(src, native, fp8=True, progress=False)
-    return native, export_checkpoint(native, root / "hf", FORMAT)
+    return src, native, export_checkpoint(native, root / "hf", FORMAT)
 
 
 def _expert_slice(state: dict, module: str) -> torch.Tensor:
@@ -45,7 +46,7 @@ def _weight(state: dict, module: str) -> torch.Tensor:
 
 
 def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
-    native, out = exported
+    src, native, out = exported
     model = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
     reader = NativeReader(native)
@@ -53,7 +54,7 @@ def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
     for module in reader.modules:
         assert torch.equal(_weight(state, module), decode(reader.quantized(module))), module
     # the same logits as the float model carrying the decoded weights
-    reference = tiny_ernie_model(**DIMS)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ref_state = reference.state_dict()
     with torch.no_grad():
         for module in reader.modules:
@@ -64,7 +65,7 @@ def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
 
 def test_fp8_modules_hold_the_stored_weights_and_block_scales(exported):
     """The GPU load path (FP8Linear, fused FP8Experts), built on CPU: only its kernels need a GPU."""
-    native, out = exported
+    _, native, out = exported
     # transformers falls back to dequantizing when no GPU is found; skip that check to build the FP8 modules
     with mock.patch.object(FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None):
         model = AutoModelForCausalLM.from_pretrained(
@@ -86,7 +87,7 @@ def test_fp8_modules_hold_the_stored_weights_and_block_scales(exported):
 
 
 def test_config_follows_transformers_fp8_convention(exported):
-    native, out = exported
+    _, _, out = exported
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128]
     assert qc["activation_scheme"] == "dynamic"
