@@ -94,7 +94,7 @@ def moe_plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_te
     """The plan of every MoE layer 1 .. num_layers-1 (the routed variant's from the dense model on calib text)."""
     state = source.model.state_dict()
     cfg = source.model.config
-    layers = list(range(1, num_layers))
+    layers = range(1, num_layers)
     if recipe.variant == "exact":
         plan = exact_plan(cfg.intermediate_size, cfg.hidden_size, recipe)
         return {i: plan for i in layers}
@@ -106,7 +106,7 @@ def moe_plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_te
     log.info("demo model: fitting %d MoE layers on %d calibration tokens", len(layers), ids.numel())
     generator = torch.Generator().manual_seed(recipe.seed)
     plans = {}
-    for i, x in mlp_inputs(state, cfg, ids, range(1, num_layers)):
+    for i, x in mlp_inputs(state, cfg, ids, layers):
         p = f"model.layers.{i}.mlp"
         w = [state[f"{p}.{n}_proj.weight"].double() for n in ("gate", "up", "down")]
         plans[i] = routed_plan(x, *w, recipe, generator)
