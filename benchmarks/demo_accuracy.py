@@ -4,8 +4,9 @@
         --max-windows 12 --settings dense-source,unquantized,w8,fp8,w4,w2 --out benchmarks/results/demo_accuracy.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
-protocol), tokens scored, bits per weight over the quantized classes, and the
-evaluation's wall time and its ratio to the unquantized model's.
+protocol), tokens scored, bits per weight over the quantized classes, the
+evaluation's wall time and its ratio to the unquantized model's, and the sha256
+of the evaluated weights (``LC_ALL=C sha256sum *.safetensors | sha256sum``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import int2_baseline  # noqa: F401  (registers the int2-g64 baseline codec)
 from ernieq import api
+from ernieq.model.checkpoint import weights_sha256
 
 SETTINGS = {
     "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
@@ -73,7 +75,8 @@ def main() -> None:
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
-                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
+                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
+                         "weights_sha256": weights_sha256(api.resolve_model(model))})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {commit()}, "
