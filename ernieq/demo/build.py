@@ -41,8 +41,8 @@ def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_
     special = {k: getattr(dense, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     GenerationConfig(**special).save_pretrained(tmp)
     source.tokenizer.save_pretrained(tmp)
-    meta = {"version": RECIPE_VERSION, "source": f"{SOURCE_PIP_NAME}/{SOURCE_GGUF}", "weights_sha256": weights_sha256(tmp),
-            "padding": padding.to_json(), **dataclasses.asdict(recipe)}
+    meta = {"version": RECIPE_VERSION, "source": f"{SOURCE_PIP_NAME}/{SOURCE_GGUF}",
+            "weights_sha256": weights_sha256(tmp), "padding": padding.to_json(), **dataclasses.asdict(recipe)}
     write_json(tmp / RECIPE_FILE, meta)
 
 

@@ -82,7 +82,9 @@ def check_llama(cfg) -> None:
         )
 
 
-def mlp_inputs(state: dict[str, torch.Tensor], cfg, ids: torch.Tensor, layers: range) -> Iterator[tuple[int, torch.Tensor]]:
+def mlp_inputs(
+    state: dict[str, torch.Tensor], cfg, ids: torch.Tensor, layers: range
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(layer, float64 [T, H]) the inputs of each listed layer's MLP over the windows ids [W, S].
 
     state: the dense Llama state dict (any float dtype); cfg: its LlamaConfig. Layers are

@@ -60,6 +60,10 @@ def test_checkpoint_layout_is_per_expert_ernie(demo_exact_dir):
     assert cfg["architectures"] == ["Ernie4_5_MoeForCausalLM"] and cfg["model_type"] == "ernie4_5_moe"
     e, m, s = cfg["moe_num_experts"], cfg["moe_intermediate_size"], cfg["moe_num_shared_experts"]
     assert cfg["moe_k"] == e and cfg["moe_layer_start_index"] == 1 and cfg["num_hidden_layers"] == DEMO_TEST_LAYERS
+    # padded: 576 -> 640 and 9 (3 KV) -> 12 (4 KV) heads of 64, so every K and N is a multiple of 128
+    assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (640, 12, 4, 64)
+    assert reader.shape("model.layers.0.self_attn.q_proj.weight") == (768, 640)
+    assert reader.shape("model.layers.0.self_attn.o_proj.weight") == (640, 768)
     p = "model.layers.1.mlp"
     assert reader.shape(f"{p}.gate.weight") == (e, cfg["hidden_size"])
     assert reader.shape(f"{p}.moe_statics.e_score_correction_bias") == (1, e)

@@ -25,7 +25,10 @@ DIMS = {"hidden_size": 128, "intermediate_size": 256, "moe_intermediate_size": 1
 def exported(request, tmp_path_factory):
     """(source, native, export) of the tiny model and of the reduced demo (hidden 640, 12 + 4 heads of 64)."""
     root = tmp_path_factory.mktemp("hf_fp8")
-    src = write_tiny_ernie(root / "src", **DIMS) if request.param == "tiny" else request.getfixturevalue("demo_routed_dir")
+    if request.param == "tiny":
+        src = write_tiny_ernie(root / "src", **DIMS)
+    else:
+        src = request.getfixturevalue("demo_routed_dir")
     native = root / "q"
     api.quantize(src, native, fp8=True, progress=False)
     return src, native, export_checkpoint(native, root / "hf", FORMAT)
