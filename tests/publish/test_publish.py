@@ -37,6 +37,7 @@ def test_untouched_folder_verifies_with_a_smoke_test(published):
     assert r.files == len((out / SUMS_NAME).read_text().splitlines())
     assert r.modules > 0 and r.tensors > r.modules
     assert r.smoke_tokens > 16 and r.smoke_ppl > 1.0
+    assert r.runtime["device"] == "cpu" and r.runtime["kernels"].startswith("reference")
     with pytest.raises(VerifyError, match="smoke-test perplexity"):
         api.verify(out, max_ppl=1.0)
 
