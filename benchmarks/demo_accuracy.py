@@ -69,7 +69,8 @@ def main() -> None:
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
-                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
+                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
+                         "runtime": r.runtime})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "

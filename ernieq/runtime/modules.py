@@ -65,7 +65,7 @@ def _decode_into(out: torch.Tensor, q: QuantizedTensor, rotation: Rotation | Non
     codec = codec_for(q)
     for e, dst in enumerate(out if len(q.shape) == 3 else [out]):
         w_hat = codec.decode(q.expert(e) if len(q.shape) == 3 else q)  # [N, K] float32
-        dst.copy_(rotation.apply_t(w_hat) if rotation is not None else w_hat)  # (W R)_hat R^T
+        dst.copy_(rotation.apply_t(w_hat, dense=True) if rotation is not None else w_hat)  # (W R)_hat R^T
 
 
 class _DecodeOnce(nn.Module):
@@ -183,23 +183,25 @@ def decoded_moe(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     """out[t] = sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_ids[t, a], from decoded weights.
 
     x: [T, H]; topk_ids: int [T, A]; topk_weights: [T, A]; gate_up: [E, 2I, H] = [gate | up];
-    down: [E, H, I]; all in x's dtype. The (token, slot) pairs are sorted by expert once and each
-    expert that received tokens computes its rows with two GEMMs. Returns [T, H] in x.dtype.
+    down: [E, H, I]; all in x's dtype. The (token, slot) pairs are sorted by expert once, each
+    expert that received tokens computes its rows with two GEMMs, and the A rows of each token are
+    summed in a fixed order (no atomic accumulation). Returns [T, H] in x.dtype.
     """
-    a = topk_ids.shape[1]
+    t, a = topk_ids.shape
     inter = down.shape[2]
     flat = topk_ids.reshape(-1)  # [T A]
-    order = torch.argsort(flat, stable=True)  # pairs grouped by expert  [T A]
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert  [T A]
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()  # [E]
-    tok = order // a  # the token of each sorted pair  [T A]
-    xs = x[tok]  # [T A, H]
+    xs = x[order // a]  # [T A, H]
     ys = torch.empty_like(xs)  # [T A, H]
     start = 0
     for e, n in enumerate(counts):
         if n:
             rows = slice(start, start + n)
             gu = xs[rows] @ gate_up[e].T  # [T_e, 2I]
-            ys[rows] = (F.silu(gu[:, :inter]) * gu[:, inter:]) @ down[e].T  # down_e(silu(gate x) * up x)  [T_e, H]
+            torch.mm(F.silu(gu[:, :inter]) * gu[:, inter:], down[e].T, out=ys[rows])  # down_e(silu(gate x) * up x)
             start += n
     ys *= topk_weights.reshape(-1)[order].to(x.dtype)[:, None]  # w[t, a] * y
-    return torch.zeros_like(x).index_put_((tok,), ys, accumulate=True)  # sum over a  [T, H]
+    out = torch.empty_like(ys)
+    out[order] = ys  # back in (token, slot) order  [T A, H]
+    return out.view(t, a, -1).sum(1)  # sum over a  [T, H]

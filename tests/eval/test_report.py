@@ -43,8 +43,8 @@ def _tensors(folder):
 
 
 def test_perplexity_kl_and_top1_match_an_independent_computation(case, report):
-    base_model, tokenizer = api.load(case.baseline)
-    q_model, _ = api.load(case.q2)
+    base_model, tokenizer = api.load(case.baseline, device="cpu")
+    q_model, _ = api.load(case.q2, device="cpu")
     ids = tokenize_text(tokenizer, case.text.read_text())[0]
     (corpus,) = report["perplexity"]
     assert corpus["tokens"] == MAX_WINDOWS * (SEQ_LEN - 1)
