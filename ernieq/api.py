@@ -194,8 +194,8 @@ def evaluate_tasks(
     perplexity: EvalResult | None = None,
 ) -> TaskEvalResult:
     """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
-    ``model`` as :func:`load` loads it on ``device`` in ``dtype`` (see ``ernieq.eval.tasks``). Unknown tasks and data
-    that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
+    ``model`` as :func:`load` loads it on ``device`` in ``dtype`` (see ``ernieq.eval.tasks``). Unknown
+    tasks and data that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
     ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
     from ernieq.eval.tasks import TaskSuite, run_tasks
     from ernieq.provenance import now_iso, provenance

@@ -2,9 +2,11 @@
 
 They keep the packed tensors of a :class:`QuantizedTensor` as buffers and compute
 through ``ernieq.kernels`` (the Triton kernels on CUDA, the reference path elsewhere).
-On the reference path a module decodes its weights once, when the decode cache
-(``decode_cache.py``) has room, and then computes as an unquantized layer would, in
-the input's dtype, with its rotations folded into the decoded weights.
+On the reference path a module whose codecs are weight-only decodes its weights once,
+when the decode cache (``decode_cache.py``) has room, and then computes as an
+unquantized layer would, in the input's dtype, with its rotations folded into the
+decoded weights. W8A8 weights (fp8 with dynamic activations) quantize their inputs on
+every call and always compute through the kernels.
 
 Shape legend: T tokens, E experts, A active experts per token, K input features,
 N output features, H hidden size, I expert intermediate size, M rows of x.
@@ -68,15 +70,24 @@ def _decode_into(out: torch.Tensor, q: QuantizedTensor, rotation: Rotation | Non
         dst.copy_(rotation.apply_t(w_hat, dense=True) if rotation is not None else w_hat)  # (W R)_hat R^T
 
 
+def _weight_only(q: QuantizedTensor) -> bool:
+    """Whether q's codec multiplies its inputs as they are (``round_activations`` returns x itself),
+    so that its decoded weight is all a matmul needs."""
+    probe = torch.zeros(1, q.shape[-1])
+    return codec_for(q).round_activations(probe) is probe
+
+
 class _DecodeOnce(nn.Module):
     """What a quantized module shares: its decoded weights, while the decode cache holds them.
 
-    ``decoded_weights(x)``: the decoded tensors on x's device in x's dtype when the reference path runs
-    and the cache has (or makes) room for them, else None (then the module calls the kernels).
+    ``decoded_weights(x)``: the decoded tensors on x's device in x's dtype when the reference path runs,
+    the module's codecs are weight-only, and the cache has (or makes) room for them; else None (then the
+    module calls the kernels).
     """
 
-    def __init__(self):
+    def __init__(self, *weights: QuantizedTensor):
         super().__init__()
+        self.weight_only = all(_weight_only(q) for q in weights)
         self._decoded: tuple[torch.Tensor, ...] | None = None
 
     def decoded_shapes(self) -> tuple[tuple[int, ...], ...]:
@@ -86,7 +97,7 @@ class _DecodeOnce(nn.Module):
         raise NotImplementedError
 
     def decoded_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        if kernels.resolve_backend(x.device) != "reference":
+        if not self.weight_only or kernels.resolve_backend(x.device) != "reference":
             return None
         held = self._decoded
         if held is not None and held[0].device == x.device and held[0].dtype == x.dtype:
@@ -114,7 +125,7 @@ class QuantLinear(_DecodeOnce):
     stored turned (W R) and y = (x R) @ (W R)^T."""
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None = None, rotation: Rotation | None = None):
-        super().__init__()
+        super().__init__(q)
         self.out_features, self.in_features = q.shape
         self.packed = _Packed(q)
         self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
@@ -151,7 +162,7 @@ class QuantMoEExperts(_DecodeOnce):
 
     def __init__(self, gate: QuantizedTensor, up: QuantizedTensor, down: QuantizedTensor,
                  rotation: Rotation | None = None, down_rotation: Rotation | None = None):
-        super().__init__()
+        super().__init__(gate, up, down)
         self.num_experts = gate.shape[0]
         self.gate, self.up, self.down = _Packed(gate), _Packed(up), _Packed(down)
         self.turn, self.down_turn = _turn(rotation), _turn(down_rotation)

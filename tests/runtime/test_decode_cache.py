@@ -152,6 +152,23 @@ def test_bfloat16_model_caches_bfloat16_weights(q2, cache):
     assert (got - want).abs().max() < 0.05 * want.abs().max()  # bfloat16 compute against float32
 
 
+@pytest.mark.parametrize("activations, cached", [("dynamic", False), ("none", True)])
+def test_w8a8_modules_quantize_their_inputs_on_every_call(tmp_path, cache, activations, cached):
+    """fp8 W8A8 rounds each input per token and group: its modules stay on the uncached reference path."""
+    src = write_tiny_ernie(tmp_path / "src", **SHAPES)
+    api.quantize(src, tmp_path / "q", fp8=True, fp8_activations=activations, progress=False, workers=1)
+    model = load_quantized(tmp_path / "q")
+    cache("off")
+    with torch.no_grad():
+        want = model(_ids()).logits
+    cache("auto")
+    with torch.no_grad():
+        got = model(_ids()).logits
+    mods = _quantized(model)
+    assert all(m.weight_only == cached and (m.cached_bytes > 0) == cached for m in mods)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 E, H, I = 6, 128, 128
 
 
