@@ -92,41 +92,30 @@ class DecodeCache:
                          self.budgets[device].limit / GIB)
         return self.budgets[device]
 
-    def reserve(self, device: torch.device, nbytes: int) -> bool:
-        """Room for one module's ``nbytes`` of decoded weights on ``device``: True (counted) or False."""
-        if not self.enabled:
-            return False
-        b = self.budget(device)
-        if b.used + nbytes > b.limit:
-            return False
-        b.used += nbytes
-        b.modules += 1
-        return True
+    def fits(self, device: torch.device, nbytes: int) -> bool:
+        """Whether one module's ``nbytes`` of decoded weights fit in what is left of ``device``'s budget."""
+        return self.enabled and self.budget(device).used + nbytes <= self.budget(device).limit
 
     def hold(self, device: torch.device, tensors: list[torch.Tensor]) -> None:
-        """Count ``tensors`` (one module's, on ``device``, reserved together) until they are freed."""
+        """Count one module's ``tensors`` (on ``device``) against its budget until they are freed."""
         b = self.budget(device)
+        b.modules += 1
         left = [len(tensors)]
 
         def freed(nbytes: int) -> None:
             b.used -= nbytes
             left[0] -= 1
-            b.modules -= left[0] == 0
+            if left[0] == 0:
+                b.modules -= 1
 
         for t in tensors:
+            b.used += t.numel() * t.element_size()
             weakref.finalize(t, freed, t.numel() * t.element_size())
 
     def record(self, device: torch.device) -> dict:
         """``device``'s budget as result files store it: limit, cached bytes and modules."""
         b = self.budget(device) if self.enabled else DeviceBudget(0)
         return {"limit_bytes": b.limit, "cached_bytes": b.used, "cached_modules": b.modules}
-
-    def describe(self, device: torch.device) -> str:
-        """'decode cache 0.51 GiB in 120 modules (limit 11.20 GiB)', or 'decode cache off'."""
-        if not self.enabled:
-            return "decode cache off"
-        b = self.budget(device)
-        return f"decode cache {b.used / GIB:.2f} GiB in {b.modules} modules (limit {b.limit / GIB:.2f} GiB)"
 
 
 _CACHE = DecodeCache()

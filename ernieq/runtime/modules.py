@@ -105,10 +105,10 @@ class _DecodeOnce(nn.Module):
         self._decoded = None  # another device or dtype: its bytes come back when the tensors go
         cache = decode_cache()
         shapes = self.decoded_shapes()
-        if not cache.reserve(x.device, sum(x.element_size() * torch.Size(s).numel() for s in shapes)):
+        if not cache.fits(x.device, sum(x.element_size() * torch.Size(s).numel() for s in shapes)):
             return None
         out = tuple(torch.empty(s, dtype=x.dtype, device=x.device) for s in shapes)
-        cache.hold(x.device, list(out))
+        cache.hold(x.device, list(out))  # counted until freed
         with torch.no_grad():
             self.decode(out)
         self._decoded = out
