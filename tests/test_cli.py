@@ -194,3 +194,13 @@ def test_api_functions_refuse_cuda_without_cuda_before_any_work(tiny, tmp_path):
         with pytest.raises(DeviceError, match="no CUDA GPU on this machine"):
             call()
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
+    import ernieq.demo
+    from ernieq.model.checkpoint import weights_sha256
+
+    monkeypatch.setattr(ernieq.demo, "build_demo_model", lambda out, variant, **options: write_tiny_ernie(out))
+    code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")
