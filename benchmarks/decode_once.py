@@ -52,11 +52,11 @@ REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Decode once: the reference path with the decode cache (CPU)"
 
 
-def _median_s(fn, reps: int) -> float:
+def _median_s(reps: int, fn, *args) -> float:
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        fn()
+        fn(*args)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -73,12 +73,12 @@ def moe_layer(reps_off: int, reps_on: int) -> dict:
     with torch.no_grad():
         set_decode_cache("off")
         want = layer(x, ids, weights)
-        off = _median_s(lambda: layer(x, ids, weights), reps_off)
+        off = _median_s(reps_off, layer, x, ids, weights)
         set_decode_cache("auto")
         t0 = time.perf_counter()
         got = layer(x, ids, weights)  # decodes every expert once
         first = time.perf_counter() - t0
-        on = _median_s(lambda: layer(x, ids, weights), reps_on)
+        on = _median_s(reps_on, layer, x, ids, weights)
     rel = float((got - want).abs().max() / want.abs().max())
     row = {"shape": f"H {h}, I {i}, {e} experts, top-{a}, ccq2, rotated", "experts": e, "tokens": 1,
            "uncached_s": off, "cached_s": on, "speedup": off / on, "first_call_s": first,
