@@ -4,7 +4,7 @@
 weight ``W [N, K]`` into a :class:`QuantizedTensor` (codec, weight, calibration
 statistics, name, rounding method, optional rotation). A :class:`WorkItem`
 carries those arguments, the codec as its registry choice, and pickles, so the same call runs in this process (on the GPU
-when there is one, or with one worker) or in a pool of worker processes.
+the caller chose, or with one worker) or in a pool of worker processes.
 
 Every CPU encode runs on one torch thread, in a worker and in this process
 alike: the parallelism is across weights, and the bytes do not depend on the
@@ -30,6 +30,7 @@ import torch
 from ernieq.calibration.rounding import METHODS, encode_weight
 from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor, get_codec
 from ernieq.config import CodecChoice
+from ernieq.device import HOST
 from ernieq.errors import ErnieqError
 from ernieq.killpoints import kill_point
 
@@ -67,10 +68,10 @@ class WorkItem:
         return cls(choice, weight, stats, name, method, rotation)
 
     def run(self, device: torch.device | None = None) -> QuantizedTensor:
-        """The encoded weight, on the CPU; encoded on ``device`` (default: where the weight is)."""
+        """The encoded weight, in host memory; encoded on ``device`` (default: where the weight is)."""
         weight = self.weight if device is None else self.weight.to(device)
         q = encode_weight(codec_of(self.choice), weight, self.stats, self.name, self.method, rotation=self.rotation)
-        return q.to("cpu")
+        return q.to(HOST)
 
 
 @contextmanager
@@ -123,14 +124,15 @@ POOL_MIN_WEIGHTS = 1 << 24
 
 
 class Encoder:
-    """Runs :class:`WorkItem` s in order: on the GPU or the CPU in this process, or in ``workers`` processes.
+    """Runs :class:`WorkItem` s in order on ``device``: on a GPU in this process; on the CPU in this
+    process or in ``workers`` processes.
 
     ``workers`` None: every usable core, for groups of at least ``POOL_MIN_WEIGHTS``
     weights. Use as a context manager; the pool starts on the first group that uses it.
     """
 
-    def __init__(self, workers: int | None = None, device: torch.device | None = None):
-        self.device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    def __init__(self, workers: int | None, device: torch.device):
+        self.device = device
         self.workers = 1 if self.device.type != "cpu" else max(1, workers or usable_cores())
         self.auto = workers is None
         self._pool: ProcessPoolExecutor | None = None

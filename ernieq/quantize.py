@@ -26,6 +26,7 @@ import ernieq
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.transforms import Rotation, make_rotation
 from ernieq.config import QuantConfig, QuantizeOptions, with_fields
+from ernieq.device import HOST, TORCH_KERNELS, Placement
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
@@ -72,6 +73,7 @@ class QuantizeSummary:
     recipe: str
     classes: dict[str, ClassSummary]
     seconds: float = 0.0
+    runtime: dict = field(default_factory=dict)  # where it ran (``Placement.record``)
 
     def total(self, quantized_only: bool = False) -> tuple[int, int, int]:
         """(weights, bytes before, bytes after) over all tensors, or over classes with quantized weights."""
@@ -89,6 +91,7 @@ class QuantizeSummary:
             "bytes_before": b_all,
             "bytes_after": a_all,
             "classes": {k: {**asdict(c), "bits_per_weight": c.bits_per_weight} for k, c in sorted(self.classes.items())},
+            "runtime": self.runtime,
         }
 
     @classmethod
@@ -153,14 +156,21 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
     from ernieq.calibration.awq import Member, apply_awq
 
     infos = {name: info for name, info, _ in weights}
-    named = {name: w for name, _, w in weights}
-    named.update({t.name: tensors[t.name] for t in group.tensors if not t.is_linear_weight})
+    device = job.encoder.device  # the search runs there; the results come back to host memory
+    named = {name: w.to(device) for name, _, w in weights}
+    named.update({t.name: tensors[t.name].to(device) for t in group.tensors if not t.is_linear_weight})
+
+    def stats(name: str) -> CalibrationStats | None:
+        s = job.stats(name)
+        return s.to(device) if s is not None else None
 
     def member(name: str, weight: torch.Tensor):
         choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
-        return None if choice is None else Member(name, weight, codec_of(choice), job.stats(name))
+        return None if choice is None else Member(name, weight, codec_of(choice), stats(name))
 
-    named, scaled = apply_awq(named, member, job.stats)
+    named, scaled = apply_awq(named, member, stats)
+    named = {name: t.to(HOST) for name, t in named.items()}
+    scaled = {name: s.to(HOST) if s is not None else None for name, s in scaled.items()}
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
@@ -228,10 +238,10 @@ def _source_name(group, info) -> str:
 
 
 def _calibration_info(calib) -> dict | None:
-    """What the checkpoint records of the calibration run: its info without wall times."""
+    """What the checkpoint records of the calibration run: its info without wall times and machine."""
     if calib is None:
         return None
-    return {k: v for k, v in calib.info.items() if k != "seconds"}
+    return {k: v for k, v in calib.info.items() if k not in ("seconds", "runtime")}
 
 
 def fingerprint(source: Path, config: QuantConfig, method: str, calib, device: torch.device,
@@ -311,7 +321,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     options: :class:`QuantizeOptions` with ``fields`` replaced.
     config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
     (``options.method``, default round to nearest). ``options.workers``: encoder processes on the CPU
-    (default: every usable core); on a GPU the weights are encoded there, in this process.
+    (default: every usable core); ``options.device`` a GPU: the weights are encoded there, in this process.
     """
     options = with_fields(options, fields)
     method = options.method or "rtn"
@@ -326,7 +336,8 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
-    encoder = Encoder(options.workers)
+    placement = Placement.resolve(options.device, options.dtype)
+    encoder = Encoder(options.workers, placement.device)
     try:
         writer = NativeWriter(tmp, reader.config, config.recipe, len(groups),
                               fingerprint(source, config, method, calib, encoder.device, groups))
@@ -350,6 +361,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
                 log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
                           sizes[index] / seconds / 1e6)
         summary = QuantizeSummary.from_records(config.recipe, writer.records())
+        summary.runtime = placement.record(TORCH_KERNELS)
         extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
                  SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
         if calib is not None:

@@ -67,6 +67,7 @@ def test_quantized_model_computes_with_the_decoded_weights(tiny, tmp_path, layou
     assert data["classes"]["router"]["bytes_after"] == data["classes"]["router"]["bytes_before"]
     assert summary.to_json() == data and "seconds" not in data  # nothing time-dependent in the checkpoint
     assert summary.seconds > 0
+    assert data["runtime"]["device"] == "cpu" and data["runtime"]["kernels"] == "torch"
 
 
 def test_both_layouts_give_the_same_checkpoint_tensors(tiny, tmp_path):
@@ -168,6 +169,13 @@ def test_gptq_and_awq_with_calibration_beat_round_to_nearest_on_calibration_inpu
     assert torch.equal(CheckpointReader(outs["rtn"]).get(norm), CheckpointReader(src).get(norm))
     qc = json.loads((outs["gptq"] / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "gptq" and qc["calibration"]["tokens"] == 128
+    assert "runtime" not in qc["calibration"]  # where calibration ran is not part of the checkpoint
+    for method in ("gptq", "awq"):  # the same functions with the device given: the same bytes
+        again = tmp_path / f"{method}-cpu"
+        run_quantize(src, again, bits=4, group_size=32, calib=cset, method=method, progress=False, workers=1,
+                     device="cpu", dtype="float32")
+        for f in sorted(outs[method].iterdir()):
+            assert f.read_bytes() == (again / f.name).read_bytes(), f.name
 
 
 def test_gptq_without_statistics_is_refused(tiny, tmp_path):

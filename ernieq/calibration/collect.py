@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ernieq.device import HOST, TORCH_KERNELS, Placement, dtype_name
 from ernieq.progress import progress_bar
 
 from ernieq.calibration.calibset import CalibrationSet
@@ -61,6 +62,8 @@ def collect_stats(
     out: str | os.PathLike | None = None,
     info: dict | None = None,
     sequential: SequentialPlan | None = None,
+    device: torch.device = HOST,
+    dtype: torch.dtype = torch.float32,
 ) -> CalibrationSet:
     """Calibration statistics of the unquantized checkpoint at ``model_path``.
 
@@ -71,9 +74,11 @@ def collect_stats(
     info: extra entries for the set's ``info`` (e.g. the calibration data's name).
     sequential: quantize each layer as the plan says once its statistics are in, so that the next
     layer is calibrated on the quantized layer's outputs (``sequential.py``).
+    device, dtype: where each layer runs and in which dtype (statistics accumulate in float32 there
+    and are handed over in host memory); recorded in the set's ``info["runtime"]``.
     """
     start = time.perf_counter()
-    model = LayerwiseModel(model_path)
+    model = LayerwiseModel(model_path, dtype, device)
     token_ids = _check_tokens(token_ids, getattr(model.config, "vocab_size", None))
     n_seq, seq_len = token_ids.shape
     batch = max(1, batch_tokens // seq_len)
@@ -85,7 +90,8 @@ def collect_stats(
     try:
         return _run(model, token_ids, collector, store, batch, progress, start, {
             "model": str(model_path), "n_seq": n_seq, "seq_len": seq_len, "tokens": n_seq * seq_len,
-            "all_experts": all_experts, "sequential": sequential is not None, **(info or {})}, sequential)
+            "all_experts": all_experts, "sequential": sequential is not None,
+            "runtime": Placement(device, dtype).record(TORCH_KERNELS), **(info or {})}, sequential)
     except BaseException:
         if store is not None and fresh:  # a folder this call made holds nothing worth keeping
             shutil.rmtree(out, ignore_errors=True)
@@ -131,6 +137,6 @@ def _run(model, token_ids, collector, store, batch, progress, start, info, seque
     if store is not None:
         save_stats(cset, store.folder)
     cold = cset.cold_experts()
-    log.info("calibrated %s on %d tokens in %.1f s; %d of %d routed experts cold",
-             info["model"], info["tokens"], seconds, len(cold), len(cset.experts))
+    log.info("calibrated %s on %d tokens in %.1f s on %s in %s; %d of %d routed experts cold", info["model"],
+             info["tokens"], seconds, model.device, dtype_name(model.dtype), len(cold), len(cset.experts))
     return cset

@@ -58,7 +58,7 @@ class Collector:
 
     def accumulator(self, site: str, k: int) -> InputAccumulator:
         if site not in self.acc:
-            self.acc[site] = InputAccumulator(k)
+            self.acc[site] = InputAccumulator(k, self.model.device)
         return self.acc[site]
 
     def observe(self, i: int, layer: nn.Module) -> LayerHooks:
@@ -154,7 +154,7 @@ class LayerHooks:
         _check_experts_layout(module, experts.prefix)
         e_count, inter, hidden = module.gate_up_proj.shape[0], module.gate_up_proj.shape[1] // 2, module.gate_up_proj.shape[2]
         top_k = int(getattr(router, "top_k", 0) or model.config.num_experts_per_tok)
-        self.router_acc = RouterAccumulator(self.i, e_count, top_k)
+        self.router_acc = RouterAccumulator(self.i, e_count, top_k, model.device)
         self.handles.append(router.register_forward_hook(_router_hook(self.router_acc, experts.prefix)))
 
         gate_up, down = [], []
@@ -260,7 +260,7 @@ class RecordingExperts(nn.Module):
         complement = counts > x.shape[0] // 2  # [E]: cheaper as X^T X - X_r^T X_r
         gram = None
         if self.all_input is not None or bool(complement.any()):
-            gram = add_upper_gram(torch.zeros(x.shape[1], x.shape[1], device=x.device), x)  # X^T X  [H, H]
+            gram = add_upper_gram(torch.zeros(x.shape[1], x.shape[1], device=x.device), x.float())  # X^T X  [H, H]
         if self.all_input is not None:
             self.all_input.add(x, gram=gram)
         for e in range(w.shape[0]):
@@ -277,7 +277,7 @@ class RecordingExperts(nn.Module):
                 continue
             if complement[e]:
                 rest = x[~routed.any(-1)]  # rows not routed to e  [T - T_e, H]
-                self.gate_up[e].add(xe, gram=add_upper_gram(gram.clone(), rest, alpha=-1))  # X^T X - X_r^T X_r
+                self.gate_up[e].add(xe, gram=add_upper_gram(gram.clone(), rest.float(), alpha=-1))  # X^T X - X_r^T X_r
             else:
                 self.gate_up[e].add(xe)
             self.down[e].add(he)

@@ -2,10 +2,13 @@
 
 The transformers model is built on the meta device (no memory for weights);
 embeddings, then each decoder layer in turn, are loaded from the checkpoint with
-``load_state_dict(assign=True)``, run over every calibration sequence, and sent
-back to the meta device. Hidden states [n_seq, L, H] are carried from one layer
-to the next; rotary embeddings and the causal mask are computed as the
-transformers model computes them.
+``load_state_dict(assign=True)`` onto the compute device, run over every
+calibration sequence, and sent back to the meta device: one layer's weights on
+the device at a time. Hidden states [n_seq, L, H] are carried from one layer to
+the next, on the device when they fit in ``HIDDEN_SHARE`` of its available
+memory, else in host memory with one batch at a time on the device (the log says
+which); rotary embeddings and the causal mask are computed as the transformers
+model computes them.
 
 Checkpoint names become transformers names through the adapter
 (``Adapter.to_hf_name``); per-expert routed weights are fused into
@@ -16,6 +19,7 @@ transformers' ``experts.gate_up_proj [E, 2I, H]`` (``[gate | up]``) and
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ernieq.device import HOST, available_memory
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.moe import ExpertGroup
+
+log = logging.getLogger(__name__)
+
+HIDDEN_SHARE = 0.5  # of the compute device's available memory that the hidden states may fill between layers
 
 
 @dataclass(frozen=True)
@@ -40,22 +49,23 @@ class LayerTensors:
 
 
 class LayerwiseModel:
-    """A checkpoint's transformers model, materialised one piece at a time (float32)."""
+    """A checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
         from transformers import AutoModelForCausalLM
 
         self.path = Path(path)
         self.reader = CheckpointReader(self.path)
         self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
         self.dtype = dtype
+        self.device = device
         self.config = hf_config(self.reader.config)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.base = self.model.get_submodule(_base_prefix(self.model))
         self.layers: nn.ModuleList = self.base.layers
-        self.rotary = type(self.base.rotary_emb)(config=self.config)  # buffers computed on the CPU
+        self.rotary = type(self.base.rotary_emb)(config=self.config).to(device)
         self._by_layer: dict[int | None, list[TensorInfo]] = {}
         for name in self.reader.keys():
             info = self.adapter.classify(name)
@@ -76,22 +86,22 @@ class LayerwiseModel:
         experts = ExpertGroup.from_infos(infos)
         return LayerTensors(i, infos, experts.with_reader(self.reader) if experts else None)
 
-    def embed(self, token_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """token_ids: int64 [n_seq, L]. Returns the input embeddings in batches of [B, L, H]."""
+    def embed(self, token_ids: torch.Tensor, batch_size: int, store: torch.device) -> list[torch.Tensor]:
+        """token_ids: int64 [n_seq, L]. Returns the input embeddings in batches of [B, L, H], on ``store``."""
         emb = self.base.embed_tokens
         names = [t.name for t in self._by_layer.get(None, []) if t.cls is TensorClass.EMBEDDING]
         if not names:
             raise CheckpointError(f"{self.path}: no embedding tensor")
         state = {"weight": self.reader.get(names[0])}
-        module = _materialise(emb, state, f"{self.path}: embeddings")
+        module = _materialise(emb, state, self.device, f"{self.path}: embeddings")
         try:
             with torch.no_grad():
-                return [module(ids) for ids in token_ids.split(batch_size)]
+                return [module(ids.to(self.device)).to(store) for ids in token_ids.split(batch_size)]
         finally:
             module.to("meta")
 
     def position_ids(self, seq_len: int) -> torch.Tensor:
-        return torch.arange(seq_len).unsqueeze(0)  # [1, L]
+        return torch.arange(seq_len, device=self.device).unsqueeze(0)  # [1, L]
 
     def layer_inputs(self, hidden: torch.Tensor) -> dict:
         """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]."""
@@ -108,7 +118,7 @@ class LayerwiseModel:
         }
 
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder layer i with its weights from the checkpoint (float32, on the CPU); ``replaced``
+        """Decoder layer i with its weights from the checkpoint (in the model's dtype, on its device); ``replaced``
         gives other values for some checkpoint tensors (by name; routed experts by per-expert name)."""
         replaced = replaced or {}
         lt = self.layer_tensors(i)
@@ -126,7 +136,7 @@ class LayerwiseModel:
         if lt.experts:
             state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
                                         replaced))
-        return _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
+        return _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
 
     def release_layer(self, i: int) -> None:
         """Send layer i's weights back to the meta device (frees their memory)."""
@@ -174,8 +184,8 @@ def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGrou
     return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
 
 
-def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load ``state`` into a meta-device ``module`` (strict: every tensor, nothing else)."""
+def _materialise(module: nn.Module, state: dict, device: torch.device, what: str) -> nn.Module:
+    """Load ``state`` into a meta-device ``module`` on ``device`` (strict: every tensor, nothing else)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -185,9 +195,20 @@ def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(v.shape)}, the model wants {tuple(expected[k].shape)}")
-        out[k] = v.to(expected[k].dtype) if v.is_floating_point() else v  # the model's dtype (float32)
+        out[k] = v.to(device, expected[k].dtype if v.is_floating_point() else v.dtype)  # the model's dtype
     module.load_state_dict(out, strict=True, assign=True)
     return module
+
+
+def hidden_store(device: torch.device, nbytes: int) -> torch.device:
+    """Where the hidden states (``nbytes`` in all) wait between layers: on ``device`` when they fit in
+    ``HIDDEN_SHARE`` of its available memory, else in host memory, moved to the device one batch at a time."""
+    room = int(HIDDEN_SHARE * available_memory(device))
+    if nbytes <= room:
+        return device
+    log.info("calibration: the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
+             "memory and go to %s one batch at a time", nbytes / 2**30, room / 2**30, device, device)
+    return HOST
 
 
 def run_layers(
@@ -207,13 +228,18 @@ def run_layers(
     weights) computes layer i's output in a second pass, which is what layer i + 1 then sees.
     on_output(i, hidden [n_seq, L, H]): called with layer i's output.
     on_batch(): called after every batch of every layer's first pass (progress).
-    Returns the last layer's output [n_seq, L, H] (before the final norm).
+    Returns the last layer's output [n_seq, L, H] (before the final norm), where the hidden
+    states were kept (``hidden_store``).
     """
-    hidden = model.embed(token_ids, batch_size)
+    copies = 2 if adjust is not None else 1  # the second pass builds the next states beside the old
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    store = hidden_store(model.device, copies * token_ids.numel() * model.config.hidden_size * itemsize)
+    hidden = model.embed(token_ids, batch_size, store)
 
     def forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(model.device)  # a batch of offloaded states comes to the device for the layer
         out = layer(h, **model.layer_inputs(h))
-        return out[0] if isinstance(out, tuple) else out  # [B, L, H]
+        return (out[0] if isinstance(out, tuple) else out).to(store)  # [B, L, H]
 
     for i in range(model.num_layers):
         layer = model.load_layer(i).eval()

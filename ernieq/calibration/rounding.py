@@ -63,9 +63,10 @@ def encode_weight(
     method: str = "rtn",
     rotation: Rotation | None = None,
 ) -> QuantizedTensor:
-    """Encode weight [N, K] by ``method``; with ``rotation``, encode W R (the runtime turns x by R)."""
+    """Encode weight [N, K] by ``method`` on its device; with ``rotation``, encode W R (the runtime turns x by R)."""
     if method not in METHODS:
         raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
+    stats = stats.to(weight.device) if stats is not None else None  # the codec searches where W is
     if rotation is not None:
         if rotation.k != weight.shape[-1]:
             raise ErnieqError(f"{name}: a rotation for K={rotation.k} on a weight with K={weight.shape[-1]}")

@@ -38,6 +38,11 @@ class CalibrationStats:
     act_abs_mean: torch.Tensor | None = None
     tokens: int = 0
 
+    def to(self, device: torch.device | str) -> CalibrationStats:
+        """The same statistics with their tensors on ``device``."""
+        return dataclasses.replace(self, hessian=None if self.hessian is None else self.hessian.to(device),
+                                   act_abs_mean=None if self.act_abs_mean is None else self.act_abs_mean.to(device))
+
 
 @dataclass
 class QuantizedTensor:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ernieq.codecs import stack_experts
+from ernieq.device import HOST
 from ernieq.formats.registry import QuantizedCheckpoint, open_quantized
 from ernieq.model.adapters import adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError
@@ -57,8 +58,9 @@ def _shared_rotation(reader: QuantizedCheckpoint, path: Path, prefix: str, bases
     return reader.rotation(bases[0])
 
 
-def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A transformers causal LM computing with the packed weights of the quantized checkpoint at ``path``."""
+def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: torch.device = HOST) -> nn.Module:
+    """A transformers causal LM computing with the packed weights of the quantized checkpoint at ``path``,
+    on ``device``, its unquantized tensors (norms, embeddings, router, head) in ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     reader = open_quantized(Path(path))
@@ -112,7 +114,7 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
     return model.to(device)
 
 
-def _materialise_buffers(model: nn.Module, config, device: str) -> None:
+def _materialise_buffers(model: nn.Module, config, device: torch.device) -> None:
     """Rebuild the modules whose buffers are computed, not stored (rotary embeddings)."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
