@@ -69,6 +69,11 @@ def world() -> World:
     return _world
 
 
+def local_ranks() -> int:
+    """How many ranks torchrun started on this node (``LOCAL_WORLD_SIZE``; 1 outside a job): they share its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))) if _world.size > 1 else 1
+
+
 def init(required: bool = False) -> World:
     """Join the job this process was started in (see the module); one process when the environment is
     not there. ``required`` (``--distributed``): a missing variable is a one-line error."""

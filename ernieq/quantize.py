@@ -246,7 +246,7 @@ def _pieces(reader: CheckpointReader, group: TensorGroup, method: str) -> list[i
 def _in_part(part: distributed.Part):
     """Whether a tensor of the group belongs to ``part``: piece 0 is everything but the routed experts,
     piece e + 1 routed expert e."""
-    return lambda info: part.lo <= (info.expert + 1 if info.cls is TensorClass.ROUTED_EXPERT else 0) < part.hi
+    return lambda info: part.lo <= (0 if info.expert is None else info.expert + 1) < part.hi
 
 
 def _merge_rows(extras: list[dict]) -> dict:
