@@ -17,6 +17,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.device import Placement
+from ernieq.distributed import world
 from ernieq.errors import ErnieqError
 from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
@@ -233,6 +234,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
+    the checkpoint's bytes do not depend on the number of ranks.
     """
     from ernieq.formats.registry import check_options, export_checkpoint
     from ernieq.plan import check_plan
@@ -242,6 +245,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     placement = Placement.resolve(o.device, o.dtype)  # a device that is not there fails before any work
     out = Path(out)
     source = resolve_model(model)
+    main = world().main  # under torchrun, rank 0 alone writes what is written once (see ernieq.distributed)
     if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
     format_options = _format_options(o.format, o.tp)
@@ -280,12 +284,14 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         native = out.parent / f".{out.name}.ernieq-native"
         try:
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
-            export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
+            if main:
+                export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
-            shutil.rmtree(native, ignore_errors=True)
+            if main:
+                shutil.rmtree(native, ignore_errors=True)
         return summary
     finally:
-        if calib_dir is not None:
+        if calib_dir is not None and main:
             shutil.rmtree(calib_dir, ignore_errors=True)
 
 

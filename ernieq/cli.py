@@ -12,7 +12,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from ernieq import api
+from ernieq import api, distributed
 from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
 from ernieq.device import DTYPE_CHOICES, describe, resolve_device
 from ernieq.errors import ErnieqError
@@ -95,6 +95,25 @@ def decode_cache_option(fn):
                         callback=_decode_cache_option,
                         help="Reference path (no GPU): keep quantized weights decoded, in the compute dtype, up "
                              "to this many GiB (auto: half the memory available; off: decode on every call).")(fn)
+
+
+def _join_job(ctx, param, required: bool) -> None:
+    """Join the torchrun job this process was started in (``ernieq.distributed``); ``--distributed``: one
+    must be there. Rank 0 alone shows progress and prints results; the others print warnings and errors."""
+    world = distributed.init(required)
+    if not world.main:
+        from ernieq.progress import set_quiet
+
+        set_quiet(True)
+        console.quiet = True
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+distributed_option = click.option(
+    "--distributed", is_flag=True, expose_value=False, callback=_join_job,
+    help="Run as one rank of a torchrun job (read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); "
+         "under torchrun this is the default.")
 
 
 @cli.command("demo-model")
@@ -256,6 +275,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 
 
 @cli.command()
+@distributed_option
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the quantized checkpoint.")
 @click.option("--recipe", default=None, metavar="FILE|NAME",
@@ -349,6 +369,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
 
 
 @cli.command()
+@distributed_option
 @click.argument("model")
 @click.option("--data", required=True, metavar="SRC",
               help="Calibration text: 'demo' (its calibration split), a .txt/.jsonl file or folder. Never the text you evaluate on.")
@@ -549,7 +570,10 @@ def main() -> None:
                           highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except ErnieqError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(str(err)))}", highlight=False, soft_wrap=True)
+        world = distributed.world()
+        rank = f"{world}: " if world.size > 1 and not isinstance(err, distributed.DistributedError) else ""
+        err_console.print(f"[bold red]error:[/bold red] {escape(rank + _one_line(str(err)))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(1)
 
 

@@ -31,6 +31,7 @@ from ernieq.calibration.rounding import METHODS, encode_weight
 from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor, get_codec
 from ernieq.config import CodecChoice
 from ernieq.device import HOST
+from ernieq.distributed import local_ranks
 from ernieq.errors import ErnieqError
 from ernieq.killpoints import kill_point
 
@@ -114,8 +115,9 @@ def _run_in_worker(item: bytes) -> bytes:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU cores this process may run on: its share when torchrun started several ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_ranks())
 
 
 # With the default worker count, a group smaller than this is encoded in this process: starting

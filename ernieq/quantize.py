@@ -9,6 +9,14 @@ behind; started again with the same arguments and the same source files it
 skips the groups already written and produces the same bytes as a run that was
 never interrupted (``ernieq.formats.native_writer``). A run that fails on bad
 input (an ``ErnieqError``) removes it; any other failure keeps it to resume.
+
+Under torchrun the pass is weight-parallel (``ernieq.distributed.plan``): the groups,
+cut between routed experts where that evens the load, are shared out by weight
+count; each rank writes the shards of its groups and the parts of cut groups, the
+rank holding a cut group's first part joins them, and rank 0 writes the index and
+config once every rank is done. Shard names and contents never depend on the
+number of ranks, so the checkpoint has the same bytes however many there were,
+and a run killed with one number of ranks resumes with another.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from pathlib import Path
 import torch
 
 import ernieq
+from ernieq import distributed
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.transforms import Rotation, make_rotation
 from ernieq.config import QuantConfig, QuantizeOptions, with_fields
@@ -34,7 +43,7 @@ from ernieq.formats.native_writer import GroupTensors, NativeWriter, write_json_
 from ernieq.killpoints import kill_point
 from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointReader
-from ernieq.model.moe import linear_weights
+from ernieq.model.moe import linear_weight_shapes, linear_weights
 from ernieq.progress import QuantizeProgress
 from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
@@ -174,12 +183,14 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
-def quantize_group(job: _Job, index: int, group: TensorGroup,
-                   tensors: dict[str, torch.Tensor]) -> tuple[GroupTensors, dict]:
-    """Encode group ``index``'s linear weights; returns what to store and its summary rows by class."""
+def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str, torch.Tensor],
+                   keep=None) -> tuple[GroupTensors, dict]:
+    """Encode group ``index``'s linear weights; returns what to store and its summary rows by class.
+    ``keep(info)``: only the tensors of one part of the group (:func:`_in_part`)."""
     out = GroupTensors()
     rows: dict[str, ClassSummary] = {}
-    weights = list(linear_weights(group.tensors, tensors))  # routed experts under per-expert names
+    weights = [w for w in linear_weights(group.tensors, tensors)  # routed experts under per-expert names
+               if keep is None or keep(w[1])]
     stats = {}
     if job.method == "awq":
         weights, tensors, stats = _awq(job, group, tensors, weights)
@@ -217,7 +228,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
         name, info = todo[done][:2]
         raise ErnieqError(f"{job.reader.file_of(_source_name(group, info))}: {err}") from None
     for info in group.tensors:
-        if info.is_linear_weight:
+        if info.is_linear_weight or (keep is not None and not keep(info)):
             continue
         t = tensors[info.name]
         row = rows.setdefault(info.cls.value, ClassSummary())
@@ -227,6 +238,31 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
         out.add_plain(info.name, t)
         job.bar.weights_done(t.numel())
     return out, {k: asdict(v) for k, v in sorted(rows.items())}
+
+
+def _pieces(reader: CheckpointReader, group: TensorGroup, method: str) -> list[int]:
+    """The group's weight counts where a plan may cut it: everything but its routed experts, then each
+    routed expert; one piece with AWQ, whose scales are searched over the whole group."""
+    total = _group_weights(reader, group)
+    experts: dict[int, int] = {}
+    for _, info, shape in linear_weight_shapes(reader, group.tensors):
+        if info.cls is TensorClass.ROUTED_EXPERT:
+            experts[info.expert] = experts.get(info.expert, 0) + shape[0] * shape[1]
+    if method == "awq" or not experts:
+        return [total]
+    return [total - sum(experts.values()), *(experts[e] for e in sorted(experts))]
+
+
+def _in_part(part: distributed.Part):
+    """Whether a tensor of the group belongs to ``part``: piece 0 is everything but the routed experts,
+    piece e + 1 routed expert e."""
+    return lambda info: part.lo <= (0 if info.expert is None else info.expert + 1) < part.hi
+
+
+def _merge_rows(extras: list[dict]) -> dict:
+    """A cut group's summary rows by class: the sums of its parts' rows."""
+    classes = QuantizeSummary.from_records("", [{"extra": e} for e in extras]).classes
+    return {"classes": {k: asdict(v) for k, v in sorted(classes.items())}}
 
 
 def _source_name(group, info) -> str:
@@ -314,6 +350,28 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
     return SequentialPlan(choose, method)
 
 
+def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: distributed.Part) -> None:
+    """Encode and write ``part`` of ``group`` (its shard when whole), unless an earlier run did."""
+    span = (part.lo, part.hi)
+    if writer.finished(part.index) is not None or (not part.whole and writer.part_finished(part.index, span)):
+        job.bar.skip_group(part.index, part.weight)
+        log.debug("%s %s: written by an earlier run", group.key, "" if part.whole else span)
+        return
+    t0 = time.perf_counter()
+    tensors = group.load(job.reader)
+    if part.whole:
+        stored, rows = quantize_group(job, part.index, group, tensors)
+        writer.write_group(part.index, group.key, stored, {"classes": rows})
+    else:
+        stored, rows = quantize_group(job, part.index, group, tensors, keep=_in_part(part))
+        writer.write_part(part.index, group.key, span, stored, {"classes": rows})
+    del tensors, stored
+    job.reader.release()  # unmap the source pages this group read
+    seconds = time.perf_counter() - t0
+    log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key if part.whole else f"{group.key} {span}",
+              part.weight, seconds, part.weight / seconds / 1e6)
+
+
 def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, options: QuantizeOptions | None = None,
                  calib=None, **fields) -> QuantizeSummary:
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
@@ -338,43 +396,44 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     start = time.perf_counter()
     placement = Placement.resolve(options.device, options.dtype)
     encoder = Encoder(options.workers, placement.device)
+    world = distributed.world()
     try:
-        writer = NativeWriter(tmp, reader.config, config.recipe, len(groups),
-                              fingerprint(source, config, method, calib, encoder.device, groups))
-        if writer.resumed:
+        writer = distributed.main_first(lambda: NativeWriter(
+            tmp, reader.config, config.recipe, len(groups),
+            fingerprint(source, config, method, calib, encoder.device, groups)), "opening the output folder")
+        if writer.resumed and world.main:
             log.info("resuming the run left in %s", tmp)
-        sizes = [_group_weights(reader, g) for g in groups]
-        with encoder, QuantizeProgress(options.progress, sum(sizes), len(groups)) as bar:
+        plan = distributed.plan([_pieces(reader, g, method) for g in groups])
+        mine = plan[world.rank]
+        with encoder, QuantizeProgress(options.progress, sum(p.weight for p in mine), len(groups)) as bar:
             job = _Job(reader, config, ordinals, calib, method, encoder, bar)
-            for index, group in enumerate(groups):
-                if writer.finished(index) is not None:
-                    bar.skip_group(index, sizes[index])
-                    log.debug("%s: written by an earlier run", group.key)
-                    continue
-                t0 = time.perf_counter()
-                tensors = group.load(reader)
-                stored, rows = quantize_group(job, index, group, tensors)
-                writer.write_group(index, group.key, stored, {"classes": rows})
-                del tensors, stored
-                reader.release()  # unmap the source pages this group read
-                seconds = time.perf_counter() - t0
-                log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
-                          sizes[index] / seconds / 1e6)
+            for part in mine:
+                _quantize_part(job, writer, groups[part.index], part)
+            distributed.barrier("encoding")
+            for part in mine:  # the first part's rank joins a cut group
+                if not part.whole and part.lo == 0 and writer.finished(part.index) is None:
+                    spans = [(p.lo, p.hi) for rank in plan for p in rank if p.index == part.index]
+                    writer.join_parts(part.index, groups[part.index].key, sorted(spans), _merge_rows)
+        distributed.barrier("joining cut groups")
         summary = QuantizeSummary.from_records(config.recipe, writer.records())
         summary.runtime = placement.record(TORCH_KERNELS)
-        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
-                 SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
-        if calib is not None:
-            extra["calibration"] = _calibration_info(calib)
-        writer.close(extra)
-        copy_side_files(source, tmp)
-        write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())
-        kill_point("rename")
-        writer.drop_state()
-        kill_point("final-rename")
-        _move_into_place(tmp, out)
-    except ErnieqError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier("reading the records")
+        if world.main:  # what is written once
+            extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
+                     SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
+            if calib is not None:
+                extra["calibration"] = _calibration_info(calib)
+            writer.close(extra)
+            copy_side_files(source, tmp)
+            write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())
+            kill_point("rename")
+            writer.drop_state()
+            kill_point("final-rename")
+            _move_into_place(tmp, out)
+        distributed.barrier("writing the index")
+    except ErnieqError as err:
+        if world.main and not isinstance(err, distributed.DistributedError):  # a lost rank keeps the work
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
         if tmp.exists():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ernieq.device import HOST
+from ernieq.distributed import all_reduce, world
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,17 @@ class InputAccumulator:
         else:
             add_upper_gram(self.xtx, x)  # X^T X, fp32 accumulation  [K, K]
 
+    def all_reduce(self) -> None:
+        """Sums over every rank's rows (data-parallel calibration); nothing to do in one process."""
+        if world().size == 1:
+            return
+        head = torch.cat([self.abs_sum, self.abs_sum.new_tensor([self.count])])  # [K + 1], float64
+        if self.xtx is None:  # no rows here; other ranks may have some
+            self.xtx = torch.zeros(self.k, self.k, dtype=torch.float32, device=self.abs_max.device)
+        all_reduce([head, self.xtx])
+        all_reduce([self.abs_max], op="max")
+        self.abs_sum, self.count = head[:-1], int(head[-1])
+
     def finish(self) -> SiteStats | None:
         """The site's statistics, or None when it saw no input. Call once: the sums become the result."""
         if self.count == 0:
@@ -162,6 +174,17 @@ class RouterAccumulator:
             margin = top[:, self.top_k - 1] - top[:, self.top_k]  # p_(A) - p_(A+1)  [T]
             self.margin_sum += float(margin.sum(dtype=torch.float64))
             self.margin_min = min(self.margin_min, float(margin.min()))
+
+    def all_reduce(self) -> None:
+        """Counts and sums over every rank's tokens (data-parallel calibration); the margin's minimum."""
+        if world().size == 1:
+            return
+        sums = self.prob_sum.new_tensor([self.tokens, self.entropy_sum, self.margin_sum])  # float64
+        low = self.prob_sum.new_tensor([self.margin_min])
+        all_reduce([sums, self.counts, self.prob_sum])
+        all_reduce([low], op="min")
+        self.tokens, self.entropy_sum, self.margin_sum = int(sums[0]), float(sums[1]), float(sums[2])
+        self.margin_min = float(low[0])
 
     def finish(self) -> RouterStats:
         t = max(self.tokens, 1)

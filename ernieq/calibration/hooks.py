@@ -187,7 +187,10 @@ class LayerHooks:
         self.restore.append(lambda: setattr(owner, leaf, module))
 
     def _finish(self) -> None:
+        for site in self.layer_sites:  # each rank saw its share of the sequences: sum the shares
+            self.c.acc[site].all_reduce()
         if self.router_acc is not None:
+            self.router_acc.all_reduce()
             stats = self.router_acc.finish()
             self.c.routers[self.i] = stats
             t, a = max(stats.tokens, 1), stats.top_k
