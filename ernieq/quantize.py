@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 import ernieq
+from ernieq.calibration.gptq_experts import chunk_budget, experts_per_chunk
+from ernieq.calibration.rounding import BATCHED_METHODS
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.kernels.rotation import Rotation, make_rotation
 from ernieq.config import W4_GROUP_SIZE, QuantConfig, recipe
@@ -38,7 +40,8 @@ from ernieq.progress import QuantizeProgress
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
-RESUME_VERSION = 1  # bump when the bytes a run writes change, so old temporary folders are not resumed
+RESUME_VERSION = 2  # bump when the bytes a run writes change, so old temporary folders are not resumed
+# 2: GPTQ through the batched loop (gptq_experts.py): float32 factor, so a rare rounding tie goes the other way
 
 
 @dataclass
@@ -189,22 +192,33 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
     for key, rotation in dict(rotations).items():
         if key is not None:
             out.add_rotation(key, rotation)
-    items = (WorkItem.of(choice, weight, stats[name] if name in stats else job.stats(name), name, job.method, rot)
-             for (name, _, weight, choice), (_, rot) in zip(todo, rotations))
-    done = 0
+    total = sum(w.numel() for _, _, w, _ in todo)
+    units = work_units(todo, [key for key, _ in rotations], job.method, job.encoder.slots(total),
+                       job.encoder.device)
+
+    def item(unit: list[int]) -> WorkItem:
+        names = [todo[i][0] for i in unit]
+        unit_stats = [stats[name] if name in stats else job.stats(name) for name in names]
+        return WorkItem.of(todo[unit[0]][3], [todo[i][2] for i in unit], unit_stats, names, job.method,
+                           rotations[unit[0]][1])
+
+    encoded: dict[int, object] = {}
+    current = 0
     try:
-        for q in job.encoder.map(items, weights=sum(w.numel() for _, _, w, _ in todo)):
-            name, info, weight, choice = todo[done]
-            done += 1
-            out.add_quantized(name, q, rotations[done - 1][0])
-            row = rows[info.cls.value]
-            row.quantized_weights += weight.numel()
-            row.bytes_after += q.nbytes
-            row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
-            job.bar.weights_done(weight.numel(), name)
+        for current, qs in enumerate(job.encoder.map((item(unit) for unit in units), weights=total)):
+            for i, q in zip(units[current], qs):
+                encoded[i] = q
+                job.bar.weights_done(todo[i][2].numel(), todo[i][0])
     except CodecError as err:
-        name, info = todo[done][:2]
+        info = todo[units[current][0]][1]
         raise ErnieqError(f"{job.reader.file_of(_source_name(group, info))}: {err}") from None
+    for i, (name, info, weight, choice) in enumerate(todo):  # in the group's order, however they were batched
+        q = encoded[i]
+        out.add_quantized(name, q, rotations[i][0])
+        row = rows[info.cls.value]
+        row.quantized_weights += weight.numel()
+        row.bytes_after += q.nbytes
+        row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
     for info in group.tensors:
         if info.is_linear_weight:
             continue
@@ -216,6 +230,33 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
         out.add_plain(info.name, t)
         job.bar.weights_done(t.numel())
     return out, {k: asdict(v) for k, v in sorted(rows.items())}
+
+
+def work_units(todo: list, rotation_keys: list, method: str, slots: int, device: torch.device) -> list[list[int]]:
+    """Which weights of ``todo`` (name, info, weight, choice) are encoded together: with a method that
+    batches (GPTQ), the routed experts of one projection, codec, rotation and shape, in chunks that fit
+    ``gptq_experts.chunk_budget`` and are spread evenly over ``slots`` workers; every other weight alone.
+    Returns lists of indices into ``todo``, ordered by their first. The bytes do not depend on this."""
+    if method not in BATCHED_METHODS:
+        return [[i] for i in range(len(todo))]
+    batches: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
+    for i, (_, info, weight, choice) in enumerate(todo):
+        if info.cls is TensorClass.ROUTED_EXPERT:
+            batches.setdefault((info.proj, choice, rotation_keys[i], tuple(weight.shape)), []).append(i)
+        else:
+            units.append([i])
+    budget = chunk_budget(device)
+    for (_, _, _, (n, k)), members in batches.items():
+        chunks = -(-len(members) // experts_per_chunk(n, k, budget))  # ceil(E / experts per chunk)
+        chunks = min(len(members), -(-chunks // slots) * slots)  # a multiple of the workers, where there are enough
+        size, extra = divmod(len(members), chunks)
+        start = 0
+        for c in range(chunks):
+            stop = start + size + (c < extra)
+            units.append(members[start:stop])
+            start = stop
+    return sorted(units, key=lambda unit: unit[0])
 
 
 def _source_name(group, info) -> str:

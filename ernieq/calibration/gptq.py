@@ -75,8 +75,9 @@ def column_rounder(codec: Codec, weight: torch.Tensor, static_groups: bool, stat
     return make(weight, static_groups=static_groups)
 
 
-def usable_hessian(stats: CalibrationStats | None, k: int, name: str) -> torch.Tensor | None:
-    """A float64 copy of ``stats.hessian`` [K, K] scaled to mean diagonal 1, or None (logged) when
+def usable_hessian(stats: CalibrationStats | None, k: int, name: str,
+                   dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+    """A ``dtype`` copy of ``stats.hessian`` [K, K] scaled to mean diagonal 1, or None (logged) when
     there is nothing to use. A wrong shape or a non-finite value is an error, not a fallback."""
     if stats is None or stats.hessian is None:
         log.warning("%s: no calibration statistics; rounding to nearest", name)
@@ -89,12 +90,11 @@ def usable_hessian(stats: CalibrationStats | None, k: int, name: str) -> torch.T
     if stats.tokens <= 0:
         log.warning("%s: calibration saw no token for this weight; rounding to nearest", name)
         return None
-    h = h.double()
-    mean_diag = h.diagonal().clamp(min=0).mean()
+    mean_diag = h.diagonal().double().clamp(min=0).mean()
     if not mean_diag > 0:
         log.warning("%s: the calibration Hessian is zero (every input dead); rounding to nearest", name)
         return None
-    return h / mean_diag  # GPTQ is invariant to the scale of H; this keeps tiny Hessians factorable
+    return h.to(dtype) / mean_diag.to(dtype)  # GPTQ is invariant to the scale of H; this keeps tiny Hessians factorable
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor | None:

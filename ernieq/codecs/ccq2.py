@@ -240,8 +240,13 @@ def importance(stats: CalibrationStats | None, k: int, damp: float, device, name
     return (d + damp * mean) / ((1 + damp) * mean)  # normalised to mean 1
 
 
-def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fit:
+def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales_only: bool = False) -> CCQ2Fit:
     """Search every choice of the code for ``w`` [N, K] float32 with importance [K] or None.
+
+    scales_only: stop once the code grids and super scales are chosen (what GPTQ needs
+    when it refits every group's nibble itself): nibble is then 0 and codes and err are
+    those of the starting scales. Ignored with ``refine_steps``, which moves the super
+    scale after the nibbles.
 
     Byte searches, in order: one per candidate grid over all weights at the RMS
     starting scales (``choose_code_grid``; the winner's bytes are kept), one over
@@ -283,7 +288,8 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fi
     for c in pick.unique().tolist():  # the channels of one grid share its table
         rows = (pick == c).nonzero()[:, 0]  # [N_c]
         sub_super, sub_nibble, sub = fit_channels(
-            x[rows], q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter
+            x[rows], q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter,
+            scales_only and not config.refine_steps,
         )
         super_scale[rows], nibble[rows], codes[rows], err[rows] = sub_super, sub_nibble, sub.codes, sub.err
     code_scale, code_zp = grids[pick, 0].contiguous(), grids[pick, 1].contiguous()  # [N]
@@ -301,12 +307,14 @@ def fit_channels(
     s_amax: torch.Tensor,
     config: CCQ2Config,
     quarter: bool,
+    scales_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, GroupChoice]:
     """Scales and bytes for channels that share one code grid, from their bytes at the RMS scales.
 
     x: [N, G, 16, 4]; imp: [G, 16, 4] or None; table: [256, 4]; e0: [N, G] the
     groups' energy; choice: the bytes at the RMS scales; s_amax: [N, G] the scales
-    that keep each group's max; quarter: the quarter-unit search.
+    that keep each group's max; quarter: the quarter-unit search; scales_only: return
+    once the super scale is chosen (nibbles 0, the choice so far).
     Returns (super_scale [N], nibble int64 [N, G], the final choice).
     """
     s_rms = choice.scale
@@ -318,6 +326,8 @@ def fit_channels(
     ls = least_squares(choice)  # [N, G]
     dtype = SUPER_SCALE_DTYPES[config.super_scale_dtype]
     super_scale = choose_super_scale(ls, dtype)  # [N]
+    if scales_only:
+        return super_scale, torch.zeros_like(choice.codes[..., 0], dtype=torch.int64), choice
     nibble, err = closed_form_nibbles(e0, choice, super_scale, ls, config.nibble_window)  # no search
     scale = nibble * super_scale[:, None]  # local scale = nibble * super  [N, G]
     choice = GroupChoice(scale, choice.codes, choice.xt, choice.tt, err)  # the current bytes at the final scales
