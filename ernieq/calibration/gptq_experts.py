@@ -9,7 +9,7 @@ own Hessian) in one loop whose Python work per column does not grow with E, and
 keeps the flops in GEMMs:
 
 1. per expert, as ``gptq.py``: the Hessian scaled to mean diagonal 1
-   (``usable_hessian``), dead inputs zeroed, optionally activation order;
+   (``hessian_scale``), dead inputs zeroed, optionally activation order;
 2. per expert, ``H + damp I = V V^T`` with V upper triangular, in float32 (float64
    if float32 fails): ``V = J chol(J H J) J``, J the reversal. GPTQ's factor
    U (``H^-1 = U^T U``, upper) is ``V^-1``, so no inverse is needed. With
@@ -32,8 +32,9 @@ keeps the flops in GEMMs:
 
 Expert rounders (a structural protocol, like ``gptq.py``'s column rounders) are
 classes built as ``cls(codec, W [E, N, K], order, stats)``, W float32 with dead
-inputs zeroed, order int64 [E, K] (loop position -> column; None: K order, else
-scales are fixed up front from W), stats the E experts' statistics::
+inputs zeroed (read it in the constructor, do not keep it: its memory becomes the
+loop's), order int64 [E, K] (loop position -> column; None: K order, else scales
+are fixed up front from W), stats the E experts' statistics::
 
     unit: int     # class attribute: columns rounded together (1; 4 for ccq2)
     group: int    # columns sharing scales (0: none); start_group(col, w [E, <= group, N])
@@ -68,14 +69,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ernieq.calibration.gptq import (
-    DAMP_RETRIES,
-    act_order_permutation,
-    gptq_encode,
-    usable_hessian,
-)
+from ernieq.calibration.gptq import DAMP_RETRIES, act_order_permutation, gptq_encode, hessian_scale
 from ernieq.codecs import CalibrationStats, Codec, CodecError, QuantizedTensor
-from ernieq.codecs.base import check_weight
+from ernieq.codecs.base import all_finite, check_weight
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +110,11 @@ def experts_per_chunk(n: int, k: int, budget: int) -> int:
     return max(1, budget // per_expert)
 
 
-def upper_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor | None:
-    """h: float32 [K, K] with mean diagonal 1. Returns V float32 [K, K], upper, with
-    h + damp I = V V^T (float32 Cholesky, float64 where that fails; damping x10 per
+def upper_factor(h: torch.Tensor, scale: torch.Tensor | float, damp: float, name: str) -> torch.Tensor | None:
+    """h: float32 [K, K], scale: its mean diagonal. Returns V float32 [K, K], upper, with
+    h / scale + damp I = V V^T (float32 Cholesky, float64 where that fails; damping x10 per
     failed try, as ``gptq.inverse_cholesky``), or None (logged) if every try fails."""
-    hr = torch.flip(h, (0, 1))  # J H J
+    hr = torch.flip(h, (0, 1)).div_(scale)  # J H J, mean diagonal 1
     diag = hr.diagonal()
     base = diag.clone()
     for attempt in range(DAMP_RETRIES + 1):
@@ -212,7 +208,7 @@ def inner_block(unit: int, group: int) -> int:
 
 
 def _finite(q: QuantizedTensor) -> bool:
-    return all(torch.isfinite(t.float()).all() for t in q.tensors.values() if t.is_floating_point())
+    return all(all_finite(t.float()) for t in q.tensors.values() if t.is_floating_point())
 
 
 def gptq_encode_experts(
@@ -263,37 +259,38 @@ def _encode_chunk(codec, cls, weights, stats, names, damp, block_size, act_order
     unit = cls.unit
     w_nk = w0 = vs = vdiag = order = None
     for e in range(e_all):
-        w = check_weight(weights[e], names[e]).clone()  # [N, K] float32
-        n, k = w.shape
-        h = usable_hessian(stats[e], k, names[e], torch.float32)
-        if h is None:
+        weight = check_weight(weights[e], names[e])  # [N, K] float32 (the caller's tensor if it is one)
+        n, k = weight.shape
+        scale = hessian_scale(stats[e], k, names[e])
+        if scale is None:
             out[e] = codec.encode(weights[e], stats[e], name=names[e])
             continue
         if k % unit:
             raise CodecError(f"{names[e]}: K={k} is not a multiple of the {codec.name} rounding unit {unit}")
-        h = h.to(w.device)
-        w[:, h.diagonal() <= 0] = 0.0  # dead inputs: GPTQ zeroes them (see gptq.py)
+        h = stats[e].hessian.to(device=weight.device, dtype=torch.float32)
+        dead = h.diagonal() <= 0  # inputs that never fire: GPTQ zeroes them (see gptq.py)
         perm = act_order_permutation(h, unit) if act_order else None
-        v = upper_factor(h if perm is None else h[perm][:, perm], damp, names[e])  # [K, K] upper, loop order
+        v = upper_factor(h if perm is None else h[perm][:, perm], scale, damp, names[e])  # [K, K] upper, loop order
         del h
         if v is None:
             out[e] = codec.encode(weights[e], stats[e], name=names[e])
             continue
         if w_nk is None:  # the chunk's buffers, filled expert by expert
-            w_nk = w.new_empty(e_all, n, k)  # W, dead inputs zeroed, K order
-            w0 = w.new_empty(e_all, k, n)  # W^T, loop order
-            vs = w.new_empty(e_all, k, k)  # V_lj / V_jj
-            vdiag = w.new_empty(e_all, k)  # V_jj
-            order = torch.empty(e_all, k, dtype=torch.int64, device=w.device) if act_order else None
+            w_nk = weight.new_empty(e_all, n, k)  # W, dead inputs zeroed, K order
+            w0 = weight.new_empty(e_all, k, n)  # W^T, loop order
+            vs = weight.new_empty(e_all, k, k)  # V_lj / V_jj
+            vdiag = weight.new_empty(e_all, k)  # V_jj
+            order = torch.empty(e_all, k, dtype=torch.int64, device=weight.device) if act_order else None
         i = len(live)
-        w_nk[i] = w
-        w0[i] = (w if perm is None else w[:, perm]).t()
+        w_nk[i] = weight
+        w_nk[i][:, dead] = 0.0
+        w0[i] = (w_nk[i] if perm is None else w_nk[i][:, perm]).t()
         vdiag[i] = v.diagonal()
         torch.div(v, vdiag[i][None, :], out=vs[i])
         if order is not None:
             order[i] = perm
         live.append(e)
-        del v, w
+        del v
     if live:
         m = len(live)
         qs = _batched_loop(codec, cls, w_nk[:m], w0[:m], vs[:m], vdiag[:m], None if order is None else order[:m],
@@ -309,9 +306,10 @@ def _encode_chunk(codec, cls, weights, stats, names, damp, block_size, act_order
 def _batched_loop(codec, cls, w_nk, w0, vs, vdiag, order, stats, block_size, act_order, name):
     """w_nk: [E, N, K] dead inputs zeroed; w0: [E, K, N] the same, transposed, loop order;
     vs: [E, K, K]; vdiag: [E, K]; order: [E, K] or None."""
-    rounder = cls(codec, w_nk, order, stats)
+    rounder = cls(codec, w_nk, order, stats)  # keeps what it needs of W (scales, grids), not W
     unit, group = rounder.unit, 0 if act_order else rounder.group
     if block_size <= 0 or block_size % unit or (group and block_size % group):
         raise CodecError(f"{name}: block_size {block_size} must be a positive multiple of {max(unit, group)}")
-    expert_column_loop(w0, w0.clone(), vs, vdiag, rounder, block_size, inner_block(unit, group), group)
+    w = w_nk.view(w0.shape).copy_(w0)  # the current weights, in W's memory (touching fresh pages is slow)
+    expert_column_loop(w0, w, vs, vdiag, rounder, block_size, inner_block(unit, group), group)
     return rounder.result()

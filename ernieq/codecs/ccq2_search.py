@@ -249,10 +249,13 @@ def least_score_bytes(lhs: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     (``_least_keys``: ties and errors within 2^-15 of each other go to the lower byte), in
     blocks of rows that stay in cache."""
     byte_ids = torch.arange(NUM_WORDS, dtype=torch.int32, device=lhs.device)
+    rows = lhs.shape[0]
     step = max(1, _score_block(lhs.device) // NUM_WORDS)
-    key = torch.empty(lhs.shape[0], dtype=torch.int32, device=lhs.device)
-    for lo in range(0, lhs.shape[0], step):
-        key[lo : lo + step] = _least_keys(lhs[lo : lo + step] @ coef, byte_ids)  # [R, 256] errors
+    buf = torch.empty(min(rows, step), NUM_WORDS, dtype=lhs.dtype, device=lhs.device)  # reused: no fresh pages
+    key = torch.empty(rows, dtype=torch.int32, device=lhs.device)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        key[lo:hi] = _least_keys(torch.mm(lhs[lo:hi], coef, out=buf[: hi - lo]), byte_ids)  # [R, 256] errors
     return (key & BYTE_MASK).long()
 
 

@@ -7,7 +7,7 @@ import torch
 
 import ernieq.calibration  # noqa: F401  (registers the ccq2 rounders)
 from ernieq.calibration import gptq_experts
-from ernieq.calibration.gptq import gptq_encode, usable_hessian
+from ernieq.calibration.gptq import gptq_encode
 from ernieq.calibration.gptq_experts import experts_per_chunk, gptq_encode_experts, upper_factor
 from ernieq.calibration.rounding import encode_experts, encode_weight
 from ernieq.codecs import CalibrationStats, CodecError, decode, get_codec
@@ -109,8 +109,9 @@ def test_a_codec_without_an_expert_rounder_goes_through_the_reference(monkeypatc
 
 
 def test_upper_factor_is_the_ul_cholesky_of_the_damped_hessian():
-    h = usable_hessian(stats_of(correlated(96)), 96, "w", torch.float32)
-    v = upper_factor(h, 0.01, "w")
+    raw = stats_of(correlated(96)).hessian
+    h = raw / raw.diagonal().mean()
+    v = upper_factor(raw, raw.diagonal().mean(), 0.01, "w")
     assert torch.equal(v, v.triu()) and (v.diagonal() > 0).all()
     torch.testing.assert_close(v @ v.T, h + 0.01 * torch.eye(96), rtol=1e-4, atol=1e-4)
     u = torch.linalg.cholesky(torch.linalg.inv((h + 0.01 * torch.eye(96)).double()), upper=True)
