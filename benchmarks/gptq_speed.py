@@ -1,17 +1,19 @@
 """GPTQ throughput over experts: the batched loop beside the per-expert reference loop, in one run.
 
-    python benchmarks/gptq_speed.py [--shapes 21b-gate 21b-down 300b-gate 300b-down]
+    python benchmarks/gptq_speed.py [--shapes 21b-gate 21b-gateup 21b-down 300b-gate 300b-gateup 300b-down]
         [--codecs ccq2 wint4 wint8 fp8] [--experts 16] [--experts-300b 2] [--reference 2]
         [--reference-300b 1] [--device cpu] [--out benchmarks/results/gptq_speed.json]
 
 For each expert shape (torch order ``W [N, K]``: ERNIE-4.5-21B-A3B gate/up ``[1536, 2560]``
 and down ``[2560, 1536]``, ERNIE-4.5-300B-A47B gate/up ``[3584, 8192]`` and down
-``[8192, 3584]``) and each codec as the recipes set it (``ccq2``; ``wint4`` g64 symmetric
+``[8192, 3584]``; gate/up each with its own Hessian, and as gate+up pairs sharing one) and each codec as the recipes set it (``ccq2``; ``wint4`` g64 symmetric
 with float16 scales and clipping, ``--bits 4`` with its default rotations; ``wint8``; ``fp8``
 128 x 128 blocks), it GPTQ-encodes synthetic experts, each with its own Hessian, three ways:
 
-- ``batched``: ``gptq_experts.gptq_encode_experts`` on ``--experts`` experts at once (the
-  path ``ernieq quantize`` takes for a layer's experts, in chunks of the CPU budget);
+- ``batched``: ``gptq_experts.gptq_encode_experts`` on ``--experts`` weights at once (the
+  path ``ernieq quantize`` takes for a layer's experts, in chunks of the CPU budget); in the
+  ``gate+up`` rows the weights are the gate and up projections of half as many experts,
+  each pair with one statistics object (one Hessian factor), as quantize gives them;
 - ``one at a time``: the same function, one expert per call (what E = 1 costs);
 - ``reference``: ``gptq.gptq_encode`` (the per-column reference loop, what quantize ran
   before the batched loop), one expert per call, on the first ``--reference`` experts;
@@ -53,11 +55,13 @@ from ernieq.calibration.gptq import gptq_encode
 from ernieq.calibration.gptq_experts import gptq_encode_experts
 from ernieq.codecs import CalibrationStats, get_codec
 
-SHAPES = {  # name -> (label, N, K)
-    "21b-gate": ("21B gate/up", 1536, 2560),
-    "21b-down": ("21B down", 2560, 1536),
-    "300b-gate": ("300B gate/up", 3584, 8192),
-    "300b-down": ("300B down", 8192, 3584),
+SHAPES = {  # name -> (label, N, K, whether an expert's gate and up share one statistics object)
+    "21b-gate": ("21B gate/up", 1536, 2560, False),
+    "21b-gateup": ("21B gate+up, one Hessian per expert", 1536, 2560, True),
+    "21b-down": ("21B down", 2560, 1536, False),
+    "300b-gate": ("300B gate/up", 3584, 8192, False),
+    "300b-gateup": ("300B gate+up, one Hessian per expert", 3584, 8192, True),
+    "300b-down": ("300B down", 8192, 3584, False),
 }
 CODECS = {  # name -> (codec parameters as the recipes set them, activation order as quantize uses it)
     "ccq2": ({}, False),
@@ -71,6 +75,26 @@ TOKENS = 4096
 
 def load() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak resident set size of this process (Linux: VmHWM); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gib() -> float | None:
+    """VmHWM of this process in GiB (Linux), or None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
 
 
 def sync(device: torch.device) -> None:
@@ -88,12 +112,15 @@ def hessian(k: int, seed: int, device: torch.device) -> torch.Tensor:
     return x.T @ x / TOKENS
 
 
-def experts(n: int, k: int, count: int, hessians: list[torch.Tensor], device: torch.device):
-    """``count`` weights [N, K] and their statistics (Hessians cycled)."""
+def experts(n: int, k: int, count: int, hessians: list[torch.Tensor], device: torch.device, pairs: bool):
+    """``count`` weights [N, K] and their statistics (Hessians cycled; with ``pairs``, weights 2i and
+    2i + 1 are an expert's gate and up: one statistics object, as quantize gives them)."""
     g = torch.Generator().manual_seed(n * 7 + k)
     ws = [(torch.randn(n, k, generator=g) * 0.02 * torch.exp(0.5 * torch.randn(n, 1, generator=g))).to(device)
           for _ in range(count)]
     stats = [CalibrationStats(hessian=hessians[e % len(hessians)], tokens=TOKENS) for e in range(count)]
+    if pairs:
+        stats = [stats[e - e % 2] for e in range(count)]
     return ws, stats
 
 
@@ -117,10 +144,10 @@ def same_codes(a, b, key: str) -> float:
 
 
 def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hessians, device) -> dict:
-    label, n, k = SHAPES[shape]
+    label, n, k, pairs = SHAPES[shape]
     params, act_order = CODECS[codec_name]
     codec = get_codec(codec_name, **params)
-    ws, stats = experts(n, k, max(n_batched, n_reference), hessians, device)
+    ws, stats = experts(n, k, max(n_batched, n_reference), hessians, device, pairs)
     load_before = load()
     print(f"{label} {codec_name}: reference loop on {n_reference}, batched on {n_batched} experts ...",
           file=sys.stderr, flush=True)
@@ -132,8 +159,10 @@ def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hess
     ref, ref_wall, ref_cpu = {}, 0.0, 0.0
     ref[0], wall, cpu = timed(lambda: reference(0), device)
     ref_wall, ref_cpu = ref_wall + wall, ref_cpu + cpu
+    peak_ok = reset_peak_rss()
     batched, b_wall, b_cpu = timed(lambda: gptq_encode_experts(codec, ws[:n_batched], stats[:n_batched],
                                                                act_order=act_order), device)
+    peak = peak_rss_gib() if peak_ok else None  # inputs (weights, Hessians) included
     for e in range(1, n_reference):
         ref[e], wall, cpu = timed(lambda e=e: reference(e), device)
         ref_wall, ref_cpu = ref_wall + wall, ref_cpu + cpu
@@ -154,6 +183,7 @@ def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hess
         "batched_equals_one_at_a_time": all(
             all(torch.equal(batched[e].tensors[t], single[e].tensors[t]) for t in batched[e].tensors)
             for e in range(n_reference)),
+        "peak_rss_gib_batched": peak,
         "load_before": load_before, "load_after": load(),
     }
     row["ratio_wall"] = row["batched"]["weights_per_s"] / row["reference"]["weights_per_s"]
@@ -161,21 +191,26 @@ def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hess
     print(f"  batched {row['batched']['weights_per_s'] / 1e6:.2f} M/s, one at a time "
           f"{row['one_at_a_time']['weights_per_s'] / 1e6:.2f} M/s, reference {row['reference']['weights_per_s'] / 1e6:.2f}"
           f" M/s: {row['ratio_wall']:.1f}x (CPU time {row['ratio_cpu']:.1f}x); same codes "
-          f"{100 * row['same_codes_vs_reference']:.2f} %; load {load_before} -> {row['load_after']}",
+          f"{100 * row['same_codes_vs_reference']:.2f} %; peak RSS {gib(peak)} GiB; "
+          f"load {load_before:.1f} -> {row['load_after']:.1f}",
           file=sys.stderr, flush=True)
     return row
+
+
+def gib(x: float | None) -> str:
+    return "" if x is None else f"{x:.1f}"
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"- machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}; "
         f"{meta['threads']}",
-        f"- load average (1 min) before / after: {meta['load_before']} / {meta['load_after']}",
+        f"- load average (1 min) before / after: {meta['load_before']:.1f} / {meta['load_after']:.1f}",
         f"- command: `{meta['command']}`",
         "",
         "| weight [N, K] | codec | column order | experts batched / reference | batched M weights/s (per CPU s) "
-        "| one at a time | reference loop | batched / reference (CPU) | same codes as reference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| one at a time | reference loop | batched / reference (CPU) | same codes as reference | peak RSS GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = lambda d: f"{d['weights_per_s'] / 1e6:.2f}"
@@ -184,7 +219,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['experts_batched']} / {r['experts_reference']} "
             f"| {m(r['batched'])} ({r['batched']['weights_per_cpu_s'] / 1e6:.2f}) | {m(r['one_at_a_time'])} "
             f"| {m(r['reference'])} | {r['ratio_wall']:.1f}x ({r['ratio_cpu']:.1f}x) "
-            f"| {100 * r['same_codes_vs_reference']:.2f} % |"
+            f"| {100 * r['same_codes_vs_reference']:.2f} % | {gib(r['peak_rss_gib_batched'])} |"
         )
     return "\n".join(lines)
 

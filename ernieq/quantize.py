@@ -141,6 +141,10 @@ class _Job:
     def stats(self, name: str) -> CalibrationStats | None:
         return self.calib.stats(name) if self.calib is not None else None
 
+    def site(self, name: str) -> str | None:
+        """The calibration site (the input) whose statistics ``name`` gets; weights of one site share them."""
+        return self.calib.site_of(name) if self.calib is not None else None
+
     def rotation(self, group: TensorGroup, choice, k: int) -> tuple[str | None, Rotation | None]:
         """(key, rotation) for a weight with K inputs and this codec choice: (None, None) unless the
         config rotates it. The key names the group, so each group's shard holds its own rotations."""
@@ -198,7 +202,14 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
 
     def item(unit: list[int]) -> WorkItem:
         names = [todo[i][0] for i in unit]
-        unit_stats = [stats[name] if name in stats else job.stats(name) for name in names]
+        by_site: dict[str, CalibrationStats | None] = {}  # one statistics object per input: gate and up share it
+        unit_stats = []
+        for name in names:
+            site = None if name in stats else job.site(name)
+            if site is None:
+                unit_stats.append(stats[name] if name in stats else job.stats(name))
+            else:
+                unit_stats.append(by_site[site] if site in by_site else by_site.setdefault(site, job.stats(name)))
         return WorkItem.of(todo[unit[0]][3], [todo[i][2] for i in unit], unit_stats, names, job.method,
                            rotations[unit[0]][1])
 
@@ -234,20 +245,22 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
 
 def work_units(todo: list, rotation_keys: list, method: str, slots: int, device: torch.device) -> list[list[int]]:
     """Which weights of ``todo`` (name, info, weight, choice) are encoded together: with a method that
-    batches (GPTQ), the routed experts of one projection, codec, rotation and shape, in chunks that fit
-    ``gptq_experts.chunk_budget`` and are spread evenly over ``slots`` workers; every other weight alone.
-    Returns lists of indices into ``todo``, ordered by their first. The bytes do not depend on this."""
+    batches (GPTQ), the routed experts of one codec, rotation and shape (a layer's gate and up
+    projections, expert by expert, so that each expert's two share one Hessian factor; its down
+    projections), in chunks that fit ``gptq_experts.chunk_budget`` and are spread evenly over ``slots``
+    workers; every other weight alone. Returns lists of indices into ``todo``, ordered by their first.
+    The bytes do not depend on this."""
     if method not in BATCHED_METHODS:
         return [[i] for i in range(len(todo))]
     batches: dict[tuple, list[int]] = {}
     units: list[list[int]] = []
     for i, (_, info, weight, choice) in enumerate(todo):
         if info.cls is TensorClass.ROUTED_EXPERT:
-            batches.setdefault((info.proj, choice, rotation_keys[i], tuple(weight.shape)), []).append(i)
+            batches.setdefault((choice, rotation_keys[i], tuple(weight.shape)), []).append(i)
         else:
             units.append([i])
     budget = chunk_budget(device)
-    for (_, _, _, (n, k)), members in batches.items():
+    for (_, _, (n, k)), members in batches.items():
         chunks = -(-len(members) // experts_per_chunk(n, k, budget))  # ceil(E / experts per chunk)
         chunks = min(len(members), -(-chunks // slots) * slots)  # a multiple of the workers, where there are enough
         size, extra = divmod(len(members), chunks)

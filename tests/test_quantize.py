@@ -220,3 +220,6 @@ def test_work_units_batch_a_projections_experts_and_spread_them_over_the_workers
     units = work_units(todo, keys, "gptq", 2, torch.device("cpu"))  # all 5 experts fit one chunk: 2 for 2 workers
     assert units == [[0], [1, 3, 5], [2, 4, 6], [7, 9], [8, 10]]
     assert work_units(todo, keys, "gptq", 1, torch.device("cpu")) == [[0], [1, 3, 5, 7, 9], [2, 4, 6, 8, 10]]
+    up = TensorInfo("e0.up_proj", TensorClass.ROUTED_EXPERT, 1, 0, "up_proj")
+    todo.insert(2, (up.name, up, torch.zeros(16, 8), ccq2))  # gate and up of a shape go together
+    assert work_units(todo, keys + [None], "gptq", 1, torch.device("cpu"))[1] == [1, 2, 4, 6, 8, 10]

@@ -10,8 +10,9 @@ keeps the flops in GEMMs:
 
 1. per expert, as ``gptq.py``: the Hessian scaled to mean diagonal 1
    (``hessian_scale``), dead inputs zeroed, optionally activation order;
-2. per expert, ``H + damp I = V V^T`` with V upper triangular, in float32 (float64
-   if float32 fails): ``V = J chol(J H J) J``, J the reversal. GPTQ's factor
+2. per Hessian (experts given the same statistics object share one: an expert's
+   gate and up read one input), ``H + damp I = V V^T`` with V upper triangular, in
+   float32 (float64 if float32 fails): ``V = J chol(J H J) J``, J the reversal. GPTQ's factor
    U (``H^-1 = U^T U``, upper) is ``V^-1``, so no inverse is needed. With
    ``D = W - Q`` (the weight before GPTQ minus what it became) GPTQ's errors are
    ``e = D U^-1 = D V``, and its updates ``w_j -= e_k U_kj`` add up to
@@ -258,6 +259,7 @@ def _encode_chunk(codec, cls, weights, stats, names, damp, block_size, act_order
     live: list[int] = []
     unit = cls.unit
     w_nk = w0 = vs = vdiag = order = None
+    factored: dict[int, tuple[int, torch.Tensor, torch.Tensor | None]] = {}  # id(Hessian) -> (slot, dead, perm)
     for e in range(e_all):
         weight = check_weight(weights[e], names[e])  # [N, K] float32 (the caller's tensor if it is one)
         n, k = weight.shape
@@ -267,26 +269,34 @@ def _encode_chunk(codec, cls, weights, stats, names, damp, block_size, act_order
             continue
         if k % unit:
             raise CodecError(f"{names[e]}: K={k} is not a multiple of the {codec.name} rounding unit {unit}")
-        h = stats[e].hessian.to(device=weight.device, dtype=torch.float32)
-        dead = h.diagonal() <= 0  # inputs that never fire: GPTQ zeroes them (see gptq.py)
-        perm = act_order_permutation(h, unit) if act_order else None
-        v = upper_factor(h if perm is None else h[perm][:, perm], scale, damp, names[e])  # [K, K] upper, loop order
-        del h
-        if v is None:
-            out[e] = codec.encode(weights[e], stats[e], name=names[e])
-            continue
+        i, v = len(live), None
+        shared = factored.get(id(stats[e].hessian))  # gate and up of an expert read one input: one factor
+        if shared is None:
+            h = stats[e].hessian.to(device=weight.device, dtype=torch.float32)
+            dead = h.diagonal() <= 0  # inputs that never fire: GPTQ zeroes them (see gptq.py)
+            perm = act_order_permutation(h, unit) if act_order else None
+            v = upper_factor(h if perm is None else h[perm][:, perm], scale, damp, names[e])  # [K, K] upper, loop order
+            del h
+            if v is None:
+                out[e] = codec.encode(weights[e], stats[e], name=names[e])
+                continue
+        else:
+            dead, perm = shared[1], shared[2]
         if w_nk is None:  # the chunk's buffers, filled expert by expert
             w_nk = weight.new_empty(e_all, n, k)  # W, dead inputs zeroed, K order
             w0 = weight.new_empty(e_all, k, n)  # W^T, loop order
             vs = weight.new_empty(e_all, k, k)  # V_lj / V_jj
             vdiag = weight.new_empty(e_all, k)  # V_jj
             order = torch.empty(e_all, k, dtype=torch.int64, device=weight.device) if act_order else None
-        i = len(live)
         w_nk[i] = weight
         w_nk[i][:, dead] = 0.0
         w0[i] = (w_nk[i] if perm is None else w_nk[i][:, perm]).t()
-        vdiag[i] = v.diagonal()
-        torch.div(v, vdiag[i][None, :], out=vs[i])
+        if v is None:  # the factor of an earlier slot, computed from the same Hessian
+            vdiag[i], vs[i] = vdiag[shared[0]], vs[shared[0]]
+        else:
+            vdiag[i] = v.diagonal()
+            torch.div(v, vdiag[i][None, :], out=vs[i])
+            factored[id(stats[e].hessian)] = (i, dead, perm)
         if order is not None:
             order[i] = perm
         live.append(e)

@@ -96,13 +96,19 @@ def encode_experts(
     method: str = "rtn",
     rotation: Rotation | None = None,
 ) -> list[QuantizedTensor]:
-    """``encode_weight`` of E weights [N, K] of one shape, each with its own statistics and name:
-    the same bytes, with GPTQ's column loop run once for all of them."""
+    """``encode_weight`` of E weights [N, K] of one shape, each with its statistics and name: the
+    same bytes, with GPTQ's column loop run once for all of them. Weights given the same statistics
+    object (an expert's gate and up read one input) share its rotation and Hessian factor."""
     if method not in METHODS:
         raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
     if method not in BATCHED_METHODS:
         return [encode_weight(codec, w, st, n, method, rotation) for w, st, n in zip(weights, stats, names)]
     if rotation is not None:
-        turned = [_rotate(w, st, n, rotation) for w, st, n in zip(weights, stats, names)]
-        weights, stats = [w for w, _ in turned], [st for _, st in turned]
+        for w, n in zip(weights, names):
+            if rotation.k != w.shape[-1]:
+                raise ErnieqError(f"{n}: a rotation for K={rotation.k} on a weight with K={w.shape[-1]}")
+        weights = [rotation.apply(w.float()) for w in weights]  # W R [N, K]
+        turned: dict[int, CalibrationStats | None] = {}  # weights that share statistics (gate, up) share R^T H R
+        stats = [turned[id(st)] if id(st) in turned else turned.setdefault(id(st), rotate_stats(st, rotation))
+                 for st in stats]
     return BATCHED_METHODS[method](codec, weights, stats, names, rotated=rotation is not None)

@@ -102,11 +102,14 @@ def _symmetric_scale(wg: torch.Tensor, clip: bool, dtype: torch.dtype = torch.fl
     for the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties), each
     rounded to ``dtype`` (and returned as float32)."""
     amax = wg.abs().amax(dim=-1)  # [N, n_groups]
+    if not clip:
+        return _positive(amax / SYM_DIVISORS[0], dtype)
     best, best_err = None, None
-    for d in SYM_DIVISORS if clip else SYM_DIVISORS[:1]:
+    t = torch.empty_like(wg)  # one buffer for every divisor's (w_hat - w)^2
+    for d in SYM_DIVISORS:
         scale = _positive(amax / d, dtype)
-        w_hat = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1) * scale[..., None]
-        err = (w_hat - wg).square().sum(dim=-1)  # [N, n_groups]
+        torch.div(wg, scale[..., None], out=t).round_().clamp_(-SYM_OFFSET, SYM_OFFSET - 1)
+        err = t.mul_(scale[..., None]).sub_(wg).square_().sum(dim=-1)  # sum (w_hat - w)^2  [N, n_groups]
         if best is None:
             best, best_err = scale, err
         else:

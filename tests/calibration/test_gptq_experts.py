@@ -92,12 +92,29 @@ def test_matches_the_reference_loop(codec, params, act_order):
                                           ("ccq2", dict(grid_candidates=2))])
 def test_rotated_experts_encode_as_each_weight_alone(codec, params):
     """quantize's batched items and ``encode_weight`` (sequential calibration's path) write the same bytes."""
-    w, _, stats = experts(3, k=192)
+    w, _, stats = experts(4, k=192)
+    stats = [stats[0], stats[0], stats[1], stats[3]]  # a gate and up sharing statistics, a cold expert, another
     c, rot = get_codec(codec, **params), make_rotation(192)
-    names = [f"layers.3.mlp.experts.{e}.up_proj.weight" for e in range(3)]
+    names = [f"layers.3.mlp.experts.{e}.up_proj.weight" for e in range(4)]
     batched = encode_experts(c, list(w), stats, names, "gptq", rot)
-    for e in range(3):
+    for e in range(4):
         assert same_bytes(batched[e], encode_weight(c, w[e], stats[e], names[e], "gptq", rot))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_weights_of_one_input_share_one_factor(monkeypatch, act_order):
+    """An expert's gate and up (one statistics object) are factored once, with the bytes of two factors."""
+    w, _, stats = experts(4, k=128)
+    shared = [stats[0], stats[0], stats[2], stats[2]]  # (gate, up) of expert 0, then of expert 2
+    copies = [CalibrationStats(hessian=st.hessian.clone(), tokens=st.tokens) for st in shared]
+    calls = []
+    factor = gptq_experts.upper_factor
+    monkeypatch.setattr(gptq_experts, "upper_factor", lambda *a: calls.append(1) or factor(*a))
+    c = get_codec("ccq2", grid_candidates=2)
+    got = gptq_encode_experts(c, w, shared, act_order=act_order)
+    assert len(calls) == 2
+    assert all(same_bytes(a, b) for a, b in zip(got, gptq_encode_experts(c, w, copies, act_order=act_order)))
+    assert len(calls) == 6
 
 
 def test_a_codec_without_an_expert_rounder_goes_through_the_reference(monkeypatch):
