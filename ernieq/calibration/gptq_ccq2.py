@@ -120,6 +120,9 @@ def ccq2_columns(codec: CCQ2Codec, weight: torch.Tensor, static_groups: bool, st
 #   feat = [1,       t_i        (4), t_i^2 (4), t_i t_j          (6)]
 # so channels of every expert that share a grid are searched by one GEMM, whatever their A.
 _PAIRS = [(i, j) for i in range(QUAD) for j in range(i + 1, QUAD)]
+# Experts per call of the codec's up-front search: one at a time on a CPU (no gain from more, and
+# its temporaries grow with them); all of a chunk on an accelerator, where each call costs launches.
+FIT_EXPERTS = {"cpu": 1}
 
 
 def whitened_features(words: torch.Tensor) -> torch.Tensor:
@@ -164,11 +167,11 @@ class CCQ2ExpertColumns:
         dev = weight.device
         imps = [importance(st, self.k, self.config.hessian_damp, dev, "ccq2 GPTQ") for st in stats]
         self.imp = torch.stack([torch.ones(self.k, device=dev) if i is None else i for i in imps])  # [E, K]
-        fits = [fit(weight[i], imps[i], self.config, scales_only=order is None) for i in range(e)]
-        self.super_scale = torch.stack([f.super_scale for f in fits])  # [E, N]
-        self.nibble = torch.stack([f.nibble for f in fits]).transpose(1, 2).contiguous()  # [E, G, N]
-        self.code_scale = torch.stack([f.code_scale for f in fits])  # [E, N]
-        self.code_zp = torch.stack([f.code_zp for f in fits])
+        fits = self._fits(weight, imps, order is None)
+        self.super_scale = torch.cat([f.super_scale for f in fits]).reshape(e, n)  # [E, N]
+        self.nibble = torch.cat([f.nibble for f in fits]).reshape(e, n, -1).transpose(1, 2).contiguous()  # [E, G, N]
+        self.code_scale = torch.cat([f.code_scale for f in fits]).reshape(e, n)  # [E, N]
+        self.code_zp = torch.cat([f.code_zp for f in fits]).reshape(e, n)
         if self.config.code_scale is not None:
             grids = torch.tensor([[self.config.code_scale, self.config.code_zp]], device=dev)  # [1, 2]
         else:
@@ -184,6 +187,17 @@ class CCQ2ExpertColumns:
         self.codes = torch.zeros(e, self.k // QUAD, n, dtype=torch.uint8, device=dev)  # [E, K4, N]
         self.order = order
         self.experts = torch.arange(e, device=dev)
+
+    def _fits(self, weight: torch.Tensor, imps: list, scales_only: bool) -> list:
+        """The codec's search on the experts' weights [E, N, K], ``FIT_EXPERTS`` experts per call (their
+        channels stacked, each with its expert's importance: the same choices as one by one)."""
+        e, n, k = weight.shape
+        step = FIT_EXPERTS.get(weight.device.type, e)
+        if step == 1 or any(i is None for i in imps):
+            return [fit(weight[i], imps[i], self.config, scales_only=scales_only) for i in range(e)]
+        imp_rows = self.imp[:, None, :].expand(e, n, k)  # [E, N, K]
+        return [fit(weight[a : a + step].reshape(-1, k), imp_rows[a : a + step].reshape(-1, k), self.config,
+                    scales_only=scales_only) for a in range(0, e, step)]
 
     def start_group(self, col: int, w: torch.Tensor) -> None:
         """col: the group's first column; w: [E, <= 64, N] its current values. Refits the group's nibble."""

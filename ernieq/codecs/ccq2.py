@@ -241,7 +241,8 @@ def importance(stats: CalibrationStats | None, k: int, damp: float, device, name
 
 
 def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales_only: bool = False) -> CCQ2Fit:
-    """Search every choice of the code for ``w`` [N, K] float32 with importance [K] or None.
+    """Search every choice of the code for ``w`` [N, K] float32 with importance [K] (or [N, K],
+    one per channel: several weights fitted in one call) or None.
 
     scales_only: stop once the code grids and super scales are chosen (what GPTQ needs
     when it refits every group's nibble itself): nibble is then 0 and codes and err are
@@ -269,7 +270,8 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales
     x = torch.nn.functional.pad(w / unit[:, None], (0, pad)).reshape(n, g, QUADS_PER_GROUP, QUAD)  # [N, G, 16, 4]
     if imp is None and pad:
         imp = torch.ones(k, device=w.device)
-    q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).reshape(g, QUADS_PER_GROUP, QUAD)
+    q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).unflatten(-1, (g, QUADS_PER_GROUP, QUAD))
+    per_row = q_imp is not None and q_imp.ndim == 4  # [N, G, 16, 4], else [G, 16, 4]
     quarter = config.quarter_unit_search and q_imp is None
     s_rms, s_amax = start_scales(x, q_imp, config.units_per_std)  # [N, G] each
     e0 = energy(x, q_imp)  # [N, G], the error of decoding to 0
@@ -288,7 +290,8 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales
     for c in pick.unique().tolist():  # the channels of one grid share its table
         rows = (pick == c).nonzero()[:, 0]  # [N_c]
         sub_super, sub_nibble, sub = fit_channels(
-            x[rows], q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter,
+            x[rows], q_imp[rows] if per_row else q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config,
+            quarter,
             scales_only and not config.refine_steps,
         )
         super_scale[rows], nibble[rows], codes[rows], err[rows] = sub_super, sub_nibble, sub.codes, sub.err
@@ -311,7 +314,7 @@ def fit_channels(
 ) -> tuple[torch.Tensor, torch.Tensor, GroupChoice]:
     """Scales and bytes for channels that share one code grid, from their bytes at the RMS scales.
 
-    x: [N, G, 16, 4]; imp: [G, 16, 4] or None; table: [256, 4]; e0: [N, G] the
+    x: [N, G, 16, 4]; imp: [G, 16, 4] (or [N, G, 16, 4]) or None; table: [256, 4]; e0: [N, G] the
     groups' energy; choice: the bytes at the RMS scales; s_amax: [N, G] the scales
     that keep each group's max; quarter: the quarter-unit search; scales_only: return
     once the super scale is chosen (nibbles 0, the choice so far).

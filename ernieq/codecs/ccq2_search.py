@@ -457,8 +457,8 @@ def retry_groups(
     quarter_units: bool = False,
 ) -> GroupChoice:
     """Try the scale ``other`` [N, G] on the groups ``which`` (bool [N, G]) only, one
-    search over those groups; keep the better. table: [256, 4] shared (or per row
-    when ``which`` is all true)."""
+    search over those groups; keep the better. imp: [G, 16, 4] or [N, G, 16, 4] or None;
+    table: [256, 4] shared (or per row when ``which`` is all true)."""
     if bool(which.all()):
         return choice.better_of(search(x, imp, table, other, e0, quarter_units=quarter_units))
     if table.ndim != 2:
@@ -466,7 +466,7 @@ def retry_groups(
     rows, groups = which.nonzero(as_tuple=True)  # [M] each
     if rows.numel() == 0:
         return choice
-    sub_imp = None if imp is None else imp[groups]  # [M, 16, 4]
+    sub_imp = None if imp is None else imp[groups] if imp.ndim == 3 else imp[rows, groups]  # [M, 16, 4]
     sub_x = x[rows, groups][None]  # [1, M, 16, 4]: the groups as one channel
     new = search(sub_x, sub_imp, table, other[rows, groups][None], e0[rows, groups][None], quarter_units=quarter_units)
     better = new.err[0] < choice.err[rows, groups]  # [M]

@@ -171,3 +171,18 @@ def test_chunks_fit_the_budget():
     assert experts_per_chunk(1536, 2560, 2 << 30) == 20  # ERNIE-4.5-21B gate/up: 103 MB per expert
     assert experts_per_chunk(3584, 8192, 2 << 30) == 2  # ERNIE-4.5-300B gate/up: 0.9 GB per expert
     assert experts_per_chunk(8192, 3584, 1) == 1
+
+
+def test_ccq2_fits_experts_together_or_one_by_one_alike(monkeypatch):
+    """On an accelerator ccq2 fits a chunk's experts in one call (channels stacked, importance per channel)."""
+    from ernieq.calibration import gptq_ccq2
+
+    w, _, stats = experts(3, k=192)
+    stats[1] = stats[0]
+    c = get_codec("ccq2", grid_candidates=3)
+    for act_order in (False, True):
+        alone = gptq_encode_experts(c, w, stats, act_order=act_order)
+        monkeypatch.setitem(gptq_ccq2.FIT_EXPERTS, "cpu", 2)
+        together = gptq_encode_experts(c, w, stats, act_order=act_order)
+        monkeypatch.setitem(gptq_ccq2.FIT_EXPERTS, "cpu", 1)
+        assert all(same_bytes(a, b) for a, b in zip(alone, together))
