@@ -18,8 +18,9 @@ with float16 scales and clipping, ``--bits 4`` with its default rotations; ``win
 - ``reference``: ``gptq.gptq_encode`` (the per-column reference loop, what quantize ran
   before the batched loop), one expert per call, on the first ``--reference`` experts;
 
-and reports weights per second (wall and CPU), the ratio batched / reference, and the
-share of codes the batched and reference loops chose alike on the same experts. Column
+and reports weights per second (wall and CPU), the ratio batched / reference, the share
+of codes the batched and reference loops chose alike on the same experts, and the
+output error ``tr(dW H dW^T)`` of the batched loop over the reference's (the worst expert). Column
 order as quantize uses it: K order for the rotated codecs (ccq2, wint4), activation order
 for wint8 and fp8. The rotation itself (W R, R^T H R) is not timed: this is GPTQ.
 
@@ -53,7 +54,7 @@ from encode_speed import commit, machine  # the machine and commit, as the ccq2 
 import ernieq.calibration  # noqa: F401  (registers ccq2's rounders)
 from ernieq.calibration.gptq import gptq_encode
 from ernieq.calibration.gptq_experts import gptq_encode_experts
-from ernieq.codecs import CalibrationStats, get_codec
+from ernieq.codecs import CalibrationStats, decode, get_codec
 
 SHAPES = {  # name -> (label, N, K, whether an expert's gate and up share one statistics object)
     "21b-gate": ("21B gate/up", 1536, 2560, False),
@@ -138,6 +139,12 @@ def rate(weights: int, wall: float, cpu: float) -> dict:
             "weights_per_cpu_s": weights / cpu if cpu > 0 else None}
 
 
+def output_error(w: torch.Tensor, q, h: torch.Tensor) -> float:
+    """tr((W - W_hat) H (W - W_hat)^T), the error GPTQ minimises (up to the token count)."""
+    d = w - decode(q).to(w.device)
+    return ((d @ h) * d).sum().item()
+
+
 def same_codes(a, b, key: str) -> float:
     x, y = a.tensors[key].view(torch.uint8), b.tensors[key].view(torch.uint8)
     return (x == y).float().mean().item()
@@ -180,6 +187,8 @@ def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hess
         "one_at_a_time": rate(n * k * n_reference, s_wall, s_cpu),
         "reference": rate(n * k * n_reference, ref_wall, ref_cpu),
         "same_codes_vs_reference": min(same_codes(batched[e], ref[e], key) for e in ref),
+        "output_error_vs_reference": max(output_error(ws[e], batched[e], stats[e].hessian)
+                                         / output_error(ws[e], ref[e], stats[e].hessian) for e in ref),
         "batched_equals_one_at_a_time": all(
             all(torch.equal(batched[e].tensors[t], single[e].tensors[t]) for t in batched[e].tensors)
             for e in range(n_reference)),
@@ -191,7 +200,8 @@ def run_case(shape: str, codec_name: str, n_batched: int, n_reference: int, hess
     print(f"  batched {row['batched']['weights_per_s'] / 1e6:.2f} M/s, one at a time "
           f"{row['one_at_a_time']['weights_per_s'] / 1e6:.2f} M/s, reference {row['reference']['weights_per_s'] / 1e6:.2f}"
           f" M/s: {row['ratio_wall']:.1f}x (CPU time {row['ratio_cpu']:.1f}x); same codes "
-          f"{100 * row['same_codes_vs_reference']:.2f} %; peak RSS {gib(peak)} GiB; "
+          f"{100 * row['same_codes_vs_reference']:.2f} %, output error {row['output_error_vs_reference']:.4f}x; "
+          f"peak RSS {gib(peak)} GiB; "
           f"load {load_before:.1f} -> {row['load_after']:.1f}",
           file=sys.stderr, flush=True)
     return row
@@ -209,8 +219,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"- command: `{meta['command']}`",
         "",
         "| weight [N, K] | codec | column order | experts batched / reference | batched M weights/s (per CPU s) "
-        "| one at a time | reference loop | batched / reference (CPU) | same codes as reference | peak RSS GiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| one at a time | reference loop | batched / reference (CPU) | same codes as reference "
+        "| output error vs reference | peak RSS GiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = lambda d: f"{d['weights_per_s'] / 1e6:.2f}"
@@ -219,7 +230,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['experts_batched']} / {r['experts_reference']} "
             f"| {m(r['batched'])} ({r['batched']['weights_per_cpu_s'] / 1e6:.2f}) | {m(r['one_at_a_time'])} "
             f"| {m(r['reference'])} | {r['ratio_wall']:.1f}x ({r['ratio_cpu']:.1f}x) "
-            f"| {100 * r['same_codes_vs_reference']:.2f} % | {gib(r['peak_rss_gib_batched'])} |"
+            f"| {100 * r['same_codes_vs_reference']:.2f} % | {r['output_error_vs_reference']:.4f}x "
+            f"| {gib(r['peak_rss_gib_batched'])} |"
         )
     return "\n".join(lines)
 

@@ -34,6 +34,10 @@ from W up front with activation order (the stored layouts keep groups in K
 order). When no usable Hessian exists (no statistics, zero tokens, every input
 dead, a factorisation that fails even with more damping) the weight is rounded
 to nearest by the codec and a warning says so: never a NaN or Inf scale.
+
+This file is the reference, one weight at a time. ``gptq_experts.py`` runs the same
+algorithm on a layer's experts at once, in a form whose work sits in GEMMs; that is
+what ``encode_weight`` and ``ernieq quantize`` use (for codecs with an expert rounder).
 """
 
 from __future__ import annotations
