@@ -69,10 +69,6 @@ class WorkItem:
            rotation=None) -> WorkItem:
         return cls(choice, tuple(_owned(w) for w in weights), tuple(stats), tuple(names), method, rotation)
 
-    @property
-    def num_weights(self) -> int:
-        return sum(w.numel() for w in self.weights)
-
     def run(self, device: torch.device | None = None) -> list[QuantizedTensor]:
         """The E encoded weights, on the CPU; encoded on ``device`` (default: where the weights are)."""
         weights = self.weights if device is None else [w.to(device) for w in self.weights]

@@ -289,9 +289,9 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales
     err = torch.empty(n, g, device=w.device)
     for c in pick.unique().tolist():  # the channels of one grid share its table
         rows = (pick == c).nonzero()[:, 0]  # [N_c]
+        sub_imp = q_imp[rows] if per_row else q_imp
         sub_super, sub_nibble, sub = fit_channels(
-            x[rows], q_imp[rows] if per_row else q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config,
-            quarter,
+            x[rows], sub_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter,
             scales_only and not config.refine_steps,
         )
         super_scale[rows], nibble[rows], codes[rows], err[rows] = sub_super, sub_nibble, sub.codes, sub.err
