@@ -4,7 +4,7 @@
     python benchmarks/bench_kernels.py --out ... --sweep [--save-configs]   # also try tile configs per case
     TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --out /tmp/b.md --dry-run   # the flow on the CPU
 
-A thin wrapper: the benchmark lives in ``ernieq.kernels.bench`` (what it measures
+A thin wrapper: the benchmark lives in ``ernieq.bench.kernels`` (what it measures
 and how is described there) so the installed ``ernieq bench`` command runs the same
 code. Without CUDA this script exits with status 2; ``ernieq bench`` instead runs
 the reference path on the CPU, labelled as such.
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import sys
 
-from ernieq.kernels.bench import main
-from ernieq.kernels.bench_inputs import CODECS, MODELS, route, synthetic
+from ernieq.bench.kernels import main
+from ernieq.bench.inputs import CODECS, MODELS, route, synthetic
 
 __all__ = ["CODECS", "MODELS", "main", "route", "synthetic"]
 

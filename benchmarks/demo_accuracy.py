@@ -1,11 +1,16 @@
 """Quantize the demo model with several settings, evaluate each, and print one table.
 
     python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
-        --max-windows 12 --settings dense-source,unquantized,w8,fp8,w4,w2 --out benchmarks/results/demo_accuracy.json
+        --max-windows 12 --settings dense-source,unquantized,w8,fp8-w8a8,fp8-weight-only,w4,w2 \
+        --out benchmarks/results/demo_accuracy.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
-protocol), tokens scored, bits per weight over the quantized classes, and the
-evaluation's wall time and its ratio to the unquantized model's.
+protocol), tokens scored, bits per weight over the quantized classes, the
+evaluation's wall time and its ratio to the unquantized model's, and the sha256
+of the evaluated weights (``LC_ALL=C sha256sum *.safetensors | sha256sum``). ``fp8-w8a8`` is ``--fp8``
+(activations quantized to fp8 per token and 128-channel group at run time, what the hf-fp8 and
+compressed-tensors exports declare), ``fp8-weight-only`` the same weights with activations
+left in float (``--fp8-activations none``).
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import tempfile
 import time
 from datetime import date
@@ -21,12 +25,15 @@ from pathlib import Path
 
 import int2_baseline  # noqa: F401  (registers the int2-g64 baseline codec)
 from ernieq import api
+from ernieq.model.checkpoint import weights_sha256
+from ernieq.provenance import git_commit
 
 SETTINGS = {
     "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
     "unquantized": None,
     "w8": {"bits": 8},
-    "fp8": {"fp8": True},
+    "fp8-w8a8": {"fp8": True},
+    "fp8-weight-only": {"fp8": True, "fp8_activations": "none"},
     "w4": {"bits": 4},
     "w4-asym": {"bits": 4, "symmetric": False},
     "w4-g64": {"bits": 4, "group_size": 64},
@@ -37,21 +44,13 @@ SETTINGS = {
 }
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--data", required=True)
     parser.add_argument("--max-windows", type=int, default=12)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--settings", default="unquantized,w8,fp8,w4")
+    parser.add_argument("--settings", default="unquantized,w8,fp8-w8a8,fp8-weight-only,w4")
     parser.add_argument("--out", type=Path, default=None, help="Write the rows as JSON here.")
     args = parser.parse_args()
 
@@ -61,7 +60,8 @@ def main() -> None:
             options = SETTINGS[name]
             model, bpw = args.model, 32.0  # the demo checkpoints are float32
             if name == "dense-source":
-                from ernieq.model.demo import DENSE_CACHE_NAME, cache_root, load_dense_source
+                from ernieq.demo.cache import cache_root
+                from ernieq.demo.source import DENSE_CACHE_NAME, load_dense_source
 
                 load_dense_source()  # makes sure the float32 copy is cached
                 model = cache_root() / DENSE_CACHE_NAME
@@ -72,10 +72,11 @@ def main() -> None:
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
-                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
+                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
+                         "weights_sha256": weights_sha256(api.resolve_model(model))})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
-    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {commit()}, "
+    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "
               f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
     lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | time vs unquantized |",
              "|---|---|---|---|---|---|---|"]

@@ -1,6 +1,7 @@
 """Throughput of the ``ccq2`` encoder on ERNIE-4.5-21B-A3B expert shapes, with its quality in the same run.
 
     python benchmarks/encode_speed.py [--threads 1 2] [--repeats 3] [--with-stats] [--set grid_candidates=3]
+        [--out benchmarks/results/encode_speed.json]
 
 For each torch thread count and each expert weight (torch order ``W [N, K]``):
 gate/up ``[1536, 2560]`` (K = hidden 2560, N = moe_intermediate 1536) and down
@@ -11,7 +12,8 @@ weights per second, the process CPU seconds of that run (all threads together),
 and the relative squared error of the decoded result (importance-weighted with
 statistics; without, the weights have unit variance, so it is the MSE per
 weight). A markdown snippet with the machine, date, commit, load average and
-the command goes to stdout, progress to stderr.
+the command goes to stdout, progress to stderr; ``--out`` writes the rows and that
+provenance as JSON (the file BENCHMARKS.md's figures come from).
 
 On a shared machine the wall clock counts other jobs' time too: compare the
 CPU seconds, and the thread counts within one run (with more runnable jobs than
@@ -23,9 +25,8 @@ encode on a GPU (threads do not apply there).
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from datetime import date
@@ -34,34 +35,10 @@ from pathlib import Path
 import torch
 
 from ernieq.codecs import CalibrationStats, decode, get_codec
+from ernieq.provenance import git_commit, machine
 
 SHAPES = {"gate/up [1536, 2560]": (1536, 2560), "down [2560, 1536]": (2560, 1536)}  # [N, K]
 REPO = Path(__file__).resolve().parent.parent
-
-
-def machine() -> str:
-    """The CPU model and core count (Linux /proc/cpuinfo where there is one)."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
-
-
-def commit() -> str:
-    """The short commit of the repository, ``+dirty`` when the work tree differs from it."""
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        status = ["git", "status", "--porcelain", "--untracked-files=no"]
-        dirty = subprocess.run(status, cwd=REPO, capture_output=True, text=True)
-    except OSError:
-        return "unknown (no git)"
-    if rev.returncode != 0:
-        return "unknown"
-    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def parse_settings(items: list[str]) -> dict:
@@ -112,6 +89,7 @@ def main() -> None:
     parser.add_argument("--with-stats", action="store_true", help="also time with a Hessian diagonal (importance)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ccq2 config overrides")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to time the encoder on a GPU")
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows and provenance to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
     settings = parse_settings(args.set)
@@ -145,7 +123,12 @@ def main() -> None:
     command = "python benchmarks/encode_speed.py " + " ".join(sys.argv[1:])
     print(f"### ccq2 encoder throughput ({'default config' if not settings else settings})\n")
     where = machine() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"- machine: {where}; torch {torch.__version__}; {date.today().isoformat()}; commit {commit()}")
+    meta = {"machine": where, "torch": torch.__version__, "date": date.today().isoformat(),
+            "commit": git_commit(short=True), "command": command.strip(), "settings": settings,
+            "load_before": load_before and load_before[0], "load_after": load_after and load_after[0]}
+    if args.out is not None:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"- machine: {where}; torch {torch.__version__}; {meta['date']}; commit {meta['commit']}")
     if load_before is not None:
         print(f"- load average (1 min) before / after: {load_before[0]:.1f} / {load_after[0]:.1f}")
     print(f"- command: `{command.strip()}`\n")

@@ -22,7 +22,8 @@ from pathlib import Path
 import hqq_peer  # noqa: F401  (registers the hqq peer codec)
 import int2_baseline  # noqa: F401  (registers the int2g64 baseline codec)
 from ernieq import api
-from ernieq.config import CodecChoice, QuantConfig, Rule, recipe
+from ernieq.config import CodecChoice, QuantConfig, Rule, in_spans
+from ernieq.recipes import preset as recipe
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.model.adapters import LINEAR_CLASSES, adapter_for
@@ -104,14 +105,14 @@ def moe_layers(model: Path) -> list[int]:
 
 def swapped_recipe(model: Path, swap: dict[str, CodecChoice], **recipe_kwargs) -> QuantConfig:
     """ernieq's recipe for ``model`` with every rule choosing codec X choosing ``swap[X]`` instead."""
-    base = recipe(num_moe_layers=len(moe_layers(model)), **recipe_kwargs)
+    base = recipe(num_moe_layers=len(moe_layers(model)), **recipe_kwargs)  # QuantizeOptions fields
     found = {r.choice.codec for r in base.rules if r.choice is not None}
     absent = set(swap) - found
     if absent:
         raise ErnieqError(f"recipe {base.recipe} has no rule with codec(s) {sorted(absent)} to swap")
     rules = tuple(dataclasses.replace(r, choice=swap.get(r.choice.codec, r.choice)) if r.choice else r
                   for r in base.rules)
-    name = base.recipe + "".join(f"+{old}->{new.describe()}" for old, new in swap.items())
+    name = base.name + "".join(f"+{old}->{new.describe()}" for old, new in swap.items())
     return QuantConfig(name, rules, base.rotate)
 
 
@@ -123,10 +124,9 @@ def describe_rule(rule: Rule, layers: list[int]) -> str:
     """One rule in words, e.g. ``routed_experts of layers 4-29: hqq:nbits=2,group_size=64``.
     layers: the MoE layers' indices (the rules count MoE layers by ordinal)."""
     classes = "every linear" if rule.classes == LINEAR_CLASSES else "/".join(c.value for c in rule.classes)
-    chosen = layers[rule.moe_layers_from or 0 : rule.moe_layers_below]
     where = [f"/{rule.pattern}/"] if rule.pattern else []
-    if rule.moe_layers_below is not None or rule.moe_layers_from is not None:
-        where.append(f"of layers {_span(chosen)}")
+    if rule.moe_layers is not None:
+        where.append(f"of layers {_span([layer for i, layer in enumerate(layers) if in_spans(i, rule.moe_layers)])}")
     scope = " ".join([classes, *where])
     return f"{scope}: {rule.choice.describe() if rule.choice else 'kept'}"
 

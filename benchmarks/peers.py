@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -34,6 +33,8 @@ from pathlib import Path
 from peer_settings import SETTINGS, Context
 from peers_report import merge_rows, write_markdown
 
+from ernieq.provenance import git_commit, machine
+
 log = logging.getLogger("peers")
 HERE = Path(__file__).resolve().parent
 BENCHMARKS_MD = HERE / "BENCHMARKS.md"
@@ -43,19 +44,6 @@ CALIBRATION = "calibration"  # the pseudo-setting of the shared calibration pass
 
 class PeersError(RuntimeError):
     """A setting's child process failed, or the arguments name something unknown."""
-
-
-def git_commit() -> str:
-    """Short HEAD of the repository, ``+dirty`` when the working tree has changes."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=HERE).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=HERE).stdout.strip()
-    except (OSError, subprocess.CalledProcessError) as err:
-        log.warning("git commit unknown: %s", err)
-        return "unknown"
-    return head + ("+dirty" if dirty else "")
 
 
 def run_child(argv: list[str]) -> tuple[float, int, int]:
@@ -135,8 +123,8 @@ def run(a: argparse.Namespace, publish=None) -> dict:
     missing = {n: SETTINGS[n].missing() for n in names if SETTINGS[n].missing()}
     if missing:
         raise PeersError(f"settings need uninstalled module(s): {missing} (benchmark-only: pip install them)")
-    run_info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
-                "machine": f"{platform.machine()} {os.cpu_count()} CPUs ({platform.node()})",
+    run_info = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(short=True),
+                "machine": machine(),
                 "load_before": os.getloadavg()[0],
                 "command": "python benchmarks/peers.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
                 "calib_reused": None if a.calib is None else str(a.calib)}

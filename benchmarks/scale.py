@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import struct
@@ -45,6 +44,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from ernieq.provenance import git_commit, machine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -244,23 +245,6 @@ def quantize(ckpt: Path, setting: str, out: Path, log_file: Path, workers: int |
 
 # --- report -------------------------------------------------------------------------------------
 
-def commit() -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                           text=True)
-    return (rev.stdout.strip() or "unknown") + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def machine() -> str:
-    model = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB"
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"- machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}",
              f"- command: `{meta['command']}`",
@@ -303,7 +287,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--settings: unknown {unknown}; known: {', '.join(SETTINGS)}")
     workers = [None if w == "default" else int(w) for w in args.workers.split(",")]
-    meta = {"machine": machine(), "torch": torch.__version__, "date": date.today().isoformat(), "commit": commit(),
+    meta = {"machine": machine(), "torch": torch.__version__, "date": date.today().isoformat(), "commit": git_commit(short=True),
             "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "load_before": os.getloadavg()[0]}
     rows = []
     for layers in args.layers:

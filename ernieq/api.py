@@ -5,6 +5,7 @@ Everything the command line does is callable from here, without a subprocess.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -14,39 +15,61 @@ from pathlib import Path
 
 import torch
 
-from ernieq.config import W4_GROUP_SIZE
+from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.errors import ErnieqError
-from ernieq.model.checkpoint import CheckpointReader, read_json
-from ernieq.model.summary import CheckpointSummary, summarize
+from ernieq.model.hub import hub_snapshot, parse_hub_id
+from ernieq.model.summary import CheckpointSummary
 
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo"
-NATIVE_FORMAT = "native"
 
 
 def resolve_model(model: str | Path) -> Path:
-    """A checkpoint folder for ``model``: a local path, or ``demo`` (built and cached on first use)."""
-    if str(model) == DEMO_NAME:
-        from ernieq.model.demo import demo_model_path
+    """A checkpoint folder for ``model``: a local folder; ``demo`` (built and cached on first use); or a
+    Hugging Face hub id ``org/name[@revision]`` (its snapshot, from the local hub cache when offline).
+    A local folder wins over a name that means something else, and the log says so."""
+    path = Path(model)
+    if path.exists():
+        if str(model) == DEMO_NAME or parse_hub_id(str(model)):
+            log.info("%s: using the local folder %s, not the %s of that name", model, path.resolve(),
+                     "built-in demo model" if str(model) == DEMO_NAME else "hub model")
+    elif str(model) == DEMO_NAME:
+        from ernieq.demo import demo_model_path
 
         return demo_model_path()
-    path = Path(model)
-    if not path.exists():
-        raise ErnieqError(f"{path}: no such model folder (give a local checkpoint folder or 'demo'; the hub is not used)")
+    elif (hub := parse_hub_id(str(model))) is not None:
+        path = hub_snapshot(*hub)
+    else:
+        raise ErnieqError(f"{path}: no such model folder (give a local checkpoint folder, 'demo' or a hub id "
+                          f"org/name[@revision])")
     if not (path / "config.json").exists():
         raise ErnieqError(f"{path / 'config.json'}: missing; not a Hugging Face-layout checkpoint folder")
     return path
 
 
 def inspect(model: str | Path) -> CheckpointSummary:
-    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class."""
-    return summarize(CheckpointReader(resolve_model(model)))
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class.
+    Any checkpoint folder: plain, ernieq native or another format ernieq reads (FastDeploy)."""
+    from ernieq.formats.registry import checkpoint_summary
+
+    return checkpoint_summary(resolve_model(model))
+
+
+def stored_recipe(model: str | Path) -> dict | None:
+    """The recipe an ernieq checkpoint was made with (``quantization_config.recipe_spec``), or None."""
+    from ernieq.model.checkpoint import read_json
+    from ernieq.recipes import SPEC_KEY
+
+    qc = read_json(resolve_model(model) / "config.json").get("quantization_config") or {}
+    return qc.get(SPEC_KEY)
 
 
 def is_quantized(path: Path) -> bool:
-    qc = read_json(path / "config.json").get("quantization_config") or {}
-    return qc.get("quant_method") == "ernieq"
+    """Whether ``path`` is a quantized checkpoint of a format ernieq reads (native, FastDeploy)."""
+    from ernieq.formats.registry import quantized_format
+
+    return quantized_format(path) is not None
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -66,7 +89,7 @@ def load_tokenizer(path: Path):
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) for a plain or an ernieq-quantized checkpoint, ready for inference."""
+    """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for inference."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(model)
@@ -116,90 +139,132 @@ def evaluate(
     return result
 
 
-def quantize(
+@dataclass
+class TaskEvalResult:
+    """lm-eval's scores of ``model`` (``ernieq.eval.tasks.TaskScore.to_json`` per task) and how they were run."""
+
+    model: str
+    tasks: list[dict]
+    limit: int | None
+    num_fewshot: int | None
+    batch_size: int
+    device: str
+    seconds: float
+    provenance: dict
+
+
+def evaluate_tasks(
     model: str | Path,
-    out: str | Path,
-    config: "QuantConfig | None" = None,  # noqa: F821
+    tasks: tuple[str, ...],
     *,
-    bits: int = 4,
-    fp8: bool = False,
-    group_size: int | None = W4_GROUP_SIZE,
-    symmetric: bool = True,
-    w4_moe_layers: int | None = None,
-    overrides: tuple[str, ...] = (),
-    calib_data: str | None = None,
-    calib: str | Path | None = None,
-    calib_tokens: int = 64 * 512,
-    calib_seq_len: int = 512,
-    all_experts: bool = False,
-    method: str | None = None,
-    rotate: bool | None = None,
-    sequential: bool = False,
-    format: str = NATIVE_FORMAT,
-    overwrite: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-) -> "QuantizeSummary":  # noqa: F821
+    include_paths: tuple[str | Path, ...] = (),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    json_path: Path | None = None,
+    perplexity: EvalResult | None = None,
+) -> TaskEvalResult:
+    """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
+    ``model`` as :func:`load` loads it on ``device`` (see ``ernieq.eval.tasks``). Unknown tasks and data
+    that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
+    ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
+    from ernieq.eval.tasks import TaskSuite, run_tasks
+    from ernieq.provenance import now_iso, provenance
+
+    started = now_iso()
+    suite = TaskSuite(tuple(tasks), tuple(include_paths))
+    net, tokenizer = load(model, device=device)
+    start = time.perf_counter()
+    scores = run_tasks(net, tokenizer, suite, device=device, limit=limit, num_fewshot=num_fewshot,
+                       batch_size=batch_size)
+    result = TaskEvalResult(str(model), [s.to_json() for s in scores], limit, num_fewshot, batch_size, str(device),
+                            time.perf_counter() - start, provenance(started))
+    if json_path is not None:
+        data = {**asdict(result), **({"perplexity": asdict(perplexity)} if perplexity is not None else {})}
+        Path(json_path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    return result
+
+
+def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = None,  # noqa: F821
+             options: QuantizeOptions | None = None, **fields) -> "QuantizeSummary":  # noqa: F821
     """Encode every linear weight of MODEL's decoder layers and write the checkpoint to OUT.
 
+    ``options`` (a :class:`ernieq.config.QuantizeOptions`; keyword ``fields`` replace its fields:
+    ``quantize("demo", "q2", bits=2)``, ``quantize("demo", "q", recipe="my.yaml")``) say how; ``config``
+    replaces the recipe. A recipe that does not fit the model fails before any work (``ernieq.plan``).
     The checkpoint is read and written one tensor group (a layer's attention, a
     layer's MLP or MoE block) at a time; the output appears at OUT only when
-    complete. ``format`` other than native converts the native result at the end.
+    complete. A format other than native converts the native result at the end.
     Calibration statistics come from ``calib`` (a saved ``ernieq calibrate`` folder)
     or are collected from ``calib_data``; ``method`` defaults to GPTQ with
     statistics and round-to-nearest without. ``rotate``: store the wint4 and ccq2
     weights turned by input rotations the runtime applies (default: on for the
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
-    ``workers``: encoder processes on the CPU (default: every usable core). A
-    killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
+    folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     """
-    from ernieq.formats.registry import export_checkpoint, get_format
+    from ernieq.formats.registry import check_options, export_checkpoint
+    from ernieq.plan import check_plan
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
+    o = with_fields(options, fields)
     out = Path(out)
     source = resolve_model(model)
-    if calib_data is not None and calib is not None:
+    if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
-    if rotate is None:
-        rotate = format == NATIVE_FORMAT
-    elif rotate and format != NATIVE_FORMAT:
-        raise ErnieqError(f"--rotate: the {format} format cannot carry online input rotations (use --no-rotate)")
-    if sequential and calib_data is None:
-        raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
+    format_options = _format_options(o.format, o.tp)
+    if o.format != NATIVE_FORMAT:
+        check_options(o.format, format_options)  # an unknown format or option fails before any work
+    native = o.format == NATIVE_FORMAT
     if config is None:
-        config = recipe_for(source, bits, fp8, group_size, symmetric, w4_moe_layers, overrides, rotate)
+        config, o = recipe_for(source, o, default_rotate=native)
+    elif o.rotate is None:
+        o = dataclasses.replace(o, rotate=native)
+    if o.rotate and not native:
+        raise ErnieqError(f"--rotate (or the recipe's rotate: true): the {o.format} format cannot carry online "
+                          f"input rotations (use --no-rotate)")
+    if o.sequential and o.calib_data is None:
+        raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
+    check_plan(source, config)
     stats, calib_dir = None, None
-    if calib is not None:
+    if o.calib is not None:
         from ernieq.calibration import load_stats
 
-        stats = load_stats(calib)
-    elif calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
+        stats = load_stats(o.calib)
+    elif o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
         calib_dir = out.parent / f".{out.name}.ernieq-calib"
-        plan = sequential_plan(source, config, method or "gptq") if sequential else None
-        stats = calibrate(source, calib_data, tokens=calib_tokens, seq_len=calib_seq_len, all_experts=all_experts,
-                          out=calib_dir, progress=progress, sequential=plan)
-    method = method or ("gptq" if stats is not None else "rtn")
-    if method != "rtn" and stats is None:
-        raise ErnieqError(f"--method {method} needs calibration statistics (--calib-data SRC or --calib DIR)")
-    options = dict(bits=bits, fp8=fp8, group_size=group_size, symmetric=symmetric, w4_moe_layers=w4_moe_layers,
-                   overrides=overrides, progress=progress, calib=stats, method=method, workers=workers)
+        plan = sequential_plan(source, config, o.method or "gptq") if o.sequential else None
+        stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
+                          all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan)
+    o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
+    if o.method != "rtn" and stats is None:
+        raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
     try:
-        if format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, overwrite=overwrite, **options)
-        get_format(format)  # an unknown name fails before any work
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if o.format == NATIVE_FORMAT:
+            return run_quantize(source, out, config, o, calib=stats)
+        if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
-            summary = run_quantize(source, native, config, overwrite=True, **options)
-            export_checkpoint(native, out, format, overwrite=overwrite)
+            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
+            export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
             shutil.rmtree(native, ignore_errors=True)
         return summary
     finally:
         if calib_dir is not None:
             shutil.rmtree(calib_dir, ignore_errors=True)
+
+
+def _format_options(fmt: str, tp: int) -> dict:
+    """The export format's options from the CLI's: ``tp`` only where it is not 1 (FastDeploy's split)."""
+    if tp == 1:
+        return {}
+    if fmt == NATIVE_FORMAT:
+        raise ErnieqError("--tp applies to the fastdeploy format (FastDeploy's per-rank checkpoint), not native")
+    return {"tp": tp}
 
 
 def calibration_tokens(model: str | Path, data: str, tokens: int, seq_len: int) -> torch.Tensor:
@@ -240,11 +305,12 @@ def calibrate(
                          sequential=sequential)
 
 
-def export(native_dir: str | Path, out: str | Path, fmt: str, *, overwrite: bool = False) -> Path:
-    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete)."""
+def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, overwrite: bool = False) -> Path:
+    """Convert the ernieq checkpoint NATIVE_DIR into format FMT at OUT (the folder appears only when complete);
+    ``tp``: FastDeploy's split for that many GPUs."""
     from ernieq.formats.registry import export_checkpoint
 
-    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite)
+    return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite, options=_format_options(fmt, tp))
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
@@ -267,9 +333,11 @@ def report(
     seq_len: int = 2048,
     max_windows: int | None = 4,
     progress: bool = True,
+    tasks: "TaskOptions | None" = None,  # noqa: F821
 ) -> dict:
     """The accuracy report of the ernieq checkpoint QDIR against BASELINE (see ``ernieq.eval.report``);
-    written to OUT as report.json, report.md, report.html and plots/ when OUT is given."""
+    written to OUT as report.json, report.md, report.html and plots/ when OUT is given. ``tasks``
+    (an ``ernieq.eval.tasks.TaskOptions``): lm-evaluation-harness tasks every model runs too."""
     from ernieq.eval.report import build_report, write_report
 
     cset = None
@@ -280,7 +348,7 @@ def report(
     result = build_report(Path(qdir), resolve_model(baseline), tuple(data), load, baseline_name=str(baseline),
                           calib=cset, calib_source=None if calib is None else str(calib),
                           compare=tuple(Path(c) for c in compare), seq_len=seq_len, max_windows=max_windows,
-                          progress=progress)
+                          progress=progress, tasks=tasks)
     if out is not None:
         write_report(result, Path(out))
     return result
@@ -299,8 +367,8 @@ def publish(
     """A hub-ready folder of QDIR (default: ``QDIR-hub`` beside it): model card from REPORT_DIR's report.json,
     SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given."""
     from ernieq.eval.report import read_report
-    from ernieq.formats.publish import publish as publish_folder
-    from ernieq.formats.publish import push_to_hub as push
+    from ernieq.publish.folder import publish as publish_folder
+    from ernieq.publish.folder import push_to_hub as push
 
     qdir = Path(qdir)
     out = Path(out) if out is not None else qdir.parent / f"{qdir.name}-hub"
@@ -328,7 +396,8 @@ def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128,
     (``smoke``) the perplexity of one short window of built-in text: finite and below ``max_ppl``
     (default: the vocabulary size, what a uniform guess scores)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.formats.publish import SMOKE_TEXT, VerifyError, verify_files
+    from ernieq.publish.folder import SMOKE_TEXT
+    from ernieq.publish.verify import VerifyError, verify_files
 
     folder = Path(folder)
     files = verify_files(folder)
@@ -361,15 +430,15 @@ def bench(
     command: str = "ernieq bench",
 ) -> "Report":  # noqa: F821
     """Time the kernels per codec and shape: the Triton kernels on a CUDA GPU; without one the
-    reference path on the CPU, labelled so (see ``ernieq.kernels.bench``). Returns the table
-    (``ernieq.kernels.bench_report.Report``), also written as markdown to ``out`` when given.
+    reference path on the CPU, labelled so (see ``ernieq.bench.kernels``). Returns the table
+    (``ernieq.bench.report.Report``), also written as markdown to ``out`` when given.
 
     codecs, models ('21b', '300b'), m: None for the defaults of this machine.
     sweep: also time a few tile configurations per case (GPU); save_configs: store the fastest
     in the tile table the launchers read.
     """
-    from ernieq.kernels.bench import BenchOptions, run_bench
-    from ernieq.kernels.bench_inputs import CODECS
+    from ernieq.bench.kernels import BenchOptions, run_bench
+    from ernieq.bench.inputs import CODECS
 
     options = BenchOptions(out=None if out is None else Path(out), quick=quick, budget_s=budget_s,
                            codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,

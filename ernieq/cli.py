@@ -13,12 +13,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from ernieq import api
-from ernieq.config import W4_GROUP_SIZE
+from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
 
-console = Console()
-err_console = Console(stderr=True)
+# A pipe or a file gets every table at its full width (rich would cut it at 80 columns)
+console = Console(width=None if sys.stdout.isatty() else 100_000)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 100_000)
 _file_handler: logging.Handler | None = None  # the --log FILE handler on the "ernieq" logger
 
 
@@ -39,8 +40,9 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     """ernieq: quantize Mixture-of-Experts language models (ERNIE 4.5 first) and prove what was kept.
 
     MODEL arguments take a local Hugging Face-layout folder (config.json and
-    safetensors) or the name `demo`: the offline demo MoE model, built from
-    SmolLM2-135M on first use.
+    safetensors), a hub id org/name[@revision] (safetensors, config and tokenizer
+    only; from the local hub cache when offline, HF_HUB_OFFLINE=1), or the name
+    `demo`: the offline demo MoE model, built from SmolLM2-135M on first use.
     """
     from ernieq.progress import set_quiet
 
@@ -74,11 +76,13 @@ def _log_to_file(path: Path) -> None:
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
     """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.model.demo import build_demo_model
+    from ernieq.demo import build_demo_model
+    from ernieq.model.checkpoint import weights_sha256
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
     path = build_demo_model(out, variant=variant, **options)
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
+    console.print(f"weights sha256 {weights_sha256(path)} (LC_ALL=C sha256sum *.safetensors | sha256sum)")
 
 
 def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -> Table:
@@ -94,7 +98,8 @@ def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -
 @cli.command()
 @click.argument("model")
 def inspect(model: str) -> None:
-    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class."""
+    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class.
+    MODEL: a plain or quantized folder (ernieq native, or FastDeploy's wint2 layout, split per rank or not)."""
     summary = api.inspect(model)
     table = Table(title=f"{model}")
     for col in ("layer", "kind", "experts", "shapes", "codecs", "params", "bytes"):
@@ -118,31 +123,118 @@ def inspect(model: str) -> None:
     moe = sum(s.kind == "moe" for s in summary.layers)
     dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
+    spec = api.stored_recipe(model)
+    if spec is not None:
+        from ernieq.recipes import dump
+
+        console.print("recipe (a recipe file: `ernieq quantize MODEL --recipe FILE` makes this checkpoint again):",
+                      markup=False, highlight=False, soft_wrap=True)
+        console.print(dump(spec), markup=False, highlight=False, soft_wrap=True, end="")
+
+
+def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def _task_options(f):
+    """``--tasks`` and what goes with it, shared by ``eval`` and ``report``."""
+    options = [
+        click.option("--tasks", callback=_comma_strings, default=None, metavar="NAME[,NAME...]",
+                     help="lm-evaluation-harness tasks: lm-eval's names, ernieq's offline 'wikitext2_lastword', names "
+                          "in --include-path folders, or task YAML files."),
+        click.option("--include-path", "include_paths", multiple=True,
+                     type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="A folder of lm-eval task YAML files (lm-eval's include_path). Repeatable."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="--tasks: the first N examples per task."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), default=None,
+                     help="--tasks: few-shot examples (default: each task's own, else 0)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="--tasks: requests per forward pass."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
 
 
 @cli.command("eval")
 @click.argument("model")
-@click.option("--data", required=True,
-              help="Text source: a .txt/.jsonl/.raw file or folder, 'wikitext2' (or $ERNIEQ_WIKITEXT2), or 'demo'.")
+@click.option("--data", default=None,
+              help="Text source for perplexity: a .txt/.jsonl/.raw file or folder, 'wikitext2' (or $ERNIEQ_WIKITEXT2), "
+                   "or 'demo'.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
+@_task_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
-def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_path: Path | None) -> None:
-    """Perplexity of MODEL on DATA: non-overlapping windows, exp(mean token NLL)."""
-    r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows, json_path=json_path)
-    console.print(
-        f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
-        f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
-    )
+def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, tasks: tuple[str, ...] | None,
+          include_paths: tuple[Path, ...], limit: int | None, num_fewshot: int | None, batch_size: int,
+          json_path: Path | None) -> None:
+    """Perplexity of MODEL on DATA (non-overlapping windows, exp(mean token NLL)) and/or lm-evaluation-harness
+    TASKS on MODEL as ernieq runs it."""
+    if not data and not tasks:
+        raise click.UsageError("give --data SRC (perplexity), --tasks NAMES (lm-eval), or both")
+    r = None
+    if data:
+        r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows,
+                         json_path=None if tasks else json_path)
+        console.print(
+            f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
+            f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
+        )
+    if tasks:
+        t = api.evaluate_tasks(model, tasks, include_paths=include_paths, limit=limit, num_fewshot=num_fewshot,
+                               batch_size=batch_size, json_path=json_path, perplexity=r)
+        table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s")
+        for col in ("task", "metric", "examples", "shots", "value", "stderr"):
+            table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+        for task in t.tasks:
+            for m in task["metrics"]:
+                table.add_row(task["task"], m["metric"], str(task["samples"]), str(task["num_fewshot"]),
+                              f"{m['value']:.4f}", "" if m["stderr"] is None else f"{m['stderr']:.4f}")
+        console.print(table)
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx: click.Context) -> None:
+    """List the shipped recipes (`ernieq recipes show NAME` prints one; `quantize --recipe NAME|FILE` uses one)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from ernieq.recipes import load_recipe, shipped_names
+
+    table = Table(title="shipped recipes")
+    table.add_column("name")
+    table.add_column("what it does")
+    for name in shipped_names():
+        table.add_row(name, load_recipe(name).description)
+    console.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print the shipped recipe NAME (a YAML file; copy it to start your own)."""
+    from ernieq.recipes import shipped_text
+
+    console.print(shipped_text(name), markup=False, highlight=False, soft_wrap=True, end="")
+
+
+PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe_layers")  # pick and set a shipped recipe
 
 
 @cli.command()
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the quantized checkpoint.")
+@click.option("--recipe", default=None, metavar="FILE|NAME",
+              help="A recipe file (YAML: rules, rounding, rotations, calibration; see the README) or a shipped "
+                   "recipe's name (`ernieq recipes`), instead of --bits/--fp8.")
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
               help="8: wint8 everywhere; 4: wint4 everywhere; 2: the FastDeploy 2-bit recipe (wint8 attention/dense/"
                    "shared, wint4 routed experts of the first MoE layers, ccq2 for the rest).")
 @click.option("--fp8", is_flag=True, help="Block FP8 (128x128, float8_e4m3fn) everywhere instead of --bits.")
+@click.option("--fp8-activations", type=click.Choice(["dynamic", "none"]), default="dynamic", show_default=True,
+              help="With --fp8: 'dynamic' (W8A8): activations are quantized to fp8 per token and 128-channel group "
+                   "at run time, as the hf-fp8 and compressed-tensors exports declare; 'none': weight-only FP8 "
+                   "(activations stay in the model's dtype; exported by compressed-tensors only).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128", "channel"]), default=str(W4_GROUP_SIZE),
               show_default=True, help="wint4 group size along K, float16 scales ('channel': one float32 scale per "
                                       "output channel).")
@@ -173,25 +265,35 @@ def eval_(model: str, data: str, seq_len: int, max_windows: int | None, json_pat
               help="Calibrate each layer on the outputs of the already quantized layers before it "
                    "(with --calib-data; about twice the calibration time).")
 @click.option("--format", "fmt", type=click.Choice(["native", *format_names()]), default="native", show_default=True,
-              help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers).")
+              help="Checkpoint format written to OUT: native (ernieq), compressed-tensors (vLLM), hf-fp8 (transformers), "
+                   "fastdeploy (FastDeploy's 2-bit wint2; quantizes without rotations).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--format fastdeploy: write the split FastDeploy loads on TP GPUs (folders rank0 .. rank{TP-1}).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
                    "on a GPU the weights are encoded there.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def quantize(model: str, out: Path, bits: str, fp8: bool, group_size: str, sym: bool, w4_moe_layers: int | None,
-             overrides: tuple[str, ...], calib_data: str | None, calib: Path | None, calib_tokens: int,
-             calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None, sequential: bool,
-             fmt: str, workers: int | None, overwrite: bool) -> None:
+def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
+             sym: bool,
+             w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
+             calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None,
+             sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
     already written and gives the same bytes."""
+    ctx = click.get_current_context()
+    given = [p for p in PRESET_OPTIONS if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
+    if recipe is not None and given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} sets a --bits preset; with --recipe, write it in "
+                               f"the recipe file")
     group = None if group_size == "channel" else int(group_size)
-    summary = api.quantize(model, out, bits=int(bits), fp8=fp8, group_size=group, symmetric=sym,
-                           w4_moe_layers=w4_moe_layers, overrides=overrides, calib_data=calib_data, calib=calib,
-                           calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                           method=method, rotate=rotate, sequential=sequential, format=fmt, workers=workers,
-                           overwrite=overwrite)
+    options = QuantizeOptions(recipe=recipe, bits=int(bits), fp8=fp8, fp8_activations=fp8_activations,
+                              group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
+                              overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
+                              calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
+                              sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers)
+    summary = api.quantize(model, out, options=options)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
     for col in ("class", "weights", "codecs", "bytes before", "bytes after", "bits/weight"):
@@ -230,12 +332,15 @@ def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: boo
 @cli.command("export")
 @click.argument("qdir", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(format_names()), required=True,
-              help="compressed-tensors: vLLM (wint4/wint8/fp8); hf-fp8: transformers' block FP8 (--fp8 only).")
+              help="compressed-tensors: vLLM (wint4/wint8/fp8); hf-fp8: transformers' block FP8 (--fp8 only); "
+                   "fastdeploy: FastDeploy's 2-bit wint2 (--bits 2, no rotations).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the exported checkpoint.")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="--format fastdeploy: write the split FastDeploy loads on TP GPUs (folders rank0 .. rank{TP-1}).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
-def export(qdir: Path, fmt: str, out: Path, overwrite: bool) -> None:
+def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
     """Convert the ernieq checkpoint QDIR into another format at OUT."""
-    path = api.export(qdir, out, fmt, overwrite=overwrite)
+    path = api.export(qdir, out, fmt, tp=tp, overwrite=overwrite)
     console.print(f"{qdir} exported as {fmt} to [bold]{path}[/bold]")
 
 
@@ -258,22 +363,32 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--calib", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Calibration statistics of the baseline (`ernieq calibrate`): output error, tokens per expert, cold experts.")
 @click.option("--compare", "compare", multiple=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="Another ernieq checkpoint of the same baseline to score too (perplexity vs bits). Repeatable.")
+              help="Another quantized checkpoint (ernieq or FastDeploy) of the same baseline to score too "
+                   "(perplexity vs bits). Repeatable.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=2048, show_default=True, help="Window length in tokens.")
 @click.option("--max-windows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Windows scored per corpus (every model on the same windows).")
+@_task_options
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
-           seq_len: int, max_windows: int) -> None:
-    """Accuracy report of the ernieq checkpoint QDIR against its baseline: perplexity, KL, top-1, per-layer and
-    per-expert error, bits by tensor class, calibration coverage, plots."""
+           seq_len: int, max_windows: int, tasks: tuple[str, ...] | None, include_paths: tuple[Path, ...],
+           limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
+    """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL,
+    top-1, lm-eval task accuracy (--tasks), per-layer and per-expert error, bits by tensor class, calibration
+    coverage, plots."""
+    from ernieq.eval.tasks import TaskOptions
+
     sources = tuple(s.strip() for s in data.split(",") if s.strip())
+    task_options = TaskOptions(tasks, tuple(map(str, include_paths)), limit, num_fewshot, batch_size) if tasks else None
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
-                        max_windows=max_windows)
+                        max_windows=max_windows, tasks=task_options)
     for c in result["perplexity"]:
         base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
         console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
                       f"{c['tokens']:,} tokens; KL {c['kl_mean']['quantized']:.4f}, top-1 agreement "
                       f"{c['top1_agreement']['quantized']:.2%}")
+    for row in (result["tasks"] or {}).get("rows", []):
+        diffs = ", ".join(f"{label} {v:+.4f}" for label, v in row["diff"].items())
+        console.print(f"{row['task']} {row['metric']}: baseline {row['value']['baseline']:.4f}; {diffs}")
     console.print(f"report written to [bold]{out / 'report.html'}[/bold] (and report.md, report.json)")
 
 
@@ -306,10 +421,6 @@ def verify(folder: Path, no_smoke: bool) -> None:
     smoke = f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens" if r.smoke_ppl else ""
     console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "
                   f"modules{smoke}")
-
-
-def _comma_strings(ctx, param, value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _comma_ints(ctx, param, value: str | None) -> tuple[int, ...] | None:

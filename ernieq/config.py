@@ -1,24 +1,29 @@
-"""Recipes: which codec, with which parameters, for which linear weight.
+"""Recipes in memory: which codec, with which parameters, for which linear weight.
 
 A :class:`QuantConfig` is an ordered list of rules; the first rule that matches
 a tensor decides. Rules match by tensor class (attention, dense MLP, shared or
-routed experts), by the ordinal of the MoE layer, and by a regular expression
-over the canonical tensor name. ``--override`` rules come first. Router gates,
-norms, embeddings and ``lm_head`` are never quantized: only linear weights of
-decoder layers reach the rules.
+routed experts), by decoder layer index, by the ordinal of the MoE layer, and by
+a regular expression over the canonical tensor name. ``--override`` rules come
+first. Router gates, norms, embeddings and ``lm_head`` are never quantized: only
+linear weights of decoder layers reach the rules. Recipe files, the ``--bits``
+presets among them, are read into a QuantConfig by ``ernieq.recipes``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ernieq.codecs import CodecError, get_codec
+from ernieq.codecs.fp8 import DYNAMIC as FP8_DYNAMIC
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, TensorInfo
 
 # --bits 4's wint4 groups: 64 weights share a float16 scale, 4.25 bits per weight
 W4_GROUP_SIZE = 64
+NATIVE_FORMAT = "native"
 KEEP = "none"  # an override's codec name that leaves the weight as it is
 # --rotate turns the inputs of the low-bit codecs' weights; a sorted tuple, not a set, so that
 # the recipe's repr (part of the resume fingerprint) is the same in every process
@@ -41,51 +46,74 @@ class CodecChoice:
         return f"{self.codec}:{args}" if args else self.codec
 
 
+Span = tuple[int, "int | None"]  # first and last index, both included; last None: to the end
+
+
+def in_spans(index: int | None, spans: tuple[Span, ...]) -> bool:
+    """Whether ``index`` lies in one of ``spans`` (None lies in none)."""
+    return index is not None and any(first <= index and (last is None or index <= last) for first, last in spans)
+
+
 @dataclass(frozen=True)
 class Rule:
-    """Matches when every given condition holds. ``choice`` None keeps the weight."""
+    """Matches when every given condition holds. ``choice`` None keeps the weight.
+
+    layers: decoder layer indices; moe_layers: ordinals among the layers with routed experts (both
+    as spans). optional: the rule may decide no weight of a model (else that is an error before any
+    work). origin: where the rule was written, for messages (not part of the rule's identity).
+    """
 
     choice: CodecChoice | None
     classes: tuple[TensorClass, ...] = LINEAR_CLASSES
     pattern: str | None = None
-    moe_layers_below: int | None = None  # only the first n MoE layers (by ordinal)
-    moe_layers_from: int | None = None  # only MoE layers from ordinal n on
+    layers: tuple[Span, ...] | None = None
+    moe_layers: tuple[Span, ...] | None = None
+    optional: bool = False
+    origin: str = field(default="", compare=False, repr=False)
 
     def matches(self, name: str, info: TensorInfo, moe_ordinal: int | None) -> bool:
         if info.cls not in self.classes:
             return False
         if self.pattern is not None and not re.search(self.pattern, name):
             return False
-        if self.moe_layers_below is not None and (moe_ordinal is None or moe_ordinal >= self.moe_layers_below):
+        if self.layers is not None and not in_spans(info.layer, self.layers):
             return False
-        if self.moe_layers_from is not None and (moe_ordinal is None or moe_ordinal < self.moe_layers_from):
+        if self.moe_layers is not None and not in_spans(moe_ordinal, self.moe_layers):
             return False
         return True
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """An ordered list of rules and the recipe's name (recorded in the checkpoint).
+    """An ordered list of rules and the recipe's name; the first rule that matches a weight decides.
 
     rotate: the codecs whose weights are stored turned by an input rotation
-    (``ernieq.kernels.rotation``; the runtime turns their inputs online).
+    (``ernieq.transforms``; the runtime turns their inputs online). ``recipe``, the name a
+    checkpoint records, says so with ``-rot``. description: the recipe file's, for people.
     """
 
-    recipe: str
+    name: str
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     rotate: tuple[str, ...] = ()
+    description: str = field(default="", compare=False, repr=False)
+
+    @property
+    def recipe(self) -> str:
+        return f"{self.name}-rot" if self.rotate else self.name
 
     def rotates(self, choice: CodecChoice | None) -> bool:
         return choice is not None and choice.codec in self.rotate
 
-    def choose(self, name: str, info: TensorInfo, moe_ordinal: int | None = None) -> CodecChoice | None:
-        """The codec for the linear weight ``name`` (its canonical per-expert name), or None to keep it."""
+    def rule_for(self, name: str, info: TensorInfo, moe_ordinal: int | None = None) -> Rule | None:
+        """The rule that decides the linear weight ``name`` (its canonical per-expert name), or None."""
         if info.cls not in LINEAR_CLASSES:
             return None
-        for rule in self.rules:
-            if rule.matches(name, info, moe_ordinal):
-                return rule.choice
-        return None
+        return next((rule for rule in self.rules if rule.matches(name, info, moe_ordinal)), None)
+
+    def choose(self, name: str, info: TensorInfo, moe_ordinal: int | None = None) -> CodecChoice | None:
+        """The codec for the linear weight ``name`` (its canonical per-expert name), or None to keep it."""
+        rule = self.rule_for(name, info, moe_ordinal)
+        return None if rule is None else rule.choice
 
 
 def _parse_value(text: str) -> object:
@@ -116,7 +144,7 @@ def parse_override(spec: str) -> Rule:
     except re.error as err:
         raise ErnieqError(f"override {spec!r}: bad regular expression ({err})") from None
     if codec == KEEP:
-        return Rule(choice=None, pattern=pattern)
+        return Rule(choice=None, pattern=pattern, origin=f"override {spec!r}")
     params = []
     for item in filter(None, args.split(",")):
         key, eq, value = item.partition("=")
@@ -125,7 +153,7 @@ def parse_override(spec: str) -> Rule:
         params.append((key.strip(), _parse_value(value.strip())))
     choice = CodecChoice(codec, tuple(params))
     validate(choice, f"override {spec!r}")
-    return Rule(choice=choice, pattern=pattern)
+    return Rule(choice=choice, pattern=pattern, origin=f"override {spec!r}")
 
 
 def validate(choice: CodecChoice, where: str) -> None:
@@ -136,55 +164,44 @@ def validate(choice: CodecChoice, where: str) -> None:
         raise ErnieqError(f"{where}: {err}") from None
 
 
-def default_w4_moe_layers(num_moe_layers: int) -> int:
-    """How many leading MoE layers keep ``wint4`` experts in the 2-bit recipe.
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``ernieq quantize`` takes besides MODEL, OUT and an explicit :class:`QuantConfig`.
 
-    FastDeploy's published ERNIE-4.5-300B-A47B 2-bit config runs MoE layers up to
-    ``moe_w4_quant_end_layer: 6`` at wint4; its MoE layers are 3..53, so 4 of 51.
-    ernieq keeps the same share, rounded up: ceil(4 n / 51), at least one.
+    recipe: a recipe file or a shipped recipe's name (``ernieq.recipes``); without it the preset
+    (bits .. w4_moe_layers) picks a shipped recipe and its parameters (``ernieq.recipes.preset``).
+    fp8_activations: with fp8, ``"dynamic"`` (W8A8: activations quantized per token and 128-channel
+    group at run time, as the hf-fp8 and compressed-tensors exports declare) or ``"none"``
+    (weight-only). rotate None means the recipe's choice, else on for the native format, which alone
+    can carry rotations. method None: GPTQ with statistics, round to nearest without. calib_data
+    collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
+    quantized layers before it. tp: the fastdeploy format's split for that many GPUs. workers:
+    encoder processes on the CPU (None: every usable core).
     """
-    return min(num_moe_layers, max(1, -(-4 * num_moe_layers // 51)))
+
+    recipe: str | Path | None = None
+    bits: int = 4
+    fp8: bool = False
+    fp8_activations: str = FP8_DYNAMIC
+    group_size: int | None = W4_GROUP_SIZE
+    symmetric: bool = True
+    w4_moe_layers: int | None = None
+    overrides: tuple[str, ...] = ()
+    rotate: bool | None = None
+    method: str | None = None
+    calib_data: str | None = None
+    calib: str | Path | None = None
+    calib_tokens: int = 64 * 512
+    calib_seq_len: int = 512
+    all_experts: bool = False
+    sequential: bool = False
+    format: str = NATIVE_FORMAT
+    tp: int = 1
+    overwrite: bool = False
+    progress: bool = True
+    workers: int | None = None
 
 
-def recipe(
-    bits: int = 4,
-    fp8: bool = False,
-    group_size: int | None = W4_GROUP_SIZE,
-    symmetric: bool = True,
-    w4_moe_layers: int | None = None,
-    num_moe_layers: int = 0,
-    overrides: tuple[str, ...] = (),
-    rotate: bool = False,
-) -> QuantConfig:
-    """The recipe for ``--bits``/``--fp8``, with ``--override`` rules in front; ``rotate``
-    stores the ``wint4`` and ``ccq2`` weights turned by input rotations, and lets symmetric
-    ``wint4`` clip (rotated weights look Gaussian, where clipping pays). Grouped ``wint4`` stores
-    float16 scales, as GPTQ checkpoints do: 4.25 bits per weight at G = 64, 4.125 at G = 128."""
-    clip = (("clip", True),) if rotate and symmetric else ()
-    half = (("scale_dtype", "float16"),) if group_size else ()
-    wint4 = CodecChoice("wint4", (("group_size", group_size), ("symmetric", symmetric)) + clip + half)
-    # FastDeploy's w4w2 runs the leading MoE layers' experts as symmetric per-channel int4
-    wint4_per_channel = CodecChoice("wint4", (("group_size", None), ("symmetric", True)) + (("clip", True),) * rotate)
-    if fp8:
-        name, base = "fp8", [Rule(CodecChoice("fp8", (("block_size", 128),)))]
-    elif bits == 8:
-        name, base = "w8", [Rule(CodecChoice("wint8"))]
-    elif bits == 4:
-        name, base = f"w4g{group_size or 'channel'}{'' if symmetric else 'a'}", [Rule(wint4)]
-    elif bits == 2:
-        n4 = default_w4_moe_layers(num_moe_layers) if w4_moe_layers is None else w4_moe_layers
-        name = f"w2-w4x{n4}"
-        base = [
-            Rule(wint4_per_channel, classes=(TensorClass.ROUTED_EXPERT,), moe_layers_below=n4),
-            Rule(CodecChoice("ccq2"), classes=(TensorClass.ROUTED_EXPERT,), moe_layers_from=n4),
-            Rule(CodecChoice("wint8")),
-        ]
-    else:
-        raise ErnieqError(f"--bits {bits}: expected 2, 4 or 8 (or --fp8)")
-    for rule in base:
-        if rule.choice is not None:
-            validate(rule.choice, f"recipe {name}")
-    rules = tuple(parse_override(o) for o in overrides) + tuple(base)
-    if rotate:
-        return QuantConfig(f"{name}-rot", rules, ROTATED_CODECS)
-    return QuantConfig(name, rules)
+def with_fields(options: QuantizeOptions | None, fields: dict) -> QuantizeOptions:
+    """``options`` (default: the defaults) with some fields replaced; an unknown field is a TypeError."""
+    return dataclasses.replace(options or QuantizeOptions(), **fields)

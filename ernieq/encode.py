@@ -62,7 +62,7 @@ class WorkItem:
     stats: tuple[CalibrationStats | None, ...]
     names: tuple[str, ...]
     method: str
-    rotation: object | None = None  # an ernieq.kernels.rotation.Rotation, passed through to encode_experts
+    rotation: object | None = None  # an ernieq.transforms.Rotation, passed through to encode_experts
 
     @classmethod
     def of(cls, choice: CodecChoice, weights: list[torch.Tensor], stats: list, names: list[str], method: str,

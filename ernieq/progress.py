@@ -4,9 +4,17 @@
 done/total, elapsed, ETA). :class:`QuantizeProgress` shows two: the whole model,
 counted in weights (ETA and weights per second), and the tensor group being
 encoded, weight by weight (each routed expert's projections in turn).
+
+On a terminal the bars redraw in place. When stderr is not a terminal (a pipe, a
+log file, CI) a bar would draw nothing until it ends, so it writes a plain line
+instead every ``PLAIN_INTERVAL_S`` seconds and when it finishes:
+``quantizing layers.3.mlp: 41% 12,345,678/30,000,000, 0:01:02 elapsed, eta 0:01:29``.
 """
 
 from __future__ import annotations
+
+import sys
+import threading
 
 from rich.progress import (
     BarColumn,
@@ -20,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 _quiet = False
+PLAIN_INTERVAL_S = 10.0  # a plain progress line this often when stderr is not a terminal
 
 
 def set_quiet(quiet: bool) -> None:
@@ -28,19 +37,73 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+class PlainProgress(Progress):
+    """A rich ``Progress`` that draws nothing and writes one plain line per visible task every
+    ``interval`` seconds, and once more when it stops: for output that is not a terminal."""
+
+    def __init__(self, *columns: ProgressColumn, interval: float | None = None, stream=None):
+        super().__init__(*columns, disable=True)  # the tasks are tracked; the live display is off
+        self.interval = interval or PLAIN_INTERVAL_S
+        self.stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def lines(self) -> list[str]:
+        """One line per visible task: description, percent, done/total, elapsed, eta (and fields)."""
+        out = []
+        for task in self.tasks:
+            if not task.visible or not task.description.strip():
+                continue
+            pct = f"{task.percentage:.0f}% " if task.total else ""
+            total = f"/{task.total:,.0f}" if task.total is not None else ""
+            extra = " ".join(str(v) for k, v in task.fields.items() if k == "count" and v)
+            eta = _clock(task.time_remaining) if task.total else "-"
+            out.append(f"{task.description.strip()}: {pct}{task.completed:,.0f}{total}{' ' + extra if extra else ''}, "
+                       f"{_clock(task.elapsed)} elapsed, eta {eta}")
+        return out
+
+    def _write(self) -> None:
+        for line in self.lines():
+            print(line, file=self.stream, flush=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._write()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="plain-progress", daemon=True)
+        self._thread.start()
+
+    def stop(self, finished: bool = True) -> None:
+        """Stop the timer; one last line per task when the job ``finished`` (not when it failed)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            if finished:
+                self._write()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.stop(finished=exc_type is None)
+
+
 def progress_bar(enabled: bool = True, *counts: ProgressColumn) -> Progress:
     """A transient rich progress bar; ``enabled`` False (or ``--quiet``) shows nothing.
-    ``counts``: the columns after the bar (default: done / total)."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        *(counts or (MofNCompleteColumn(),)),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        disable=_quiet or not enabled,
-        transient=True,
-    )
+    ``counts``: the columns after the bar (default: done / total). Plain lines instead
+    when stderr is not a terminal (:class:`PlainProgress`)."""
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), *(counts or (MofNCompleteColumn(),)),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    if enabled and not _quiet and not sys.stderr.isatty():
+        return PlainProgress(*columns)
+    return Progress(*columns, disable=_quiet or not enabled, transient=True)
 
 
 class WeightRateColumn(ProgressColumn):

@@ -26,8 +26,8 @@ import ernieq
 from ernieq.calibration.gptq_experts import chunk_budget, experts_per_chunk
 from ernieq.calibration.rounding import BATCHED_METHODS
 from ernieq.codecs import CalibrationStats, CodecError
-from ernieq.kernels.rotation import Rotation, make_rotation
-from ernieq.config import W4_GROUP_SIZE, QuantConfig, recipe
+from ernieq.transforms import Rotation, make_rotation
+from ernieq.config import QuantConfig, QuantizeOptions, with_fields
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
@@ -37,6 +37,7 @@ from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_gr
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weights
 from ernieq.progress import QuantizeProgress
+from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
@@ -333,11 +334,12 @@ def _ordinals(source: Path) -> dict[int, int]:
     return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
 
 
-def recipe_for(source: Path, bits: int = 4, fp8: bool = False, group_size: int | None = W4_GROUP_SIZE,
-               symmetric: bool = True,
-               w4_moe_layers: int | None = None, overrides: tuple[str, ...] = (), rotate: bool = False) -> QuantConfig:
-    """The ``--bits``/``--fp8`` recipe for the checkpoint at ``source`` (which needs its MoE layer count)."""
-    return recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(_ordinals(source)), tuple(overrides), rotate)
+def recipe_for(source: Path, options: QuantizeOptions, default_rotate: bool = False
+               ) -> tuple[QuantConfig, QuantizeOptions]:
+    """The recipe (``options.recipe``, else the ``--bits``/``--fp8`` preset) for the checkpoint at
+    ``source`` (which needs its MoE layer count), and ``options`` completed from it
+    (``ernieq.recipes.configure``)."""
+    return configure(options, len(_ordinals(source)), default_rotate)
 
 
 def sequential_plan(source: Path, config: QuantConfig, method: str):
@@ -356,29 +358,17 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
     return SequentialPlan(choose, method)
 
 
-def run_quantize(
-    source: Path,
-    out: Path,
-    config: QuantConfig | None = None,
-    *,
-    calib=None,
-    method: str = "rtn",
-    bits: int = 4,
-    fp8: bool = False,
-    group_size: int | None = W4_GROUP_SIZE,
-    symmetric: bool = True,
-    w4_moe_layers: int | None = None,
-    overrides: tuple[str, ...] = (),
-    rotate: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-    workers: int | None = None,
-) -> QuantizeSummary:
+def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, options: QuantizeOptions | None = None,
+                 calib=None, **fields) -> QuantizeSummary:
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
 
-    ``workers``: encoder processes on the CPU (default: every usable core); on a
-    GPU the weights are encoded there, in this process.
+    options: :class:`QuantizeOptions` with ``fields`` replaced.
+    config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
+    (``options.method``, default round to nearest). ``options.workers``: encoder processes on the CPU
+    (default: every usable core); on a GPU the weights are encoded there, in this process.
     """
+    options = with_fields(options, fields)
+    method = options.method or "rtn"
     check_method(method)
     source, out = Path(source), Path(out)
     reader = CheckpointReader(source)
@@ -386,18 +376,18 @@ def run_quantize(
     groups = list(iter_groups(reader, adapter))
     ordinals = moe_ordinals(reader, adapter, groups)
     if config is None:
-        config = recipe(bits, fp8, group_size, symmetric, w4_moe_layers, len(ordinals), tuple(overrides), rotate)
-    _check_out(out, overwrite)
+        config = configure(options, len(ordinals))[0]
+    _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
-    encoder = Encoder(workers)
+    encoder = Encoder(options.workers)
     try:
         writer = NativeWriter(tmp, reader.config, config.recipe, len(groups),
                               fingerprint(source, config, method, calib, encoder.device, groups))
         if writer.resumed:
             log.info("resuming the run left in %s", tmp)
         sizes = [_group_weights(reader, g) for g in groups]
-        with encoder, QuantizeProgress(progress, sum(sizes), len(groups)) as bar:
+        with encoder, QuantizeProgress(options.progress, sum(sizes), len(groups)) as bar:
             job = _Job(reader, config, ordinals, calib, method, encoder, bar)
             for index, group in enumerate(groups):
                 if writer.finished(index) is not None:
@@ -414,7 +404,8 @@ def run_quantize(
                 log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
                           sizes[index] / seconds / 1e6)
         summary = QuantizeSummary.from_records(config.recipe, writer.records())
-        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]}}
+        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
+                 SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
         if calib is not None:
             extra["calibration"] = _calibration_info(calib)
         writer.close(extra)

@@ -7,8 +7,9 @@ A source is a name or a path:
   ``calib`` part (about 90 %) and an ``eval`` part (about 10 %) that never overlap.
 - ``wikitext2``: the WikiText-2 raw test split, for perplexity (``eval`` only
   offline). Read from the file named by ``$ERNIEQ_WIKITEXT2`` when set, else
-  through ``datasets`` from the hub when importable, else from the copy beside
-  the source tree (``../shared/data/wikitext-2-raw/wiki.test.raw``).
+  from the copy beside the source tree (``../shared/data/wikitext-2-raw/wiki.test.raw``)
+  when it is there, else through ``datasets`` from the hub when importable (lm-eval
+  installs ``datasets``: a local copy must win over a hub that may be out of reach).
 - a ``.txt`` / ``.raw`` file (one document), a ``.jsonl`` file (one document per
   line, in its ``text`` field), or a folder of such files (sorted by path).
 
@@ -39,7 +40,7 @@ DEMO_FILE = Path("data") / "summaries_en-us.json"
 DEMO_EVAL_BUCKETS = 10  # one title hash bucket in ten is eval, the other nine calib
 
 WIKITEXT2_ENV = "ERNIEQ_WIKITEXT2"
-WIKITEXT2_BESIDE_REPO = Path(__file__).resolve().parents[3] / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKITEXT2_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 class TextSourceError(ErnieqError, ValueError):
@@ -158,7 +159,7 @@ def _wikitext2_from_hub(split: str) -> list[str]:
 
 def _wikitext2_documents(split: str) -> list[str]:
     env = os.environ.get(WIKITEXT2_ENV)
-    if env or importlib.util.find_spec("datasets") is None:
+    if env or WIKITEXT2_BESIDE_REPO.is_file() or importlib.util.find_spec("datasets") is None:
         if split != "eval":
             raise TextSourceError(
                 "wikitext2: only the eval (test) split is available offline; calibrate on 'demo' or a file"

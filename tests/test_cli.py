@@ -114,3 +114,33 @@ def test_inspect_reports_ccq2_storage_per_codec(tmp_path):
     assert n_weights == 4 * 3 * 128 * 128
     per_channel = summary.bytes_by_codec["ccq2"] - n_weights * 2.0625 / 8
     assert 0 < per_channel <= 10 * 4 * 3 * 128  # at most 10 bytes per output channel
+
+
+def test_piped_tables_are_never_cut(tiny, tmp_path, monkeypatch, capsys):
+    """Output that is not a terminal gets every table at full width: no cell ends in an ellipsis."""
+    code, out, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--bits", "2",
+                         "--w4-moe-layers", "1")
+    assert code == 0, err
+    code, out2, _ = run(monkeypatch, capsys, "inspect", tmp_path / "q")
+    assert code == 0
+    for text in (out, out2):
+        assert "…" not in text
+        assert "routed_experts" in text
+
+
+@pytest.mark.parametrize("flags, activations", [((), "dynamic"), (("--fp8-activations", "none"), "none")])
+def test_quantize_fp8_records_how_activations_are_computed(tiny, tmp_path, monkeypatch, capsys, flags, activations):
+    code, _, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--fp8", *flags)
+    assert code == 0, err
+    modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["params"]["activations"] for m in modules.values()} == {activations}
+
+
+def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
+    import ernieq.demo
+    from ernieq.model.checkpoint import weights_sha256
+
+    monkeypatch.setattr(ernieq.demo, "build_demo_model", lambda out, variant, **options: write_tiny_ernie(out))
+    code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")

@@ -1,8 +1,11 @@
 import pytest
 
-from ernieq.config import CodecChoice, default_w4_moe_layers, parse_override, recipe
+from ernieq.config import CodecChoice, parse_override
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import TensorClass, TensorInfo
+from ernieq.recipes import FASTDEPLOY_W4_SHARE
+from ernieq.recipes import preset as recipe
+from ernieq.recipes.schema import first_count
 
 
 def _info(cls, layer=1, expert=None):
@@ -28,7 +31,7 @@ def test_overrides_come_first_and_parse_parameters():
         "wint4", (("group_size", 32), ("symmetric", False))
     )
     assert cfg.choose("model.layers.1.self_attn.o_proj.weight", att) is None
-    expected = {"group_size": 64, "symmetric": True, "scale_dtype": "float16"}
+    expected = {"group_size": 64, "symmetric": True, "clip": False, "scale_dtype": "float16"}
     assert cfg.choose("model.layers.2.self_attn.q_proj.weight", att).kwargs == expected
 
 
@@ -45,6 +48,19 @@ def test_invalid_bits():
 
 
 def test_default_w4_layers_is_at_least_one_and_at_most_all():
-    assert default_w4_moe_layers(1) == 1
-    assert 1 <= default_w4_moe_layers(51) <= 51
-    assert default_w4_moe_layers(0) == 0
+    assert first_count(FASTDEPLOY_W4_SHARE, 1) == 1
+    assert first_count(FASTDEPLOY_W4_SHARE, 51) == 4  # FastDeploy's 300B: 4 of its 51 MoE layers
+    assert first_count(FASTDEPLOY_W4_SHARE, 29) == 3  # the demo: ceil(4 * 29 / 51)
+    assert first_count(FASTDEPLOY_W4_SHARE, 0) == 0
+
+
+def test_fp8_recipe_is_w8a8_unless_asked_for_weight_only():
+    linear = _info(TensorClass.ATTENTION)
+    w8a8 = recipe(fp8=True)
+    assert (w8a8.recipe, w8a8.choose("q", linear).kwargs) == ("fp8-w8a8", {"block_size": 128, "activations": "dynamic"})
+    w16 = recipe(fp8=True, fp8_activations="none")
+    assert (w16.recipe, w16.choose("q", linear).kwargs) == ("fp8-weight-only", {"block_size": 128, "activations": "none"})
+    with pytest.raises(ErnieqError, match="--fp8-activations none: applies to --fp8 only"):
+        recipe(bits=4, fp8_activations="none")
+    with pytest.raises(ErnieqError, match="activations must be one of"):
+        recipe(fp8=True, fp8_activations="static")

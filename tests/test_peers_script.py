@@ -77,7 +77,7 @@ def test_hqq_codec_decodes_what_hqq_dequantizes(nbits):
 
 
 def test_swapped_recipe_changes_only_the_swapped_codec(demo_routed_dir):
-    from ernieq.config import default_w4_moe_layers, recipe
+    from ernieq.recipes import preset as recipe
     from ernieq.model.adapters import adapter_for, stream_groups
     from ernieq.model.checkpoint import CheckpointReader
     from ernieq.model.moe import linear_weights
@@ -98,8 +98,7 @@ def test_swapped_recipe_changes_only_the_swapped_codec(demo_routed_dir):
             seen.add(before.codec)
     assert {"ccq2", "wint8"} <= seen
     text = peer_settings.describe_config(swapped, layers)
-    n4 = default_w4_moe_layers(len(layers))
-    assert f"routed_experts of layers {layers[n4]}-{layers[-1]}: hqq:nbits=2,group_size=64" in text
+    assert "; routed_experts: hqq:nbits=2,group_size=64; " in text  # the routed experts the wint4 rule leaves
     with pytest.raises(Exception, match="no rule with codec"):
         peer_settings.swapped_recipe(demo_routed_dir, {"fp8": peer_settings.HQQ_W2}, bits=2)
 
@@ -112,8 +111,8 @@ def test_peers_script_runs_a_setting_in_a_child(tmp_path, demo_routed_dir, wikit
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "ernieq-w4-rtn" and row["method"] == "RTN"
     assert row["tokens"] == 127 and math.isfinite(row["ppl"]) and row["ppl"] > 1
-    assert row["bits_by_codec"] == {"wint4": 4.25}  # a float16 scale per 64 weights; K = 576, 1536 divide
-    assert row["quantized"] == "every linear: wint4:group_size=64,symmetric=True,scale_dtype=float16"
+    assert row["bits_by_codec"] == {"wint4": 4.25}  # a float16 scale per 64 weights; every K of the demo divides
+    assert row["quantized"] == "every linear: wint4:group_size=64,symmetric=True,clip=False,scale_dtype=float16"
     assert row["wall_seconds"] >= row["quantize_seconds"] + row["eval_seconds"] > 0
     assert row["peak_rss_bytes"] > 100 * 2**20  # the child's own ru_maxrss, in bytes (torch alone is more)
     text = md.read_text()

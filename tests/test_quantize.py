@@ -47,7 +47,7 @@ def _decoded_reference_logits(qdir, ids):
 
 @pytest.mark.parametrize("layout", ["per_expert", "fused"])
 @pytest.mark.parametrize("options", [{"bits": 8}, {"bits": 4}, {"bits": 4, "rotate": False},
-                                     {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 2}, {"fp8": True}])
+                                     {"bits": 4, "symmetric": False, "group_size": 32}, {"bits": 2}, {"fp8": True, "fp8_activations": "none"}])
 def test_quantized_model_computes_with_the_decoded_weights(tiny, tmp_path, layout, options):
     out = tmp_path / "q"
     summary = api.quantize(tiny[layout], out, progress=False, workers=1, **options)
@@ -182,12 +182,13 @@ def test_batched_experts_write_the_bytes_of_each_weight_alone(tiny, tmp_path, mo
     from ernieq.calibration.rounding import encode_weight
     from ernieq.codecs import get_codec
     from ernieq.formats.native import NativeReader
+    from ernieq.config import QuantizeOptions
     from ernieq.quantize import recipe_for, run_quantize
 
     src = tiny["per_expert"]
     cset = collect_stats(src, torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1)), progress=False)
     monkeypatch.setattr(gptq_experts, "CPU_CHUNK_BYTES", 150_000)  # a few experts per chunk
-    config = recipe_for(src, 2, rotate=True)
+    config = recipe_for(src, QuantizeOptions(bits=2, rotate=True))[0]
     run_quantize(src, tmp_path / "q", config, calib=cset, method="gptq", progress=False, workers=1)
     reader, weights = NativeReader(tmp_path / "q"), CheckpointReader(src)
     checked = 0

@@ -122,6 +122,20 @@ def test_wikitext2_from_env(monkeypatch, tmp_path):
         load_text("wikitext2", split="calib")
 
 
+def test_wikitext2_beside_the_repo_wins_over_the_hub(monkeypatch, tmp_path):
+    """With ``datasets`` installed (lm-eval brings it) the local copy is still read, not the hub."""
+    path = tmp_path / "wiki.test.raw"
+    path.write_bytes(b" = B = \r\n")
+    monkeypatch.delenv(text_mod.WIKITEXT2_ENV, raising=False)
+    monkeypatch.setattr(text_mod, "WIKITEXT2_BESIDE_REPO", path)
+    monkeypatch.setattr(text_mod.importlib.util, "find_spec", lambda name, *a: object())  # datasets "importable"
+    monkeypatch.setattr(text_mod, "_wikitext2_from_hub", lambda split: pytest.fail("went to the hub"))
+    assert load_text("wikitext2") == " = B = \n"
+    path.unlink()
+    monkeypatch.setattr(text_mod, "_wikitext2_from_hub", lambda split: ["from the hub"])
+    assert load_text("wikitext2") == "from the hub"
+
+
 def test_wikitext2_env_to_missing_file_says_what_to_set(monkeypatch, tmp_path):
     monkeypatch.setenv(text_mod.WIKITEXT2_ENV, str(tmp_path / "absent.raw"))
     with pytest.raises(TextSourceError, match=rf"absent\.raw not found; set {text_mod.WIKITEXT2_ENV}"):
@@ -133,3 +147,9 @@ def test_wikitext2_shared_copy_is_lf(wikitext2_path):
     assert "\r" not in got
     raw = wikitext2_path.read_bytes()
     assert len(got.encode("utf-8")) == len(raw) - raw.count(b"\r\n")
+
+
+def test_the_copy_beside_the_repository_is_where_the_tests_find_it():
+    from tests.conftest import WIKITEXT2_PATH
+
+    assert text_mod.WIKITEXT2_BESIDE_REPO == WIKITEXT2_PATH

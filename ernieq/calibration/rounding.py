@@ -18,7 +18,7 @@ would (GPTQ runs them through one batched loop, ``gptq_experts.py``):
   searched and folded into the weights of the whole tensor group (``awq.py``,
   applied by ``ernieq.quantize``): per weight it is ``rtn``.
 
-With a rotation R (``ernieq.kernels.rotation``) the codec encodes W R and the
+With a rotation R (``ernieq.transforms``) the codec encodes W R and the
 statistics are turned with it (Hessian R^T H R; mean |x| no longer applies), so
 the runtime computes (x R) (W R)^T = x W^T.
 """
@@ -31,7 +31,7 @@ import torch
 
 from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor
 from ernieq.errors import ErnieqError
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 
 def _round_to_nearest(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, name: str,
@@ -61,7 +61,8 @@ def rotate_stats(stats: CalibrationStats | None, rotation: Rotation) -> Calibrat
     """What the codec sees of inputs turned by R: Hessian R^T H R [K, K]; mean |x| dropped."""
     if stats is None:
         return None
-    hessian = rotation.conjugate(stats.hessian.double()).float() if stats.hessian is not None else None
+    h = stats.hessian
+    hessian = rotation.to(h.device).conjugate(h.double()).float() if h is not None else None
     return CalibrationStats(hessian=hessian, act_abs_mean=None, tokens=stats.tokens)
 
 
@@ -77,15 +78,15 @@ def encode_weight(
     if method not in METHODS:
         raise ErnieqError(f"--method {method}: expected one of {', '.join(METHODS)}")
     if rotation is not None:
-        weight, stats = _rotate(weight, stats, name, rotation)
+        weight, stats = _rotate(weight, name, rotation), rotate_stats(stats, rotation)
     return METHODS[method](codec, weight, stats, name, rotated=rotation is not None)
 
 
-def _rotate(weight: torch.Tensor, stats: CalibrationStats | None, name: str, rotation: Rotation):
-    """(W R [N, K], the statistics of x R)."""
+def _rotate(weight: torch.Tensor, name: str, rotation: Rotation) -> torch.Tensor:
+    """W R [N, K], turned on the weight's device."""
     if rotation.k != weight.shape[-1]:
         raise ErnieqError(f"{name}: a rotation for K={rotation.k} on a weight with K={weight.shape[-1]}")
-    return rotation.apply(weight.float()), rotate_stats(stats, rotation)
+    return rotation.to(weight.device).apply(weight.float())
 
 
 def encode_experts(
@@ -104,10 +105,7 @@ def encode_experts(
     if method not in BATCHED_METHODS:
         return [encode_weight(codec, w, st, n, method, rotation) for w, st, n in zip(weights, stats, names)]
     if rotation is not None:
-        for w, n in zip(weights, names):
-            if rotation.k != w.shape[-1]:
-                raise ErnieqError(f"{n}: a rotation for K={rotation.k} on a weight with K={w.shape[-1]}")
-        weights = [rotation.apply(w.float()) for w in weights]  # W R [N, K]
+        weights = [_rotate(w, n, rotation) for w, n in zip(weights, names)]  # W R [N, K]
         turned: dict[int, CalibrationStats | None] = {}  # weights that share statistics (gate, up) share R^T H R
         stats = [turned[id(st)] if id(st) in turned else turned.setdefault(id(st), rotate_stats(st, rotation))
                  for st in stats]

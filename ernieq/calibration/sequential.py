@@ -21,7 +21,7 @@ from torch import nn
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.rounding import encode_weight
 from ernieq.codecs import CalibrationStats, decode, get_codec
-from ernieq.kernels.rotation import make_rotation
+from ernieq.transforms import make_rotation
 from ernieq.model.adapters import TensorInfo
 from ernieq.model.moe import linear_weights
 
@@ -53,5 +53,5 @@ def quantized_layer(
         rotation = make_rotation(weight.shape[1], plan.rotation_seed) if rotate else None
         q = encode_weight(get_codec(codec_name, **kwargs), weight.float(), stats_of(name), name, plan.method, rotation)
         w_hat = decode(q).float()  # [N, K]
-        replaced[name] = rotation.apply_t(w_hat) if rotation is not None else w_hat  # W_hat R R^T
+        replaced[name] = rotation.to(w_hat.device).apply_t(w_hat) if rotation is not None else w_hat  # W_hat R R^T
     return model.load_layer(i, replaced)

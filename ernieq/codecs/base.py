@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 
@@ -103,6 +103,25 @@ class Codec(Protocol):
         """q of shape (N, K). Returns float32 W_hat [N, K]. Stacks go through ``decode``."""
         ...
 
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K], the inputs of a weight of this codec. Returns them as the checkpoint
+        multiplies them: x itself for weight-only codecs, x rounded as the codec quantizes it otherwise."""
+        ...
+
+
+class CodecBase:
+    """What every registered codec class shares: it is built from its frozen config, and its
+    weights multiply the activations as they are (weight-only) unless it says otherwise."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: Any):
+        self.config = config
+
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K]. Weight-only: returned as it is."""
+        return x
+
 
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
@@ -155,13 +174,34 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored tensor name -> (dtype, shape)
+
+
+def check_layout(codec: Codec, q: QuantizedTensor, expected: Callable[[int, int], Layout], *,
+                 params: bool = True) -> None:
+    """Fail loudly when ``q`` is not ``codec``'s tensor of its own shape (N, K): its codec name,
+    its params (when ``params``) and every stored tensor's dtype and shape, ``expected(N, K)``."""
+    mine = dataclasses.asdict(codec.config)
+    if q.codec != codec.name or (params and q.params != mine) or len(q.shape) != 2:
+        raise CodecError(f"{codec.name}{mine}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
+    want = expected(*q.shape)
+    got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
+    if got != want:
+        raise CodecError(f"{codec.name}: stored tensors {got} do not match the layout {want} for shape {q.shape}")
+
+
+def check_shape(shape: tuple[int, ...], name: str = "weight") -> None:
+    """Fail loudly on a shape no codec takes: not 2-D, or empty (every codec pads K and N as it needs)."""
+    if len(shape) != 2 or math.prod(shape) == 0:
+        raise CodecError(f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(shape)}")
+
+
 def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """Fail loudly on a weight no codec should take: not 2-D, empty or non-finite.
 
     Returns the weight as float32.
     """
-    if weight.ndim != 2 or weight.numel() == 0:
-        raise CodecError(f"{name}: expected a non-empty 2-D weight [N, K], got shape {tuple(weight.shape)}")
+    check_shape(tuple(weight.shape), name)
     w = weight.float()
     if not all_finite(w):
         bad = (~torch.isfinite(w)).sum().item()

@@ -78,7 +78,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import (
+    CalibrationStats,
+    CodecBase,
+    CodecError,
+    QuantizedTensor,
+    check_layout,
+    check_weight,
+    register_codec,
+)
 from ernieq.codecs.ccq2_search import (
     GROUP,
     NIBBLE_MAX,
@@ -363,9 +371,8 @@ def unpack_local_scales(weight_scale: torch.Tensor, g: int) -> torch.Tensor:
 
 
 @register_codec("ccq2", CCQ2Config)
-class CCQ2Codec:
-    def __init__(self, config: CCQ2Config):
-        self.config = config
+class CCQ2Codec(CodecBase):
+    config: CCQ2Config
 
     def encode(
         self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
@@ -410,20 +417,15 @@ class CCQ2Codec:
         return code * scale.repeat_interleave(GROUP, dim=1)[:, :k]  # W_hat = q * nibble * super
 
     def _check_layout(self, q: QuantizedTensor) -> None:
-        """Fail loudly when ``q`` is not a ccq2 tensor of its own shape."""
-        if q.codec != self.name or len(q.shape) != 2:
-            raise CodecError(f"ccq2: cannot decode codec {q.codec!r} of shape {q.shape}")
-        n, k = q.shape
+        """Fail loudly when ``q`` is not a ccq2 tensor of its own shape (any encoder settings; super
+        scales in either dtype FastDeploy reads)."""
         ss_dtype = q.tensors.get("super_scales", torch.empty(0)).dtype
         if ss_dtype not in SUPER_SCALE_DTYPES.values():
             raise CodecError(f"ccq2: super_scales must be bfloat16 or float16, got {ss_dtype}")
-        expected = {
+        check_layout(self, q, lambda n, k: {
             "quant_weight": (torch.uint8, (-(-k // QUAD), n)),
             "weight_scale": (torch.uint8, (-(-k // SCALE_BYTE_ROWS), n)),
             "super_scales": (ss_dtype, (n,)),
             "code_scale": (torch.float32, (n,)),
             "code_zp": (torch.float32, (n,)),
-        }
-        got = {key: (v.dtype, tuple(v.shape)) for key, v in q.tensors.items()}
-        if got != expected:
-            raise CodecError(f"ccq2: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+        }, params=False)

@@ -1,4 +1,5 @@
-"""``fp8``: float8_e4m3fn weights with float32 scales, per output channel or per block.
+"""``fp8``: float8_e4m3fn weights with float32 scales, per output channel or per block, and
+(``activations="dynamic"``, the default) float8_e4m3fn activations quantized at run time.
 
 B = ``block_size``; None means one scale per output channel.
 
@@ -11,6 +12,16 @@ Stored tensors (a contract with the kernels and format writers):
   take their scale from the elements they hold. An all-zero block gets 1.0.
 
 Decode: ``W_hat = qweight.float() * scale`` (broadcast over each row or block).
+
+How a checkpoint is computed (``activations``, recorded with the other params):
+
+- ``"dynamic"`` (W8A8, DeepSeek-V3's ``act_quant`` and transformers' FineGrainedFP8, what the
+  hf-fp8 and compressed-tensors exports declare): every input ``x [M, K]`` is quantized at run
+  time per token (row) and per group of G_x input channels, G_x = B (all of K per channel):
+  ``x_scale[m, g] = amax(|x[m, gG_x : (g+1)G_x]|) / 448`` (float32; a partial last group from its
+  own elements, an all-zero group 1.0), ``x_q = e4m3(clamp(x / x_scale, -448, 448))``, and
+  ``y[m, n] = sum_k x_q[m, k] x_scale[m, k // G_x] * W_hat[n, k]``.
+- ``"none"`` (weight-only, W8A16): ``y = x @ W_hat.T`` with x as it is.
 """
 
 from __future__ import annotations
@@ -20,18 +31,33 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import (
+    CalibrationStats,
+    CodecBase,
+    CodecError,
+    Layout,
+    QuantizedTensor,
+    check_layout,
+    check_weight,
+    register_codec,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+DYNAMIC = "dynamic"  # W8A8: activations quantized per token and group at run time
+WEIGHT_ONLY = "none"  # W8A16: activations multiply as they are
+ACTIVATIONS = (DYNAMIC, WEIGHT_ONLY)
 
 
 @dataclass(frozen=True)
 class FP8Config:
     """block_size: B for B x B blocks (128: DeepSeek-V3 / transformers ``weight_block_size``),
-    or None for one scale per output channel."""
+    or None for one scale per output channel.
+    activations: ``"dynamic"`` (W8A8: inputs quantized to fp8 per token and group at run time)
+    or ``"none"`` (weight-only)."""
 
     block_size: int | None = 128
+    activations: str = DYNAMIC
 
     def __post_init__(self):
         valid = self.block_size is None or (
@@ -39,6 +65,13 @@ class FP8Config:
         )
         if not valid:
             raise CodecError(f"fp8: block_size must be a positive int or None, got {self.block_size!r}")
+        if self.activations not in ACTIVATIONS:
+            raise CodecError(f"fp8: activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+
+    def input_group(self, k: int) -> int:
+        """G_x for a weight with K input features: the input channels that share one activation
+        scale per token (B, or K per channel); 0 when the activations are not quantized."""
+        return (self.block_size or k) if self.activations == DYNAMIC else 0
 
 
 def _blocks(w: torch.Tensor, b: int) -> torch.Tensor:
@@ -65,10 +98,35 @@ def _scale(w: torch.Tensor, b: int | None) -> torch.Tensor:
     return _positive(_blocks(w, b).abs().amax(dim=(1, 3)) / FP8_MAX)  # [N/B, K/B]: scale = block amax / 448
 
 
+def activations_of(params: dict) -> str:
+    """The activations mode an fp8 weight's params record; fails on params that record none
+    (checkpoints from before ernieq computed W8A8, when it ran every fp8 weight weight-only)."""
+    mode = params.get("activations")
+    if mode not in ACTIVATIONS:
+        raise CodecError(f"fp8 params {params} do not say how activations are computed (activations: one of "
+                         f"{ACTIVATIONS}); quantize the checkpoint again")
+    return mode
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: float [M, K]; group: G_x. Returns x_q float8_e4m3fn [M, K] and x_scale float32 [M, ceil(K/G_x)],
+    ``x_scale = amax / 448`` per token and group of G_x input channels (the last group may be partial)."""
+    k = x.shape[1]
+    groups = torch.nn.functional.pad(x.float(), (0, -k % group)).unflatten(1, (-1, group))  # [M, K/G, G]
+    scale = _positive(groups.abs().amax(dim=2) / FP8_MAX)  # [M, K/G]: x_scale = amax / 448
+    x_q = (groups / scale[:, :, None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # [M, K/G, G]
+    return x_q.flatten(1)[:, :k], scale
+
+
+def dequantize_activations(x_q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """x_q: float8_e4m3fn [M, K]; scale: float32 [M, ceil(K/G_x)]. Returns float32 x_hat [M, K] = x_q * x_scale."""
+    k = x_q.shape[1]
+    return x_q.float() * scale.repeat_interleave(group, dim=1)[:, :k]  # x_hat[m, k] = x_q[m, k] * x_scale[m, k // G]
+
+
 @register_codec("fp8", FP8Config)
-class FP8Codec:
-    def __init__(self, config: FP8Config):
-        self.config = config
+class FP8Codec(CodecBase):
+    config: FP8Config
 
     def encode(
         self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
@@ -95,6 +153,11 @@ class FP8Codec:
         full_scale = scale[:, None] if b is None else _expand_block_scale(scale, b, n, k)  # [N, 1] or [N, K]
         return q.tensors["qweight"].float() * full_scale  # [N, K]
 
+    def round_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float32 [M, K]. W8A8: x_hat = x_q * x_scale, quantized per token and group; weight-only: x."""
+        group = self.config.input_group(x.shape[1])
+        return dequantize_activations(*quantize_activations(x, group), group) if group else x
+
     def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> FP8Columns:
         """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
         return FP8Columns(self, weight, static_groups)
@@ -106,16 +169,15 @@ class FP8Codec:
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
-        params = dataclasses.asdict(self.config)
-        if q.codec != self.name or q.params != params or len(q.shape) != 2:
-            raise CodecError(f"fp8{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
-        n, k = q.shape
+        if q.codec == self.name:
+            activations_of(q.params)
         b = self.config.block_size
-        scale_shape = (n,) if b is None else (-(-n // b), -(-k // b))  # [N] or [ceil(N/B), ceil(K/B)]
-        expected = {"qweight": (FP8_DTYPE, (n, k)), "scale": (torch.float32, scale_shape)}
-        got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
-        if got != expected:
-            raise CodecError(f"fp8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+        def layout(n: int, k: int) -> Layout:
+            scale_shape = (n,) if b is None else (-(-n // b), -(-k // b))  # [N] or [ceil(N/B), ceil(K/B)]
+            return {"qweight": (FP8_DTYPE, (n, k)), "scale": (torch.float32, scale_shape)}
+
+        check_layout(self, q, layout)
 
 
 class FP8Columns:

@@ -36,7 +36,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import (
+    CalibrationStats,
+    CodecBase,
+    CodecError,
+    Layout,
+    QuantizedTensor,
+    check_layout,
+    check_weight,
+    register_codec,
+)
 from ernieq.codecs.packing import pack_int4_k_major, unpack_int4_k_major
 
 GROUP_SIZES = (32, 64, 128)
@@ -146,9 +155,8 @@ def _stored_grid(config: WInt4Config, scale: torch.Tensor, zero: torch.Tensor) -
 
 
 @register_codec("wint4", WInt4Config)
-class WInt4Codec:
-    def __init__(self, config: WInt4Config):
-        self.config = config
+class WInt4Codec(CodecBase):
+    config: WInt4Config
 
     def encode(
         self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
@@ -191,17 +199,13 @@ class WInt4Codec:
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint4 tensor of this config and its own shape."""
-        params = dataclasses.asdict(self.config)
-        if q.codec != self.name or q.params != params or len(q.shape) != 2:
-            raise CodecError(f"wint4{params}: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
-        n, k = q.shape
-        n_groups = -(-k // self.config.group(k))  # ceil(K / G)
-        expected = {"qweight": (torch.uint8, (n, -(-k // 2))), "scale": (self.config.dtype, (n, n_groups))}
-        if not self.config.symmetric:
-            expected["zero"] = (torch.uint8, (n, n_groups))
-        got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
-        if got != expected:
-            raise CodecError(f"wint4: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+
+        def layout(n: int, k: int) -> Layout:
+            n_groups = -(-k // self.config.group(k))  # ceil(K / G)
+            zero = {} if self.config.symmetric else {"zero": (torch.uint8, (n, n_groups))}
+            return {"qweight": (torch.uint8, (n, -(-k // 2))), "scale": (self.config.dtype, (n, n_groups)), **zero}
+
+        check_layout(self, q, layout)
 
 
 class WInt4Columns:

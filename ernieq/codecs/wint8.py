@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CalibrationStats, CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import (
+    CalibrationStats,
+    CodecBase,
+    QuantizedTensor,
+    check_layout,
+    check_weight,
+    register_codec,
+)
 
 QMAX = 127
 
@@ -32,9 +39,8 @@ def _channel_scale(w: torch.Tensor) -> torch.Tensor:
 
 
 @register_codec("wint8", WInt8Config)
-class WInt8Codec:
-    def __init__(self, config: WInt8Config):
-        self.config = config
+class WInt8Codec(CodecBase):
+    config: WInt8Config
 
     def encode(
         self, weight: torch.Tensor, stats: CalibrationStats | None = None, *, name: str = "weight"
@@ -65,13 +71,7 @@ class WInt8Codec:
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint8 tensor of its own shape."""
-        if q.codec != self.name or q.params != dataclasses.asdict(self.config) or len(q.shape) != 2:
-            raise CodecError(f"wint8: cannot decode codec {q.codec!r} params {q.params} shape {q.shape}")
-        n, k = q.shape
-        expected = {"qweight": (torch.int8, (n, k)), "scale": (torch.float32, (n,))}
-        got = {key: (t.dtype, tuple(t.shape)) for key, t in q.tensors.items()}
-        if got != expected:
-            raise CodecError(f"wint8: stored tensors {got} do not match the layout {expected} for shape {q.shape}")
+        check_layout(self, q, lambda n, k: {"qweight": (torch.int8, (n, k)), "scale": (torch.float32, (n,))})
 
 
 class WInt8Columns:

@@ -11,6 +11,7 @@ import html
 from dataclasses import dataclass
 
 from ernieq.eval.plots import data_uri
+from ernieq.recipes import dump
 
 TOP_EXPERTS = 10  # the worst routed experts listed by name
 
@@ -77,6 +78,38 @@ def accuracy_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]
     return head, rows
 
 
+def fmt_metric(x: float | None, sign: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:{'+' if sign else ''}.4g}" if abs(x) >= 1e6 else f"{x:{'+' if sign else ''},.4f}"
+
+
+TASK_NOTE = ("lm-evaluation-harness tasks, every model on the same examples. A difference to the baseline carries "
+             "its standard error: for a mean over examples (acc) the paired one, from the per-example differences; "
+             "for other metrics (perplexity) sqrt(se_baseline² + se_model²), marked unpaired.")
+
+
+def task_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]] | None:
+    """(head, rows): per task, metric and model, the examples, the value ± its standard error and the
+    difference to the baseline ± its standard error; None when the report ran no tasks. The model
+    card shows exactly this table."""
+    section = report.get("tasks")
+    if not section:
+        return None
+    head = ("task", "metric", "model", "examples", "value", "stderr", "vs baseline", "stderr of the difference")
+    rows = []
+    for r in section["rows"]:
+        for label, value in r["value"].items():
+            is_base = label == "baseline"
+            se = "" if is_base else fmt_metric(r["diff_stderr"][label])
+            if not is_base and not r["paired"][label] and r["diff_stderr"][label] is not None:
+                se += " (unpaired)"
+            rows.append((r["task"], r["metric"], label, str(r["samples"]), fmt_metric(value),
+                         fmt_metric(r["stderr"][label]), "" if is_base else fmt_metric(r["diff"][label], sign=True),
+                         se))
+    return head, rows
+
+
 def size_table(report: dict) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
     head = ("class", "weights", "bytes (baseline)", "bytes (quantized)", "bits per weight")
     q, b = report["size"]["quantized"], report["size"]["baseline"]
@@ -115,6 +148,13 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
     ]
     if "ppl_vs_bits" in figures:
         out.append(Block("figure", "ppl_vs_bits"))
+    tasks = task_table(report)
+    if tasks is not None:
+        opts = report["tasks"]["options"]
+        shots = "each task's own shots" if opts["num_fewshot"] is None else f"{opts['num_fewshot']} shots"
+        limit = f"the first {opts['limit']} examples" if opts["limit"] else "every example"
+        out += [Block("h2", "Task accuracy"), Block("p", f"{TASK_NOTE} {limit.capitalize()} of each task, {shots}."),
+                Block("table", head=tasks[0], rows=tuple(tasks[1]))]
     out += [Block("h2", "Size by tensor class"), Block("table", head=size_head, rows=tuple(size_rows))]
     if q["codecs"]:
         out.append(Block("table", head=("codec", "weights", "bytes", "bits per weight"),
@@ -139,6 +179,12 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
                 Block("table", head=("layer", "expert", *ERROR_HEAD),
                       rows=tuple(_error_rows(worst, ("layer", "expert"))))]
     out += _calibration_blocks(report, figures)
+    spec = m.get("recipe_spec")
+    if spec:
+        out += [Block("h2", "Recipe"),
+                Block("p", "The recipe the checkpoint was made with, as it stores it (a recipe file: "
+                           "`ernieq quantize MODEL --recipe FILE` makes the checkpoint again)."),
+                Block("code", dump(spec).rstrip())]
     out += [
         Block("h2", "Provenance"),
         Block("code", prov["command"]),
@@ -184,19 +230,15 @@ def markdown_table(head: tuple[str, ...], rows) -> str:
 
 def render_markdown(report: dict, figure_paths: dict[str, str]) -> str:
     """report.md; figures link to ``figure_paths`` (relative PNG paths)."""
-    parts = []
-    for b in blocks(report, set(figure_paths)):
-        if b.kind in ("h1", "h2"):
-            parts.append(f"{'#' * int(b.kind[1])} {b.text}")
-        elif b.kind == "p":
-            parts.append(b.text)
-        elif b.kind == "table":
-            parts.append(markdown_table(b.head, b.rows))
-        elif b.kind == "figure":
-            parts.append(f"![{b.text}]({figure_paths[b.text]})\n\n*{FIGURE_CAPTIONS[b.text]}*")
-        elif b.kind == "code":
-            parts.append(f"```\n{b.text}\n```")
-    return "\n\n".join(parts) + "\n"
+    kinds = {
+        "h1": lambda b: f"# {b.text}",
+        "h2": lambda b: f"## {b.text}",
+        "p": lambda b: b.text,
+        "table": lambda b: markdown_table(b.head, b.rows),
+        "figure": lambda b: f"![{b.text}]({figure_paths[b.text]})\n\n*{FIGURE_CAPTIONS[b.text]}*",
+        "code": lambda b: f"```\n{b.text}\n```",
+    }
+    return "\n\n".join(kinds[b.kind](b) for b in blocks(report, set(figure_paths))) + "\n"
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}
@@ -214,21 +256,21 @@ def _inline(text: str) -> str:
 
 def render_html(report: dict, images: dict[str, bytes]) -> str:
     """report.html: one file, figures embedded as base64 PNG."""
-    body = []
-    for b in blocks(report, set(images)):
-        if b.kind in ("h1", "h2"):
-            body.append(f"<{b.kind}>{_inline(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            body.append(f"<p>{_inline(b.text)}</p>")
-        elif b.kind == "table":
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.head)
-            rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-        elif b.kind == "figure":
-            body.append(f'<figure><img alt="{b.text}" src="{data_uri(images[b.text])}">'
-                        f"<figcaption>{html.escape(FIGURE_CAPTIONS[b.text])}</figcaption></figure>")
-        elif b.kind == "code":
-            body.append(f"<pre>{html.escape(b.text)}</pre>")
+    def table(b: Block) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in b.head)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in b.rows)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+    kinds = {
+        "h1": lambda b: f"<h1>{_inline(b.text)}</h1>",
+        "h2": lambda b: f"<h2>{_inline(b.text)}</h2>",
+        "p": lambda b: f"<p>{_inline(b.text)}</p>",
+        "table": table,
+        "figure": lambda b: (f'<figure><img alt="{b.text}" src="{data_uri(images[b.text])}">'
+                             f"<figcaption>{html.escape(FIGURE_CAPTIONS[b.text])}</figcaption></figure>"),
+        "code": lambda b: f"<pre>{html.escape(b.text)}</pre>",
+    }
+    body = [kinds[b.kind](b) for b in blocks(report, set(images))]
     title = html.escape(f"ernieq report: {report['model']['quantized']}")
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>"
             f"<style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -13,6 +13,8 @@ and ``report.html`` from that dict alone. Sections:
   statistics are given (``ernieq.eval.weight_error``);
 - ``size``: weights, bytes and bits per weight by tensor class;
 - ``calibration``: tokens per expert and cold experts, when statistics are given;
+- ``tasks``: lm-evaluation-harness task metrics of every model, and each model's difference to the
+  baseline with its standard error (``ernieq.eval.tasks``), when tasks are asked for;
 - ``settings``: bits per weight and perplexity of every model (the trade-off plot);
 - ``provenance``: command, versions, commit, times.
 """
@@ -30,14 +32,15 @@ import torch.nn.functional as F
 
 from ernieq.errors import ErnieqError
 from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count
-from ernieq.eval.provenance import now_iso, provenance
+from ernieq.eval.tasks import TaskOptions, TaskSuite, compare_scores, run_tasks
+from ernieq.provenance import now_iso, provenance
 from ernieq.text import load_text
 from ernieq.eval.weight_error import summarize_errors, weight_errors
-from ernieq.formats.native import NativeReader
+from ernieq.formats.registry import checkpoint_summary, open_quantized, quantized_format
 from ernieq.model.adapters import LINEAR_CLASSES
 from ernieq.model.checkpoint import CheckpointReader
-from ernieq.model.summary import summarize
 from ernieq.progress import progress_bar
+from ernieq.recipes import SPEC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +127,7 @@ def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_
 
 def size_by_class(path: Path) -> dict:
     """Weights, bytes and bits per weight of a checkpoint by report class (every stored byte counted)."""
-    s = summarize(CheckpointReader(path))
+    s = checkpoint_summary(path)
     classes: dict[str, dict] = {}
     for cls in s.params_by_class:
         row = classes.setdefault(cls if cls in REPORT_CLASSES else OTHER_CLASS, {"weights": 0, "bytes": 0})
@@ -191,27 +194,31 @@ def build_report(
     seq_len: int = 2048,
     max_windows: int | None = 4,
     progress: bool = True,
+    tasks: TaskOptions | None = None,
 ) -> dict:
-    """The report of the ernieq checkpoint ``qdir`` against ``baseline`` on the text sources ``data``.
+    """The report of the quantized checkpoint ``qdir`` (any format ernieq reads: native, FastDeploy)
+    against ``baseline`` on the text sources ``data``.
 
     load: path -> (model, tokenizer). calib: a CalibrationSet of the baseline, for the output
-    error and the expert table (``calib_source`` names where it came from). All models are held in
+    error and the expert table (``calib_source`` names where it came from). tasks: lm-eval tasks
+    every model runs (checked, and their data loaded, before any model is). All models are held in
     memory at once so that each runs once per window.
     """
     started = now_iso()
     if not data:
         raise ReportError("give at least one text source (--data)")
-    quantized = NativeReader(qdir)
-    qc = quantized.config["quantization_config"]
+    suite = tasks.suite() if tasks is not None else None
+    quantized = open_quantized(qdir)
+    qc = quantized.quant_info
     paths = {BASELINE: baseline, QUANTIZED: qdir, **_labels(tuple(compare))}
-    models, tokenizer = {}, None
+    models, tokenizers = {}, {}
     for label, path in paths.items():
-        models[label], tok = load(path)
-        tokenizer = tokenizer or tok
+        models[label], tokenizers[label] = load(path)
     corpora = []
     for source in data:
-        ids = tokenize_text(tokenizer, load_text(source, split="eval"))
+        ids = tokenize_text(tokenizers[BASELINE], load_text(source, split="eval"))
         corpora.append(asdict(score_corpus(models, ids, source, seq_len, max_windows, progress)))
+    task_section = _task_section(models, tokenizers, suite, tasks) if suite is not None else None
     del models
     errors = weight_errors(CheckpointReader(baseline), quantized, None if calib is None else _hessian_reader(calib))
     sizes = {label: size_by_class(path) for label, path in paths.items()}
@@ -226,6 +233,7 @@ def build_report(
             "baseline": baseline_name or str(baseline),
             "baseline_path": str(baseline),
             "recipe": qc.get("recipe"),
+            "recipe_spec": qc.get(SPEC_KEY),
             "method": qc.get("method"),
             "quantized_calibration": qc.get("calibration"),
             "architecture": (quantized.config.get("architectures") or [quantized.config.get("model_type")])[0],
@@ -234,6 +242,7 @@ def build_report(
         "weight_error": {**summarize_errors(errors), "calib": calib_source},
         "size": {QUANTIZED: sizes[QUANTIZED], BASELINE: sizes[BASELINE]},
         "calibration": calibration_section(calib) if calib is not None else None,
+        "tasks": task_section,
         "settings": settings,
         "options": {"data": list(data), "seq_len": seq_len, "max_windows": max_windows,
                     "compare": [str(p) for p in compare]},
@@ -241,9 +250,21 @@ def build_report(
     }
 
 
+def _task_section(models: dict, tokenizers: dict, suite: TaskSuite, options: TaskOptions) -> dict:
+    """Every model's lm-eval scores on the suite, as the task table's rows (``compare_scores``)."""
+    scores = {label: run_tasks(model, tokenizers[label], suite, device=model.device, limit=options.limit,
+                               num_fewshot=options.num_fewshot, batch_size=options.batch_size)
+              for label, model in models.items()}
+    return {"options": {**asdict(options), "names": list(options.names),
+                        "include_paths": list(options.include_paths)},
+            "rows": compare_scores(scores, BASELINE)}
+
+
 def _recipe_of(path: Path) -> str:
-    qc = (CheckpointReader(path).config.get("quantization_config") or {})
-    return qc.get("recipe") or qc.get("quant_method") or "unquantized"
+    if quantized_format(path) is None:
+        return "unquantized"
+    qc = open_quantized(path).quant_info
+    return qc.get("recipe") or qc.get("quant_method")
 
 
 def write_report(report: dict, out: Path) -> dict[str, Path]:

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ernieq.codecs import decode
-from ernieq.formats.native import NativeReader, base_name
+from ernieq.formats.native import base_name
+from ernieq.formats.registry import QuantizedCheckpoint
 from ernieq.model.adapters import TensorClass, adapter_for, stream_groups
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.moe import ExpertGroup
@@ -92,7 +93,7 @@ def module_error(name: str, info, codec: str, w: torch.Tensor, w_hat: torch.Tens
                        float(w.double().square().sum()), float(dw.double().square().sum()), wh, eh)
 
 
-def weight_errors(baseline: CheckpointReader, quantized: NativeReader,
+def weight_errors(baseline: CheckpointReader, quantized: QuantizedCheckpoint,
                   hessian_of: Callable[[str], torch.Tensor | None] | None = None) -> list[ModuleError]:
     """One :class:`ModuleError` per quantized module of ``quantized``, against ``baseline``'s weights.
 
@@ -110,7 +111,7 @@ def weight_errors(baseline: CheckpointReader, quantized: NativeReader,
         if rotation is not None:
             w_hat = rotation.apply_t(w_hat)  # W_hat = (W R)_hat R^T, back in the baseline's input basis
         if tuple(w_hat.shape) != tuple(w.shape):
-            raise CheckpointError(f"{quantized.reader.path}: {base} decodes to {tuple(w_hat.shape)}, "
+            raise CheckpointError(f"{quantized.path}: {base} decodes to {tuple(w_hat.shape)}, "
                                   f"the baseline's {name} is {tuple(w.shape)}: not the same model?")
         hessian = hessian_of(name) if hessian_of is not None else None
         rows.append(module_error(name, info, spec.codec, w, w_hat, hessian))
@@ -118,7 +119,7 @@ def weight_errors(baseline: CheckpointReader, quantized: NativeReader,
     missing = sorted(set(quantized.modules) - seen)
     if missing:
         raise CheckpointError(f"{baseline.path}: no baseline weight for quantized module(s) {missing[:3]} "
-                              f"({len(missing)} in all): not the model {quantized.reader.path} was made from?")
+                              f"({len(missing)} in all): not the model {quantized.path} was made from?")
     return rows
 
 

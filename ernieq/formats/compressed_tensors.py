@@ -18,10 +18,11 @@ Every quantized weight ``<base>`` is stored as compressed-tensors' tensors
   ``weight_scale`` [N, 1] in the model's dtype; ``weight_shape``. (vLLM runs
   weight-only int8 only from ``pack-quantized``.)
 - ``fp8`` → ``float-quantized``: ``weight`` float8_e4m3fn [N, K], ``weight_scale``
-  float32 [ceil(N/B), ceil(K/B)] (``block``, as ``FP8_BLOCK``: dynamic per-token
-  group-of-B activations) or [N, 1] (``channel``, as ``FP8_DYNAMIC``: dynamic
-  per-token activations). The activation scheme is what vLLM's FP8 kernels run;
-  the weights are ernieq's bit for bit.
+  float32 [ceil(N/B), ceil(K/B)] (``block``) or [N, 1] (``channel``), ernieq's bit for bit.
+  The input activations say how ernieq computes the weight: ``activations="dynamic"``
+  declares dynamic fp8 activations per token and group of B (``block``, as ``FP8_BLOCK``)
+  or per token (``channel``, as ``FP8_DYNAMIC``), which vLLM's W8A8 FP8 kernels run;
+  ``activations="none"`` declares none (weight-only, vLLM's W8A16 FP8).
 
 Dequantized, (v - zero) * scale is exactly ernieq's decode; only a scale cast to
 bf16/fp16 (the model's dtype) rounds, as it does when vLLM loads it.
@@ -44,6 +45,7 @@ from typing import Any, Protocol
 import torch
 
 from ernieq.codecs import QuantizedTensor
+from ernieq.codecs.fp8 import DYNAMIC, activations_of
 from ernieq.codecs.packing import pack_int4_int32, unpack_int4_k_major
 from ernieq.errors import ErnieqError
 from ernieq.formats.exporting import (
@@ -80,7 +82,8 @@ class CtScheme:
         w = dict(self.weights)
         grid = {"group": f"group {w.get('group_size')}", "block": f"block {w.get('block_structure')}"}
         kind = f"{w['type']}{w['num_bits']} {grid.get(w['strategy'], w['strategy'])}"
-        return f"{self.format} {kind}{'' if w['symmetric'] else ' asym'}"
+        inputs = "" if self.input_activations is None else f", {dict(self.input_activations)['type']} activations"
+        return f"{self.format} {kind}{'' if w['symmetric'] else ' asym'}{inputs}"
 
     def build(self, targets: list[str]):
         """compressed-tensors' ``QuantizationScheme`` for ``targets``."""
@@ -200,7 +203,10 @@ class _FP8Layout:
         else:  # FP8_BLOCK: B x B weight blocks, per-token groups of B activations
             grid = (("strategy", "block"), ("block_structure", (b, b)))
             inputs = (("strategy", "group"), ("group_size", b))
-        return CtScheme(FLOAT_QUANTIZED, (*float8, ("dynamic", False), *grid), (*float8, ("dynamic", True), *inputs))
+        weights = (*float8, ("dynamic", False), *grid)
+        if activations_of(spec.params) != DYNAMIC:  # weight-only: no input activations to quantize
+            return CtScheme(FLOAT_QUANTIZED, weights)
+        return CtScheme(FLOAT_QUANTIZED, weights, (*float8, ("dynamic", True), *inputs))
 
     def tensors(self, module: str, q: QuantizedTensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
         scale = q.tensors["scale"]  # float32, kept: vLLM's FP8 scales are float32

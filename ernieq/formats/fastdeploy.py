@@ -55,92 +55,64 @@ tool) say it reads, and what this writer puts there:
 The int8 / int4 bytes are Paddle's ``weight_quantize`` layout
 (``ernieq.formats.paddle_layout``): quantized dense layers need K % 64 == 0 and
 wint4 experts also N % 4 == 0; ccq2 needs K % 128 == 0 (FastDeploy's kernels
-step whole 128-row scale bytes).
+step whole 128-row scale bytes). Names: ``ernieq.formats.fastdeploy_names``;
+stored tensors per codec: ``ernieq.formats.fastdeploy_layouts``; the reader:
+``ernieq.formats.fastdeploy_read``.
 
 Values: ccq2 tensors are copied bit for bit; wint8 / wint4 codes are ernieq's,
 their float32 scales are cast to the serving dtype, the one rounding FastDeploy's
 format imposes. ernieq's ``wint4`` goes here only per channel (symmetric, one
 group per row: ``group_size >= K``), as FastDeploy's is. Unquantized tensors keep
 their dtype (FastDeploy casts them on load); the router and lm_head are
-transposed to Paddle's ``[K, N]``. Tensor parallelism is not considered: the
-layouts are the ones FastDeploy loads with ``--tensor-parallel-size 1``.
+transposed to Paddle's ``[K, N]``.
+
+Tensor parallelism: with ``tp`` > 1 the checkpoint is written as FastDeploy
+loads a pre-split one on ``tp`` GPUs, one folder ``rank{r}`` per rank beside
+``config.json`` (``ernieq.formats.fastdeploy_tp`` says what each rank holds and
+where FastDeploy reads it).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
-from ernieq.codecs import QuantizedTensor
-from ernieq.codecs.packing import unpack_int4_k_major
 from ernieq.errors import ErnieqError
-from ernieq.formats.native import ModuleSpec, NativeReader, copy_side_files
-from ernieq.formats.paddle_layout import check_layout_shape, paddle_int4_layout, paddle_int8_layout
+from ernieq.formats.fastdeploy_layouts import layout_of
+from ernieq.formats.fastdeploy_names import (
+    DENSE,
+    DROPPED,
+    MODEL_TYPE,
+    ROUTED,
+    Plain,
+    plain_rule,
+    slot_of,
+)
+from ernieq.formats.fastdeploy_tp import RANK_DIR, module_split, split_plain
+from ernieq.formats.native import NativeReader, copy_side_files
+from ernieq.formats.quant_slices import cat_n
 from ernieq.formats.registry import register_format
 from ernieq.model.checkpoint import CheckpointWriter, write_json
 
 log = logging.getLogger(__name__)
 
 FORMAT_NAME = "fastdeploy"
-MODEL_TYPE = "ernie4_5_moe"
-PREFIX = "ernie"
 SERVING_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-CCQ2_K_TILE = 128  # one ccq2 weight_scale byte row covers 128 rows of K
 CCQ2_LOCAL_GROUP = 64  # rows per 4-bit local scale: FastDeploy's moe_w2 quant_group_size
-WINT4_CODE_OFFSET = 8  # ernieq's wint4 code is v + 8
+VOCAB_PADDING = 64  # DEFAULT_VOCAB_PADDING_SIZE of FastDeploy's layers/utils.py (vLLM's value, which it follows)
+MAX_SHARD_BYTES = 2**31  # over all ranks: each rank's writer holds at most its share before writing a shard
 # Config keys FastDeploy reads as the torch-checkpoint marker (see the module docstring).
 TORCH_MARKERS = ("torch_dtype", "transformers_version")
-
-
-# ---------------------------------------------------------------- where each native module goes
-
-DENSE, ROUTED = "dense", "routed"
 # The codecs FastDeploy's w4w2 path runs at each kind of place (see WINT2Config.get_quant_method).
 ROLE_CODECS = {DENSE: ("wint8",), ROUTED: ("ccq2", "wint4")}
 
 
-@dataclass(frozen=True)
-class Slot:
-    """One native linear module's place in FastDeploy's checkpoint.
-
-    pattern: matches the native module name (groups ``layer``, and ``expert`` for routed experts).
-    target: the FastDeploy module, a template over those groups.
-    part, parts: this module is part ``part`` of ``parts`` concatenated along N into ``target``.
-    role: DENSE or ROUTED, which decides the codecs FastDeploy takes there.
-    """
-
-    pattern: re.Pattern
-    target: str
-    part: int
-    parts: int
-    role: str
-
-
-_L = r"^model\.layers\.(?P<layer>\d+)\."
-_T = PREFIX + ".layers.{layer}."
-_EXPERT = r"mlp\.experts\.(?P<expert>\d+)\."
-SLOTS = (
-    Slot(re.compile(_L + r"self_attn\.q_proj$"), _T + "self_attn.qkv_proj", 0, 3, DENSE),
-    Slot(re.compile(_L + r"self_attn\.k_proj$"), _T + "self_attn.qkv_proj", 1, 3, DENSE),
-    Slot(re.compile(_L + r"self_attn\.v_proj$"), _T + "self_attn.qkv_proj", 2, 3, DENSE),
-    Slot(re.compile(_L + r"self_attn\.o_proj$"), _T + "self_attn.o_proj", 0, 1, DENSE),
-    Slot(re.compile(_L + r"mlp\.gate_proj$"), _T + "mlp.up_gate_proj", 0, 2, DENSE),
-    Slot(re.compile(_L + r"mlp\.up_proj$"), _T + "mlp.up_gate_proj", 1, 2, DENSE),
-    Slot(re.compile(_L + r"mlp\.down_proj$"), _T + "mlp.down_proj", 0, 1, DENSE),
-    Slot(re.compile(_L + r"mlp\.shared_experts\.gate_proj$"), _T + "mlp.shared_experts.up_gate_proj", 0, 2, DENSE),
-    Slot(re.compile(_L + r"mlp\.shared_experts\.up_proj$"), _T + "mlp.shared_experts.up_gate_proj", 1, 2, DENSE),
-    Slot(re.compile(_L + r"mlp\.shared_experts\.down_proj$"), _T + "mlp.shared_experts.down_proj", 0, 1, DENSE),
-    Slot(re.compile(_L + _EXPERT + r"gate_proj$"), _T + "mlp.experts.{expert}.up_gate_proj", 0, 2, ROUTED),
-    Slot(re.compile(_L + _EXPERT + r"up_proj$"), _T + "mlp.experts.{expert}.up_gate_proj", 1, 2, ROUTED),
-    Slot(re.compile(_L + _EXPERT + r"down_proj$"), _T + "mlp.experts.{expert}.down_proj", 0, 1, ROUTED),
-)
+# ---------------------------------------------------------------- where each native module goes
 
 
 @dataclass
@@ -157,28 +129,22 @@ class Target:
         return [m for m in self.parts if m is not None]
 
 
-def _slot_of(module: str) -> tuple[Slot, re.Match]:
-    for slot in SLOTS:
-        m = slot.pattern.match(module)
-        if m:
-            return slot, m
-    raise ErnieqError(f"{FORMAT_NAME}: {module} has no place in FastDeploy's ERNIE 4.5 MoE checkpoint")
-
-
 def collect_targets(reader: NativeReader) -> dict[str, Target]:
     """Group the quantized native modules into FastDeploy's (fused) modules; fail on a gap or a codec misfit."""
     targets: dict[str, Target] = {}
     for module, spec in sorted(reader.modules.items()):
-        slot, m = _slot_of(module)
+        found = slot_of(module)
+        if found is None:
+            raise ErnieqError(f"{FORMAT_NAME}: {module} has no place in FastDeploy's ERNIE 4.5 MoE checkpoint")
+        slot, fields = found
         if spec.codec not in ROLE_CODECS[slot.role]:
             raise ErnieqError(
                 f"{FORMAT_NAME}: {module} is {spec.codec}; FastDeploy's w4w2 path reads "
                 f"{' or '.join(ROLE_CODECS[slot.role])} there (quantize with --bits 2)"
             )
-        groups = m.groupdict()
-        name = slot.target.format(**groups)
-        expert = int(groups["expert"]) if groups.get("expert") is not None else None
-        target = targets.setdefault(name, Target(name, int(groups["layer"]), expert, slot.role, [None] * slot.parts))
+        name = slot.target.format(**fields)
+        expert = int(fields["expert"]) if fields.get("expert") is not None else None
+        target = targets.setdefault(name, Target(name, int(fields["layer"]), expert, slot.role, [None] * slot.parts))
         target.parts[slot.part] = module
     for target in targets.values():
         if None in target.parts:
@@ -191,109 +157,22 @@ def collect_targets(reader: NativeReader) -> dict[str, Target]:
     return targets
 
 
-# ---------------------------------------------------------------- the stored tensors of each codec
-
-
-class _Layout(Protocol):
-    def check(self, target: Target, specs: list[ModuleSpec]) -> None:
-        """Fail, naming the module, on a shape or parameter FastDeploy cannot load."""
-        ...
-
-    def tensors(self, parts: list[QuantizedTensor], dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
-        """parts: (N_i, K) each, concatenated along N. Returns FastDeploy's tensors by local name."""
-        ...
-
-
-LAYOUTS: dict[str, _Layout] = {}
-
-
-def _layout(codec: str) -> Callable[[type], type]:
-    def wrap(cls: type) -> type:
-        LAYOUTS[codec] = cls()
-        return cls
-
-    return wrap
-
-
-def _fused_shape(target: Target, specs: list[ModuleSpec]) -> tuple[int, int]:
-    """(N, K) of the fused weight: the parts' N added, their common K."""
+def _check_target(reader: NativeReader, target: Target, tp: int) -> None:
+    """Fail, naming the module, unless FastDeploy can load ``target`` (every rank's piece, with ``tp`` > 1)."""
+    specs = [reader.modules[m] for m in target.parts]
+    layout = layout_of(specs[0].codec, f"{FORMAT_NAME}: {target.name}")
+    for module, spec in zip(target.parts, specs):
+        layout.check_spec(f"{FORMAT_NAME}: {module}", spec)
     ks = {s.shape[-1] for s in specs}
     if len(ks) != 1:
         raise ErnieqError(f"{FORMAT_NAME}: {target.name} fuses weights of different K {sorted(ks)}")
-    return sum(s.shape[0] for s in specs), ks.pop()
-
-
-def _cast_scale(scale: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
-    """The per-channel scale in the serving dtype; fails if one rounds to 0 or overflows there."""
-    cast = scale.to(dtype)
-    if not (torch.isfinite(cast).all() and (cast > 0).all()):
-        raise ErnieqError(f"{where}: weight scales do not fit {dtype} (a scale rounds to 0 or inf)")
-    return cast
-
-
-def _check_k_tile(target: Target, n: int, k: int, n_multiple: int, what: str) -> None:
-    problem = check_layout_shape(n, k, n_multiple)
-    if problem:
-        raise ErnieqError(f"{FORMAT_NAME}: {target.name} ({', '.join(target.modules())}): Paddle's {what} "
-                          f"layout of {problem}")
-
-
-@_layout("wint8")
-class _WInt8:
-    """quant_weight int8 [N, K] (Paddle weight_only_int8 bytes), weight_scale [N] (serving dtype)."""
-
-    def check(self, target: Target, specs: list[ModuleSpec]) -> None:
-        n, k = _fused_shape(target, specs)
-        _check_k_tile(target, n, k, 2, "weight_only_int8")
-
-    def tensors(self, parts: list[QuantizedTensor], dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
-        values = torch.cat([q.tensors["qweight"] for q in parts])  # [N, K] int8
-        scale = torch.cat([q.tensors["scale"] for q in parts])  # [N] float32
-        return {"quant_weight": paddle_int8_layout(values), "weight_scale": _cast_scale(scale, dtype, where)}
-
-
-@_layout("wint4")
-class _WInt4:
-    """quant_weight int8 [N/2, K] (Paddle weight_only_int4 bytes), weight_scale [N] (serving dtype)."""
-
-    def check(self, target: Target, specs: list[ModuleSpec]) -> None:
-        n, k = _fused_shape(target, specs)
-        for module, spec in zip(target.parts, specs):
-            if not spec.params["symmetric"] or (spec.params["group_size"] or k) < k:
-                raise ErnieqError(
-                    f"{FORMAT_NAME}: {module} is wint4 {spec.params} with K={k}; FastDeploy's wint4 MoE layers "
-                    f"are symmetric and per channel (one group per row: group_size >= K). Quantize with "
-                    f"--w4-moe-layers 0 (every routed expert ccq2) to export for FastDeploy"
-                )
-        _check_k_tile(target, n, k, 4, "weight_only_int4")
-
-    def tensors(self, parts: list[QuantizedTensor], dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
-        k = parts[0].shape[-1]
-        codes = torch.cat([unpack_int4_k_major(q.tensors["qweight"], k) for q in parts])  # [N, K] uint8, v + 8
-        values = (codes.to(torch.int16) - WINT4_CODE_OFFSET).to(torch.int8)  # v in [-8, 7]
-        scale = torch.cat([q.tensors["scale"][:, 0] for q in parts])  # [N]: one group per row
-        return {"quant_weight": paddle_int4_layout(values), "weight_scale": _cast_scale(scale, dtype, where)}
-
-
-@_layout("ccq2")
-class _CCQ2:
-    """ernieq's ccq2 tensors, the parts concatenated along N (the last dimension)."""
-
-    def check(self, target: Target, specs: list[ModuleSpec]) -> None:
-        _, k = _fused_shape(target, specs)
-        if k % CCQ2_K_TILE:
-            raise ErnieqError(
-                f"{FORMAT_NAME}: {target.parts[0]} is ccq2 with K={k}; FastDeploy's wint2 kernels need "
-                f"K % {CCQ2_K_TILE} == 0 (whole 128-row weight_scale bytes)"
-            )
-
-    def tensors(self, parts: list[QuantizedTensor], dtype: torch.dtype, where: str) -> dict[str, torch.Tensor]:
-        found = {q.tensors["super_scales"].dtype for q in parts}
-        if found != {dtype}:
-            raise ErnieqError(f"{where}: ccq2 super scales are {sorted(map(str, found))}, "
-                              f"the checkpoint serves in {dtype}")
-        # quant_weight [K/4, N], weight_scale [K/128, N], super_scales / code_scale / code_zp [N]
-        return {name: torch.cat([q.tensors[name] for q in parts], dim=-1) for name in parts[0].tensors}
+    parts, k = [s.shape[0] for s in specs], ks.pop()
+    where = f"{FORMAT_NAME}: {target.name} ({', '.join(target.modules())})"
+    if tp == 1:
+        layout.check_shape(where, sum(parts), k)
+        return
+    n_local, k_local = module_split(target.name, reader.config).local_shape(parts, k, tp, where)
+    layout.check_shape(f"{where}, each of {tp} tensor-parallel ranks' [N={n_local}, K={k_local}]", n_local, k_local)
 
 
 # ---------------------------------------------------------------- MoE layers: which run wint4, which wint2
@@ -368,58 +247,18 @@ def moe_plan(reader: NativeReader, targets: dict[str, Target]) -> MoePlan:
     return MoePlan(first, w4, w2)
 
 
+
 # ---------------------------------------------------------------- unquantized tensors
 
 
-def _as_stored(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _to_paddle_order(t: torch.Tensor) -> torch.Tensor:
-    return t.t().contiguous()  # torch [N, K] → Paddle [K, N]
-
-
-def _router(t: torch.Tensor) -> torch.Tensor:
-    return t.float().t().contiguous()  # [E, H] → [H, E] float32: FastDeploy computes x @ gate_weight
-
-
-def _float32(t: torch.Tensor) -> torch.Tensor:
-    return t.float()
-
-
-@dataclass(frozen=True)
-class Rename:
-    """An unquantized tensor: its native name pattern, its FastDeploy name template, how it is converted."""
-
-    pattern: re.Pattern
-    target: str
-    convert: Callable[[torch.Tensor], torch.Tensor] = field(default=_as_stored)
-
-
-RENAMES = (
-    Rename(re.compile(r"^model\.embed_tokens\.weight$"), PREFIX + ".embed_tokens.weight"),
-    Rename(re.compile(r"^model\.norm\.weight$"), PREFIX + ".norm.weight"),
-    Rename(re.compile(_L + r"(?P<norm>input_layernorm|post_attention_layernorm)\.weight$"), _T + "{norm}.weight"),
-    Rename(re.compile(_L + r"mlp\.gate\.weight$"), _T + "mlp.gate.weight", _router),
-    Rename(re.compile(_L + r"mlp\.(?:gate\.)?moe_statics\.e_score_correction_bias$"),
-           _T + "mlp.moe_statics.e_score_correction_bias", _float32),
-    Rename(re.compile(r"^lm_head\.weight$"), "lm_head.weight", _to_paddle_order),
-)
-
-
-# Unquantized tensors FastDeploy's ERNIE 4.5 model does not read and this writer leaves out: the
-# multi-token-prediction head (FastDeploy loads it as a separate speculative-decoding model).
-DROPPED = re.compile(r"^model\.mtp[._]")
-
-
-def rename_plain(name: str, shape: tuple[int, ...]) -> Rename | None:
-    """The rename rule of the unquantized tensor ``name``, None for a DROPPED one; fails on a
-    tensor FastDeploy would not read."""
+def rename_plain(name: str, shape: tuple[int, ...]) -> Plain | None:
+    """The rule of the unquantized tensor ``name``, None for a DROPPED one; fails on a tensor FastDeploy would
+    not read."""
     if DROPPED.match(name):
         return None
-    for rule in RENAMES:
-        if rule.pattern.match(name):
-            return rule
+    found = plain_rule(name)
+    if found is not None:
+        return found[0]
     if (name.endswith(".weight") and len(shape) == 2) or ".experts." in name:
         raise ErnieqError(f"{FORMAT_NAME}: {name} is stored unquantized; FastDeploy's w4w2 path reads every "
                           f"linear layer pre-quantized (quantize with --bits 2 and no 'none' overrides)")
@@ -467,9 +306,12 @@ def _check_architecture(reader: NativeReader) -> None:
                           f"wint2 format; {reader.reader.path} is {model_type!r}")
 
 
-@register_format(FORMAT_NAME)
-def export_fastdeploy(native_dir: Path, out: Path) -> Path:
-    """Write the native 2-bit ERNIE 4.5 MoE checkpoint ``native_dir`` as FastDeploy's wint2 checkpoint into ``out``."""
+@register_format(FORMAT_NAME, options=("tp",))
+def export_fastdeploy(native_dir: Path, out: Path, tp: int = 1) -> Path:
+    """Write the native 2-bit ERNIE 4.5 MoE checkpoint ``native_dir`` as FastDeploy's wint2 checkpoint into
+    ``out``; with ``tp`` > 1, split for ``tp`` GPUs (``out/rank{r}`` per rank, see ``fastdeploy_tp``)."""
+    if not (isinstance(tp, int) and tp >= 1):
+        raise ErnieqError(f"{FORMAT_NAME}: --tp must be a positive integer, got {tp!r}")
     reader = NativeReader(native_dir)
     _check_architecture(reader)
     plain = {name: rename_plain(name, reader.reader.shape(name)) for name in reader.plain_names()}
@@ -479,21 +321,34 @@ def export_fastdeploy(native_dir: Path, out: Path) -> Path:
                     "not read them", FORMAT_NAME, len(dropped), dropped[0])
     targets = collect_targets(reader)
     for t in targets.values():
-        LAYOUTS[reader.modules[t.parts[0]].codec].check(t, [reader.modules[m] for m in t.parts])
+        _check_target(reader, t, tp)
     plan = moe_plan(reader, targets)
     dtype = serving_dtype(reader, targets)
+    vocab = int(reader.config.get("vocab_size") or 0)
+    if tp > 1 and vocab % (VOCAB_PADDING * tp):
+        log.warning("%s: vocabulary %d is not a multiple of %d x %d: FastDeploy versions that pad the vocabulary "
+                    "to a multiple of %d cut other blocks than these rank files hold", FORMAT_NAME, vocab,
+                    VOCAB_PADDING, tp, VOCAB_PADDING)
     aux_free = False
-    with CheckpointWriter(out) as writer:
+    folders = [out] if tp == 1 else [out / RANK_DIR.format(r) for r in range(tp)]
+    with ExitStack() as stack:
+        writers = [stack.enter_context(CheckpointWriter(f, max_shard_bytes=MAX_SHARD_BYTES // tp)) for f in folders]
         for name in sorted(targets):
             t = targets[name]
             parts = [reader.quantized(m) for m in t.parts]
-            for local, tensor in LAYOUTS[parts[0].codec].tensors(parts, dtype, name).items():
-                writer.add(f"{name}.{local}", tensor)
+            fused = cat_n(parts, name)  # [N, K]: the parts along N
+            layout = layout_of(fused.codec, name)
+            pieces = [fused] if tp == 1 else module_split(name, reader.config).split(
+                fused, [p.shape[0] for p in parts], tp, name)
+            for writer, piece in zip(writers, pieces):
+                for local, tensor in layout.to_stored(piece, dtype, name).items():
+                    writer.add(f"{name}.{local}", tensor)
         for name, rule in plain.items():
             if rule is None:
                 continue
-            m = rule.pattern.match(name)
-            writer.add(rule.target.format(**m.groupdict()), rule.convert(reader.reader.get(name)))
+            target = rule.target.format(**rule.pattern.match(name).groupdict())
+            for writer, piece in zip(writers, split_plain(target, rule.to_target(reader.reader.get(name)), tp)):
+                writer.add(target, piece)
             aux_free |= name.endswith("e_score_correction_bias")
     write_json(out / "config.json", fastdeploy_config(reader, plan, dtype, aux_free))
     copy_side_files(Path(native_dir), out)

@@ -2,7 +2,10 @@
 
 ``config.json`` carries ``quantization_config = {"quant_method": "fp8",
 "activation_scheme": "dynamic", "weight_block_size": [128, 128],
-"modules_to_not_convert": [...]}``; every quantized linear ``<base>`` stores
+"modules_to_not_convert": [...]}``: W8A8, activations quantized at run time per token
+and 128-channel group, which is how ernieq computes ``fp8`` with ``activations="dynamic"``.
+The format has no weight-only scheme (``activation_scheme`` is ``dynamic`` or ``static``),
+so weight-only fp8 (``activations="none"``) is refused. Every quantized linear ``<base>`` stores
 
 - ``<base>.weight``: float8_e4m3fn [N, K];
 - ``<base>.weight_scale_inv``: float32 [N/128, K/128], ``W = weight * weight_scale_inv``
@@ -13,7 +16,7 @@ load into ``experts.gate_up_proj [E, 2I, H]`` / ``experts.down_proj [E, H, I]``
 with the per-expert scale grids concatenated the same way. Its kernels (and its
 dequantizing loader) derive the blocks from the scale grid of the (fused)
 weight, so only whole blocks round-trip: every quantized N and K must be a
-multiple of 128. Only checkpoints whose quantized modules are all block FP8
+multiple of 128. Only checkpoints whose quantized modules are all W8A8 block FP8
 (128) can be written; a block's routed experts must all be quantized.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ernieq.codecs.fp8 import DYNAMIC, activations_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.exporting import check_fused_layouts, copy_plain_tensors, plain_config, unquantized_modules
 from ernieq.formats.native import ModuleSpec, NativeReader, copy_side_files
@@ -38,6 +42,12 @@ def _check_module(module: str, spec: ModuleSpec) -> None:
             f"{FORMAT_NAME}: {module} is {spec.codec} {spec.params}; this format holds only "
             f"fp8 with block_size={BLOCK} (quantize with --fp8, or export as compressed-tensors)"
         )
+    if activations_of(spec.params) != DYNAMIC:
+        raise ErnieqError(
+            f"{FORMAT_NAME}: {module} is weight-only fp8 (activations={spec.params['activations']!r}); "
+            f"transformers' fp8 format declares fp8 activations and has no weight-only scheme "
+            f"(quantize with --fp8 for W8A8, or export as compressed-tensors, which can declare weight-only)"
+        )
     n, k = spec.shape[-2:]
     if n % BLOCK or k % BLOCK:
         raise ErnieqError(
@@ -47,7 +57,8 @@ def _check_module(module: str, spec: ModuleSpec) -> None:
 
 
 def hf_quantization_config(kept: list[str]) -> dict:
-    """transformers' ``FineGrainedFP8Config`` fields, as DeepSeek-V3 writes them."""
+    """transformers' ``FineGrainedFP8Config`` fields, as DeepSeek-V3 writes them: W8A8 with
+    activations quantized at run time per token and group of 128 (``activation_scheme: dynamic``)."""
     return {
         "quant_method": "fp8",
         "activation_scheme": "dynamic",

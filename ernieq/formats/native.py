@@ -17,9 +17,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.rotation import Rotation
+from ernieq.formats.registry import register_reader
+from ernieq.transforms import Rotation
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader, read_json
 
 FORMAT_VERSION = 1
@@ -90,12 +92,28 @@ class NativeReader:
                 self._stored.setdefault(base, []).append(name)
 
     @property
+    def path(self) -> Path:
+        return self.reader.path
+
+    @property
     def config(self) -> dict:
         return self.reader.config
+
+    @property
+    def quant_info(self) -> dict:
+        return self.reader.config["quantization_config"]
 
     def plain_names(self) -> list[str]:
         owned = {n for names in self._stored.values() for n in names}
         return [n for n in self.reader.keys() if n not in owned and not n.startswith(ROTATIONS + ".")]
+
+    def plain(self, name: str) -> torch.Tensor:
+        return self.reader.get(name)
+
+    def summary(self):
+        from ernieq.model.summary import summarize
+
+        return summarize(self.reader)
 
     def rotation(self, base: str) -> Rotation | None:
         """The input rotation quantized module ``base`` was stored turned by, or None."""
@@ -118,6 +136,14 @@ class NativeReader:
             raise CheckpointError(f"{self.reader.path}: no stored tensors for quantized module {base!r}")
         tensors = {n[len(base) + 1 :]: self.reader.get(n) for n in sorted(names)}
         return QuantizedTensor(spec.codec, spec.shape, tensors, dict(spec.params))
+
+
+def _is_native(config: dict) -> bool:
+    qc = config.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+register_reader("native", _is_native)(NativeReader)
 
 
 def read_config(path: Path) -> dict:

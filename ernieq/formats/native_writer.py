@@ -30,7 +30,7 @@ import torch
 
 from ernieq.codecs import QuantizedTensor
 from ernieq.formats.native import FORMAT_VERSION, QUANT_METHOD, ROTATIONS, ModuleSpec, base_name
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 from ernieq.killpoints import kill_point
 from ernieq.model.checkpoint import INDEX_NAME, SINGLE_NAME, CheckpointError
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ernieq.kernels.checks import KernelError
+from ernieq.kernels.args import KernelError
 
 
 def max_padded_pairs(num_pairs: int, num_experts: int, block_m: int) -> int:

@@ -18,17 +18,22 @@ Roles (``-`` = unused, a placeholder pointer is passed; ccq2 also passes
 | ccq2        | quant_weight uint8 [K/4, N] | weight_scale [K/128, N] | -             | super_scales [N] |
 
 Stacks carry a leading E dimension on every tensor; a single weight gets expert stride 0.
+
+fp8 with ``activations="dynamic"`` (W8A8) also sets ``x_group``: the kernels then read x
+quantized to e4m3 per token and group of ``x_group`` input channels (B, or K per channel).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.checks import KernelError
+from ernieq.codecs.fp8 import FP8Config, activations_of
+from ernieq.kernels.args import KernelError
 
 # The codec ids of ernieq.kernels.tiles (WINT8, WINT4, FP8, CCQ2).
 CODEC_IDS = {"wint8": 0, "wint4": 1, "fp8": 2, "ccq2": 3}
@@ -44,6 +49,8 @@ class KernelOperand:
       ``e`` one expert, ``n`` one output channel (or scale row), ``k`` one packed K unit (or scale column).
     group: G for wint4, B for fp8 blocks, 0 otherwise.
     k_multiple: BLOCK_K must be a multiple of this.
+    x_group: W8A8 (fp8 weights and activations): x is quantized to fp8 per token and group of
+      x_group input channels before the GEMM; 0: x multiplies as it is.
     """
 
     codec_id: int
@@ -64,6 +71,7 @@ class KernelOperand:
     has_zero: bool = False
     has_channel_scale: bool = False
     k_multiple: int = 16
+    x_group: int = 0
 
     def pointers(self) -> tuple[torch.Tensor, ...]:
         """The six weight pointers in kernel order: q, s, z, c, code_scale, code_zp."""
@@ -128,17 +136,22 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@register_operand("wint8")
-def _wint8(q: QuantizedTensor) -> KernelOperand:
+def _one_byte_per_code(q: QuantizedTensor, codec: str, dtype: torch.dtype) -> KernelOperand:
+    """wint8 and per-channel fp8: qweight [E, N, K] of ``dtype``, a float32 scale [E, N] per channel."""
     n, k = q.shape[-2:]
-    codes = _stored(q, "qweight", (torch.int8,), (n, k))  # [E, N, K]
+    codes = _stored(q, "qweight", (dtype,), (n, k))  # [E, N, K]
     scale = _stored(q, "scale", (torch.float32,), (n,))  # [E, N]
     return KernelOperand(
-        CODEC_IDS["wint8"], codes, codes, codes, scale, scale, scale,
+        CODEC_IDS[codec], codes, codes, codes, scale, scale, scale,
         stride_qe=_expert_stride(q, codes), stride_qn=codes.stride(1), stride_qk=codes.stride(2),
         stride_se=0, stride_sn=0, stride_sk=0, stride_ce=_expert_stride(q, scale),
         has_channel_scale=True,
     )  # fmt: skip
+
+
+@register_operand("wint8")
+def _wint8(q: QuantizedTensor) -> KernelOperand:
+    return _one_byte_per_code(q, "wint8", torch.int8)
 
 
 @register_operand("wint4")
@@ -160,22 +173,18 @@ def _wint4(q: QuantizedTensor) -> KernelOperand:
 @register_operand("fp8")
 def _fp8(q: QuantizedTensor) -> KernelOperand:
     n, k = q.shape[-2:]
-    b = q.params["block_size"]
-    codes = _stored(q, "qweight", (torch.float8_e4m3fn,), (n, k))  # [E, N, K]
+    activations_of(q.params)  # recorded since W8A8: fails on older params rather than guess
+    config = FP8Config(**q.params)
+    b = config.block_size
     if b is None:
-        scale = _stored(q, "scale", (torch.float32,), (n,))  # [E, N]
-        return KernelOperand(
-            CODEC_IDS["fp8"], codes, codes, codes, scale, scale, scale,
-            stride_qe=_expert_stride(q, codes), stride_qn=codes.stride(1), stride_qk=codes.stride(2),
-            stride_se=0, stride_sn=0, stride_sk=0, stride_ce=_expert_stride(q, scale),
-            has_channel_scale=True,
-        )  # fmt: skip
+        return dataclasses.replace(_one_byte_per_code(q, "fp8", torch.float8_e4m3fn), x_group=config.input_group(k))
+    codes = _stored(q, "qweight", (torch.float8_e4m3fn,), (n, k))  # [E, N, K]
     scale = _stored(q, "scale", (torch.float32,), (_cdiv(n, b), _cdiv(k, b)))  # [E, N/B, K/B]
     return KernelOperand(
         CODEC_IDS["fp8"], codes, scale, scale, scale, scale, scale,
         stride_qe=_expert_stride(q, codes), stride_qn=codes.stride(1), stride_qk=codes.stride(2),
         stride_se=_expert_stride(q, scale), stride_sn=scale.stride(1), stride_sk=scale.stride(2), stride_ce=0,
-        group=int(b),
+        group=b, x_group=config.input_group(k),
     )  # fmt: skip
 
 

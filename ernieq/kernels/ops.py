@@ -26,6 +26,7 @@ tensor names, in list order (:func:`to_op_args` / :func:`from_op_args`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -37,14 +38,15 @@ import torch
 
 from ernieq.codecs import QuantizedTensor
 from ernieq.kernels import reference
-from ernieq.kernels.checks import KernelError
-from ernieq.kernels.rotation import Rotation
+from ernieq.kernels.args import KernelError, MoEWeights
+from ernieq.transforms import Rotation
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("reference", "triton")
 BACKEND_ENV = "ERNIEQ_KERNELS"
 _TRITON_MODULES = ("ernieq.kernels.dequant_gemm", "ernieq.kernels.fused_moe")
+_KERNEL_DEFINITIONS = (*_TRITON_MODULES, "ernieq.kernels.act_quant")  # every module that defines a Triton kernel
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -64,7 +66,7 @@ def triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType]:
     global _loaded
     if _loaded is None:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            if any(name in sys.modules for name in _TRITON_MODULES):
+            if any(name in sys.modules for name in _KERNEL_DEFINITIONS):
                 raise KernelError(
                     f"Triton kernels on {device} need the Triton interpreter, but they were defined without it "
                     "in this process; set TRITON_INTERPRET=1 before ernieq's Triton kernels are first imported "
@@ -80,10 +82,10 @@ def triton_modules(device: torch.device) -> tuple[ModuleType, ModuleType]:
 
 
 def _json_value(v) -> str:
-    """One JSON value from python scalars, lists and dicts, written with plain string operations.
+    """One JSON value from python scalars, tuples and lists, written with plain string operations.
 
-    Not ``json.dumps``: torch.compile cannot trace it, and the spec must be built inside a
-    compiled model (from python constants, so it folds into the graph as a constant).
+    Not ``json.dumps``: inside ``torch.compile`` the spec is traced once from python constants
+    and folds into the graph as a constant, and dynamo cannot trace ``json``.
     """
     if v is None:
         return "null"
@@ -99,28 +101,43 @@ def _json_value(v) -> str:
         return '"' + v + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_json_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(_json_value(str(k)) + ": " + _json_value(v[k]) for k in sorted(v)) + "}"
     raise KernelError(f"op spec: cannot write {type(v).__name__} {v!r}")
 
 
+def _write_spec(codec: str, shape: tuple[int, ...], names: tuple[str, ...], params: tuple) -> str:
+    """'{"codec": .., "names": [..], "params": [[key, value], ..], "shape": [..]}'; params sorted by key."""
+    return ('{"codec": ' + _json_value(codec) + ', "names": ' + _json_value(names) + ', "params": '
+            + _json_value(params) + ', "shape": ' + _json_value(shape) + "}")
+
+
+_cached_spec = functools.lru_cache(maxsize=4096)(_write_spec)  # eager calls: built once per weight layout
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_spec(spec: str) -> tuple[str, tuple[int, ...], tuple[str, ...], dict]:
+    """(codec, shape, names, params) of a spec string, parsed once per distinct spec."""
+    s = json.loads(spec)
+    return s["codec"], tuple(s["shape"]), tuple(s["names"]), {k: v for k, v in s["params"]}
+
+
 def to_op_args(q: QuantizedTensor) -> tuple[list[torch.Tensor], str]:
-    """q -> (stored tensors in name order, JSON spec with codec, params, shape and names)."""
-    names = sorted(q.tensors)
-    spec = _json_value({"codec": q.codec, "params": q.params, "shape": list(q.shape), "names": names})
+    """q -> (stored tensors in name order, spec string with codec, params, shape and names).
+
+    The spec is built once per distinct layout (a cache) and, under ``torch.compile``, once at
+    trace time; the op parses each distinct spec once.
+    """
+    names = tuple(sorted(q.tensors))
+    key = (q.codec, tuple(q.shape), names, tuple(sorted(q.params.items())))
+    spec = _write_spec(*key) if torch.compiler.is_compiling() else _cached_spec(*key)
     return [q.tensors[n] for n in names], spec
 
 
 def from_op_args(tensors: list[torch.Tensor], spec: str) -> QuantizedTensor:
     """The inverse of :func:`to_op_args`."""
-    s = json.loads(spec)
-    if len(tensors) != len(s["names"]):
-        raise KernelError(f"op weight spec names {s['names']} but {len(tensors)} tensors were passed")
-    return QuantizedTensor(s["codec"], tuple(s["shape"]), dict(zip(s["names"], tensors)), s["params"])
-
-
-def _spec_shape(spec: str) -> list[int]:
-    return json.loads(spec)["shape"]
+    codec, shape, names, params = _read_spec(spec)
+    if len(tensors) != len(names):
+        raise KernelError(f"op weight spec names {list(names)} but {len(tensors)} tensors were passed")
+    return QuantizedTensor(codec, shape, dict(zip(names, tensors)), dict(params))
 
 
 # ---- the custom ops (Triton) ---------------------------------------------------------
@@ -135,7 +152,7 @@ def linear_op(x: torch.Tensor, weight: list[torch.Tensor], weight_spec: str, bia
 
 @linear_op.register_fake
 def _linear_fake(x, weight, weight_spec, bias):
-    n = _spec_shape(weight_spec)[0]
+    n = _read_spec(weight_spec)[1][0]
     return x.new_empty((x.shape[0], n))
 
 
@@ -154,9 +171,9 @@ def moe_op(
 ) -> torch.Tensor:
     """The routed experts of one layer -> [T, H], by the Triton fused MoE. down_rotation: [] or [signs, q]."""
     _, fused_moe = triton_modules(x.device)
-    weights = from_op_args(gate, gate_spec), from_op_args(up, up_spec), from_op_args(down, down_spec)
-    rotation = Rotation(*down_rotation) if down_rotation else None
-    return fused_moe.moe(x, topk_ids, topk_weights, *weights, down_rotation=rotation)
+    weights = MoEWeights(from_op_args(gate, gate_spec), from_op_args(up, up_spec), from_op_args(down, down_spec),
+                         Rotation(*down_rotation) if down_rotation else None)
+    return fused_moe.moe(x, topk_ids, topk_weights, weights)
 
 
 @moe_op.register_fake
@@ -179,22 +196,15 @@ def linear(
 
 
 def moe(
-    x: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    gate: QuantizedTensor,
-    up: QuantizedTensor,
-    down: QuantizedTensor,
-    backend: str | None = None,
-    down_rotation: Rotation | None = None,
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, weights: MoEWeights, backend: str | None = None
 ) -> torch.Tensor:
     """sum_a w[t, a] * down_e(silu(gate_e x_t) * up_e x_t). x: float [T, H]; topk_ids: int [T, A];
-    topk_weights: float [T, A]; gate, up: (E, I, H); down: (E, H, I). Returns [T, H] in x.dtype.
-    down_rotation: R [I, I] that down was stored turned by (down_e R), or None."""
+    topk_weights: float [T, A]; weights: gate, up (E, I, H), down (E, H, I) and down's rotation.
+    Returns [T, H] in x.dtype."""
     if resolve_backend(x.device, backend) == "reference":
-        return reference.moe(x, topk_ids, topk_weights, gate, up, down, down_rotation)
+        return reference.moe(x, topk_ids, topk_weights, weights)
     if _loaded is None and not torch.compiler.is_compiling():
         triton_modules(x.device)  # before the op call: dispatching it imports triton (the op loads them too)
-    weights = (*to_op_args(gate), *to_op_args(up), *to_op_args(down))
-    rotation = [down_rotation.signs, down_rotation.q] if down_rotation is not None else []
-    return torch.ops.ernieq.moe(x, topk_ids, topk_weights, *weights, rotation)
+    packed = [a for w in weights.projections for a in to_op_args(w)]
+    rot = weights.down_rotation
+    return torch.ops.ernieq.moe(x, topk_ids, topk_weights, *packed, [rot.signs, rot.q] if rot is not None else [])

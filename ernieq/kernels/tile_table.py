@@ -23,7 +23,7 @@ import json
 import os
 from pathlib import Path
 
-from ernieq.kernels.checks import KernelError
+from ernieq.kernels.args import KernelError
 
 TABLE_ENV = "ERNIEQ_TILE_CONFIGS"
 DEFAULT_TABLE = Path(__file__).with_name("tile_configs.json")

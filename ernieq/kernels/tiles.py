@@ -11,6 +11,13 @@ per tile (the launcher fits BLOCK_K inside one wint4 group or fp8 block), per
 channel in the epilogue. Only the fp8 fallback for block sizes that no
 power-of-two tile divides scales element by element.
 
+x reaches the K step in one of two forms (the ``X`` enum): as it is (``X_FLOAT``), or, for
+fp8's W8A8, as e4m3 codes ``x_q`` with a float32 scale per token and group of ``x_group``
+input channels (``X_FP8``, quantized before the GEMM by ``ernieq.kernels.act_quant``;
+``xs_rows`` [BM] points at each row's scales, ``stride_xsk`` steps one group). Then both
+operands are fp8 values and the tile computes DeepSeek-V3's
+``acc += (x_q @ q) * x_scale[m, k0 // x_group] * w_scale[n // B, k0 // B]``.
+
 The weight operand reaches these helpers as pointers in fixed roles (see
 ``ernieq.kernels.operands``): ``q_ptr`` packed codes, ``s_ptr`` the scale that
 varies along K, ``z_ptr`` wint4 zero points (same layout as the scale), and, for
@@ -36,8 +43,24 @@ WINT4 = tl.constexpr(1)
 FP8 = tl.constexpr(2)
 CCQ2 = tl.constexpr(3)
 
+# How x reaches the dot (one constexpr): as it is, or fp8 codes with a scale per token and group (W8A8).
+X_FLOAT = tl.constexpr(0)
+X_FP8 = tl.constexpr(1)
+
 CCQ2_GROUP = tl.constexpr(64)  # rows of K that share one 4-bit local scale
 CCQ2_BYTE_ROWS = tl.constexpr(16)  # 64 rows / 4 weights per byte
+
+
+@triton.jit
+def grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program ``pid`` in grouped order: GROUP_M row tiles sweep the N tiles
+    together, so the weight tiles they share are reused from L2 (the Triton matmul tutorial's order)."""
+    pids_per_group = GROUP_M * num_pid_n
+    first_m = (pid // pids_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % pids_per_group) % group_rows
+    pid_n = (pid % pids_per_group) // group_rows
+    return pid_m, pid_n
 
 
 @triton.jit
@@ -74,6 +97,32 @@ def _dot_fp8_block(acc, x_rows, row_mask, k0, K, stride_xk, offs_n, n_mask, q_pt
         s = tl.load(s_rows[None, :] + (ks[:, None] // GROUP) * stride_sk,
                     mask=n_mask[None, :] & (ks[:, None] < K), other=0.0)  # [BK, BN]
         acc = tl.dot(x, (w.to(tl.float32) * s).to(DOT), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_fp8_w8a8(acc, x_rows, xs_rows, row_mask, k0, K, stride_xk, x_group, stride_xsk, offs_n, n_mask,
+                  q_ptr, s_ptr, stride_qn, stride_qk, stride_sn, stride_sk, GROUP: tl.constexpr,
+                  SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """fp8 weights times fp8 activations: x_hat = x_q * x_scale[m, k // x_group], W_hat = q * scale
+    (GROUP x GROUP blocks; per channel, GROUP = 0, its scale waits for the epilogue)."""
+    ks = k0 + tl.arange(0, BLOCK_K)  # [BK]
+    x = load_x(x_rows, row_mask, ks, K, stride_xk)  # [BM, BK] fp8
+    w = tl.load(q_ptr + offs_n[None, :] * stride_qn + ks[:, None] * stride_qk,
+                mask=n_mask[None, :] & (ks[:, None] < K), other=0.0)  # [BK, BN] fp8
+    if SCALE_PER_TILE:  # the tile lies in one activation group and one weight block column (or per channel)
+        xs = tl.load(xs_rows + (k0 // x_group) * stride_xsk, mask=row_mask, other=0.0)  # [BM]
+        part = tl.dot(x.to(DOT), w.to(DOT), input_precision=PRECISION) * xs[:, None]  # (x_q @ q) * x_scale[m]
+        if GROUP > 0:
+            s = tl.load(s_ptr + (offs_n // GROUP) * stride_sn + (k0 // GROUP) * stride_sk, mask=n_mask, other=0.0)
+            part = part * s[None, :]  # * w_scale[n // B, k0 // B]
+        acc += part
+    else:  # groups and blocks the tile straddles: scale element by element
+        xs = tl.load(xs_rows[:, None] + (ks[None, :] // x_group) * stride_xsk,
+                     mask=row_mask[:, None] & (ks[None, :] < K), other=0.0)  # [BM, BK]
+        s = tl.load(s_ptr + (offs_n[None, :] // GROUP) * stride_sn + (ks[:, None] // GROUP) * stride_sk,
+                    mask=n_mask[None, :] & (ks[:, None] < K), other=0.0)  # [BK, BN]
+        acc = tl.dot((x.to(tl.float32) * xs).to(DOT), (w.to(tl.float32) * s).to(DOT), acc, input_precision=PRECISION)
     return acc
 
 
@@ -142,13 +191,18 @@ def load_code_params(cs_ptr, cz_ptr, offs_n, n_mask, CODEC: tl.constexpr):
 
 
 @triton.jit
-def accumulate_k_tile(acc, x_rows, row_mask, k0, K, stride_xk, offs_n, n_mask,
+def accumulate_k_tile(acc, x_rows, xs_rows, row_mask, k0, K, stride_xk, x_group, stride_xsk, offs_n, n_mask,
                       q_ptr, s_ptr, z_ptr, stride_qn, stride_qk, stride_sn, stride_sk, cs, cz,
                       CODEC: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
-                      SCALE_PER_TILE: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                      SCALE_PER_TILE: tl.constexpr, X: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
                       PRECISION: tl.constexpr):
-    """acc[BM, BN] += x[:, k0 : k0 + BLOCK_K] @ W_hat[offs_n, k0 : k0 + BLOCK_K].T, less the channel scale."""
-    if CODEC == WINT8:
+    """acc[BM, BN] += x_hat[:, k0 : k0 + BLOCK_K] @ W_hat[offs_n, k0 : k0 + BLOCK_K].T, less the channel scale."""
+    tl.static_assert(X == X_FLOAT or CODEC == FP8, "fp8 activations (W8A8) need fp8 weights")
+    if X == X_FP8:
+        acc = _dot_fp8_w8a8(acc, x_rows, xs_rows, row_mask, k0, K, stride_xk, x_group, stride_xsk, offs_n, n_mask,
+                            q_ptr, s_ptr, stride_qn, stride_qk, stride_sn, stride_sk, GROUP, SCALE_PER_TILE,
+                            BLOCK_K, DOT, PRECISION)
+    elif CODEC == WINT8:
         acc = _dot_bytes(acc, x_rows, row_mask, k0, K, stride_xk, offs_n, n_mask, q_ptr, stride_qn, stride_qk,
                          BLOCK_K, DOT, PRECISION)
     elif CODEC == WINT4:

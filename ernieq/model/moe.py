@@ -63,6 +63,20 @@ class ExpertGroup:
         """The per-expert name, as published ERNIE checkpoints spell it."""
         return f"{self.prefix}.{expert}.{proj}.weight"
 
+    def shapes(self, reader: CheckpointReader) -> Iterator[tuple[int, str, tuple[int, ...]]]:
+        """(expert, projection, shape (N, K)) for every expert, as :meth:`weights` hands them out, from the
+        headers only."""
+        if not self.fused:
+            for t in sorted(self.infos, key=lambda t: (t.expert, PROJECTIONS.index(t.proj))):
+                yield t.expert, t.proj, tuple(reader.shape(t.name))
+            return
+        num, two_inter, hidden = reader.shape(f"{self.prefix}.gate_up_proj")  # [E, 2I, H]
+        down = tuple(reader.shape(f"{self.prefix}.down_proj")[1:])  # [H, I]
+        for e in range(num):
+            yield e, "gate_proj", (two_inter // 2, hidden)
+            yield e, "up_proj", (two_inter // 2, hidden)
+            yield e, "down_proj", down
+
     def weights(self, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[int, str, torch.Tensor]]:
         """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors."""
         if not self.fused:
@@ -90,3 +104,17 @@ def linear_weights(infos: tuple[TensorInfo, ...], tensors: dict[str, torch.Tenso
         for e, proj, weight in experts.weights(tensors):
             name = experts.canonical_name(e, proj)
             yield name, type(proto)(name, TensorClass.ROUTED_EXPERT, proto.layer, e, proj, False), weight
+
+
+def linear_weight_shapes(reader: CheckpointReader, infos: tuple[TensorInfo, ...]
+                         ) -> Iterator[tuple[str, TensorInfo, tuple[int, ...]]]:
+    """(name, info, shape) of what :func:`linear_weights` hands out, from the headers only."""
+    experts = ExpertGroup.from_infos(infos)
+    for info in infos:
+        if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+            yield info.name, info, tuple(reader.shape(info.name))
+    if experts is not None:
+        proto = next(t for t in infos if t.cls is TensorClass.ROUTED_EXPERT)
+        for e, proj, shape in experts.shapes(reader):
+            name = experts.canonical_name(e, proj)
+            yield name, type(proto)(name, TensorClass.ROUTED_EXPERT, proto.layer, e, proj, False), shape

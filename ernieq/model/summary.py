@@ -2,13 +2,16 @@
 
 Plain and ernieq-quantized checkpoints alike: a quantized module's stored tensors
 (``<base>.qweight``, ``<base>.scale`` ...) count as the logical weight
-``<base>.weight`` of the shape its ``quantization_config`` records.
+``<base>.weight`` of the shape its ``quantization_config`` records. Other formats'
+readers (``ernieq.formats``) hand :func:`summarize_stored` their tensors under
+these names.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
@@ -52,22 +55,50 @@ class CheckpointSummary:
         return 8.0 * self.bytes_by_codec[codec] / self.params_by_codec[codec]
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """What ``summarize_stored`` counts: a tensor under the name the adapter classifies.
+
+    name: the tensor's name (``<module>.weight`` for a quantized module); shape: its logical shape;
+    params: the weights it adds (0 for the second and later stored tensors of one quantized module);
+    nbytes: the bytes stored for it; codec: the codec of a quantized module, None for a plain tensor.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    nbytes: int
+    codec: str | None = None
+
+
 def summarize(reader: CheckpointReader) -> CheckpointSummary:
     """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals per class."""
     adapter = adapter_for(reader.config, str(reader.path / "config.json"))
+    return summarize_stored(adapter, _stored_tensors(reader))
+
+
+def _stored_tensors(reader: CheckpointReader) -> Iterator[StoredTensor]:
+    """Every stored tensor of a plain or ernieq-quantized checkpoint folder."""
     modules = (reader.config.get("quantization_config") or {}).get("modules", {})
-    layers: dict[int | None, LayerSummary] = {}
-    params, nbytes, codec_params, codec_bytes = Counter(), Counter(), Counter(), Counter()
     counted: set[str] = set()
     for name in reader.keys():
         base = name.rsplit(".", 1)[0]
         spec = modules.get(base)
-        info: TensorInfo = adapter.classify(f"{base}.weight" if spec else name)
         shape = tuple(spec["shape"]) if spec else reader.shape(name)
         size = math.prod(reader.shape(name)) * DTYPE_BYTES.get(reader.dtype(name), 4)
-        n = 0 if base in counted else math.prod(shape)
+        yield StoredTensor(f"{base}.weight" if spec else name, shape, 0 if base in counted else math.prod(shape),
+                           size, spec["codec"] if spec else None)
         if spec:
             counted.add(base)
+
+
+def summarize_stored(adapter, tensors: Iterable[StoredTensor]) -> CheckpointSummary:
+    """The summary of ``tensors`` (any checkpoint format's, named as ``adapter`` classifies them)."""
+    layers: dict[int | None, LayerSummary] = {}
+    params, nbytes, codec_params, codec_bytes = Counter(), Counter(), Counter(), Counter()
+    for t in tensors:
+        info: TensorInfo = adapter.classify(t.name)
+        shape, n, size = t.shape, t.params, t.nbytes
         key = info.layer
         s = layers.setdefault(key, LayerSummary(f"layer {key}" if key is not None else "outside layers", key))
         if key is not None and s.kind == "other":
@@ -79,10 +110,10 @@ def summarize(reader: CheckpointReader) -> CheckpointSummary:
         if info.is_linear_weight and info.expert in (None, 0) and info.proj in SHOWN_PROJECTIONS:
             label = info.proj if info.cls is TensorClass.ATTENTION else f"{info.cls.value}.{info.proj}"
             s.shapes.setdefault(label, shape)
-        if spec:
-            s.codecs[spec["codec"]] += n
-            codec_params[spec["codec"]] += n
-            codec_bytes[spec["codec"]] += size
+        if t.codec:
+            s.codecs[t.codec] += n
+            codec_params[t.codec] += n
+            codec_bytes[t.codec] += size
         s.params += n
         s.bytes += size
         params[info.cls.value] += n

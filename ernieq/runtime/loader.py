@@ -1,8 +1,10 @@
-"""Build a transformers model from an ernieq native checkpoint, with packed weights.
+"""Build a transformers model from a quantized checkpoint, with packed weights.
 
-The model is created on the meta device (no memory for weights), its quantized
-linear layers and routed-expert blocks are replaced by ernieq modules holding the
-packed tensors, and every other tensor is loaded from the checkpoint as stored.
+The checkpoint is any format ``ernieq.formats`` reads (ernieq native, FastDeploy):
+its reader presents native module names and each module's codec tensors. The model
+is created on the meta device (no memory for weights), its quantized linear layers
+and routed-expert blocks are replaced by ernieq modules holding the packed tensors,
+and every other tensor is loaded from the checkpoint as stored.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from ernieq.codecs import stack_experts
-from ernieq.formats.native import NativeReader
+from ernieq.formats.registry import QuantizedCheckpoint, open_quantized
 from ernieq.model.adapters import adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError
 from ernieq.runtime.modules import QuantLinear, QuantMoEExperts
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 _EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
 
 
-def _split_expert_modules(reader: NativeReader) -> tuple[dict, list[str]]:
+def _split_expert_modules(reader: QuantizedCheckpoint) -> tuple[dict, list[str]]:
     """Quantized routed experts by prefix ({prefix: {(e, proj): base}}) and the other quantized bases."""
     experts: dict[str, dict] = {}
     linears = []
@@ -47,7 +49,7 @@ def _plain_expert_tensors(names: list[str]) -> dict[str, dict]:
     return out
 
 
-def _shared_rotation(reader: NativeReader, path: Path, prefix: str, bases: list[str]):
+def _shared_rotation(reader: QuantizedCheckpoint, path: Path, prefix: str, bases: list[str]):
     """The one input rotation of modules that share their input (an expert layer's gate and up, or its downs)."""
     keys = {reader.modules[b].rotation for b in bases}
     if len(keys) > 1:
@@ -56,19 +58,20 @@ def _shared_rotation(reader: NativeReader, path: Path, prefix: str, bases: list[
 
 
 def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A transformers causal LM computing with the packed weights of the ernieq checkpoint at ``path``."""
+    """A transformers causal LM computing with the packed weights of the quantized checkpoint at ``path``."""
     from transformers import AutoModelForCausalLM
 
-    reader = NativeReader(Path(path))
+    reader = open_quantized(Path(path))
     adapter = adapter_for(reader.config, str(Path(path) / "config.json"))
     config = hf_config(reader.config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     experts, linears = _split_expert_modules(reader)
+    plain = reader.plain_names()
     for base in linears:
         bias_name = f"{base}.bias"
-        bias = reader.reader.get(bias_name).to(dtype) if bias_name in reader.reader else None
+        bias = reader.plain(bias_name).to(dtype) if bias_name in plain else None
         model.set_submodule(adapter.to_hf_name(base), QuantLinear(reader.quantized(base), bias, reader.rotation(base)))
     for prefix, bases in experts.items():
         num = 1 + max(e for e, _ in bases)
@@ -83,18 +86,17 @@ def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str =
         model.set_submodule(adapter.to_hf_name(prefix), QuantMoEExperts(*stacks, *turns))
 
     state = {}
-    plain = reader.plain_names()
     plain_experts = _plain_expert_tensors(plain)
     for prefix, names in plain_experts.items():
         num = 1 + max(e for e, _ in names)
-        w = {proj: torch.stack([reader.reader.get(names[(e, proj)]) for e in range(num)])
+        w = {proj: torch.stack([reader.plain(names[(e, proj)]) for e in range(num)])
              for proj in ("gate_proj", "up_proj", "down_proj")}
         hf_prefix = adapter.to_hf_name(prefix)
         state[f"{hf_prefix}.gate_up_proj"] = torch.cat([w["gate_proj"], w["up_proj"]], dim=1)  # [E, 2I, H]
         state[f"{hf_prefix}.down_proj"] = w["down_proj"]  # [E, H, I]
     skip = {n for names in plain_experts.values() for n in names.values()}
     skip |= {f"{base}.bias" for base in linears}  # already inside QuantLinear
-    state.update({adapter.to_hf_name(name): reader.reader.get(name) for name in plain if name not in skip})
+    state.update({adapter.to_hf_name(name): reader.plain(name) for name in plain if name not in skip})
     expected = model.state_dict()
     unexpected = [k for k in state if k not in expected]
     if unexpected:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ernieq import kernels
 from ernieq.codecs import QuantizedTensor
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 
 
 class _Packed(nn.Module):
@@ -32,7 +32,7 @@ class _Packed(nn.Module):
 
 
 class _Turn(nn.Module):
-    """An input rotation's tensors as buffers (see ``ernieq.kernels.rotation``)."""
+    """An input rotation's tensors as buffers (see ``ernieq.transforms``)."""
 
     def __init__(self, rotation: Rotation):
         super().__init__()
@@ -86,12 +86,6 @@ class QuantMoEExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.turn is not None:
             hidden_states = self.turn.rotation().apply(hidden_states)  # x R_H
-        return kernels.moe(
-            hidden_states,  # [T, H]
-            top_k_index,  # [T, A]
-            top_k_weights,  # [T, A]
-            self.gate.quantized(),
-            self.up.quantized(),
-            self.down.quantized(),
-            down_rotation=self.down_turn.rotation() if self.down_turn is not None else None,
-        )
+        weights = kernels.MoEWeights(self.gate.quantized(), self.up.quantized(), self.down.quantized(),
+                                     self.down_turn.rotation() if self.down_turn is not None else None)
+        return kernels.moe(hidden_states, top_k_index, top_k_weights, weights)  # [T, H], [T, A], [T, A] -> [T, H]

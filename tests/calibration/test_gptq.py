@@ -252,7 +252,7 @@ def test_bad_input_fails_loudly():
 def test_activation_order_for_unrotated_weights_only():
     """``--method gptq`` visits columns by activation order unless the weight is rotated."""
     from ernieq.calibration.rounding import encode_weight, rotate_stats
-    from ernieq.kernels.rotation import make_rotation
+    from ernieq.transforms import make_rotation
 
     codec, x = get_codec("wint4", group_size=32), correlated(64)
     w, st = weight(16, 64), stats_of(x)

@@ -11,7 +11,7 @@ from ernieq.calibration.gptq import gptq_encode
 from ernieq.calibration.gptq_experts import experts_per_chunk, gptq_encode_experts, upper_factor
 from ernieq.calibration.rounding import encode_experts, encode_weight
 from ernieq.codecs import CalibrationStats, CodecError, decode, get_codec
-from ernieq.kernels.rotation import make_rotation
+from ernieq.transforms import make_rotation
 
 CODECS = [
     ("wint4", dict(group_size=64)),

@@ -10,7 +10,7 @@ from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.rounding import encode_weight
 from ernieq.calibration.sequential import SequentialPlan, quantized_layer
 from ernieq.codecs import decode, get_codec
-from ernieq.kernels.rotation import make_rotation
+from ernieq.transforms import make_rotation
 from ernieq.model.adapters import TensorClass
 from tests.tiny import TINY_ERNIE, write_tiny_ernie
 

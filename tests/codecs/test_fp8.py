@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ernieq.codecs import CodecError, decode, get_codec, stack_experts
+from ernieq.codecs import CodecError, QuantizedTensor, decode, get_codec, stack_experts
 
 SHAPES = [(1, 33), (7, 100), (130, 257), (128, 256)]
 BLOCKS = [None, 128, 32]
@@ -142,3 +142,58 @@ def test_decode_rejects_other_config():
     q = get_codec("fp8", block_size=128).encode(gaussian((8, 16)))
     with pytest.raises(CodecError, match="cannot decode"):
         get_codec("fp8", block_size=None).decode(q)
+
+
+# ---- activations: W8A8 ("dynamic") and weight-only ("none") ---------------------------------------
+
+
+def test_activations_mode_is_recorded_and_checked():
+    assert get_codec("fp8").encode(gaussian((8, 16))).params == {"block_size": 128, "activations": "dynamic"}
+    q = get_codec("fp8", activations="none").encode(gaussian((8, 16)))
+    assert q.params == {"block_size": 128, "activations": "none"}
+    with pytest.raises(CodecError, match="activations must be one of"):
+        get_codec("fp8", activations="static")
+
+
+def test_params_from_before_w8a8_fail_loudly():
+    q = get_codec("fp8").encode(gaussian((8, 16)))
+    old = QuantizedTensor(q.codec, q.shape, q.tensors, {"block_size": 128})
+    with pytest.raises(CodecError, match="do not say how activations are computed"):
+        decode(old)
+
+
+def loop_round_activations(x, group):
+    """Per token, per group of input channels: x_scale = amax / 448, x_hat = e4m3(x / x_scale) * x_scale.
+    Returns x_hat and every element's x_scale, [M, K]."""
+    x_hat, scale = torch.empty_like(x), torch.empty_like(x)
+    for m in range(x.shape[0]):
+        for k0 in range(0, x.shape[1], group):
+            g = x[m, k0 : k0 + group]
+            s = g.abs().max() / E4M3_MAX
+            s = s if s > 0 else torch.ones(())
+            x_hat[m, k0 : k0 + group] = (g / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
+            scale[m, k0 : k0 + group] = s
+    return x_hat, scale
+
+
+@pytest.mark.parametrize("block", [128, 32, None])
+@pytest.mark.parametrize("k", [200, 64, 33])
+def test_dynamic_activations_round_per_token_and_group(block, k):
+    """Groups of B input channels (the last one partial), or the whole row per channel; all-zero rows stay 0."""
+    x = gaussian((7, k), seed=k) * torch.logspace(-2, 2, 7)[:, None]
+    x[3] = 0
+    x[5, 0] = 1e3  # an outlier: only its own group's scale grows
+    codec = get_codec("fp8", block_size=block)
+    got = codec.round_activations(x)
+    want, scale = loop_round_activations(x, block or k)
+    assert torch.equal(got, want)
+    assert torch.equal(got[3], torch.zeros(k))
+    # e4m3 round to nearest: |x - x_hat| <= 2^-4 |x| for normals, half a subnormal step below
+    bound = torch.maximum(x.abs() * 2.0**-4, scale * E4M3_MIN_NORMAL * 2.0**-4)
+    assert ((x - got).abs() <= bound * (1 + 1e-6)).all()
+
+
+def test_weight_only_leaves_activations_as_they_are():
+    x = gaussian((3, 50))
+    assert get_codec("fp8", activations="none").round_activations(x) is x
+    assert get_codec("wint8").round_activations(x) is x  # every weight-only codec

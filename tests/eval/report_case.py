@@ -1,8 +1,8 @@
 """One small report case shared by the report and publish tests: built once per test session.
 
 A reduced routed demo (4 layers) quantized with the 2-bit recipe and with wint8, calibration
-statistics of the baseline, and a short slice of WikiText-2; folders are kept under the
-session's base temp folder, so a second test module reuses them.
+statistics of the baseline, a short slice of WikiText-2 and the first examples of the offline
+task; folders are kept under the session's base temp folder, so a second test module reuses them.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ernieq import api
+from ernieq.eval.lastword import TASK_NAME
+from ernieq.eval.tasks import TaskOptions
 
 SEQ_LEN = 32
 MAX_WINDOWS = 2
 TEXT_CHARS = 4000
+TASK_LIMIT = 4
 
 
 @dataclass(frozen=True)
@@ -41,5 +44,6 @@ def report_case(tmp_path_factory, baseline: Path, wikitext2: Path) -> ReportCase
         api.calibrate(baseline, "demo", tokens=512, seq_len=128, out=case.calib, progress=False)
     if not (case.report / "report.json").exists():
         api.report(case.q2, baseline, (str(case.text),), case.report, calib=case.calib, compare=(case.q8,),
-                   seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False)
+                   seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False,
+                   tasks=TaskOptions((TASK_NAME,), limit=TASK_LIMIT))
     return case

@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from ernieq import api
-from ernieq.kernels.rotation import Rotation
+from ernieq.transforms import Rotation
 from ernieq.calibration import load_stats
 from ernieq.codecs import QuantizedTensor, get_codec
 from ernieq.eval.perplexity import PerplexityError, perplexity, tokenize_text
 from ernieq.eval.report import ReportError, read_report, score_corpus
-from tests.eval.report_case import MAX_WINDOWS, SEQ_LEN, report_case
+from tests.eval.direct_tasks import direct_scores, examples
+from tests.eval.report_case import MAX_WINDOWS, SEQ_LEN, TASK_LIMIT, report_case
 
 REL = 1e-5  # the report and these checks run the same float32 forward passes; only sums differ in order
 
@@ -60,6 +61,30 @@ def test_perplexity_kl_and_top1_match_an_independent_computation(case, report):
     assert corpus["kl_mean"]["quantized"] == pytest.approx(kl, rel=1e-4, abs=1e-7)
     assert corpus["top1_agreement"]["quantized"] == pytest.approx(agree, abs=1e-6)  # the report averages in float32
     assert 0 < corpus["kl_mean"]["q8"] < corpus["kl_mean"]["quantized"]  # wint8 stays closer than 2 bits
+
+
+def test_task_table_matches_an_independent_computation(case, report):
+    rows = {r["metric"]: r for r in report["tasks"]["rows"]}
+    assert set(rows) == {"acc", "perplexity"}
+    acc, ppl = rows["acc"], rows["perplexity"]
+    assert acc["samples"] == TASK_LIMIT and set(acc["value"]) == {"baseline", "quantized", "q8"}
+    pairs = [(r["context"], " " + r["target"]) for r in examples()[:TASK_LIMIT]]
+    direct = {label: direct_scores(*api.load(path), pairs)
+              for label, path in (("baseline", case.baseline), ("quantized", case.q2), ("q8", case.q8))}
+    for label, (greedy, logprob) in direct.items():
+        assert acc["value"][label] == sum(greedy) / TASK_LIMIT
+        assert ppl["value"][label] == pytest.approx(math.exp(-sum(logprob) / TASK_LIMIT), rel=REL)
+        if label == "baseline":
+            continue
+        d = [float(q) - float(b) for b, q in zip(direct["baseline"][0], greedy)]  # per-example differences
+        mean = sum(d) / len(d)
+        assert acc["diff"][label] == pytest.approx(mean, abs=1e-12)
+        assert acc["diff_stderr"][label] == pytest.approx(math.sqrt(sum((x - mean) ** 2 for x in d)
+                                                                    / (len(d) - 1) / len(d)), abs=1e-12)
+        assert acc["paired"][label] and not ppl["paired"][label]
+        assert ppl["diff_stderr"][label] == pytest.approx(math.hypot(ppl["stderr"]["baseline"], ppl["stderr"][label]))
+    md = (case.report / "report.md").read_text()
+    assert "## Task accuracy" in md and "| wikitext2_lastword | acc | q8 |" in md
 
 
 def test_weight_and_output_errors_match_an_independent_computation(case, report):

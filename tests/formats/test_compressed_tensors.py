@@ -61,6 +61,7 @@ CASES = {
     "wint4-asym-g32": ({"bits": 4, "symmetric": False, "group_size": 32}, "pack-quantized"),
     "wint8": ({"bits": 8}, "pack-quantized"),
     "fp8-block128": ({"fp8": True}, "float-quantized"),
+    "fp8-block128-weight-only": ({"fp8": True, "fp8_activations": "none"}, "float-quantized"),
     "fp8-channel": ({"fp8": True, "overrides": (".*=fp8:block_size=none",)}, "float-quantized"),
     "wint8-attention+wint4-asym": (
         {"bits": 4, "symmetric": False, "group_size": 32, "overrides": (r"self_attn=wint8",)}, "pack-quantized"),
@@ -195,16 +196,43 @@ def test_targets_generalise_indices_only_where_unambiguous():
 
 @pytest.mark.parametrize("block_size, preset", [(128, "FP8_BLOCK"), (None, "FP8_DYNAMIC")])
 def test_fp8_schemes_are_compressed_tensors_presets(block_size, preset):
-    """vLLM sees exactly what llm-compressor writes for these presets."""
-    ours = ct_scheme("m", ModuleSpec("fp8", {"block_size": block_size}, (256, 256))).build(["Linear"])
+    """W8A8: vLLM sees exactly what llm-compressor writes for these presets (dynamic fp8 activations
+    per token and group of 128, or per token); weight-only: the same weights and no input activations."""
+    params = {"block_size": block_size, "activations": "dynamic"}
+    ours = ct_scheme("m", ModuleSpec("fp8", params, (256, 256))).build(["Linear"])
     theirs = preset_name_to_scheme(preset, ["Linear"])
     assert (ours.weights, ours.input_activations) == (theirs.weights, theirs.input_activations)
     assert ours.format == "float-quantized"
+    weight_only = ct_scheme("m", ModuleSpec("fp8", {**params, "activations": "none"}, (256, 256))).build(["Linear"])
+    assert (weight_only.weights, weight_only.input_activations) == (theirs.weights, None)
 
 
-@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}])
+@pytest.mark.parametrize("activations", ["dynamic", "none"])
+def test_fp8_export_declares_the_activations_ernieq_computes(tiny, tmp_path, activations):
+    native = _quantize(tiny, tmp_path, fp8=True, fp8_activations=activations)
+    (group,) = _ct_config(export_checkpoint(native, tmp_path / "ct", FORMAT))["config_groups"].values()
+    if activations == "none":
+        assert group["input_activations"] is None
+    else:
+        inputs = group["input_activations"]
+        assert (inputs["type"], inputs["num_bits"], inputs["dynamic"]) == ("float", 8, True)
+        assert (inputs["strategy"], inputs["group_size"]) == ("group", 128)
+
+
+def test_fp8_params_from_before_w8a8_are_refused(tiny, tmp_path):
+    """A checkpoint whose fp8 params do not say how activations are computed is not exported as if they did."""
+    native = _quantize(tiny, tmp_path, fp8=True)
+    config = json.loads((native / "config.json").read_text())
+    for module in config["quantization_config"]["modules"].values():
+        del module["params"]["activations"]
+    (native / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ErnieqError, match=r"do not say how activations are computed"):
+        export_checkpoint(native, tmp_path / "ct", FORMAT)
+
+
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}, {"fp8": True}])
 def test_demo_model_export_round_trips_through_compressed_tensors(demo_routed_dir, tmp_path, options):
-    """The reduced demo checkpoint (hidden 576, experts of 128): every module comes back bit for bit."""
+    """The reduced demo checkpoint (hidden 640, experts of 128): every module comes back bit for bit."""
     native = _quantize(demo_routed_dir, tmp_path, **options)
     out = export_checkpoint(native, tmp_path / "ct", FORMAT)
     reader = NativeReader(native)

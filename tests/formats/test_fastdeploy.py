@@ -1,20 +1,12 @@
 """The FastDeploy wint2 (w4w2) export of a 2-bit ERNIE 4.5 MoE checkpoint.
 
 Every exported quantized tensor is decoded here by code written apart from
-ernieq's (numpy, straight from DESIGN.md §3.1 and from Paddle's
-``weight_quantize`` permutation kernels) and compared bit for bit with what
-ernieq's own decode reads from the native checkpoint. Names, shapes, dtypes and
-``quantization_config`` are checked against what FastDeploy's loader reads
-(``FASTDEPLOY_*`` below, each with the FastDeploy file it comes from).
-
-The Paddle layout hashes were made with Paddle 3.3.1 (CPU) itself::
-
-    v = (arange(128)[:, None] * 37 + arange(192)[None, :] * 11) % (hi - lo + 1) + lo; v[:, 0] = hi
-    q, s = paddle.nn.quant.weight_quantize(paddle.to_tensor(v.T.astype("float32")).astype("bfloat16"),
-                                           algo=algo, arch=80)   # s == 1 everywhere
-    hashlib.sha256(q.numpy().tobytes()).hexdigest()
-
-(arch 86, 89 and 90 give the same bytes.)
+ernieq's (``tests.formats.fastdeploy_np``: numpy, straight from DESIGN.md §3.1
+and from Paddle's ``weight_quantize`` permutation kernels) and compared bit for
+bit with what ernieq's own decode reads from the native checkpoint. Names,
+shapes, dtypes and ``quantization_config`` are checked against what FastDeploy's
+loader reads (``FASTDEPLOY_*`` below, each with the FastDeploy file it comes from).
+The Paddle layouts are checked against hashes of Paddle 3.3.1's own bytes.
 """
 
 import hashlib
@@ -33,8 +25,19 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.fastdeploy import rename_plain
 from ernieq.formats.native import NativeReader
 from ernieq.formats.paddle_layout import paddle_int4_layout, paddle_int8_layout
+from ernieq.formats.paddle_layout import paddle_int4_values as paddle_values4
+from ernieq.formats.paddle_layout import paddle_int8_values as paddle_values
 from ernieq.formats.registry import export_checkpoint
 from ernieq.model.checkpoint import CheckpointReader
+from tests.formats.fastdeploy_np import (
+    PADDLE_331_INT4_SHA256,
+    PADDLE_331_INT8_SHA256,
+    ccq2_decode,
+    paddle_int4_bytes,
+    paddle_int4_values,
+    paddle_int8_bytes,
+    paddle_int8_values,
+)
 from tests.tiny import write_tiny_ernie
 
 FORMAT = "fastdeploy"
@@ -56,8 +59,6 @@ FASTDEPLOY_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
 FASTDEPLOY_W4_KEYS = {"quant_type", "quant_granularity", "quant_start_layer", "quant_end_layer"}
 FASTDEPLOY_W2_KEYS = FASTDEPLOY_W4_KEYS | {"quant_group_size"}
 
-PADDLE_331_INT8_SHA256 = "4112560fc2c9c62e895eb491a83e57f95ff4a133ab68c825c94baf85a7c2b126"
-PADDLE_331_INT4_SHA256 = "0a23a215cc834b8bffa81f48fc5f3de9bd0b4ebed739b91efac766fdc47e953f"
 
 
 @pytest.fixture(scope="module")
@@ -65,68 +66,17 @@ def src(tmp_path_factory):
     return write_tiny_ernie(tmp_path_factory.mktemp("fastdeploy_src") / "src", **DIMS)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, src):
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def exported(request, tmp_path_factory, src):
+    """The tiny model, and the reduced demo (hidden 640, experts of 128): `quantize --bits 2 --format fastdeploy`."""
+    model = src if request.param == "tiny" else request.getfixturevalue("demo_routed_dir")
     root = tmp_path_factory.mktemp("fastdeploy")
     native = root / "q"
-    api.quantize(src, native, bits=2, w4_moe_layers=1, progress=False, rotate=False)
+    api.quantize(model, native, bits=2, w4_moe_layers=1, progress=False, rotate=False)
     (native / "generation_config.json").write_text(json.dumps({"top_p": 0.8}))  # a side file to carry over
     out = export_checkpoint(native, root / "fd", FORMAT)
     reader = CheckpointReader(out)
     return NativeReader(native), {name: reader.get(name) for name in reader.keys()}, out
-
-
-# ------------------------------------------------------------ independent decoders (numpy)
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.float().numpy() if t.dtype in (torch.bfloat16, torch.float16) else t.numpy()
-
-
-def ccq2_decode(quant_weight, weight_scale, super_scales, code_scale, code_zp) -> np.ndarray:
-    """DESIGN.md §3.1 written out: returns float32 W [K, N] (Paddle's [in, out] order)."""
-    b = _np(quant_weight).astype(np.float32)  # [K/4, N]
-    c = np.floor(b * _np(code_scale) + _np(code_zp) + np.float32(0.5)).astype(np.int32)  # 15-bit codes
-    k4, n = b.shape
-    w = np.zeros((4 * k4, n), np.float32)
-    for j, shift in enumerate((9, 6, 3, 0)):
-        w[j::4] = ((c >> shift) & 0x3F) - 32  # row 4r + j
-    ws = _np(weight_scale)  # [K/128, N]
-    for row in range(4 * k4):
-        g = row // 64
-        byte = ws[g // 2].astype(np.int32)
-        nibble = byte >> 4 if g % 2 == 0 else byte & 0xF  # even group: high nibble
-        w[row] *= nibble.astype(np.float32) * _np(super_scales)
-    return w
-
-
-def paddle_int8_values(quant_weight: torch.Tensor) -> np.ndarray:
-    """Read Paddle's weight_only_int8 bytes back: int values [N, K] (weight_permute_kernel_wint8 inverted)."""
-    flat = quant_weight.numpy().reshape(-1).view(np.uint8).astype(np.int32)
-    n, k = quant_weight.shape
-    order = np.array([0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15])
-    kk = order[np.arange(k) % 16] + np.arange(k) // 16 * 16
-    index = np.add.outer(64 * (np.arange(n) % 2) + 2 * k * (np.arange(n) // 2), kk % 64 + kk // 64 * 128)
-    return flat[index] - 128
-
-
-def paddle_int4_values(quant_weight: torch.Tensor) -> np.ndarray:
-    """Read Paddle's weight_only_int4 bytes back: int values [N, K] (interval + permute kernels inverted)."""
-    half_n, k = quant_weight.shape
-    words = quant_weight.numpy().reshape(-1).view("<u4")
-    stored = [(words >> (4 * i)) & 0xF for i in range(8)]
-    original = [None] * 8
-    for i, src in enumerate((0, 2, 4, 6, 1, 3, 5, 7)):  # nibble i holds (nibble src + 8) & 0xF
-        original[src] = (stored[i] - 8) & 0xF
-    word = sum(original[i].astype(np.uint64) << np.uint64(4 * i) for i in range(8)).astype("<u4")
-    flat = word.view(np.uint8).astype(np.int32)  # the permuted packed bytes
-    n = 2 * half_n
-    order = np.array([0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15])
-    j = np.arange(k // 2)
-    jj = order[j % 16] + j // 16 * 16
-    packed = flat[np.add.outer(32 * (np.arange(n) % 4) + 2 * k * (np.arange(n) // 4), jj % 32 + jj // 32 * 128)]
-    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(n, k)  # even row in the low nibble
-    return np.where(nibbles >= 8, nibbles - 16, nibbles)  # two's complement
 
 
 # ------------------------------------------------------------ tests
@@ -145,7 +95,7 @@ def test_ccq2_experts_decode_bit_for_bit(exported):
     reader, tensors, _ = exported
     ccq2_layers = _layers_with(reader, "ccq2")
     assert ccq2_layers
-    inter = DIMS["moe_intermediate_size"]
+    inter = reader.config["moe_intermediate_size"]
     for layer in ccq2_layers:
         for e in range(reader.config["moe_num_experts"]):
             gate, up, down = (decode(reader.quantized(m)).numpy() for m in _expert_modules(reader, layer, e))
@@ -236,7 +186,7 @@ def test_router_and_lm_head_are_in_paddle_order(exported):
         assert torch.equal(tensors[FASTDEPLOY_PREFIX + name[len("model"):]], reader.reader.get(name).float().T)
     lm_head = torch.randn(96, 128)  # [V, H]; the tiny model ties it, so the rule is checked on its own
     rule = rename_plain("lm_head.weight", tuple(lm_head.shape))
-    assert rule.target == "lm_head.weight" and torch.equal(rule.convert(lm_head), lm_head.T)
+    assert rule.target == "lm_head.weight" and torch.equal(rule.to_target(lm_head), lm_head.T)
     assert rename_plain("model.mtp_linear_proj.0.weight", (128, 256)) is None  # FastDeploy's separate MTP model
     with pytest.raises(ErnieqError, match=r"model\.vision_proj\.bias has no place"):
         rename_plain("model.vision_proj.bias", (128,))
@@ -278,12 +228,18 @@ def test_layouts_match_paddle_weight_quantize(layout, lo, hi, digest):
     assert hashlib.sha256(packed.numpy().tobytes()).hexdigest() == digest
     reread = paddle_int8_values(packed) if layout is paddle_int8_layout else paddle_int4_values(packed)
     assert np.array_equal(reread, v)
+    # ernieq's reader undoes the layout exactly, and the tests' own numpy encoder makes Paddle's bytes too
+    ernieq_values = paddle_values(packed) if layout is paddle_int8_layout else paddle_values4(packed)
+    assert np.array_equal(ernieq_values.numpy(), v)
+    np_bytes = paddle_int8_bytes(v) if layout is paddle_int8_layout else paddle_int4_bytes(v)
+    assert hashlib.sha256(np_bytes.numpy().tobytes()).hexdigest() == digest
 
 
 def test_int4_layout_keeps_minus_eight():
     """ernieq's symmetric wint4 may use -8 (code 0); Paddle's quantizer never does but its kernels read it."""
     v = torch.arange(64 * 4 * 64).reshape(4 * 16, 4 * 64) % 16 - 8
     assert np.array_equal(paddle_int4_values(paddle_int4_layout(v.to(torch.int8))), v.numpy())
+    assert torch.equal(paddle_values4(paddle_int4_layout(v.to(torch.int8))), v.to(torch.int8))
 
 
 # ------------------------------------------------------------ what FastDeploy cannot take
@@ -300,7 +256,7 @@ def small_src(tmp_path_factory):
 
 @pytest.mark.parametrize("options, message", [
     ({"bits": 2, "w4_moe_layers": 0, "overrides": (FAST_CCQ2,)},
-     r"model\.layers\.1\.mlp\.experts\.0\.down_proj is ccq2 with K=64; .*K % 128 == 0"),
+     r"model\.layers\.1\.mlp\.experts\.0\.down_proj\): ccq2 with K=64; .*K % 128 == 0"),
     ({"bits": 4}, r"model\.layers\.0\.mlp\.down_proj is wint4; FastDeploy's w4w2 path reads wint8 there"),
     ({"bits": 2, "w4_moe_layers": 2, "overrides": (r"mlp\.experts\.=wint4:group_size=32",)},
      r"experts\.0\.down_proj is wint4 .*'group_size': 32.* K=64; .*per channel"),

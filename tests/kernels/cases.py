@@ -10,18 +10,19 @@ import zlib
 import pytest
 import torch
 
-from ernieq.codecs import QuantizedTensor, codec_names, get_codec, stack_experts
+from ernieq.codecs import QuantizedTensor, get_codec, stack_experts
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-_needs_ccq2 = pytest.mark.skipif("ccq2" not in codec_names(), reason="ccq2 codec not registered yet")
 
 # The ccq2 encoder searches (seconds per small weight on 2 cores); kernels read its bytes the same
 # whatever the search effort, so the tests encode with less of it: per-channel grids still vary.
 CCQ2_FAST = {"grid_candidates": 2, "scale_steps": 1, "refine_steps": 0}
 
 # (codec, params): every kernel path. fp8 block 100 takes the element-wise scale fallback
-# (no power-of-two tile divides it); wint4 g32/g64/g128 put 1, 2 or 4 tiles in a group.
+# (no power-of-two tile divides it); wint4 g32/g64/g128 put 1, 2 or 4 tiles in a group. fp8 runs
+# W8A8 (activations quantized per token and group: per token for per-channel weights) and
+# weight-only ("-w16").
 CODECS = [
     pytest.param("wint8", {}, id="wint8"),
     pytest.param("wint4", {"group_size": 32, "symmetric": True}, id="wint4-g32-sym"),
@@ -31,12 +32,14 @@ CODECS = [
     pytest.param("fp8", {"block_size": None}, id="fp8-channel"),
     pytest.param("fp8", {"block_size": 128}, id="fp8-b128"),
     pytest.param("fp8", {"block_size": 100}, id="fp8-b100"),
-    pytest.param("ccq2", CCQ2_FAST, id="ccq2", marks=_needs_ccq2),
+    pytest.param("fp8", {"block_size": 128, "activations": "none"}, id="fp8-b128-w16"),
+    pytest.param("fp8", {"block_size": 100, "activations": "none"}, id="fp8-b100-w16"),
+    pytest.param("ccq2", CCQ2_FAST, id="ccq2"),
 ]
 # Dense tests also take ccq2 with float16 super scales (bfloat16 is the default) and wint4 with
 # float16 scales (the --bits 4 recipe's).
 DENSE_CODECS = CODECS + [
-    pytest.param("ccq2", {**CCQ2_FAST, "super_scale_dtype": "float16"}, id="ccq2-f16", marks=_needs_ccq2),
+    pytest.param("ccq2", {**CCQ2_FAST, "super_scale_dtype": "float16"}, id="ccq2-f16"),
     pytest.param("wint4", {"group_size": 64, "symmetric": True, "scale_dtype": "float16"}, id="wint4-g64-f16"),
 ]
 

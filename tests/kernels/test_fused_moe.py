@@ -7,7 +7,8 @@ import functools
 import pytest
 import torch
 
-from ernieq.kernels import KernelError, reference
+from ernieq.kernels import KernelError, MoEWeights, reference
+from ernieq.transforms import make_rotation
 from ernieq.kernels.configs import TileConfig
 from ernieq.kernels.fused_moe import moe
 from tests.kernels.cases import CODECS, DEVICE, MOE_TOLERANCES, assert_close, encode_stack, seeded
@@ -47,7 +48,7 @@ def make_moe(codec, params, t, e, a, h, i, dtype, gen, down_codec=None):
     x = torch.randn(t, h, generator=gen).to(DEVICE, dtype)
     ids = random_ids(t, a, e, gen).to(DEVICE)
     weights = torch.rand(t, a, generator=gen).to(DEVICE) + 0.1
-    return x, ids, weights, gate, up, down
+    return x, ids, weights, MoEWeights(gate, up, down)
 
 
 @pytest.mark.parametrize("t,e,a,h,i,dtype", CASES, ids=lambda v: str(v).replace("torch.", ""))
@@ -60,20 +61,23 @@ def test_moe_matches_reference(codec, params, t, e, a, h, i, dtype):
 def test_moe_one_busy_expert_and_a_different_down_codec():
     """Every token on expert 2 (the other 7 idle, several M blocks of one expert); down in wint8."""
     gen = seeded("busy")
-    x, _, weights, gate, up, down = make_moe(
+    x, _, weights, experts = make_moe(
         "wint4", {"group_size": 32, "symmetric": True}, 40, 8, 1, 64, 32, torch.float32, gen, down_codec=("wint8", {})
     )
     ids = torch.full((40, 1), 2, device=DEVICE)
     cfg = TileConfig(block_m=16, block_n=16, block_k=32, group_m=2)
-    assert_close(moe(x, ids, weights, gate, up, down, config=cfg), reference.moe(x, ids, weights, gate, up, down),
+    assert_close(moe(x, ids, weights, experts, config=cfg), reference.moe(x, ids, weights, experts),
                  MOE_TOLERANCES[torch.float32])  # fmt: skip
 
 
 def test_moe_rejects_gate_up_mismatch():
     gen = seeded("mismatch")
-    x, ids, weights, gate, _, down = make_moe("wint8", {}, 2, 4, 1, 32, 64, torch.float32, gen)  # H=32, I=64
+    x, ids, weights, experts = make_moe("wint8", {}, 2, 4, 1, 32, 64, torch.float32, gen)  # H=32, I=64
+    gate, down = experts.gate, experts.down
     up = encode_stack("fp8", {"block_size": None}, 4, 64, 32, gen)
     with pytest.raises(KernelError, match="gate and up"):
-        moe(x, ids, weights, gate, up, down)
+        moe(x, ids, weights, MoEWeights(gate, up, down))
     with pytest.raises(KernelError, match="down"):
-        moe(x, ids, weights, gate, gate, gate)
+        moe(x, ids, weights, MoEWeights(gate, gate, gate))
+    with pytest.raises(KernelError, match="down_rotation"):
+        moe(x, ids, weights, MoEWeights(gate, gate, down, make_rotation(32)))

@@ -15,7 +15,7 @@ import torch
 from ernieq import kernels
 from ernieq.kernels import KernelError, reference
 from ernieq.kernels.ops import from_op_args, resolve_backend, to_op_args
-from ernieq.kernels.rotation import make_rotation
+from ernieq.transforms import make_rotation
 from tests.kernels.cases import (
     CCQ2_FAST,
     DEVICE,
@@ -44,7 +44,8 @@ def small_moe(gen, dtype=torch.float32):
     up = encode_stack("wint4", {"group_size": 32, "symmetric": False}, 4, 32, 64, gen)
     down = encode_stack("wint8", {}, 4, 64, 32, gen)
     x = torch.randn(5, 64, generator=gen).to(DEVICE, dtype)
-    return x, random_ids(5, 2, 4, gen).to(DEVICE), torch.rand(5, 2, generator=gen).to(DEVICE), gate, up, down
+    ids, w = random_ids(5, 2, 4, gen).to(DEVICE), torch.rand(5, 2, generator=gen).to(DEVICE)
+    return x, ids, w, kernels.MoEWeights(gate, up, down)
 
 
 def test_resolve_backend(no_backend_env, monkeypatch):
@@ -67,8 +68,9 @@ def test_op_args_round_trip():
     assert (back.codec, back.shape, back.params) == (q.codec, q.shape, q.params)
     assert back.tensors.keys() == q.tensors.keys()
     assert all(torch.equal(back.tensors[k].view(torch.uint8), q.tensors[k].view(torch.uint8)) for k in q.tensors)
-    assert json.loads(to_op_args(q)[1]) == {"codec": "fp8", "params": {"block_size": 128}, "shape": [16, 200],
-                                            "names": ["qweight", "scale"]}  # fmt: skip
+    assert json.loads(to_op_args(q)[1]) == {"codec": "fp8", "params": [["activations", "dynamic"], ["block_size", 128]],
+                                            "shape": [16, 200], "names": ["qweight", "scale"]}  # fmt: skip
+    assert to_op_args(q)[1] is to_op_args(q.to(DEVICE))[1]  # built once per layout, not per call
 
 
 def test_linear_dispatch(no_backend_env, monkeypatch):
@@ -99,10 +101,10 @@ def test_opcheck_linear_and_moe():
     x = torch.randn(2, 64, generator=gen).to(DEVICE)
     for bias in (None, torch.randn(16, generator=gen).to(DEVICE)):
         torch.library.opcheck(torch.ops.ernieq.linear, (x, *to_op_args(q), bias))
-    x, ids, w, gate, up, down = small_moe(gen)
-    weights = (*to_op_args(gate), *to_op_args(up), *to_op_args(down))
+    x, ids, w, experts = small_moe(gen)
+    weights = [a for q in experts.projections for a in to_op_args(q)]
     torch.library.opcheck(torch.ops.ernieq.moe, (x, ids, w, *weights, []))
-    rotation = make_rotation(gate.shape[1])  # I inputs of down
+    rotation = make_rotation(experts.gate.shape[1])  # I inputs of down
     torch.library.opcheck(torch.ops.ernieq.moe, (x, ids, w, *weights, [rotation.signs, rotation.q]))
 
 
@@ -112,10 +114,10 @@ def test_torch_compile_traces_the_ops(no_backend_env, monkeypatch):
     monkeypatch.setenv("ERNIEQ_KERNELS", "triton")
     gen = seeded("compile")
     q = encode("fp8", {"block_size": None}, 48, 64, gen)  # N=48, K=64
-    x, ids, w, gate, up, down = small_moe(gen)
+    x, ids, w, experts = small_moe(gen)
 
     def block(x):
-        h = kernels.moe(x, ids, w, gate, up, down, backend="triton")  # [T, H=64]
+        h = kernels.moe(x, ids, w, experts, backend="triton")  # [T, H=64]
         return kernels.linear(torch.relu(h), q)  # [T, 48], triton by $ERNIEQ_KERNELS
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
