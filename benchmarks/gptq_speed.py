@@ -27,8 +27,8 @@ for wint8 and fp8. The rotation itself (W R, R^T H R) is not timed: this is GPTQ
 Synthetic inputs: weights ``N(0, 0.02^2)`` with log-normal row scales (sigma 0.5); Hessians
 ``X^T X / T`` of T = 4096 activations ``X = (Z + Z_r B) diag(s)``, s log-normal per channel
 (sigma 1), Z_r B a rank-32 correlation; ``--hessians`` distinct Hessians per K, cycled
-over the experts (each expert's factor is still computed: the code does not know they
-repeat). 300B shapes run fewer experts (``--experts-300b``, ``--reference-300b``): a
+over the experts, each expert given its own copy (so each expert's factor is computed, as
+with real statistics; the gate+up rows share one per pair, as quantize does). 300B shapes run fewer experts (``--experts-300b``, ``--reference-300b``): a
 reference ccq2 expert there takes minutes on a CPU.
 
 One torch thread on a CPU (``--threads``); on a shared machine the CPU seconds are the
@@ -48,13 +48,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from encode_speed import commit, machine  # the machine and commit, as the ccq2 encoder benchmark writes them
-
 import ernieq.calibration  # noqa: F401  (registers ccq2's rounders)
 from ernieq.calibration.gptq import gptq_encode
 from ernieq.calibration.gptq_experts import gptq_encode_experts
 from ernieq.codecs import CalibrationStats, decode, get_codec
+from ernieq.provenance import git_commit, machine
 
 SHAPES = {  # name -> (label, N, K, whether an expert's gate and up share one statistics object)
     "21b-gate": ("21B gate/up", 1536, 2560, False),
@@ -119,7 +117,8 @@ def experts(n: int, k: int, count: int, hessians: list[torch.Tensor], device: to
     g = torch.Generator().manual_seed(n * 7 + k)
     ws = [(torch.randn(n, k, generator=g) * 0.02 * torch.exp(0.5 * torch.randn(n, 1, generator=g))).to(device)
           for _ in range(count)]
-    stats = [CalibrationStats(hessian=hessians[e % len(hessians)], tokens=TOKENS) for e in range(count)]
+    # a copy per expert: the batched loop factors each Hessian tensor once, so shared tensors would share a factor
+    stats = [CalibrationStats(hessian=hessians[e % len(hessians)].clone(), tokens=TOKENS) for e in range(count)]
     if pairs:
         stats = [stats[e - e % 2] for e in range(count)]
     return ws, stats
@@ -253,10 +252,10 @@ def main() -> None:
     device = torch.device(args.device)
     meta = {
         "machine": machine() if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "torch": torch.__version__, "date": date.today().isoformat(), "commit": commit(),
+        "torch": torch.__version__, "date": date.today().isoformat(), "commit": git_commit(short=True),
         "command": "python benchmarks/gptq_speed.py " + " ".join(sys.argv[1:]),
         "threads": f"{args.threads} torch thread(s)" if device.type == "cpu" else "GPU",
-        "load_before": load(),
+        "load_before": load(), "load_1_5_15_min_before": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     rows = []
     hessians: dict[int, list[torch.Tensor]] = {}
@@ -272,6 +271,7 @@ def main() -> None:
             rows.append(run_case(shape, codec_name, args.experts_300b if big else args.experts,
                                  args.reference_300b if big else args.reference, hessians[k], device))
     meta["load_after"] = load()
+    meta["load_1_5_15_min_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     table = markdown(meta, rows)
     print(table)
     if args.out is not None:

@@ -39,11 +39,9 @@ def stats_of(x):
 
 
 def experts(e, n=N, k=K, seed=0):
-    """E weights [E, N, K], their inputs X_e and statistics (expert 1: none, a cold expert)."""
+    """E weights [E, N, K] and their statistics (expert 1: none, a cold expert)."""
     w = torch.randn(e, n, k, generator=torch.Generator().manual_seed(seed + 100))
-    xs = [correlated(k, seed=seed + i) for i in range(e)]
-    stats = [None if i == 1 else stats_of(x) for i, x in enumerate(xs)]
-    return w, xs, stats
+    return w, [None if i == 1 else stats_of(correlated(k, seed=seed + i)) for i in range(e)]
 
 
 def same_bytes(a, b):
@@ -52,15 +50,10 @@ def same_bytes(a, b):
                 for key in a.tensors)
 
 
-def output_error(x, w, w_hat):
-    """||X W^T - X W_hat^T||_F, the quantity GPTQ minimises."""
-    return torch.linalg.norm(x @ (w - w_hat).T).item()
-
-
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("codec,params", CODECS)
 def test_batched_experts_have_the_bytes_of_one_at_a_time(codec, params, act_order):
-    w, _, stats = experts(4)
+    w, stats = experts(4)
     c = get_codec(codec, **params)
     batched = gptq_encode_experts(c, w, stats, act_order=act_order)
     for e in range(4):
@@ -71,28 +64,42 @@ def test_batched_experts_have_the_bytes_of_one_at_a_time(codec, params, act_orde
     assert all(same_bytes(a, b) for a, b in zip(batched, chunked))
 
 
+# The tolerance ``gptq_experts.py`` states against the reference ``gptq.py`` on these small shapes: the
+# fraction of stored code bytes that are the same, and the output error tr(dW H dW^T) over the reference's.
+SAME_CODES = 0.998
+OUTPUT_ERROR_RATIO = 4e-4
+
+
+def output_error(w, w_hat, hessian):
+    """tr(dW H dW^T) for dW = W - W_hat [N, K] and H [K, K], in float64: the quantity GPTQ minimises."""
+    d = (w - w_hat).double()
+    return torch.einsum("nk,kl,nl->", d, hessian.double(), d).item()
+
+
+@pytest.mark.parametrize("shape", [(N, K), (48, 256)])
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("codec,params", CODECS)
-def test_matches_the_reference_loop(codec, params, act_order):
-    """The tolerance the module docstring states: against ``gptq.py`` (float64 factor, its own order of
-    float operations) at least 99 % of the codes are the same and the output error is within 1 %."""
-    w, xs, stats = experts(3, seed=7)
+def test_matches_the_reference_loop_within_the_stated_tolerance(codec, params, act_order, shape):
+    """Every codec: at least SAME_CODES of the code bytes as ``gptq.py`` (float64 factor, its own order
+    of float operations) and an output error within OUTPUT_ERROR_RATIO of its."""
+    w, stats = experts(3, *shape, seed=7)
     c = get_codec(codec, **params)
     batched = gptq_encode_experts(c, w, stats, act_order=act_order)
+    codes = "quant_weight" if codec == "ccq2" else "qweight"
     for e in (0, 2):
         ref = gptq_encode(c, w[e], stats[e], act_order=act_order)
-        codes = "quant_weight" if codec == "ccq2" else "qweight"
-        same = (batched[e].tensors[codes].view(torch.uint8) == ref.tensors[codes].view(torch.uint8)).float().mean()
-        assert same >= 0.99, (e, same)
-        ratio = output_error(xs[e], w[e], decode(batched[e])) / output_error(xs[e], w[e], decode(ref))
-        assert abs(ratio - 1) < 0.01, (e, ratio)
+        same = (batched[e].tensors[codes].view(torch.uint8) == ref.tensors[codes].view(torch.uint8)).double().mean()
+        assert same >= SAME_CODES, (e, same.item())
+        h = stats[e].hessian
+        ratio = output_error(w[e], decode(batched[e]), h) / output_error(w[e], decode(ref), h)
+        assert abs(ratio - 1) <= OUTPUT_ERROR_RATIO, (e, ratio)
 
 
 @pytest.mark.parametrize("codec,params", [("wint4", dict(group_size=64, clip=True, scale_dtype="float16")),
                                           ("ccq2", dict(grid_candidates=2))])
 def test_rotated_experts_encode_as_each_weight_alone(codec, params):
     """quantize's batched items and ``encode_weight`` (sequential calibration's path) write the same bytes."""
-    w, _, stats = experts(4, k=192)
+    w, stats = experts(4, k=192)
     stats = [stats[0], stats[0], stats[1], stats[3]]  # a gate and up sharing statistics, a cold expert, another
     c, rot = get_codec(codec, **params), make_rotation(192)
     names = [f"layers.3.mlp.experts.{e}.up_proj.weight" for e in range(4)]
@@ -104,7 +111,7 @@ def test_rotated_experts_encode_as_each_weight_alone(codec, params):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_weights_of_one_input_share_one_factor(monkeypatch, act_order):
     """An expert's gate and up (one statistics object) are factored once, with the bytes of two factors."""
-    w, _, stats = experts(4, k=128)
+    w, stats = experts(4, k=128)
     shared = [stats[0], stats[0], stats[2], stats[2]]  # (gate, up) of expert 0, then of expert 2
     copies = [CalibrationStats(hessian=st.hessian.clone(), tokens=st.tokens) for st in shared]
     calls = []
@@ -118,7 +125,7 @@ def test_weights_of_one_input_share_one_factor(monkeypatch, act_order):
 
 
 def test_a_codec_without_an_expert_rounder_goes_through_the_reference(monkeypatch):
-    w, _, stats = experts(2, k=128)
+    w, stats = experts(2, k=128)
     c = get_codec("wint4", group_size=64)
     monkeypatch.setattr(gptq_experts, "expert_rounder_class", lambda codec: None)
     got = gptq_encode_experts(c, w, stats, act_order=True)
@@ -136,7 +143,7 @@ def test_upper_factor_is_the_ul_cholesky_of_the_damped_hessian():
 
 
 def test_cold_and_unfactorable_experts_fall_back_to_round_to_nearest(caplog):
-    w, _, stats = experts(4, k=128)
+    w, stats = experts(4, k=128)
     stats[2] = CalibrationStats(hessian=torch.eye(128), tokens=0)  # saw no token
     indefinite = torch.full((128,), 2.0)
     indefinite[0] = -100.0  # mean diagonal 1.2 > 0, but no damping up to 1000 x 1 % makes it definite
@@ -152,7 +159,7 @@ def test_cold_and_unfactorable_experts_fall_back_to_round_to_nearest(caplog):
 
 
 def test_bad_input_fails_loudly_naming_the_expert():
-    w, _, stats = experts(2, k=64)
+    w, stats = experts(2, k=64)
     bad = torch.eye(64)
     bad[3, 3] = float("nan")
     c = get_codec("wint4", group_size=64)
@@ -177,7 +184,7 @@ def test_ccq2_fits_experts_together_or_one_by_one_alike(monkeypatch):
     """On an accelerator ccq2 fits a chunk's experts in one call (channels stacked, importance per channel)."""
     from ernieq.calibration import gptq_ccq2
 
-    w, _, stats = experts(3, k=192)
+    w, stats = experts(3, k=192)
     stats[1] = stats[0]
     c = get_codec("ccq2", grid_candidates=3)
     for act_order in (False, True):
