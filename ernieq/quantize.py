@@ -32,6 +32,8 @@ import torch
 
 import ernieq
 from ernieq import distributed
+from ernieq.calibration.gptq_experts import chunk_budget, experts_per_chunk
+from ernieq.calibration.rounding import BATCHED_METHODS
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.transforms import Rotation, make_rotation
 from ernieq.config import QuantConfig, QuantizeOptions, with_fields
@@ -49,7 +51,8 @@ from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
-RESUME_VERSION = 1  # bump when the bytes a run writes change, so old temporary folders are not resumed
+RESUME_VERSION = 2  # bump when the bytes a run writes change, so old temporary folders are not resumed
+# 2: GPTQ through the batched loop (gptq_experts.py): float32 factor, so a rare rounding tie goes the other way
 
 
 @dataclass
@@ -151,6 +154,10 @@ class _Job:
     def stats(self, name: str) -> CalibrationStats | None:
         return self.calib.stats(name) if self.calib is not None else None
 
+    def site(self, name: str) -> str | None:
+        """The calibration site (the input) whose statistics ``name`` gets; weights of one site share them."""
+        return self.calib.site_of(name) if self.calib is not None else None
+
     def rotation(self, group: TensorGroup, choice, k: int) -> tuple[str | None, Rotation | None]:
         """(key, rotation) for a weight with K inputs and this codec choice: (None, None) unless the
         config rotates it. The key names the group, so each group's shard holds its own rotations."""
@@ -211,22 +218,40 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
     for key, rotation in dict(rotations).items():
         if key is not None:
             out.add_rotation(key, rotation)
-    items = (WorkItem.of(choice, weight, stats[name] if name in stats else job.stats(name), name, job.method, rot)
-             for (name, _, weight, choice), (_, rot) in zip(todo, rotations))
-    done = 0
+    total = sum(w.numel() for _, _, w, _ in todo)
+    units = work_units(todo, [key for key, _ in rotations], job.method, job.encoder.slots(total),
+                       job.encoder.device)
+
+    def item(unit: list[int]) -> WorkItem:
+        names = [todo[i][0] for i in unit]
+        by_site: dict[str, CalibrationStats | None] = {}  # one statistics object per input: gate and up share it
+        unit_stats = []
+        for name in names:
+            site = None if name in stats else job.site(name)
+            if site is None:
+                unit_stats.append(stats[name] if name in stats else job.stats(name))
+            else:
+                unit_stats.append(by_site[site] if site in by_site else by_site.setdefault(site, job.stats(name)))
+        return WorkItem.of(todo[unit[0]][3], [todo[i][2] for i in unit], unit_stats, names, job.method,
+                           rotations[unit[0]][1])
+
+    encoded: dict[int, object] = {}
+    current = 0
     try:
-        for q in job.encoder.map(items, weights=sum(w.numel() for _, _, w, _ in todo)):
-            name, info, weight, choice = todo[done]
-            done += 1
-            out.add_quantized(name, q, rotations[done - 1][0])
-            row = rows[info.cls.value]
-            row.quantized_weights += weight.numel()
-            row.bytes_after += q.nbytes
-            row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
-            job.bar.weights_done(weight.numel(), name)
+        for current, qs in enumerate(job.encoder.map((item(unit) for unit in units), weights=total)):
+            for i, q in zip(units[current], qs):
+                encoded[i] = q
+                job.bar.weights_done(todo[i][2].numel(), todo[i][0])
     except CodecError as err:
-        name, info = todo[done][:2]
+        info = todo[units[current][0]][1]
         raise ErnieqError(f"{job.reader.file_of(_source_name(group, info))}: {err}") from None
+    for i, (name, info, weight, choice) in enumerate(todo):  # in the group's order, however they were batched
+        q = encoded[i]
+        out.add_quantized(name, q, rotations[i][0])
+        row = rows[info.cls.value]
+        row.quantized_weights += weight.numel()
+        row.bytes_after += q.nbytes
+        row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
     for info in group.tensors:
         if info.is_linear_weight or (keep is not None and not keep(info)):
             continue
@@ -263,6 +288,35 @@ def _merge_rows(extras: list[dict]) -> dict:
     """A cut group's summary rows by class: the sums of its parts' rows."""
     classes = QuantizeSummary.from_records("", [{"extra": e} for e in extras]).classes
     return {"classes": {k: asdict(v) for k, v in sorted(classes.items())}}
+
+
+def work_units(todo: list, rotation_keys: list, method: str, slots: int, device: torch.device) -> list[list[int]]:
+    """Which weights of ``todo`` (name, info, weight, choice) are encoded together: with a method that
+    batches (GPTQ), the routed experts of one codec, rotation and shape (a layer's gate and up
+    projections, expert by expert, so that each expert's two share one Hessian factor; its down
+    projections), in chunks that fit ``gptq_experts.chunk_budget`` and are spread evenly over ``slots``
+    workers; every other weight alone. Returns lists of indices into ``todo``, ordered by their first.
+    The bytes do not depend on this."""
+    if method not in BATCHED_METHODS:
+        return [[i] for i in range(len(todo))]
+    batches: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
+    for i, (_, info, weight, choice) in enumerate(todo):
+        if info.cls is TensorClass.ROUTED_EXPERT:
+            batches.setdefault((choice, rotation_keys[i], tuple(weight.shape)), []).append(i)
+        else:
+            units.append([i])
+    budget = chunk_budget(device)
+    for (_, _, (n, k)), members in batches.items():
+        chunks = -(-len(members) // experts_per_chunk(n, k, budget))  # ceil(E / experts per chunk)
+        chunks = min(len(members), -(-chunks // slots) * slots)  # a multiple of the workers, where there are enough
+        size, extra = divmod(len(members), chunks)
+        start = 0
+        for c in range(chunks):
+            stop = start + size + (c < extra)
+            units.append(members[start:stop])
+            start = stop
+    return sorted(units, key=lambda unit: unit[0])
 
 
 def _source_name(group, info) -> str:
