@@ -144,15 +144,16 @@ def write_shard(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]
     return offset
 
 
-def build_checkpoint(out: Path, layers: int, experts: int, seed: int = 0) -> Path:
-    """The synthetic ERNIE-4.5-21B-A3B checkpoint with ``layers`` decoder layers (reused when complete)."""
+def build_checkpoint(out: Path, layers: int, experts: int, seed: int = 0, **dims) -> Path:
+    """The synthetic ERNIE-4.5-21B-A3B checkpoint with ``layers`` decoder layers (reused when complete);
+    ``dims``: config values that replace 21B-A3B's (the tiny checkpoints of a dry run)."""
     done = out / ".complete"
     if done.exists():
         return out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cfg = {**ERNIE_21B, "num_hidden_layers": layers, "moe_num_experts": experts}
+    cfg = {**ERNIE_21B, "num_hidden_layers": layers, "moe_num_experts": experts, **dims}
     shards = [[("model.embed_tokens.weight", (cfg["vocab_size"], cfg["hidden_size"]), torch.bfloat16)]]
     shards += [layer_tensors(cfg, i) for i in range(layers)]
     shards[-1].append(("model.norm.weight", (cfg["hidden_size"],), torch.bfloat16))

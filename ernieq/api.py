@@ -97,6 +97,16 @@ def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str |
     else the CPU in float32). A quantized model computes through the Triton kernels on CUDA and the
     reference path elsewhere, where ``decode_cache`` (auto, off or GiB; process-wide) bounds the weights
     kept decoded (``ernieq.runtime.decode_cache``)."""
+    placement = Placement.resolve(device, dtype)  # a device that is not there fails first
+    path = resolve_model(model)
+    tokenizer = load_tokenizer(path)  # before the weights: a folder without one fails at once
+    return load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache), tokenizer
+
+
+def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               decode_cache: str | float = "auto"):
+    """The model alone, as :func:`load` loads it: for what needs no text (``ernieq bench`` on a
+    synthetic checkpoint, which has no tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from ernieq.runtime.decode_cache import set_decode_cache
@@ -104,7 +114,6 @@ def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str |
     placement = Placement.resolve(device, dtype)
     set_decode_cache(decode_cache)
     path = resolve_model(model)
-    tokenizer = load_tokenizer(path)
     if is_quantized(path):
         from ernieq.runtime.loader import load_quantized
 
@@ -112,8 +121,7 @@ def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str |
     else:
         net = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype, use_safetensors=True)  # no pickle
         net = net.to(placement.device)
-    net.eval()
-    return net, tokenizer
+    return net.eval()
 
 
 def _runtime(net, placement: Placement) -> dict:
@@ -485,7 +493,7 @@ def bench(
     moe: bool = True,
     sweep: bool = False,
     save_configs: bool = False,
-    command: str = "ernieq bench",
+    command: str = "ernieq bench --kernels",
     device: str = "auto",
     dtype: str = "auto",
 ) -> "Report":  # noqa: F821
@@ -504,3 +512,41 @@ def bench(
                            codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,
                            save_configs=save_configs, command=command, device=device, dtype=dtype)  # fmt: skip
     return run_bench(options)
+
+
+def bench_model(
+    model: str | Path,
+    baseline: str | Path | None = None,
+    *,
+    batches: tuple[int, ...] = (1, 8, 32),
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    compile: bool | None = None,
+    json_path: str | Path | None = None,
+    command: str = "ernieq bench",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    decode_cache: str | float = "auto",
+) -> "ModelBenchResult":  # noqa: F821
+    """Whole-model throughput of ``model`` and ``baseline`` (one after the other, in one run): per batch
+    size, prefill and decode tokens/s with a static KV cache, peak memory and weight bytes, and the ratios
+    (see ``ernieq.bench.model``). Each loads as :func:`load_model` loads it on ``device`` in ``dtype``;
+    ``compile``: None compiles the decode step (CUDA graphs) on CUDA only. The JSON goes to ``json_path``."""
+    from ernieq.bench.model import ModelBenchOptions, check_positions, run_model_bench
+    from ernieq.model.checkpoint import read_json
+
+    placement = Placement.resolve(device, dtype)
+    options = ModelBenchOptions(tuple(batches), prompt_len, new_tokens, compile)
+    options.check()
+    named = [("model", model), *([("baseline", baseline)] if baseline is not None else [])]
+    paths = [(role, str(name), resolve_model(name)) for role, name in named]  # every name fails before any load
+    for _, name, path in paths:
+        check_positions(name, read_json(path / "config.json"), options)
+
+    def loader(path: Path):
+        return lambda: load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+
+    result = run_model_bench([(role, name, loader(path)) for role, name, path in paths], placement, options, command)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result

@@ -511,47 +511,99 @@ def _command_line(ctx: click.Context) -> str:
         if ctx.get_parameter_source(param.name) in (None, click.core.ParameterSource.DEFAULT):
             continue
         value = ctx.params[param.name]
-        if getattr(param, "is_flag", False):
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
             words.append((param.opts if value else param.secondary_opts)[0])
         else:
             words += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return " ".join(words)
 
 
-@cli.command()
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the table as markdown here (rewritten after every case).")
-@click.option("--quick", is_flag=True, help="Fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
-@click.option("--budget-s", type=click.FloatRange(min=0), default=420.0, show_default=True,
-              help="Start no new case after this many seconds.")
-@click.option("--codecs", callback=_comma_strings, default=None, metavar="LIST",
-              help="Comma list of codecs (default: wint8,wint4,fp8,ccq2).")
-@click.option("--models", callback=_comma_strings, default=None, metavar="LIST",
-              help="Comma list of model shapes: 21b, 300b (default: both on a GPU, 21b on the CPU).")
-@click.option("--m", "m", callback=_comma_ints, default=None, metavar="LIST",
-              help="Comma list of M (tokens) instead of the default.")
-@click.option("--dense/--no-dense", default=True, help="Time the dense GEMMs (attention, one expert).")
-@click.option("--moe/--no-moe", default=True, help="Time whole MoE layers (not on the CPU under --quick).")
-@click.option("--sweep", is_flag=True, help="GPU: also time a few tile configurations per case.")
-@click.option("--save-configs", is_flag=True, help="With --sweep: store the fastest tiles in the launchers' tile table.")
-@placement_options
-def bench(out: Path | None, quick: bool, budget_s: float, codecs: tuple[str, ...] | None,
-          models: tuple[str, ...] | None, m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool,
-          save_configs: bool, device: str, dtype: str) -> None:
-    """Time the kernels per codec and shape (ERNIE 4.5 21B/300B): Triton on a GPU, else the reference path on the CPU."""
-    report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
-                       moe=moe, sweep=sweep, save_configs=save_configs, device=device, dtype=dtype,
-                       command=_command_line(click.get_current_context()))
+KERNEL_OPTIONS = ("out", "quick", "budget_s", "codecs", "models", "m", "dense", "moe", "sweep", "save_configs")
+MODEL_OPTIONS = ("baseline", "batches", "prompt_len", "new_tokens", "json_path", "compile_", "decode_cache")
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` that were typed on the command line, as typed (--quick)."""
+    given = [p for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    return [p.opts[0] for p in given]
+
+
+def _print_report(report) -> None:
+    """A benchmark's ``ernieq.bench.report.Report``: banner, header lines, the table."""
     if report.banner:
         console.print(f"[bold yellow]{report.banner}[/bold yellow]", soft_wrap=True)
     for line in report.header[2:]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     table = Table()
     for col in report.columns:
-        table.add_column(col, justify="left" if col in ("model", "GEMM", "codec", "note") else "right")
+        table.add_column(col, justify="left" if col in report.text_columns else "right")
     for row in report.rows:
         table.add_row(*row.cells())
     console.print(table)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--kernels", is_flag=True, help="The per-kernel benchmark instead of a MODEL's throughput.")
+@click.option("--baseline", default=None, help="MODEL: also measure this model (folder, demo or hub id) and the ratio.")
+@click.option("--batch", "batches", callback=_comma_ints, default="1,8,32", show_default=True, metavar="LIST",
+              help="MODEL: comma list of batch sizes.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="MODEL: prompt tokens per sequence (prefilled).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="MODEL: tokens decoded per sequence, one step each.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="MODEL: write every figure as JSON here.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="MODEL: decode through torch.compile (CUDA graphs); default: on CUDA, falling back to eager.")
+@decode_cache_option
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="--kernels: also write the table as markdown here (rewritten after every case).")
+@click.option("--quick", is_flag=True, help="--kernels: fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=420.0, show_default=True,
+              help="--kernels: start no new case after this many seconds.")
+@click.option("--codecs", callback=_comma_strings, default=None, metavar="LIST",
+              help="--kernels: comma list of codecs (default: wint8,wint4,fp8,ccq2).")
+@click.option("--models", callback=_comma_strings, default=None, metavar="LIST",
+              help="--kernels: comma list of model shapes: 21b, 300b (default: both on a GPU, 21b on the CPU).")
+@click.option("--m", "m", callback=_comma_ints, default=None, metavar="LIST",
+              help="--kernels: comma list of M (tokens) instead of the default.")
+@click.option("--dense/--no-dense", default=True, help="--kernels: time the dense GEMMs (attention, one expert).")
+@click.option("--moe/--no-moe", default=True, help="--kernels: time whole MoE layers (not on the CPU under --quick).")
+@click.option("--sweep", is_flag=True, help="--kernels, GPU: also time a few tile configurations per case.")
+@click.option("--save-configs", is_flag=True,
+              help="--kernels, with --sweep: store the fastest tiles in the launchers' tile table.")
+@placement_options
+def bench(model: str | None, kernels: bool, baseline: str | None, batches: tuple[int, ...], prompt_len: int,
+          new_tokens: int, json_path: Path | None, compile_: bool | None, decode_cache: str, out: Path | None,
+          quick: bool, budget_s: float, codecs: tuple[str, ...] | None, models: tuple[str, ...] | None,
+          m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool, save_configs: bool, device: str,
+          dtype: str) -> None:
+    """Throughput of MODEL (and --baseline) per batch size: prefill and decode tokens/s, peak memory, weight
+    bytes; or, with --kernels, the kernels per codec and shape (ERNIE 4.5 21B/300B). Triton on a GPU, else
+    the reference path on the CPU, labelled so."""
+    ctx = click.get_current_context()
+    if (model is not None) == kernels:
+        raise ErnieqError("bench: give a MODEL (whole-model throughput) or --kernels (per-kernel timings)"
+                          + (", not both" if kernels else ""))
+    stray = _given(ctx, MODEL_OPTIONS if kernels else KERNEL_OPTIONS)
+    if stray:
+        what = "options of a MODEL's benchmark, not of --kernels" if kernels else "options of --kernels only"
+        raise ErnieqError(f"bench: {', '.join(stray)}: {what}")
+    if kernels:
+        report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
+                           moe=moe, sweep=sweep, save_configs=save_configs, device=device, dtype=dtype,
+                           command=_command_line(ctx))
+    else:
+        report = api.bench_model(model, baseline, batches=batches, prompt_len=prompt_len, new_tokens=new_tokens,
+                                 compile=compile_, json_path=json_path, command=_command_line(ctx), device=device,
+                                 dtype=dtype, decode_cache=decode_cache).report
+    _print_report(report)
+    if json_path is not None:
+        console.print(f"wrote {json_path}", highlight=False)
     if report.failures:
         raise ErnieqError(f"bench: {len(report.failures)} case(s) failed or errored; see the note column")
 

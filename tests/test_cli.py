@@ -146,12 +146,14 @@ def _device_cases(tiny, tmp):
         "report": ["report", tmp / "dir", "--baseline", tiny, "--data", "demo", "--out", tmp / "report"],
         "generate": ["generate", tiny, "--prompt", "hi"],
         "verify": ["verify", tmp / "dir"],
-        "bench": ["bench", "--quick"],
+        "bench": ["bench", tiny, "--baseline", tiny],
+        "bench --kernels": ["bench", "--kernels", "--quick"],
     }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
-@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench"])
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench",
+                                     "bench --kernels"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_one_line_for_every_command(tiny, tmp_path, monkeypatch, capsys, command, device):
     args = _device_cases(tiny, tmp_path)[command]
@@ -167,7 +169,7 @@ def test_every_command_takes_device_and_dtype(monkeypatch, capsys, command):
     code, out, _ = run(monkeypatch, capsys, command, "--help")
     assert code == 0
     assert "--device" in out and "auto|cpu|cuda|cuda:N" in out and "--dtype" in out
-    assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify"))
+    assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify", "bench"))
 
 
 @pytest.mark.parametrize("option, value, message", [("--dtype", "int8", "'int8' is not one of"),
@@ -189,7 +191,8 @@ def test_api_functions_refuse_cuda_without_cuda_before_any_work(tiny, tmp_path):
              lambda: api.evaluate(tiny, "demo", device="cuda:0"),
              lambda: api.generate(tiny, "hi", device="cuda"),
              lambda: api.load(tiny, device="cuda"),
-             lambda: api.bench(device="cuda", quick=True)]
+             lambda: api.bench(device="cuda", quick=True),
+             lambda: api.bench_model(tiny, tiny, device="cuda")]
     for call in calls:
         with pytest.raises(DeviceError, match="no CUDA GPU on this machine"):
             call()
