@@ -75,12 +75,13 @@ def _log_to_file(path: Path) -> None:
 @click.option("--top-k", type=int, default=None, help="Experts per token (default: the variant's).")
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
-    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.demo import build_demo_model
+    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT: a copy of the
+    cached build ($ERNIEQ_CACHE, default ~/.cache/ernieq), built there first if missing."""
+    from ernieq.demo import write_demo_model
     from ernieq.model.checkpoint import weights_sha256
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
-    path = build_demo_model(out, variant=variant, **options)
+    path = write_demo_model(out, variant, **options)
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
     console.print(f"weights sha256 {weights_sha256(path)} (LC_ALL=C sha256sum *.safetensors | sha256sum)")
 

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from ernieq.demo.cache import atomic_folder, cache_root
+from ernieq.demo.cache import atomic_folder, cache_root, copy_folder
 from ernieq.demo.convert import checkpoint_tensors, ernie_config, layer_index
 from ernieq.demo.pad import padding_for
 from ernieq.demo.plan import moe_plans
@@ -76,16 +76,25 @@ def build_demo_model(
     return out
 
 
-def demo_model_path(variant: str = "routed") -> Path:
-    """The cached demo checkpoint of ``variant``, built on first use (a few minutes on a CPU)."""
-    recipe = make_recipe(variant)
+def demo_model_path(variant: str = "routed", **options: int | None) -> Path:
+    """The cached demo checkpoint of ``variant`` (``options``: experts, top_k, shared), built on first
+    use (minutes on a CPU): every later use, ``demo`` as a model name or ``demo-model --out``, is free."""
+    recipe = make_recipe(variant, **options)
     path = cache_root() / f"demo-{variant}-v{RECIPE_VERSION}-{recipe.key}"
     if path.is_dir():
         return path
     log.info("building the demo model (%s) into %s", variant, path)
     try:
-        return build_demo_model(path, variant=variant)
+        return build_demo_model(path, variant=variant, **options)
     except DemoModelError:
         if path.is_dir() and any(path.iterdir()):  # another process finished the same build first
             return path
         raise
+
+
+def write_demo_model(out_dir: str | os.PathLike, variant: str = "routed", **options: int | None) -> Path:
+    """The demo checkpoint in ``out_dir``: the cached build (:func:`demo_model_path`, built first if
+    missing), copied in seconds rather than built again."""
+    src = demo_model_path(variant, **options)
+    log.info("copying the cached demo model %s to %s", src, out_dir)
+    return copy_folder(src, Path(out_dir))
