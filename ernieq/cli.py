@@ -47,11 +47,18 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     from ernieq.progress import set_quiet
 
     set_quiet(quiet)
-    terminal = RichHandler(console=err_console, show_path=False)
+    terminal = RichHandler(console=err_console, show_path=False) if sys.stderr.isatty() else _plain_log_handler()
     terminal.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[terminal])
     if log_file is not None:
         _log_to_file(log_file)
+
+
+def _plain_log_handler() -> logging.Handler:
+    """Log lines as they are for a pipe or a file: rich would pad each to the console's full width."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def _log_to_file(path: Path) -> None:
