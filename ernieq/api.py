@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -315,12 +316,17 @@ def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, ov
     return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite, options=_format_options(fmt, tp))
 
 
-def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt``; returns the prompt and the new text."""
+def generate(model: str | Path, prompt: str, max_new_tokens: int = 32,
+             stream: Callable[[str], None] | None = None) -> str:
+    """Greedy continuation of ``prompt``; returns the prompt and the new text. ``stream``: called with the
+    text of each new token as soon as it is produced (on a CPU a token can take seconds)."""
+    from ernieq.progress import TokenStream
+
     net, tokenizer = load(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    streamer = TokenStream(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
-        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 

@@ -357,8 +357,10 @@ def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 def generate(model: str, prompt: str, max_new_tokens: int) -> None:
-    """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
-    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens), highlight=False)
+    """Greedy continuation of PROMPT by MODEL (plain or quantized), printed token by token as it is produced."""
+    click.echo(prompt, nl=False)
+    api.generate(model, prompt, max_new_tokens=max_new_tokens, stream=lambda text: click.echo(text, nl=False))
+    click.echo()
 
 
 @cli.command()

@@ -14,6 +14,7 @@ from ernieq.demo.plan import moe_plans
 from ernieq.demo.recipe import RECIPE_VERSION, DemoModelError, DemoRecipe, make_recipe, validate_recipe
 from ernieq.demo.source import SOURCE_GGUF, SOURCE_PIP_NAME, DenseSource, load_dense_source
 from ernieq.model.checkpoint import CheckpointWriter, weights_sha256, write_json
+from ernieq.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_
     padding = padding_for(dense)
     plans = moe_plans(source, recipe, num_layers, calib_text)
     state = {k: v.float() for k, v in source.model.state_dict().items() if (layer_index(k) or 0) < num_layers}
-    with CheckpointWriter(tmp, max_shard_bytes=2**30) as writer:
+    with CheckpointWriter(tmp, max_shard_bytes=2**30) as writer, progress_bar() as bar:
+        task = bar.add_task("demo model: writing tensors", total=None)
         for name, tensor in checkpoint_tensors(state, plans, padding):
             writer.add(name, tensor)
+            bar.advance(task)
     config = ernie_config(dense, recipe, moe_size, num_layers, padding)
     write_json(tmp / "config.json", config)
     special = {k: getattr(dense, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

@@ -95,3 +95,11 @@ def test_a_local_folder_named_demo_wins_and_the_log_says_so(monkeypatch, tmp_pat
         path = api.resolve_model("demo")
     assert path.resolve() == (tmp_path / "demo").resolve()
     assert f"using the local folder {(tmp_path / 'demo').resolve()}, not the built-in demo model" in caplog.text
+
+
+def test_the_build_shows_progress_off_a_terminal(tmp_path, dense_source, capsys):
+    """Into a pipe (pytest's captured stderr) each long step of the build writes plain progress lines."""
+    build_demo_model(tmp_path / "m", variant="routed", num_layers=3, calib_tokens=1024, source=dense_source)
+    err = capsys.readouterr().err
+    assert "demo model: experts and router per layer: 100% 2/2, " in err
+    assert "demo model: writing tensors: " in err and "elapsed" in err
