@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -284,14 +285,16 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
     if o.method != "rtn" and stats is None:
         raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
+    base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:
         if o.format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, o, calib=stats)
+            return run_quantize(source, out, config, o, calib=stats, base_model=base)
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
-            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
+            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats,
+                                   base_model=base)
             if main:
                 export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
@@ -363,16 +366,20 @@ def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, ov
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32, *, device: str | torch.device = "auto",
-             dtype: str | torch.dtype = "auto", decode_cache: str | float = "auto") -> str:
+             dtype: str | torch.dtype = "auto", decode_cache: str | float = "auto",
+             stream: Callable[[str], None] | None = None) -> str:
     """Greedy continuation of ``prompt`` on ``device`` in ``dtype`` (see :func:`load`); returns the prompt
-    and the new text. Where it ran is logged."""
+    and the new text. ``stream``: called with the text of each new token as soon as it is produced (on a
+    CPU a token can take seconds). Where it ran is logged."""
     from ernieq.device import describe
+    from ernieq.progress import TokenStream
 
     placement = Placement.resolve(device, dtype)
     net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(placement.device)
+    streamer = TokenStream(tokenizer, stream) if stream is not None else None
     with torch.inference_mode():
-        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
     log.info("generated on %s", describe(_runtime(net, placement)))
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
@@ -428,7 +435,8 @@ def publish(
     overwrite: bool = False,
 ) -> Path:
     """A hub-ready folder of QDIR (default: ``QDIR-hub`` beside it): model card from REPORT_DIR's report.json,
-    SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given."""
+    SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given. The base model (its license and
+    LICENSE): BASE_MODEL, else the report's baseline, else the one QDIR records it was quantized from."""
     from ernieq.eval.report import read_report
     from ernieq.publish.folder import publish as publish_folder
     from ernieq.publish.folder import push_to_hub as push
@@ -437,11 +445,26 @@ def publish(
     out = Path(out) if out is not None else qdir.parent / f"{qdir.name}-hub"
     rep = read_report(Path(report_dir)) if report_dir is not None else None
     base_path = resolve_model(base_model) if base_model is not None else None
+    if base_model is None and rep is None:
+        base_model, base_path = _quantized_from(qdir)
     path = publish_folder(qdir, out, name=name, report=rep, report_dir=report_dir, base_model=base_model,
                           base_path=base_path, overwrite=overwrite)
     if push_to_hub:
         log.info("pushed to %s", push(path, push_to_hub))
     return path
+
+
+def _quantized_from(qdir: Path) -> tuple[str | None, Path | None]:
+    """The base model an ernieq checkpoint records (``quantization_config.base_model``) and its folder;
+    the folder is None, with a warning, when the model is no longer at hand (the card then says so)."""
+    config = qdir / "config.json"
+    qc = (json.loads(config.read_text()).get("quantization_config") or {}) if config.is_file() else {}
+    name = qc.get("base_model")
+    try:
+        return name, resolve_model(name) if name is not None else None
+    except ErnieqError as err:
+        log.warning("the base model %s is not at hand, so neither is its license: %s", name, err)
+        return name, None
 
 
 @dataclass

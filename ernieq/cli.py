@@ -48,11 +48,18 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     from ernieq.progress import set_quiet
 
     set_quiet(quiet)
-    terminal = RichHandler(console=err_console, show_path=False)
+    terminal = RichHandler(console=err_console, show_path=False) if sys.stderr.isatty() else _plain_log_handler()
     terminal.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[terminal])
     if log_file is not None:
         _log_to_file(log_file)
+
+
+def _plain_log_handler() -> logging.Handler:
+    """Log lines as they are for a pipe or a file: rich would pad each to the console's full width."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def _log_to_file(path: Path) -> None:
@@ -124,12 +131,13 @@ distributed_option = click.option(
 @click.option("--top-k", type=int, default=None, help="Experts per token (default: the variant's).")
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
-    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.demo import build_demo_model
+    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT: a copy of the
+    cached build ($ERNIEQ_CACHE, default ~/.cache/ernieq), built there first if missing."""
+    from ernieq.demo import write_demo_model
     from ernieq.model.checkpoint import weights_sha256
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
-    path = build_demo_model(out, variant=variant, **options)
+    path = write_demo_model(out, variant, **options)
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
     console.print(f"weights sha256 {weights_sha256(path)} (LC_ALL=C sha256sum *.safetensors | sha256sum)")
 
@@ -415,9 +423,11 @@ def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
 @placement_options
 @decode_cache_option
 def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str) -> None:
-    """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
-    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                               decode_cache=decode_cache), highlight=False)
+    """Greedy continuation of PROMPT by MODEL (plain or quantized), printed token by token as it is produced."""
+    click.echo(prompt, nl=False)
+    api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, decode_cache=decode_cache,
+                 stream=lambda text: click.echo(text, nl=False))
+    click.echo()
 
 
 @cli.command()

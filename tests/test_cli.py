@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -207,3 +208,18 @@ def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
     assert code == 0, err
     assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")
+
+
+def test_log_lines_into_a_pipe_are_plain(tiny, tmp_path):
+    """Off a terminal a log line is one line as long as its message, not padded to a full-width console."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import REPO
+
+    shutil.copytree(tiny, tmp_path / "demo")  # `demo` then names this folder, and the log says so
+    proc = subprocess.run([sys.executable, "-c", "from ernieq.cli import main; main()", "inspect", "demo"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if "using the local folder" in line)
+    assert " INFO demo: using the local folder " in line and line == line.rstrip() and len(line) < 300
