@@ -253,7 +253,7 @@ def hidden_store(device: torch.device, nbytes: int) -> torch.device:
     room = int(HIDDEN_SHARE * available_memory(device))
     if nbytes <= room:
         return device
-    log.info("calibration: the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
+    log.info("the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
              "memory and go to %s one batch at a time", nbytes / 2**30, room / 2**30, device, device)
     return HOST
 
