@@ -186,7 +186,7 @@ class LayerwiseModel(MetaModel):
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
             state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
-                                        replaced))
+                                        replaced, self.dtype, self.device))
         return _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
 
 
@@ -200,21 +200,21 @@ def _base_prefix(model: nn.Module) -> str:
 
 
 def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str,
-                   replaced: dict[str, torch.Tensor]) -> dict:
+                   replaced: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict:
     """transformers' fused expert parameters (relative to the layer) from either checkpoint layout,
-    with the per-expert weights named in ``replaced`` taking those values."""
+    with the per-expert weights named in ``replaced`` taking those values. Per-expert tensors are copied
+    straight into place in ``dtype`` on ``device``: no stored-dtype copy of the whole block beside it."""
     rel = hf_prefix[len(layer_prefix):]
     if experts.fused:
-        gate_up = reader.get(f"{experts.prefix}.gate_up_proj")  # [E, 2I, H]
-        down = reader.get(f"{experts.prefix}.down_proj")  # [E, H, I]
-        if replaced:
-            gate_up, down = gate_up.clone(), down.clone()
+        copy = bool(replaced)  # written into below: not the file's pages
+        gate_up = reader.get(f"{experts.prefix}.gate_up_proj").to(device, dtype, copy=copy)  # [E, 2I, H]
+        down = reader.get(f"{experts.prefix}.down_proj").to(device, dtype, copy=copy)  # [E, H, I]
         inter = gate_up.shape[1] // 2
     else:
         first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
         inter, hidden = first_gate.shape
-        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
-        down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
+        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=dtype, device=device)  # [E, 2I, H]
+        down = torch.empty(experts.num_experts, *first_down.shape, dtype=dtype, device=device)  # [E, H, I]
     for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
         for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
             name = experts.canonical_name(e, proj)
