@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ernieq.device import HOST, available_memory
+from ernieq.device import HOST, available_memory, trim_host_memory
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
@@ -91,6 +91,7 @@ class MetaModel:
         """Send layer i's weights back to the meta device (frees their memory) and unmap the shards read."""
         self.layers[i].to("meta")
         self.reader.release()  # unmap the files read: their pages stop counting in this process's memory
+        trim_host_memory()
 
     def place_outer(self) -> None:
         """Put the checkpoint's tensors outside the decoder layers into the model, on the device."""
@@ -228,6 +229,7 @@ def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGrou
                 raise CheckpointError(f"{reader.file_of(name) if name in reader else reader.path}: {name} has shape "
                                       f"{tuple(src.shape)}, expert 0 has {tuple(dst.shape)}")
             dst.copy_(src)
+        reader.release()  # unmap as we go: the pages read do not sit in memory beside the copy
     return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
 
 
