@@ -123,6 +123,15 @@ distributed_option = click.option(
          "under torchrun this is the default.")
 
 
+def stream_option(fn):
+    """--stream/--no-stream: one decoder layer resident at a time (``ernieq.runtime.stream``)."""
+    return click.option("--stream/--no-stream", default=None,
+                        help="Hold one decoder layer at a time, read from the checkpoint as it runs (evaluation runs "
+                             "every window through layer i, then layer i+1, so each weight is read once; generation "
+                             "reads every layer once per new token: slow, bounded memory). Default: stream when the "
+                             "weights as computed exceed half the memory available on the device.")(fn)
+
+
 @cli.command("demo-model")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Folder to write the checkpoint to.")
 @click.option("--variant", type=click.Choice(["routed", "exact"]), default="routed", show_default=True,
@@ -224,9 +233,10 @@ def _task_options(f):
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
 @placement_options
 @decode_cache_option
+@stream_option
 def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, tasks: tuple[str, ...] | None,
           include_paths: tuple[Path, ...], limit: int | None, num_fewshot: int | None, batch_size: int,
-          json_path: Path | None, device: str, dtype: str, decode_cache: str) -> None:
+          json_path: Path | None, device: str, dtype: str, decode_cache: str, stream: bool | None) -> None:
     """Perplexity of MODEL on DATA (non-overlapping windows, exp(mean token NLL)) and/or lm-evaluation-harness
     TASKS on MODEL as ernieq runs it."""
     if not data and not tasks:
@@ -234,7 +244,8 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
     r = None
     if data:
         r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows,
-                         json_path=None if tasks else json_path, device=device, dtype=dtype, decode_cache=decode_cache)
+                         json_path=None if tasks else json_path, device=device, dtype=dtype, decode_cache=decode_cache,
+                         stream=stream)
         console.print(
             f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
             f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s on {describe(r.runtime)}",
@@ -243,7 +254,7 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
     if tasks:
         t = api.evaluate_tasks(model, tasks, include_paths=include_paths, limit=limit, num_fewshot=num_fewshot,
                                batch_size=batch_size, json_path=json_path, perplexity=r, device=device, dtype=dtype,
-                               decode_cache=decode_cache)
+                               decode_cache=decode_cache, stream=stream)
         table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s on {describe(t.runtime)}")
         for col in ("task", "metric", "examples", "shots", "value", "stderr"):
             table.add_column(col, justify="left" if col in ("task", "metric") else "right")
@@ -422,11 +433,13 @@ def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @placement_options
 @decode_cache_option
-def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str) -> None:
+@stream_option
+def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str,
+             stream: bool | None) -> None:
     """Greedy continuation of PROMPT by MODEL (plain or quantized), printed token by token as it is produced."""
     click.echo(prompt, nl=False)
     api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, decode_cache=decode_cache,
-                 stream=lambda text: click.echo(text, nl=False))
+                 stream=stream, on_token=lambda text: click.echo(text, nl=False))
     click.echo()
 
 
@@ -448,10 +461,11 @@ def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: s
 @_task_options
 @placement_options
 @decode_cache_option
+@stream_option
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
            seq_len: int, max_windows: int, tasks: tuple[str, ...] | None, include_paths: tuple[Path, ...],
            limit: int | None, num_fewshot: int | None, batch_size: int, device: str, dtype: str,
-           decode_cache: str) -> None:
+           decode_cache: str, stream: bool | None) -> None:
     """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL,
     top-1, lm-eval task accuracy (--tasks), per-layer and per-expert error, bits by tensor class, calibration
     coverage, plots."""
@@ -461,7 +475,7 @@ def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, 
     task_options = TaskOptions(tasks, tuple(map(str, include_paths)), limit, num_fewshot, batch_size) if tasks else None
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
                         max_windows=max_windows, tasks=task_options, device=device, dtype=dtype,
-                        decode_cache=decode_cache)
+                        decode_cache=decode_cache, stream=stream)
     for c in result["perplexity"]:
         base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
         console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
@@ -498,9 +512,10 @@ def publish(qdir: Path, out: Path | None, name: str | None, report_dir: Path | N
 @click.option("--no-smoke", is_flag=True, help="Skip the perplexity smoke test (files, sums and shapes only).")
 @placement_options
 @decode_cache_option
-def verify(folder: Path, no_smoke: bool, device: str, dtype: str, decode_cache: str) -> None:
+@stream_option
+def verify(folder: Path, no_smoke: bool, device: str, dtype: str, decode_cache: str, stream: bool | None) -> None:
     """Re-check a published folder: every SHA-256 sum, every tensor, shapes and dtypes, a perplexity smoke test."""
-    r = api.verify(folder, smoke=not no_smoke, device=device, dtype=dtype, decode_cache=decode_cache)
+    r = api.verify(folder, smoke=not no_smoke, device=device, dtype=dtype, decode_cache=decode_cache, stream=stream)
     smoke = (f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens on {describe(r.runtime)}"
              if r.smoke_ppl else "")
     console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "

@@ -57,7 +57,7 @@ def test_generate_streams_each_token_before_the_next_is_computed(demo_routed_dir
 
     monkeypatch.setattr(api, "load", counting_load)
     prompt, pieces = "The capital of France is", []
-    text = api.generate(demo_routed_dir, prompt, max_new_tokens=6, stream=lambda t: pieces.append((t, len(forwards))))
+    text = api.generate(demo_routed_dir, prompt, max_new_tokens=6, on_token=lambda t: pieces.append((t, len(forwards))))
     assert len(forwards) == 6 and pieces[0][1] == 1  # the first token's text came before the second forward
     calls = [n for _, n in pieces]
     assert calls == sorted(set(calls)) and len(calls) >= 3  # one piece per token (a partial character may wait)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ernieq.device import HOST, available_memory
+from ernieq.device import HOST, available_memory, trim_host_memory
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
@@ -48,36 +48,105 @@ class LayerTensors:
     experts: ExpertGroup | None
 
 
-class LayerwiseModel:
-    """A checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
+class MetaModel:
+    """A transformers causal LM built on the meta device from the config of a checkpoint ``reader`` (no memory
+    for weights), whose parts a subclass materialises on ``device`` in ``dtype``: decoder layers one at a time
+    (``load_layer``/``release_layer``), and the parts outside them (embeddings, final norm, head) with
+    ``load_outer``. The rotary embeddings and causal masks are computed here, as the transformers model
+    computes them. ``reader``: a ``CheckpointReader`` or a quantized format's reader (``path``, ``config``,
+    ``release()``)."""
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
+    def __init__(self, reader, dtype: torch.dtype, device: torch.device):
         from transformers import AutoModelForCausalLM
 
-        self.path = Path(path)
-        self.reader = CheckpointReader(self.path)
-        self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
+        self.reader = reader
+        self.path = Path(reader.path)
         self.dtype = dtype
         self.device = device
-        self.config = hf_config(self.reader.config)
+        self.config = hf_config(reader.config)
         self.config._attn_implementation = "sdpa"
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
         self.base = self.model.get_submodule(_base_prefix(self.model))
         self.layers: nn.ModuleList = self.base.layers
         self.rotary = type(self.base.rotary_emb)(config=self.config).to(device)
-        self._by_layer: dict[int | None, list[TensorInfo]] = {}
-        for name in self.reader.keys():
-            info = self.adapter.classify(name)
-            self._by_layer.setdefault(info.layer, []).append(info)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def layers_prefix(self) -> str:
+        """What the transformers names of the decoder layers' tensors start with, e.g. ``model.layers.``."""
+        return f"{_base_prefix(self.model)}.layers."
+
     def layer_prefix(self, i: int) -> str:
         """The transformers module path of decoder layer i, e.g. ``model.layers.3``."""
-        return f"{_base_prefix(self.model)}.layers.{i}"
+        return f"{self.layers_prefix}{i}"
+
+    def load_layer(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def release_layer(self, i: int) -> None:
+        """Send layer i's weights back to the meta device (frees their memory) and unmap the shards read."""
+        self.layers[i].to("meta")
+        self.reader.release()  # unmap the files read: their pages stop counting in this process's memory
+        trim_host_memory()
+
+    def place_outer(self) -> None:
+        """Put the checkpoint's tensors outside the decoder layers into the model, on the device."""
+        raise NotImplementedError
+
+    def load_outer(self) -> None:
+        """Materialise everything outside the decoder layers (embeddings, final norm, head) on the device."""
+        self.place_outer()
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        missing = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self.layers_prefix)]
+        if missing:
+            raise CheckpointError(f"{self.path}: no stored values for {missing[:4]}")
+
+    def position_ids(self, seq_len: int, start: int = 0) -> torch.Tensor:
+        return torch.arange(start, start + seq_len, device=self.device).unsqueeze(0)  # [1, L]
+
+    def layer_inputs(self, hidden: torch.Tensor, cache=None) -> dict:
+        """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]; ``cache``: a
+        transformers KV cache holding the earlier positions (taken before the first layer of the step)."""
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = self.position_ids(hidden.shape[1], cache.get_seq_length() if cache is not None else 0)
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
+        )
+        extra = {"cache": cache, "use_cache": True} if cache is not None else {}
+        return {
+            "attention_mask": mask,
+            "position_ids": position_ids,
+            "position_embeddings": self.rotary(hidden, position_ids),
+            **extra,
+        }
+
+
+class LayerwiseModel(MetaModel):
+    """A plain checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
+        super().__init__(CheckpointReader(path), dtype, device)
+        self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
+        self._by_layer: dict[int | None, list[TensorInfo]] = {}
+        for name in self.reader.keys():
+            info = self.adapter.classify(name)
+            self._by_layer.setdefault(info.layer, []).append(info)
+
+    def place_outer(self) -> None:
+        expected = self.model.state_dict()
+        state = {self.adapter.to_hf_name(t.name): self.reader.get(t.name) for t in self._by_layer.get(None, [])}
+        unexpected = sorted(k for k in state if k not in expected or k.startswith(self.layers_prefix))
+        if unexpected:
+            raise CheckpointError(f"{self.path}: tensors the model has no place for outside its layers: "
+                                  f"{unexpected[:4]}")
+        self.model.load_state_dict({k: v.to(self.device, expected[k].dtype if v.is_floating_point() else v.dtype)
+                                    for k, v in state.items()}, strict=False, assign=True)
 
     def layer_tensors(self, i: int) -> LayerTensors:
         infos = tuple(sorted(self._by_layer.get(i, []), key=lambda t: t.name))
@@ -100,23 +169,6 @@ class LayerwiseModel:
         finally:
             module.to("meta")
 
-    def position_ids(self, seq_len: int) -> torch.Tensor:
-        return torch.arange(seq_len, device=self.device).unsqueeze(0)  # [1, L]
-
-    def layer_inputs(self, hidden: torch.Tensor) -> dict:
-        """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]."""
-        from transformers.masking_utils import create_causal_mask
-
-        position_ids = self.position_ids(hidden.shape[1])
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-        )
-        return {
-            "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary(hidden, position_ids),
-        }
-
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Decoder layer i with its weights from the checkpoint (in the model's dtype, on its device); ``replaced``
         gives other values for some checkpoint tensors (by name; routed experts by per-expert name)."""
@@ -135,12 +187,8 @@ class LayerwiseModel:
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
             state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
-                                        replaced))
+                                        replaced, self.dtype, self.device))
         return _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
-
-    def release_layer(self, i: int) -> None:
-        """Send layer i's weights back to the meta device (frees their memory)."""
-        self.layers[i].to("meta")
 
 
 def _base_prefix(model: nn.Module) -> str:
@@ -153,21 +201,21 @@ def _base_prefix(model: nn.Module) -> str:
 
 
 def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str,
-                   replaced: dict[str, torch.Tensor]) -> dict:
+                   replaced: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict:
     """transformers' fused expert parameters (relative to the layer) from either checkpoint layout,
-    with the per-expert weights named in ``replaced`` taking those values."""
+    with the per-expert weights named in ``replaced`` taking those values. Per-expert tensors are copied
+    straight into place in ``dtype`` on ``device``: no stored-dtype copy of the whole block beside it."""
     rel = hf_prefix[len(layer_prefix):]
     if experts.fused:
-        gate_up = reader.get(f"{experts.prefix}.gate_up_proj")  # [E, 2I, H]
-        down = reader.get(f"{experts.prefix}.down_proj")  # [E, H, I]
-        if replaced:
-            gate_up, down = gate_up.clone(), down.clone()
+        copy = bool(replaced)  # written into below: not the file's pages
+        gate_up = reader.get(f"{experts.prefix}.gate_up_proj").to(device, dtype, copy=copy)  # [E, 2I, H]
+        down = reader.get(f"{experts.prefix}.down_proj").to(device, dtype, copy=copy)  # [E, H, I]
         inter = gate_up.shape[1] // 2
     else:
         first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
         inter, hidden = first_gate.shape
-        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
-        down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
+        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=dtype, device=device)  # [E, 2I, H]
+        down = torch.empty(experts.num_experts, *first_down.shape, dtype=dtype, device=device)  # [E, H, I]
     for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
         for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
             name = experts.canonical_name(e, proj)
@@ -181,6 +229,7 @@ def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGrou
                 raise CheckpointError(f"{reader.file_of(name) if name in reader else reader.path}: {name} has shape "
                                       f"{tuple(src.shape)}, expert 0 has {tuple(dst.shape)}")
             dst.copy_(src)
+        reader.release()  # unmap as we go: the pages read do not sit in memory beside the copy
     return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
 
 
@@ -206,7 +255,7 @@ def hidden_store(device: torch.device, nbytes: int) -> torch.device:
     room = int(HIDDEN_SHARE * available_memory(device))
     if nbytes <= room:
         return device
-    log.info("calibration: the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
+    log.info("the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
              "memory and go to %s one batch at a time", nbytes / 2**30, room / 2**30, device, device)
     return HOST
 

@@ -110,6 +110,9 @@ class NativeReader:
     def plain(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
 
+    def release(self) -> None:
+        self.reader.release()
+
     def summary(self):
         from ernieq.model.summary import summarize
 
