@@ -143,15 +143,15 @@ def _free() -> None:
 def demo(c: Check) -> Path:
     """The demo (built and cached on first use); in the dry run a tiny synthetic ERNIE MoE."""
     if c.plan.dry:
-        return scale.build_checkpoint(c.work / "tiny-demo", layers=3, experts=4, **TINY_DIMS)
+        return scale.build_checkpoint(c.work / "tiny-demo", {**scale.cut_config(scale.ERNIE_21B, 3, 4), **TINY_DIMS})
     return api.resolve_model("demo")
 
 
 def synthetic_21b(c: Check) -> Path:
     """4 decoder layers of ERNIE-4.5-21B-A3B (random bf16 weights); in the dry run its tiny counterpart."""
     dims = TINY_DIMS if c.plan.dry else {}
-    return scale.build_checkpoint(c.work / "synthetic-21b", layers=4, experts=c.plan.synthetic_experts, seed=1,
-                                  **dims)
+    return scale.build_checkpoint(c.work / "synthetic-21b",
+                                  {**scale.cut_config(scale.ERNIE_21B, 4, c.plan.synthetic_experts), **dims}, seed=1)
 
 
 def quantized(c: Check, source: Path, setting: str) -> Path:

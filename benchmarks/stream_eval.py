@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from scale import build_checkpoint, run_measured
+from scale import ERNIE_21B, build_checkpoint, cut_config, run_measured
 
 from ernieq.provenance import git_commit, machine
 
@@ -103,8 +103,8 @@ def main() -> None:
     wanted = [kinds[k] for k in names]
     rows = []
     for layers in args.layers:
-        ckpt = with_tokenizer(build_checkpoint(args.workdir / f"ernie21b-{layers}l-{args.experts}e", layers,
-                                               args.experts))
+        ckpt = with_tokenizer(build_checkpoint(args.workdir / f"ernie21b-{layers}l-{args.experts}e",
+                                               cut_config(ERNIE_21B, layers, args.experts)))
         q2 = args.workdir / f"ernie21b-{layers}l-{args.experts}e-w2"
         if CHECKPOINTS[1] in wanted:
             quantized(ckpt, q2)
