@@ -64,12 +64,14 @@ class PlainProgress(Progress):
         for task in self.tasks:
             if not task.visible or not task.description.strip():
                 continue
-            pct = f"{task.percentage:.0f}% " if task.total else ""
-            total = f"/{task.total:,.0f}" if task.total is not None else ""
-            extra = " ".join(str(v) for k, v in task.fields.items() if k == "count" and v)
+            pct = f"{task.percentage:.0f}%" if task.total else ""
+            done = f"{task.completed:,.0f}" + (f"/{task.total:,.0f}" if task.total is not None else "")
+            count = str(task.fields.get("count") or "")
+            if count.split(" ", 1)[0].replace(",", "") == done.replace(",", ""):
+                done = ""  # the count field already says done/total (a group's "3/4 expert 3.up_proj")
+            figures = " ".join(part for part in (pct, done, count) if part)
             eta = _clock(task.time_remaining) if task.total else "-"
-            out.append(f"{task.description.strip()}: {pct}{task.completed:,.0f}{total}{' ' + extra if extra else ''}, "
-                       f"{_clock(task.elapsed)} elapsed, eta {eta}")
+            out.append(f"{task.description.strip()}: {figures}, {_clock(task.elapsed)} elapsed, eta {eta}")
         return out
 
     def _write(self) -> None:

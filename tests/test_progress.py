@@ -21,6 +21,14 @@ def test_plain_progress_writes_lines_while_it_runs_and_when_it_ends():
     assert "elapsed, eta" in lines[0]
 
 
+def test_a_count_that_says_done_of_total_is_not_repeated():
+    bar = progress.PlainProgress()
+    task = bar.add_task("  layers.3.mlp", total=4, count="")
+    bar.update(task, advance=4, count="4/4 expert 3.down_proj")
+    assert bar.lines() == [f"layers.3.mlp: 100% 4/4 expert 3.down_proj, {progress._clock(bar.tasks[0].elapsed)} "
+                           f"elapsed, eta 0:00:00"]
+
+
 def test_progress_bar_is_plain_off_a_terminal_and_silent_when_quiet(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
     assert isinstance(progress.progress_bar(True), progress.PlainProgress)
