@@ -579,11 +579,13 @@ def bench_model(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     decode_cache: str | float = "auto",
+    stream: bool | None = None,
 ) -> "ModelBenchResult":  # noqa: F821
     """Whole-model throughput of ``model`` and ``baseline`` (one after the other, in one run): per batch
     size, prefill and decode tokens/s with a static KV cache, peak memory and weight bytes, and the ratios
     (see ``ernieq.bench.model``). Each loads as :func:`load_model` loads it on ``device`` in ``dtype``;
-    ``compile``: None compiles the decode step (CUDA graphs) on CUDA only. The JSON goes to ``json_path``."""
+    ``compile``: None compiles the decode step (CUDA graphs) on CUDA only; ``stream`` as :func:`load_model`
+    (a streamed model decodes eagerly, every layer read per step). The JSON goes to ``json_path``."""
     from ernieq.bench.model import ModelBenchOptions, check_positions, run_model_bench
     from ernieq.model.checkpoint import read_json
 
@@ -596,7 +598,8 @@ def bench_model(
         check_positions(name, read_json(path / "config.json"), options)
 
     def loader(path: Path):
-        return lambda: load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+        return lambda: load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                                  stream=stream)
 
     result = run_model_bench([(role, name, loader(path)) for role, name, path in paths], placement, options, command)
     if json_path is not None:

@@ -546,7 +546,7 @@ def _command_line(ctx: click.Context) -> str:
 
 
 KERNEL_OPTIONS = ("out", "quick", "budget_s", "codecs", "models", "m", "dense", "moe", "sweep", "save_configs")
-MODEL_OPTIONS = ("baseline", "batches", "prompt_len", "new_tokens", "json_path", "compile_", "decode_cache")
+MODEL_OPTIONS = ("baseline", "batches", "prompt_len", "new_tokens", "json_path", "compile_", "decode_cache", "stream")
 
 
 def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
@@ -585,6 +585,7 @@ def _print_report(report) -> None:
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="MODEL: decode through torch.compile (CUDA graphs); default: on CUDA, falling back to eager.")
 @decode_cache_option
+@stream_option
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="--kernels: also write the table as markdown here (rewritten after every case).")
 @click.option("--quick", is_flag=True, help="--kernels: fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
@@ -603,7 +604,8 @@ def _print_report(report) -> None:
               help="--kernels, with --sweep: store the fastest tiles in the launchers' tile table.")
 @placement_options
 def bench(model: str | None, kernels: bool, baseline: str | None, batches: tuple[int, ...], prompt_len: int,
-          new_tokens: int, json_path: Path | None, compile_: bool | None, decode_cache: str, out: Path | None,
+          new_tokens: int, json_path: Path | None, compile_: bool | None, decode_cache: str, stream: bool | None,
+          out: Path | None,
           quick: bool, budget_s: float, codecs: tuple[str, ...] | None, models: tuple[str, ...] | None,
           m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool, save_configs: bool, device: str,
           dtype: str) -> None:
@@ -625,7 +627,7 @@ def bench(model: str | None, kernels: bool, baseline: str | None, batches: tuple
     else:
         report = api.bench_model(model, baseline, batches=batches, prompt_len=prompt_len, new_tokens=new_tokens,
                                  compile=compile_, json_path=json_path, command=_command_line(ctx), device=device,
-                                 dtype=dtype, decode_cache=decode_cache).report
+                                 dtype=dtype, decode_cache=decode_cache, stream=stream).report
     _print_report(report)
     if json_path is not None:
         console.print(f"wrote {json_path}", highlight=False)

@@ -18,6 +18,10 @@ state: the decode cache has filled, ``torch.compile`` has compiled and CUDA grap
 The decode step goes through ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) on CUDA
 unless ``compile`` is False; when compiling was not asked for explicitly and fails, the run goes
 on eagerly and the row's note says why. The prefill always runs eagerly (one call per batch size).
+A model too large for memory (``--stream``, or ``auto`` when its weights do not fit; see
+``ernieq.runtime.stream``) runs streamed, one decoder layer resident at a time: a dynamic KV cache, no
+warm-up and no compiling, every layer read from the checkpoint once for the prompt and once per decode
+step, which the decode column says; its weight bytes are those it computes with, one layer at a time.
 The model is freed before the baseline loads, so each peak is one model's. The ratio rows divide
 the model's figures by the baseline's at the same batch size.
 """
@@ -40,6 +44,7 @@ from ernieq.device import Placement, describe
 from ernieq.errors import ErnieqError
 from ernieq.provenance import git_commit, machine, now_iso, package_versions
 from ernieq.runtime.record import kernel_path, runtime_record
+from ernieq.runtime.stream import StreamedLM
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,7 @@ COLUMNS = ("model", "batch", "prefill tok/s", "decode tok/s", "peak GiB", "weigh
 TEXT_COLUMNS = ("model", "decode", "kernels", "note")
 EAGER = "eager"
 COMPILED = "torch.compile(mode='reduce-overhead')"
+STREAMED = "eager, streamed: every layer read per step"
 WARMUP_STEPS = 3  # CUDA graph trees record on the second call of a shape and replay from the third
 GIB = 2**30
 
@@ -84,7 +90,7 @@ class Throughput:
     decode_s: float
     peak_memory_bytes: int
     weight_bytes: int
-    decode: str  # EAGER or COMPILED
+    decode: str  # EAGER, COMPILED or STREAMED
     kernels: str  # ``ernieq.runtime.record.kernel_path`` after the run
     note: str = ""
     failed: ClassVar[bool] = False
@@ -161,6 +167,12 @@ def check_positions(name: str, config: dict, options: ModelBenchOptions) -> None
                           f"is more than its max_position_embeddings {limit}")
 
 
+def _prompt(net, batch: int, options: ModelBenchOptions, device: torch.device) -> torch.Tensor:
+    """Random token ids [B, P] on ``device``, the same for every model of a run (``options.seed``)."""
+    gen = torch.Generator().manual_seed(options.seed)
+    return torch.randint(net.config.vocab_size, (batch, options.prompt_len), generator=gen).to(device)
+
+
 class _Run:
     """One batch size on one model: the prompt, the static KV cache and the timed passes."""
 
@@ -169,8 +181,7 @@ class _Run:
 
         self.net, self.device, self.options = net, device, options
         p, n = options.prompt_len, options.new_tokens
-        gen = torch.Generator().manual_seed(options.seed)
-        self.prompt = torch.randint(net.config.vocab_size, (batch, p), generator=gen).to(device)  # [B, P]
+        self.prompt = _prompt(net, batch, options, device)  # [B, P]
         self.positions = torch.arange(p + n, device=device)[None]  # [1, P + N]
         self.cache = StaticCache(config=net.config, max_cache_len=p + n)
 
@@ -196,20 +207,55 @@ class _Run:
         return seconds
 
 
+class _StreamedRun:
+    """One batch size on a ``StreamedLM``: the same prompt, a dynamic KV cache (the layers come and go, so
+    nothing is preallocated), every layer read once for the prompt and once per decode step."""
+
+    def __init__(self, net: StreamedLM, batch: int, options: ModelBenchOptions, device: torch.device):
+        self.net, self.device = net, device
+        self.prompt = _prompt(net, batch, options, device)  # [B, P]
+
+    def __call__(self, step: Callable, steps: int) -> tuple[float, float]:
+        """(prefill seconds, seconds of ``steps`` decode steps) from an empty cache (``step`` is unused)."""
+        from transformers import DynamicCache
+
+        net, batch = self.net, self.prompt.shape[0]
+        cache = DynamicCache(config=net.config)
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        tokens = [net.logits(net.final_hidden(self.prompt, batch, cache)[:, -1:]).argmax(-1)]  # [B, 1] greedy
+        synchronize(self.device)
+        t1 = time.perf_counter()
+        for _ in range(steps):
+            tokens.append(net.logits(net.final_hidden(tokens[-1], batch, cache)).argmax(-1))  # [B, 1]
+        synchronize(self.device)
+        seconds = t1 - t0, time.perf_counter() - t1
+        self.tokens = torch.cat(tokens, dim=1)  # [B, steps + 1]
+        return seconds
+
+
 def _decode_step(net: nn.Module, compile: bool) -> tuple[Callable, str]:
     return (torch.compile(net, mode="reduce-overhead"), COMPILED) if compile else (net, EAGER)
 
 
 def measure(name: str, net: nn.Module, options: ModelBenchOptions, device: torch.device) -> list[Throughput]:
     """Every batch size of ``options`` on the loaded ``net`` (see the module doc)."""
-    nbytes = weight_bytes(net)
-    step, decode = _decode_step(net, options.compile if options.compile is not None else device.type == "cuda")
+    streamed = isinstance(net, StreamedLM)
+    if streamed and options.compile:
+        raise ErnieqError(f"bench: {name} streams ({net.stream_plan.describe()}): --compile needs the model "
+                          f"resident (--no-stream where it fits)")
+    nbytes = net.stream_plan.weight_bytes if streamed else weight_bytes(net)
+    if streamed:
+        step, decode = net, STREAMED
+    else:
+        step, decode = _decode_step(net, options.compile if options.compile is not None else device.type == "cuda")
     rows, note = [], ""  # the note stays on every later row once compiling failed
     with torch.inference_mode():
         for batch in options.batches:
-            run = _Run(net, batch, options, device)
+            run = (_StreamedRun if streamed else _Run)(net, batch, options, device)
             try:
-                run(step, min(WARMUP_STEPS, options.new_tokens))
+                if not streamed:  # a streamed model reads every layer anew each step: nothing to warm
+                    run(step, min(WARMUP_STEPS, options.new_tokens))
             except Exception as err:  # torch.compile fails in many types (BackendCompilerFailed, Unsupported, ...)
                 if options.compile is not None or step is net:
                     raise
@@ -247,7 +293,7 @@ def run_model_bench(models: list[tuple[str, str, Callable[[], nn.Module]]], plac
     for role, name, load in models:
         net = load()
         rows = measure(name, net, options, device)
-        runtime = runtime_record(placement, rows[-1].kernels)
+        runtime = runtime_record(placement, rows[-1].kernels, stream=net.stream_plan.record())
         result.models.append({"role": role, "name": name, "weight_bytes": rows[0].weight_bytes,
                               "runtime": runtime, "rows": [r.to_json() for r in rows]})
         result.report.rows += rows

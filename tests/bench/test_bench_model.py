@@ -11,8 +11,10 @@ import torch
 
 from ernieq import api
 from ernieq.bench import model as bench_model
-from ernieq.bench.model import COMPILED, CPU_LABEL, EAGER, ModelBenchOptions, _Run, measure, weight_bytes
+from ernieq.bench.model import (COMPILED, CPU_LABEL, EAGER, STREAMED, ModelBenchOptions, _Run, _StreamedRun, measure,
+                                weight_bytes)
 from ernieq.device import HOST
+from ernieq.errors import ErnieqError
 from tests.test_cli import run
 from tests.tiny import tiny_ernie_model, write_tiny_ernie
 
@@ -84,6 +86,29 @@ def test_the_timed_decode_continues_the_prompt_as_greedy_generation_does():
         run_(net, 4)
         want = net.generate(run_.prompt, max_new_tokens=5, do_sample=False, min_new_tokens=5)[:, PROMPT:]  # [B, 5]
     assert torch.equal(run_.tokens, want)
+
+
+def test_a_streamed_model_decodes_what_the_resident_one_does_and_says_it_streamed(models, tmp_path, monkeypatch,
+                                                                                  capsys):
+    src, w8 = models
+    resident, streamed = (api.load_model(src, device="cpu", stream=s) for s in (False, True))
+    options = ModelBenchOptions(prompt_len=PROMPT, new_tokens=4)
+    runs = _Run(resident, 2, options, HOST), _StreamedRun(streamed, 2, options, HOST)
+    with torch.inference_mode():
+        for run_, net in zip(runs, (resident, streamed)):
+            run_(net, 4)
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    rows = measure("tiny", streamed, ModelBenchOptions(batches=(1, 2), prompt_len=4, new_tokens=2), HOST)
+    assert [r.decode for r in rows] == [STREAMED] * 2 and rows[0].weight_bytes == streamed.stream_plan.weight_bytes
+    with pytest.raises(ErnieqError, match="--compile needs the model resident"):
+        measure("tiny", streamed, ModelBenchOptions(batches=(1,), prompt_len=4, new_tokens=2, compile=True), HOST)
+    out = tmp_path / "bench.json"
+    code, _, err = run(monkeypatch, capsys, "bench", str(w8), "--stream", "--batch", "1", "--prompt-len", "4",
+                       "--new-tokens", "2", "--json", str(out))
+    assert code == 0, err
+    (model,) = json.loads(out.read_text())["models"]
+    assert model["runtime"]["stream"]["path"] == "streamed" and model["rows"][0]["decode"] == STREAMED
+    assert model["rows"][0]["kernels"].endswith("one layer at a time")
 
 
 def test_a_failed_compile_decodes_eagerly_and_says_so_unless_compiling_was_asked_for(monkeypatch):
