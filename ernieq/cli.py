@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     from ernieq.progress import set_quiet
 
     set_quiet(quiet)
+    if quiet or not sys.stderr.isatty():  # transformers' and the hub's tqdm bars redraw with carriage returns
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when they are first imported
     terminal = RichHandler(console=err_console, show_path=False) if sys.stderr.isatty() else _plain_log_handler()
     terminal.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[terminal])

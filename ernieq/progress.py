@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
 
 from rich.progress import (
@@ -59,7 +60,7 @@ class PlainProgress(Progress):
         self._thread: threading.Thread | None = None
 
     def lines(self) -> list[str]:
-        """One line per visible task: description, percent, done/total, elapsed, eta (and fields)."""
+        """One line per visible task: the time, description, percent, done/total, elapsed, eta (and fields)."""
         out = []
         for task in self.tasks:
             if not task.visible or not task.description.strip():
@@ -71,7 +72,8 @@ class PlainProgress(Progress):
                 done = ""  # the count field already says done/total (a group's "3/4 expert 3.up_proj")
             figures = " ".join(part for part in (pct, done, count) if part)
             eta = _clock(task.time_remaining) if task.total else "-"
-            out.append(f"{task.description.strip()}: {figures}, {_clock(task.elapsed)} elapsed, eta {eta}")
+            out.append(f"{time.strftime('%H:%M:%S')} {task.description.strip()}: {figures}, {_clock(task.elapsed)} "
+                       f"elapsed, eta {eta}")  # the time first, as the plain log lines have it
         return out
 
     def _write(self) -> None:

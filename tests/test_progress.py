@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 
 from ernieq import progress
@@ -17,7 +18,7 @@ def test_plain_progress_writes_lines_while_it_runs_and_when_it_ends():
             bar.advance(task, 50)
     lines = stream.getvalue().splitlines()
     assert len(lines) >= 3  # at least two while running, one at the end
-    assert lines[-1].startswith("quantizing layers.3.mlp: 100% 200/200 group 4/9, ")
+    assert re.match(r"\d\d:\d\d:\d\d quantizing layers.3.mlp: 100% 200/200 group 4/9, ", lines[-1]), lines[-1]
     assert "elapsed, eta" in lines[0]
 
 
@@ -25,8 +26,8 @@ def test_a_count_that_says_done_of_total_is_not_repeated():
     bar = progress.PlainProgress()
     task = bar.add_task("  layers.3.mlp", total=4, count="")
     bar.update(task, advance=4, count="4/4 expert 3.down_proj")
-    assert bar.lines() == [f"layers.3.mlp: 100% 4/4 expert 3.down_proj, {progress._clock(bar.tasks[0].elapsed)} "
-                           f"elapsed, eta 0:00:00"]
+    (line,) = bar.lines()
+    assert line.split(" ", 1)[1] == f"layers.3.mlp: 100% 4/4 expert 3.down_proj, {progress._clock(bar.tasks[0].elapsed)} elapsed, eta 0:00:00"
 
 
 def test_progress_bar_is_plain_off_a_terminal_and_silent_when_quiet(monkeypatch):
