@@ -48,6 +48,16 @@ def _clock(seconds: float | None) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _remaining(task) -> float | None:
+    """Seconds left: rich's estimate from the last 30 s, else the average since the start (steps that each take
+    minutes, such as a report's windows, leave rich without a recent speed)."""
+    if task.time_remaining is not None:
+        return task.time_remaining
+    if task.completed and task.elapsed and task.total:
+        return task.elapsed * (task.total - task.completed) / task.completed
+    return None
+
+
 class PlainProgress(Progress):
     """A rich ``Progress`` that draws nothing and writes one plain line per visible task every
     ``interval`` seconds, and once more when it stops: for output that is not a terminal."""
@@ -71,7 +81,7 @@ class PlainProgress(Progress):
             if count.split(" ", 1)[0].replace(",", "") == done.replace(",", ""):
                 done = ""  # the count field already says done/total (a group's "3/4 expert 3.up_proj")
             figures = " ".join(part for part in (pct, done, count) if part)
-            eta = _clock(task.time_remaining) if task.total else "-"
+            eta = _clock(_remaining(task)) if task.total else "-"
             out.append(f"{time.strftime('%H:%M:%S')} {task.description.strip()}: {figures}, {_clock(task.elapsed)} "
                        f"elapsed, eta {eta}")  # the time first, as the plain log lines have it
         return out

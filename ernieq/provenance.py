@@ -65,8 +65,17 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def peak_rss_bytes() -> int:
+    """The most resident memory this process has held so far (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def provenance(started: str) -> dict:
-    """The command line as typed (``sys.argv``), versions, commit, machine and start/finish times."""
+    """The command line as typed (``sys.argv``), versions, commit, machine, start/finish times and the
+    process's peak resident memory so far (a command's own cost: ``report``'s time and memory)."""
     return {
         "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         "argv": list(sys.argv),
@@ -75,4 +84,5 @@ def provenance(started: str) -> dict:
         "machine": machine(),
         "started": started,
         "finished": now_iso(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }

@@ -30,6 +30,16 @@ def test_a_count_that_says_done_of_total_is_not_repeated():
     assert line.split(" ", 1)[1] == f"layers.3.mlp: 100% 4/4 expert 3.down_proj, {progress._clock(bar.tasks[0].elapsed)} elapsed, eta 0:00:00"
 
 
+def test_a_slow_task_still_has_an_eta():
+    bar = progress.PlainProgress()
+    task = bar.add_task("scoring", total=12)
+    bar.start_task(task)
+    bar.tasks[0].start_time -= 300  # one window done after 5 minutes: rich keeps no speed that old
+    bar.tasks[0].completed = 1
+    assert bar.tasks[0].time_remaining is None
+    assert abs(progress._remaining(bar.tasks[0]) - 11 * 300) < 5
+
+
 def test_progress_bar_is_plain_off_a_terminal_and_silent_when_quiet(monkeypatch):
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
     assert isinstance(progress.progress_bar(True), progress.PlainProgress)

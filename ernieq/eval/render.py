@@ -227,7 +227,8 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
         Block("h2", "Provenance"),
         Block("code", prov["command"]),
         Block("p", f"commit {prov['commit']}, {prov['machine']}, started {prov['started']}, "
-                   f"finished {prov['finished']}."),
+                   f"finished {prov['finished']}" + (f", peak resident memory {prov['peak_rss_bytes'] / 2**30:.2f} GiB"
+                                                     if "peak_rss_bytes" in prov else "") + "."),
     ]
     if report.get("runtime"):  # reports before the device options do not say
         out.append(Block("p", f"Computed on {describe(report['runtime'])}."))

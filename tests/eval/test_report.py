@@ -153,6 +153,7 @@ def test_report_files_and_provenance(case, report):
     assert prov["versions"]["torch"] == importlib.metadata.version("torch")
     assert "report" in prov["command"] or prov["argv"]
     assert prov["commit"] and prov["started"] <= prov["finished"]
+    assert prov["peak_rss_bytes"] > 2**20 and f"peak resident memory {prov['peak_rss_bytes'] / 2**30:.2f} GiB" in md
     runtime = report["runtime"]
     assert runtime["device"] == "cpu" and runtime["dtype"] == "float32"
     kernels = dict(part.split(": ", 1) for part in runtime["kernels"].split("; "))
