@@ -48,12 +48,18 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
-def inspect(model: str | Path) -> CheckpointSummary:
-    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class.
-    Any checkpoint folder: plain, ernieq native or another format ernieq reads (FastDeploy)."""
-    from ernieq.formats.registry import checkpoint_summary
+def inspect(model: str | Path, options: QuantizeOptions | None = None, **fields) -> CheckpointSummary:
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class;
+    where every parameter goes (quantized, kept and why, tied, unclassified). Any checkpoint folder:
+    plain (accounted by the ``--bits`` recipe of ``options`` with ``fields`` replaced), ernieq native or
+    another format ernieq reads (FastDeploy)."""
+    from ernieq.formats.registry import checkpoint_summary, quantized_format
+    from ernieq.quantize import recipe_for, recipe_view
 
-    return checkpoint_summary(resolve_model(model))
+    path = resolve_model(model)
+    if quantized_format(path) is not None:
+        return checkpoint_summary(path)
+    return checkpoint_summary(path, recipe_view(path, recipe_for(path, options, **fields)))
 
 
 def stored_recipe(model: str | Path) -> dict | None:

@@ -36,7 +36,7 @@ def check_plan(source: Path, config: QuantConfig) -> None:
     decided = [0] * len(config.rules)
     matched = [0] * len(config.rules)
     for group in groups:
-        for name, info, shape in linear_weight_shapes(reader, group.tensors):
+        for name, info, shape in linear_weight_shapes(reader, group.tensors, adapter):
             ordinal = ordinals.get(info.layer)
             rule = config.rule_for(name, info, ordinal)
             for i, r in enumerate(config.rules):

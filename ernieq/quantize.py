@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,9 +32,11 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
 from ernieq.formats.native_writer import GroupTensors, NativeWriter, write_json_atomic
 from ernieq.killpoints import kill_point
-from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_groups
+from ernieq.model.adapters import Adapter, TensorClass, TensorGroup, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weights
+from ernieq.model.summary import name_patterns
+from ernieq.model.tensor_info import kept_reason
 from ernieq.progress import QuantizeProgress
 from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
@@ -71,6 +74,7 @@ class QuantizeSummary:
 
     recipe: str
     classes: dict[str, ClassSummary]
+    kept: dict[str, dict] = field(default_factory=dict)  # reason -> {"tensors", "params", "names"}
     seconds: float = 0.0
 
     def total(self, quantized_only: bool = False) -> tuple[int, int, int]:
@@ -89,16 +93,22 @@ class QuantizeSummary:
             "bytes_before": b_all,
             "bytes_after": a_all,
             "classes": {k: {**asdict(c), "bits_per_weight": c.bits_per_weight} for k, c in sorted(self.classes.items())},
+            "kept": self.kept,
         }
 
     @classmethod
     def from_records(cls, recipe_name: str, records: list[dict]) -> QuantizeSummary:
         """The totals of every group's record (``extra.classes``), in group order."""
         classes: dict[str, ClassSummary] = {}
+        kept: dict[str, list] = {}
         for record in records:
             for name, row in record["extra"]["classes"].items():
                 classes.setdefault(name, ClassSummary()).add(ClassSummary(**row))
-        return cls(recipe_name, classes)
+            for reason, names in record["extra"].get("kept", {}).items():
+                kept.setdefault(reason, []).extend(names)
+        rows = {reason: {"tensors": len(items), "params": sum(n for _, n in items),
+                         "names": name_patterns(name for name, _ in items)} for reason, items in sorted(kept.items())}
+        return cls(recipe_name, classes, rows)
 
 
 def moe_ordinals(reader: CheckpointReader, adapter, groups: list[TensorGroup] | None = None) -> dict[int, int]:
@@ -128,6 +138,7 @@ class _Job:
     """Everything :func:`quantize_group` needs besides the group."""
 
     reader: CheckpointReader
+    adapter: Adapter
     config: QuantConfig
     ordinals: dict[int, int]
     calib: object | None
@@ -150,7 +161,7 @@ class _Job:
 def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
     """AWQ's scales searched and folded into the group (``ernieq.calibration.awq``): the new weights
     list, the group's other tensors (norms, router) and the statistics of every scaled weight."""
-    from ernieq.calibration.awq import Member, apply_awq
+    from ernieq.calibration.awq import Member, apply_awq, group_folds
 
     infos = {name: info for name, info, _ in weights}
     named = {name: w for name, _, w in weights}
@@ -160,16 +171,21 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
         choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
         return None if choice is None else Member(name, weight, codec_of(choice), job.stats(name))
 
-    named, scaled = apply_awq(named, member, job.stats)
+    folds, reasons = group_folds(job.adapter, group.layer, list(named)) if group.layer is not None else ([], [])
+    for reason in reasons:
+        log.info("awq: %s: left unscaled: %s", group.key, reason)
+    named, scaled = apply_awq(named, folds, member, job.stats)
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
 def quantize_group(job: _Job, index: int, group: TensorGroup,
-                   tensors: dict[str, torch.Tensor]) -> tuple[GroupTensors, dict]:
-    """Encode group ``index``'s linear weights; returns what to store and its summary rows by class."""
+                   tensors: dict[str, torch.Tensor]) -> tuple[GroupTensors, dict, dict]:
+    """Encode group ``index``'s linear weights; returns what to store, its summary rows by class and
+    what it keeps as it is ({reason: [(name, weights)]})."""
     out = GroupTensors()
     rows: dict[str, ClassSummary] = {}
-    weights = list(linear_weights(group.tensors, tensors))  # routed experts under per-expert names
+    kept: dict[str, list] = {}  # reason -> [(name, weights)] of what stays as it is
+    weights = list(linear_weights(group.tensors, tensors, job.adapter))  # routed experts under per-expert names
     stats = {}
     if job.method == "awq":
         weights, tensors, stats = _awq(job, group, tensors, weights)
@@ -182,6 +198,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
         if choice is None:
             out.add_plain(name, weight)
             row.bytes_after += _nbytes(weight)
+            kept.setdefault(kept_reason(info), []).append((name, weight.numel()))
             job.bar.weights_done(weight.numel())
             continue
         todo.append((name, info, weight, choice))
@@ -215,8 +232,9 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
         row.bytes_before += _nbytes(t)
         row.bytes_after += _nbytes(t)
         out.add_plain(info.name, t)
+        kept.setdefault(kept_reason(info), []).append((info.name, t.numel()))
         job.bar.weights_done(t.numel())
-    return out, {k: asdict(v) for k, v in sorted(rows.items())}
+    return out, {k: asdict(v) for k, v in sorted(rows.items())}, kept
 
 
 def _source_name(group, info) -> str:
@@ -275,6 +293,32 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def check_classified(reader: CheckpointReader, adapter: Adapter, groups: list[TensorGroup], config: QuantConfig) -> None:
+    """Fail, naming the first, on a tensor ernieq cannot classify that the recipe does not name: nothing
+    is left unquantized in silence."""
+    unknown = [t.name for g in groups for t in g.tensors
+               if t.cls is TensorClass.UNCLASSIFIED and not config.names_kept(t.name)]
+    if unknown:
+        name = unknown[0]
+        where = "is a matrix of" if adapter.in_model(name) else "has no place in"
+        raise ErnieqError(f"{reader.file_of(name)}: tensor {name!r} {where} {adapter.model_class} that ernieq cannot "
+                          f"classify ({len(unknown)} such tensor(s)); to keep it as it is, name it in the recipe: "
+                          f"--override '^{re.escape(name)}$=none'")
+
+
+def recipe_view(source: Path, config: QuantConfig):
+    """What ``config`` would do to the plain checkpoint at ``source``, for ``ernieq inspect``'s accounting."""
+    from ernieq.model.summary import RecipeView
+
+    ordinals = _ordinals(source)
+
+    def choose(name, info):
+        choice = config.choose(name, info, ordinals.get(info.layer))
+        return None if choice is None else choice.codec
+
+    return RecipeView(choose, config.names_kept)
+
+
 def _ordinals(source: Path) -> dict[int, int]:
     reader = CheckpointReader(source)
     return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
@@ -323,6 +367,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     ordinals = moe_ordinals(reader, adapter, groups)
     if config is None:
         config = configure(options, len(ordinals))[0]
+    check_classified(reader, adapter, groups, config)
     _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
@@ -334,7 +379,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
             log.info("resuming the run left in %s", tmp)
         sizes = [_group_weights(reader, g) for g in groups]
         with encoder, QuantizeProgress(options.progress, sum(sizes), len(groups)) as bar:
-            job = _Job(reader, config, ordinals, calib, method, encoder, bar)
+            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar)
             for index, group in enumerate(groups):
                 if writer.finished(index) is not None:
                     bar.skip_group(index, sizes[index])
@@ -342,8 +387,8 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
                     continue
                 t0 = time.perf_counter()
                 tensors = group.load(reader)
-                stored, rows = quantize_group(job, index, group, tensors)
-                writer.write_group(index, group.key, stored, {"classes": rows})
+                stored, rows, kept = quantize_group(job, index, group, tensors)
+                writer.write_group(index, group.key, stored, {"classes": rows, "kept": kept})
                 del tensors, stored
                 reader.release()  # unmap the source pages this group read
                 seconds = time.perf_counter() - t0

@@ -55,7 +55,7 @@ def _broken_checkpoints(root):
     d = root / "unknown_arch"
     write_tiny_ernie(d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(architectures=["BloomForCausalLM"], model_type="bloom")
+    cfg.update(architectures=["NoSuchModelForCausalLM"], model_type="no_such_model")
     (d / "config.json").write_text(json.dumps(cfg))
     cases["unknown_arch"] = (d, "unknown architecture")
     return cases

@@ -4,13 +4,14 @@ The transformers model is built on the meta device (no memory for weights);
 embeddings, then each decoder layer in turn, are loaded from the checkpoint with
 ``load_state_dict(assign=True)``, run over every calibration sequence, and sent
 back to the meta device. Hidden states [n_seq, L, H] are carried from one layer
-to the next; rotary embeddings and the causal mask are computed as the
-transformers model computes them.
+to the next; what each layer is called with besides them (masks per layer type,
+rotary embeddings, position ids) is what the model's own forward gives it
+(``ernieq.model.decoder.layer_calls``), for any architecture.
 
 Checkpoint names become transformers names through the adapter
-(``Adapter.to_hf_name``); per-expert routed weights are fused into
-transformers' ``experts.gate_up_proj [E, 2I, H]`` (``[gate | up]``) and
-``experts.down_proj [E, H, I]``.
+(``Adapter.to_hf_name``); routed experts become the experts module's own
+parameters (``ExpertGroup.params``), per-expert replacements written in by the
+module's layout.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ernieq.errors import ErnieqError
-from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
+from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
+from ernieq.model.decoder import hf_config, layer_calls, meta_model, rebuild_computed_buffers
 from ernieq.model.moe import ExpertGroup
 
 
@@ -43,19 +44,17 @@ class LayerwiseModel:
     """A checkpoint's transformers model, materialised one piece at a time (float32)."""
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32):
-        from transformers import AutoModelForCausalLM
-
         self.path = Path(path)
         self.reader = CheckpointReader(self.path)
-        self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
+        source = str(self.path / "config.json")
+        self.adapter = adapter_for(self.reader.config, source)
         self.dtype = dtype
-        self.config = hf_config(self.reader.config)
-        self.config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self.base = self.model.get_submodule(_base_prefix(self.model))
-        self.layers: nn.ModuleList = self.base.layers
-        self.rotary = type(self.base.rotary_emb)(config=self.config)  # buffers computed on the CPU
+        self.config = hf_config(self.reader.config, source)
+        self.model = meta_model(self.config, source, dtype)
+        self.stack = self.adapter.stack
+        self.layers: nn.ModuleList = self.model.get_submodule(self.stack.layers)
+        rebuild_computed_buffers(self.model, self.config, "cpu")  # rotary embeddings, embedding scales
+        self._calls: dict[tuple, list[dict]] = {}  # (batch shape, dtype) -> every layer's keyword arguments
         self._by_layer: dict[int | None, list[TensorInfo]] = {}
         for name in self.reader.keys():
             info = self.adapter.classify(name)
@@ -67,49 +66,43 @@ class LayerwiseModel:
 
     def layer_prefix(self, i: int) -> str:
         """The transformers module path of decoder layer i, e.g. ``model.layers.3``."""
-        return f"{_base_prefix(self.model)}.layers.{i}"
+        return self.stack.layer(i)
 
     def layer_tensors(self, i: int) -> LayerTensors:
         infos = tuple(sorted(self._by_layer.get(i, []), key=lambda t: t.name))
         if not infos:
             raise CheckpointError(f"{self.path}: no tensors for decoder layer {i}")
-        experts = ExpertGroup.from_infos(infos)
-        return LayerTensors(i, infos, experts.with_reader(self.reader) if experts else None)
+        return LayerTensors(i, infos, ExpertGroup.from_infos(infos, self.adapter))
 
     def embed(self, token_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """token_ids: int64 [n_seq, L]. Returns the input embeddings in batches of [B, L, H]."""
-        emb = self.base.embed_tokens
+        """token_ids: int64 [n_seq, L]. Returns what the first decoder layer sees, in batches of [B, L, H]."""
+        emb = self.model.get_input_embeddings()
         names = [t.name for t in self._by_layer.get(None, []) if t.cls is TensorClass.EMBEDDING]
         if not names:
             raise CheckpointError(f"{self.path}: no embedding tensor")
-        state = {"weight": self.reader.get(names[0])}
-        module = _materialise(emb, state, f"{self.path}: embeddings")
+        module = _materialise(emb, {"weight": self.reader.get(names[0])}, f"{self.path}: embeddings")
         try:
             with torch.no_grad():
-                return [module(ids) for ids in token_ids.split(batch_size)]
+                return [self._calls_for(module(ids))[0][0][0] for ids in token_ids.split(batch_size)]
         finally:
             module.to("meta")
 
-    def position_ids(self, seq_len: int) -> torch.Tensor:
-        return torch.arange(seq_len).unsqueeze(0)  # [1, L]
+    def _calls_for(self, inputs_embeds: torch.Tensor) -> list[tuple[tuple, dict]]:
+        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H]."""
+        calls = layer_calls(self.model, self.stack, inputs_embeds)
+        self._calls[(tuple(inputs_embeds.shape), inputs_embeds.dtype)] = [kwargs for _, kwargs in calls]
+        return calls
 
-    def layer_inputs(self, hidden: torch.Tensor) -> dict:
-        """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]."""
-        from transformers.masking_utils import create_causal_mask
-
-        position_ids = self.position_ids(hidden.shape[1])
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids
-        )
-        return {
-            "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary(hidden, position_ids),
-        }
+    def layer_inputs(self, i: int, hidden: torch.Tensor) -> dict:
+        """The keyword arguments decoder layer i takes besides the hidden states [B, L, H]."""
+        key = (tuple(hidden.shape), hidden.dtype)
+        if key not in self._calls:
+            self._calls_for(hidden)
+        return self._calls[key][i]
 
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Decoder layer i with its weights from the checkpoint (float32, on the CPU); ``replaced``
-        gives other values for some checkpoint tensors (by name; routed experts by per-expert name)."""
+        gives other values for some checkpoint tensors (by name; routed experts by canonical name)."""
         replaced = replaced or {}
         lt = self.layer_tensors(i)
         prefix = self.layer_prefix(i) + "."
@@ -124,54 +117,33 @@ class LayerwiseModel:
                                       f"outside decoder layer {prefix[:-1]}")
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
-            state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
-                                        replaced))
-        return _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
+            state.update(_experts_state(self.reader, lt.experts, prefix, replaced))
+        layer = _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
+        rebuild_computed_buffers(self.model, self.config, "cpu")  # a layer sent back to meta lost its own
+        return layer
 
     def release_layer(self, i: int) -> None:
         """Send layer i's weights back to the meta device (frees their memory)."""
         self.layers[i].to("meta")
 
 
-def _base_prefix(model: nn.Module) -> str:
-    """The path of the decoder stack (``model`` for *ForCausalLM)."""
-    for name in ("model", "transformer"):
-        sub = getattr(model, name, None)
-        if sub is not None and hasattr(sub, "layers"):
-            return name
-    raise ErnieqError(f"{type(model).__name__}: no decoder stack with .layers found")
-
-
-def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str,
+def _experts_state(reader: CheckpointReader, experts: ExpertGroup, layer_prefix: str,
                    replaced: dict[str, torch.Tensor]) -> dict:
-    """transformers' fused expert parameters (relative to the layer) from either checkpoint layout,
-    with the per-expert weights named in ``replaced`` taking those values."""
-    rel = hf_prefix[len(layer_prefix):]
-    if experts.fused:
-        gate_up = reader.get(f"{experts.prefix}.gate_up_proj")  # [E, 2I, H]
-        down = reader.get(f"{experts.prefix}.down_proj")  # [E, H, I]
-        if replaced:
-            gate_up, down = gate_up.clone(), down.clone()
-        inter = gate_up.shape[1] // 2
-    else:
-        first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
-        inter, hidden = first_gate.shape
-        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=first_gate.dtype)  # [E, 2I, H]
-        down = torch.empty(experts.num_experts, *first_down.shape, dtype=first_down.dtype)  # [E, H, I]
-    for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
-        for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
+    """The experts module's parameters (relative to the layer) from the checkpoint, with the per-expert
+    weights named in ``replaced`` (canonical names) taking those values."""
+    params = experts.params({t.name: reader.get(t.name) for t in experts.infos})
+    if replaced:
+        layout = experts.layout
+        weights = {}
+        for e, proj, w in layout.weights(params):
             name = experts.canonical_name(e, proj)
-            if name in replaced:
-                src = replaced[name]
-            elif experts.fused:
-                continue
-            else:
-                src = reader.get(name)
-            if src.shape != dst.shape:
-                raise CheckpointError(f"{reader.file_of(name) if name in reader else reader.path}: {name} has shape "
-                                      f"{tuple(src.shape)}, expert 0 has {tuple(dst.shape)}")
-            dst.copy_(src)
-    return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
+            src = replaced.get(name, w)
+            if src.shape != w.shape:
+                raise CheckpointError(f"{reader.path}: {name} has shape {tuple(src.shape)}, expert {e} has {tuple(w.shape)}")
+            weights[(e, proj)] = src.to(w.dtype)
+        params.update(layout.fuse(weights, layout.num_experts))
+    rel = experts.container[len(layer_prefix):]
+    return {f"{rel}.{p}": t for p, t in params.items()}
 
 
 def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
@@ -211,8 +183,8 @@ def run_layers(
     """
     hidden = model.embed(token_ids, batch_size)
 
-    def forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        out = layer(h, **model.layer_inputs(h))
+    def forward(i: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        out = layer(h, **model.layer_inputs(i, h))
         return out[0] if isinstance(out, tuple) else out  # [B, L, H]
 
     for i in range(model.num_layers):
@@ -221,7 +193,7 @@ def run_layers(
             ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
                 for j, h in enumerate(hidden):
-                    out = forward(layer, h)
+                    out = forward(i, layer, h)
                     if adjust is None:
                         hidden[j] = out
                     if on_batch is not None:
@@ -229,7 +201,7 @@ def run_layers(
             if adjust is not None:
                 layer = adjust(i, layer).eval()
                 with torch.no_grad():
-                    hidden = [forward(layer, h) for h in hidden]
+                    hidden = [forward(i, layer, h) for h in hidden]
         finally:
             model.release_layer(i)
         if on_output is not None:

@@ -71,7 +71,7 @@ def baseline_linear_weights(reader: CheckpointReader) -> Iterator[tuple[str, obj
         for info in group.tensors:
             if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
                 yield info.name, info, tensors[info.name]
-        experts = ExpertGroup.from_infos(group.tensors)
+        experts = ExpertGroup.from_infos(group.tensors, adapter)
         if experts is None:
             continue
         for e, proj, weight in experts.weights(tensors):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import string
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tests.formats.fastdeploy_np import (
     paddle_int8_bytes,
     tp_split,
 )
-from tests.tiny import reload_logits, tiny_ernie_model, write_tiny_ernie
+from tests.tiny import reload_logits, tiny_ernie_model, write_char_tokenizer, write_tiny_ernie
 
 FORMAT = "fastdeploy"
 # every dimension a multiple of what Paddle's layouts and the wint2 kernels need, for TP 1 and 2
@@ -58,19 +57,6 @@ def _save(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
     with CheckpointWriter(folder, max_shard_bytes=256 * 1024) as w:
         for name, t in tensors.items():
             w.add(name, t)
-
-
-def _write_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer of 96 tokens (the tiny models' vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(string.printable[:94])}, " ": 95}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                              "unk_token": "<unk>"}))
 
 
 # ------------------------------------------------------------ the hand-built folder
@@ -237,7 +223,7 @@ def exported(tmp_path_factory):
     export of it for 1, 2 and 4 ranks."""
     root = tmp_path_factory.mktemp("fd_export")
     src = write_tiny_ernie(root / "src", **_dims())
-    _write_tokenizer(src)
+    write_char_tokenizer(src)
     native = root / "native"
     api.quantize(src, native, bits=2, w4_moe_layers=1, rotate=False, progress=False)
     folders = {tp: export_checkpoint(native, root / f"fd-tp{tp}", FORMAT, options={"tp": tp} if tp > 1 else {})

@@ -1,0 +1,209 @@
+"""The architecture matrix: ernieq's generic path on tiny random models of every architecture in
+``tests/archs.py`` (dense and MoE; MoE with fused [E, 2I, H], [E, H, 2I] and interleaved,
+biased experts), each saved by ``save_pretrained`` as the hub holds it.
+
+Per architecture: ``inspect`` accounts for every parameter; ``quantize --bits 4`` runs in ernieq's
+runtime exactly as the transformers model with the decoded weights (the oracle) and evaluates;
+``--bits 2`` (models with experts) stores ccq2 experts and evaluates; every AWQ fold set the
+adapter derives keeps the function (random scales, no rounding); calibration feeds GPTQ and AWQ; the
+compressed-tensors export decompresses, by the compressed-tensors library, to ernieq's decode bit
+for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+from safetensors.torch import load_file
+
+from ernieq import api
+from ernieq.codecs import decode
+from ernieq.calibration.awq import fold_scale, group_folds
+from ernieq.errors import ErnieqError
+from ernieq.formats.native import NativeReader
+from ernieq.formats.registry import export_checkpoint
+from ernieq.model.adapters import adapter_for, stream_groups
+from ernieq.model.checkpoint import CheckpointReader
+from ernieq.model.moe import linear_weights
+from ernieq.model.tensor_info import TensorClass
+from ernieq.publish.folder import SMOKE_TEXT
+from ernieq.runtime.expert_loop import QuantExpertLoop
+from ernieq.runtime.loader import load_quantized
+from ernieq.runtime.modules import QuantMoEExperts
+from tests.archs import ARCHS, write_tiny_arch
+
+NAMES = sorted(ARCHS)
+MOE = [a for a in NAMES if ARCHS[a].moe]
+SEQ = 32
+CALIB_TEXT = ("Calibration text is never the text a model is scored on. The river rises in the hills, turns west "
+              "past the old mill and reaches the sea at a wide, shallow bay where ships once waited for the tide. "
+              "Farmers grew wheat and barley on the slopes; the town kept a market every week. ") * 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one thread is fastest, and on a shared 2-core machine far faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("texts")
+    (root / "eval.txt").write_text(SMOKE_TEXT)
+    (root / "calib.txt").write_text(CALIB_TEXT)
+    return str(root / "eval.txt"), str(root / "calib.txt")
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def arch(request, tmp_path_factory) -> tuple[str, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, write_tiny_arch(request.param, root / "src")
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 96, (1, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _load_tensors(model, adapter, values: dict[str, torch.Tensor]) -> None:
+    """Copy checkpoint (and canonical per-expert) tensors into ``model``; experts fused by their layout."""
+    experts: dict[str, dict] = {}
+    state = model.state_dict()
+    for name, value in values.items():
+        found = adapter.expert_of(name)
+        if found is not None:
+            experts.setdefault(found[0], {})[(found[1], found[2])] = value
+        elif adapter.names.map(name).pattern is None:
+            state[adapter.to_hf_name(name)].copy_(value)
+    for container, weights in experts.items():
+        layout = adapter.layouts[container]
+        for p, t in layout.fuse(weights, layout.num_experts).items():
+            state[f"{container}.{p}"].copy_(t)
+
+
+def decoded_model(src: Path, native: Path):
+    """The oracle: the transformers model of ``src`` holding every tensor of the native checkpoint, the
+    quantized ones decoded (and turned back by their rotation)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    reader = NativeReader(native)
+    values = {n: reader.plain(n).float() for n in reader.plain_names()}
+    for base in reader.modules:
+        w = decode(reader.quantized(base)).float()
+        rotation = reader.rotation(base)
+        values[f"{base}.weight"] = rotation.apply_t(w) if rotation is not None else w
+    _load_tensors(model, adapter_for(reader.config), values)
+    return model
+
+
+def _perplexity(path: Path, eval_text: str) -> float:
+    r = api.evaluate(path, eval_text, seq_len=SEQ, max_windows=1, progress=False)
+    assert r.tokens == SEQ - 1
+    return r.ppl
+
+
+def test_inspect_accounts_for_every_parameter(arch):
+    name, src = arch
+    summary = api.inspect(src)
+    assert summary.accounted("quantized", "kept") == summary.model_params, summary.accounting
+    assert not [k for k in summary.accounting if k[0] in ("extra", "tied")]
+    reasons = {reason for status, reason in summary.accounting if status == "kept"}
+    assert {"embedding", "norm"} <= reasons
+    assert any(status == "quantized" for status, _ in summary.accounting)
+    adapter = adapter_for(json.loads((src / "config.json").read_text()))
+    classes = {adapter.classify(n).cls for n in adapter.shapes}
+    assert TensorClass.UNCLASSIFIED not in classes
+    assert (TensorClass.ROUTED_EXPERT in classes) == ARCHS[name].moe
+
+
+def test_bits4_runs_as_the_decoded_model_and_evaluates(arch, texts, tmp_path):
+    name, src = arch
+    api.quantize(src, tmp_path / "q4", bits=4, progress=False)  # wint4 g64, rotations on
+    model = load_quantized(tmp_path / "q4")
+    kinds = {type(m) for m in model.modules()}
+    if ARCHS[name].moe:
+        layouts = adapter_for(NativeReader(tmp_path / "q4").config).layouts.values()
+        want = QuantMoEExperts if all(layout.kernel_ok for layout in layouts) else QuantExpertLoop
+        assert want in kinds
+    torch.testing.assert_close(_logits(model), _logits(decoded_model(src, tmp_path / "q4")), rtol=1e-4, atol=1e-4)
+    assert math.isfinite(_perplexity(tmp_path / "q4", texts[0]))
+
+
+@pytest.mark.parametrize("arch", MOE, indirect=True)
+def test_bits2_stores_ccq2_experts_and_evaluates(arch, texts, tmp_path):
+    _, src = arch
+    api.quantize(src, tmp_path / "q2", bits=2, w4_moe_layers=1, progress=False)
+    codecs = {spec.codec for spec in NativeReader(tmp_path / "q2").modules.values()}
+    assert codecs == {"wint8", "wint4", "ccq2"}
+    torch.testing.assert_close(_logits(load_quantized(tmp_path / "q2")),
+                               _logits(decoded_model(src, tmp_path / "q2")), rtol=1e-4, atol=1e-4)
+    assert math.isfinite(_perplexity(tmp_path / "q2", texts[0]))
+
+
+def test_awq_folds_keep_the_function(arch):
+    """Every fold set the adapter derives, each with a random scale: the model computes what it did."""
+    from transformers import AutoModelForCausalLM
+
+    _, src = arch
+    reader = CheckpointReader(src)
+    adapter = adapter_for(reader.config)
+    gen = torch.Generator().manual_seed(0)
+    tensors, folded = {}, 0
+    for group, loaded in stream_groups(reader, adapter):
+        named = {n: w.float() for n, _, w in linear_weights(group.tensors, loaded, adapter)}
+        named.update({t.name: loaded[t.name].float() for t in group.tensors if not t.is_linear_weight})
+        folds, _ = group_folds(adapter, group.layer, list(named)) if group.layer is not None else ([], [])
+        for fold in folds:
+            fold_scale(fold, named, torch.rand(named[fold.consumers[0]].shape[1], generator=gen) + 0.5)
+        folded += len(folds)
+        tensors.update(named)
+    assert folded >= 2 * adapter.hf.num_hidden_layers  # at least the two norms of every layer
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    want = _logits(model)
+    _load_tensors(model, adapter, tensors)
+    torch.testing.assert_close(_logits(model), want, rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_feeds_gptq_and_awq(arch, texts, tmp_path):
+    """GPTQ and AWQ from one calibration pass, each run by ernieq's runtime as the decoded model."""
+    _, src = arch
+    api.calibrate(src, texts[1], tokens=4 * SEQ, seq_len=SEQ, out=tmp_path / "calib", progress=False)
+    for method in ("gptq", "awq"):
+        q = tmp_path / method
+        api.quantize(src, q, bits=4, calib=tmp_path / "calib", method=method, rotate=method == "gptq", progress=False)
+        torch.testing.assert_close(_logits(load_quantized(q)), _logits(decoded_model(src, q)), rtol=1e-4, atol=1e-4)
+        assert math.isfinite(_perplexity(q, texts[0]))
+
+
+def test_compressed_tensors_round_trip(arch, tmp_path):
+    _, src = arch
+    native = tmp_path / "q"
+    api.quantize(src, native, bits=4, rotate=False, progress=False)
+    out = export_checkpoint(native, tmp_path / "ct", "compressed-tensors")
+    stored = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        stored.update(load_file(shard))
+    weights = CompressedTensorsDequantizer(out, dtype=torch.float32).validate(stored)
+    reader = NativeReader(native)
+    assert set(weights) == {f"{m}.weight" for m in reader.modules} | set(reader.plain_names())
+    for module in reader.modules:
+        assert torch.equal(weights[f"{module}.weight"], decode(reader.quantized(module))), module
+
+
+def test_fastdeploy_export_is_for_ernie_only(tmp_path):
+    src = write_tiny_arch("qwen3_moe", tmp_path / "src")
+    with pytest.raises(ErnieqError, match="fastdeploy"):
+        api.quantize(src, tmp_path / "fd", bits=2, w4_moe_layers=1, format="fastdeploy", progress=False)
