@@ -41,7 +41,7 @@ class ExpertLayout:
 
     gate_up: the fused gate/up parameter, ``[E, 2I, H]`` or, with ``gate_up_k_major``, ``[E, H, 2I]``;
     down: ``[E, H, I]`` or, with ``down_k_major``, ``[E, I, H]``. Along the 2I axis the gate columns
-    are ``gate_index`` and the up columns ``up_index`` (see :meth:`split`). Biases ``[E, 2I]`` and
+    are every other column or one half, gate first or not (see :meth:`split`). Biases ``[E, 2I]`` and
     ``[E, H]`` when the class has them. silu_gate: the hidden state is ``silu(gate) * up``;
     up_linear: it is linear in ``up``.
     """
@@ -81,10 +81,10 @@ class ExpertLayout:
         return (f"{self.gate_up} {gu} ({split}, {order}), {self.down} {dn}"
                 f"{', with biases' if self.has_bias else ''}, {'silu(gate) * up' if self.silu_gate else 'own gate function'}")
 
-    def split(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate columns [I], up columns [I]) along the 2I axis."""
-        i = torch.arange(self.inter)
-        first, second = (2 * i, 2 * i + 1) if self.interleaved else (i, i + self.inter)
+    def split(self) -> tuple[slice, slice]:
+        """(gate columns, up columns) along the 2I axis: halves, or every other column (views, no copy)."""
+        first, second = (slice(0, None, 2), slice(1, None, 2)) if self.interleaved else (
+            slice(0, self.inter), slice(self.inter, 2 * self.inter))
         return (first, second) if self.gate_first else (second, first)
 
     def assemble(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -225,28 +225,23 @@ def probe_layout(module: nn.Module, hidden: int, where: str) -> ExpertLayout:
 
 
 def _gate_roles(gate_fn, inter: int, where: str) -> dict:
-    """Which of the 2I columns feed each hidden unit, which of each pair is the gate (the one the
-    hidden state is not affine in), and whether the function is silu(gate) * up / linear in up."""
+    """Which of the 2I columns feed each hidden unit (concatenated halves or interleaved pairs), which of
+    each pair is the gate (the one the hidden state is not affine in), and whether the function is
+    silu(gate) * up / linear in up. A few forward runs of the gate function on [T, 2I], whatever I."""
     gen = torch.Generator().manual_seed(1)
-    z0 = torch.randn(1, 2 * inter, generator=gen, dtype=torch.float64) * 0.5
-    jac = torch.autograd.functional.jacobian(lambda z: gate_fn(z)[0], z0)[:, 0]  # [I, 2I]
-    pairs = [tuple(torch.nonzero(row).flatten().tolist()) for row in jac]
-    if any(len(p) != 2 for p in pairs):
-        raise CheckpointError(f"{where}: its gate function does not combine one gate and one up column per unit")
-    i = torch.arange(inter)
+    z = torch.randn(7, 2 * inter, generator=gen, dtype=torch.float64) * 0.5
     for interleaved in (False, True):
-        first, second = (2 * i, 2 * i + 1) if interleaved else (i, i + inter)
-        if [tuple(sorted(p)) for p in pairs] == [(a, b) for a, b in zip(first.tolist(), second.tolist())]:
+        first, second = (slice(0, None, 2), slice(1, None, 2)) if interleaved else (slice(0, inter), slice(inter, None))
+        if _pairs(gate_fn, z, first, second, inter, gen):
             break
     else:
         raise CheckpointError(f"{where}: its gate/up columns are neither concatenated nor interleaved")
-    affine = [_affine_in(gate_fn, z0, cols) for cols in (first, second)]
+    affine = [_affine_in(gate_fn, z, cols) for cols in (first, second)]
     if affine[0] == affine[1]:
         raise CheckpointError(f"{where}: cannot tell its gate from its up columns (the gate function is "
                               f"{'affine' if affine[0] else 'not affine'} in both)")
     gate_first = affine[1]
     g_idx, u_idx = (first, second) if gate_first else (second, first)
-    z = torch.randn(7, 2 * inter, generator=gen, dtype=torch.float64) * 0.5
     h = gate_fn(z)
     silu = torch.allclose(h, torch.nn.functional.silu(z[:, g_idx]) * z[:, u_idx], rtol=_TOL, atol=_TOL)
     c = torch.rand(inter, generator=gen, dtype=torch.float64) + 0.5
@@ -256,9 +251,29 @@ def _gate_roles(gate_fn, inter: int, where: str) -> dict:
     return {"interleaved": interleaved, "gate_first": gate_first, "silu_gate": silu, "up_linear": linear}
 
 
-def _affine_in(gate_fn, z0: torch.Tensor, cols: torch.Tensor) -> bool:
+def _pairs(gate_fn, z: torch.Tensor, first: slice, second: slice, inter: int, gen) -> bool:
+    """Whether hidden unit i reads exactly columns first[i] and second[i]: moving every other unit's
+    columns leaves a few sampled units alone, and moving either of their own columns moves them."""
+    units = torch.randperm(inter, generator=gen)[: min(8, inter)]
+    own = torch.zeros(2 * inter, dtype=torch.bool)
+    col = torch.arange(2 * inter)
+    own[col[first][units]] = True
+    own[col[second][units]] = True
+    h = gate_fn(z)[:, units]
+    others = z + 0.3 * (~own).to(z.dtype)
+    if not torch.allclose(gate_fn(others)[:, units], h, rtol=_TOL, atol=_TOL):
+        return False
+    for cols in (first, second):
+        moved = z.clone()
+        moved[:, col[cols][units]] += 0.3
+        if (gate_fn(moved)[:, units] - h).abs().amin(0).min() == 0:
+            return False
+    return True
+
+
+def _affine_in(gate_fn, z: torch.Tensor, cols: slice) -> bool:
     """Whether every hidden unit is affine in its column among ``cols`` (second differences vanish)."""
-    step = torch.zeros_like(z0)
+    step = torch.zeros_like(z)
     step[:, cols] = 0.3
-    h0, h1, h2 = (gate_fn(z0 + k * step) for k in range(3))
+    h0, h1, h2 = (gate_fn(z + k * step) for k in range(3))
     return torch.allclose(h2 - 2 * h1 + h0, torch.zeros_like(h0), atol=1e-9)
