@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from tests import list_moe  # noqa: F401  (registers the ModuleList MoE with transformers' Auto classes)
 from tests.tiny import write_char_tokenizer
 
 COMMON = {"vocab_size": 96, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -82,6 +83,10 @@ ARCHS = {
     "phimoe": Arch("phimoe", {"intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2,
                               "router_jitter_noise": 0.0},
                    FUSED_NK + " (per-expert w1/w3/w2 in the checkpoint)", "LayerNorm with biases, router renamed"),
+    "list_moe": Arch(list_moe.MODEL_TYPE, {"intermediate_size": 64, "num_local_experts": 4},
+                     "per expert: an nn.ModuleList of MLPs (custom code, registered)",
+                     "no adapter and no transformers class: experts found by structure; AWQ off (its routing "
+                     "loop does not run on the meta device)"),
     "aria_text": Arch("aria_text", {"intermediate_size": 64, "moe_num_experts": 4, "moe_topk": 2,
                                     "moe_num_shared_experts": 1},
                       "fused [E, H, 2I], gate | up (fused fc1/fc2 in the checkpoint)", "K-major experts, shared experts"),

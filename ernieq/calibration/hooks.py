@@ -118,8 +118,8 @@ class LayerHooks:
         model = self.c.model
         prefix = model.layer_prefix(self.i) + "."
         ckpt_of = {}  # module path in the layer -> checkpoint weight name
-        for info in self.lt.infos:
-            if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+        for info in self.lt.infos:  # every linear layer but a fused experts module's (RecordingExperts)
+            if info.is_linear_weight and not (info.cls is TensorClass.ROUTED_EXPERT and model.adapter.fused_expert(info.name)):
                 hf = model.adapter.to_hf_name(info.name)
                 ckpt_of[hf[len(prefix) : -len(".weight")]] = info.name
         first_reader = {}  # module path -> the first linear (in the checkpoint) reading the same tensor

@@ -128,8 +128,8 @@ class Adapter:
             return TensorInfo(name, TensorClass.ROUTED_EXPERT, self.tree.containers[container], e, proj, False, kind, MLP)
         role = self.tree.roles.get(mapped.hf)
         if role is not None:
-            fused = role.container is not None and role.kind != PARAM
-            return TensorInfo(name, role.cls, role.layer, None, role.proj, fused, role.kind, role.part)
+            fused = role.container in self.layouts and role.kind != PARAM
+            return TensorInfo(name, role.cls, role.layer, role.expert, role.proj, fused, role.kind, role.part)
         layer = _layer_of(name)
         if any(p.search(name) for p in self.ignored):
             return TensorInfo(name, TensorClass.UNUSED, layer)
@@ -159,6 +159,11 @@ class Adapter:
     def in_model(self, name: str) -> bool:
         """Whether checkpoint (or canonical) tensor ``name`` has a place in the model."""
         return self.expert_of(name) is not None or self.names.map(name).hf in self.tree.roles
+
+    def fused_expert(self, name: str) -> bool:
+        """Whether tensor ``name`` belongs to a fused experts module (handed out per expert by its layout);
+        a per-expert list's linear layers are ordinary linear layers of class routed_experts."""
+        return self.container_of(name) in self.layouts
 
     def container_of(self, name: str) -> str | None:
         """The experts module a routed-expert tensor (checkpoint or canonical name) belongs to."""
@@ -192,7 +197,7 @@ class Adapter:
             if want is not None and tuple(got) != tuple(want):
                 raise CheckpointError(f"{reader.file_of(info.name)}: tensor {info.name!r} has shape {list(got)}, "
                                       f"{self.source} implies {list(want)}")
-            if info.expert is not None:
+            if info.expert is not None and self.fused_expert(info.name):  # a list's experts are its entries
                 num = self.layouts[self.container_of(info.name)].num_experts
                 if info.expert >= num:
                     raise CheckpointError(f"{reader.file_of(info.name)}: tensor {info.name!r} is expert {info.expert},"
@@ -212,8 +217,8 @@ class Adapter:
 
     def fold_sets(self, layer: int) -> tuple[list[FoldSet], list[str]]:
         """AWQ's fold sets of decoder ``layer`` (transformers names), and why any weights are left out."""
-        if self.untraced is not None:
-            return [], [f"layer {layer}: {self.untraced}"]
+        if layer in self.untraced:
+            return [], [self.untraced[layer]]
         flow: LayerFlow = self.flows[layer]
         sets, skipped = [], []
         for norm, readers in flow.feeds.items():
@@ -280,24 +285,30 @@ def _norm_fold_cached(module) -> NormFold | str:
     return _NORM_FOLDS[key]
 
 
-def _trace(model, adapter: Adapter) -> tuple[dict[int, LayerFlow], str | None]:
-    """One shape-only run of every decoder layer; on failure no flows and the reason."""
+def _trace(model, adapter: Adapter) -> tuple[dict[int, LayerFlow], dict[int, str]]:
+    """One shape-only run of every decoder layer: {layer: flow}, and {layer: why it did not run} for the
+    layers that did not (a MoE block routing by values, as a per-expert list's loop does)."""
     hidden = adapter.hf.get_text_config().hidden_size
     layers = model.get_submodule(adapter.stack.layers)
-    try:
-        with torch.device("meta"):
+    flows, untraced = {}, {}
+    with torch.device("meta"):
+        try:
             calls = layer_calls(model, adapter.stack, torch.empty(1, _TRACE_TOKENS, hidden))
-            flows = {}
-            for i, layer in enumerate(layers):
-                prefix = adapter.stack.layer(i)
-                inside = lambda paths: {p for p in paths if p.startswith(prefix + ".")}  # noqa: E731
+        except Exception as err:  # noqa: BLE001 - any failure of a foreign forward means: no dataflow, said once
+            reason = f"a shape-only run of {adapter.model_class} failed ({type(err).__name__}: {err})"
+            return {}, {i: reason for i in range(len(layers))}
+        for i, layer in enumerate(layers):
+            prefix = adapter.stack.layer(i)
+            inside = lambda paths: {p for p in paths if p.startswith(prefix + ".")}  # noqa: E731
+            try:
                 flows[i] = trace_layer(layer, prefix, calls[i], inside(adapter.tree.containers),
                                        inside(adapter.tree.routers.values()), inside(adapter.tree.norms))
-        return flows, None
-    except Exception as err:  # noqa: BLE001 - any failure of a foreign forward means: no dataflow, said once
-        reason = f"a shape-only run of {adapter.model_class}'s decoder layers failed ({type(err).__name__}: {err})"
-        log.info("%s: %s; AWQ is off for it", adapter.source, reason)
-        return {}, reason
+            except Exception as err:  # noqa: BLE001 - as above, for this layer
+                untraced[i] = f"a shape-only run of decoder layer {i} failed ({type(err).__name__}: {err})"
+    if untraced:
+        log.info("%s: %d decoder layer(s) did not run on the meta device (%s); AWQ leaves them unscaled",
+                 adapter.source, len(untraced), next(iter(untraced.values())))
+    return flows, untraced
 
 
 def _layer_of(name: str) -> int | None:

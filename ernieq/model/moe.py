@@ -32,7 +32,8 @@ class ExpertGroup:
 
     @classmethod
     def from_infos(cls, infos, adapter: Adapter) -> ExpertGroup | None:
-        routed = [t for t in infos if t.cls is TensorClass.ROUTED_EXPERT]
+        """The fused experts among ``infos`` (per-expert lists' linear layers are no group: see linear_weights)."""
+        routed = [t for t in infos if t.cls is TensorClass.ROUTED_EXPERT and adapter.fused_expert(t.name)]
         if not routed:
             return None
         containers = {adapter.container_of(t.name) for t in routed}
@@ -106,7 +107,7 @@ def linear_weights(infos: tuple[TensorInfo, ...], tensors: dict[str, torch.Tenso
     canonical per-expert names (whichever layout the checkpoint uses), after the other weights."""
     experts = ExpertGroup.from_infos(infos, adapter)
     for info in infos:
-        if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+        if info.is_linear_weight and not (info.cls is TensorClass.ROUTED_EXPERT and adapter.fused_expert(info.name)):
             yield info.name, info, tensors[info.name]
     if experts is not None:
         for e, proj, weight in experts.weights(tensors):

@@ -169,7 +169,7 @@ def _account(adapter: Adapter, t: StoredTensor, info: TensorInfo, stored_hf: set
     elif unclassified and recipe is not None and not recipe.keeps(t.name):
         yield UNCLASSIFIED, "quantize refuses it unless the recipe names it (--override 'REGEX=none')", t.name, t.params
     elif info.is_linear_weight and recipe is not None:
-        pieces = _expert_pieces(adapter, info, t.shape) if info.cls is TensorClass.ROUTED_EXPERT else [(t.name, t.params)]
+        pieces = _expert_pieces(adapter, info, t.shape) if adapter.fused_expert(t.name) else [(t.name, t.params)]
         for name, n in pieces:
             codec = recipe.choose(name, adapter.classify(name))
             yield (QUANTIZED, codec, name, n) if codec else (KEPT, kept_reason(info), name, n)

@@ -6,11 +6,12 @@ buffer by where it sits, not by its name:
 - the input embeddings and the output projection (``get_input_embeddings``,
   ``get_output_embeddings``); a parameter reachable under two names is tied;
 - in each decoder layer: the child whose class is an attention module (every ``nn.Linear``
-  in it is attention); a child holding an experts module (a module with 3-D ``[E, ...]``
-  parameters) is a MoE block: the experts are routed experts, a module in the block with a
-  ``[E, H]`` weight is the router, a module with several linear layers a shared expert, a
-  lone linear layer a gate (Qwen2-MoE's ``shared_expert_gate``, kept like the router); any
-  other child with linear layers is a dense MLP;
+  in it is attention); a child holding experts is a MoE block: a module with 3-D ``[E, ...]``
+  parameters (fused experts, transformers 5) or an ``nn.ModuleList`` of E alike modules of
+  linear layers (per-expert experts, custom code) beside a module with an ``[E, H]`` weight,
+  the router; in the block a module with several linear layers is a shared expert, a lone
+  linear layer a gate (Qwen2-MoE's ``shared_expert_gate``, kept like the router); any other
+  child with linear layers is a dense MLP;
 - 1-D parameters of modules whose class is a norm are norms; any other 1-D parameter
   (attention sinks, scalars) is kept as ``other``; a matrix found nowhere above is
   ``unclassified`` (``ernieq quantize`` refuses it unless the recipe names it).
@@ -40,6 +41,7 @@ class Role:
     part: str | None
     module: str
     container: str | None = None
+    expert: int | None = None  # the index of an expert of a per-expert list
 
 
 @dataclass
@@ -47,7 +49,8 @@ class ModelTree:
     """Roles by transformers parameter name; experts modules, routers and norms by path."""
 
     roles: dict[str, Role] = field(default_factory=dict)
-    containers: dict[str, int] = field(default_factory=dict)  # experts module path -> layer
+    containers: dict[str, int] = field(default_factory=dict)  # fused experts module path -> layer
+    expert_lists: dict[str, int] = field(default_factory=dict)  # per-expert nn.ModuleList path -> layer
     routers: dict[str, str] = field(default_factory=dict)  # experts module path -> router module path
     norms: dict[str, int | None] = field(default_factory=dict)  # norm module path -> layer
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> the name it is tied to
@@ -66,6 +69,16 @@ def _is_norm(module: nn.Module) -> bool:
 def experts_modules(root: nn.Module) -> list[str]:
     """Paths (relative to ``root``) of the modules holding 3-D parameters: fused experts."""
     return [n for n, m in root.named_modules() if any(p.dim() == 3 for p in m.parameters(recurse=False))]
+
+
+def expert_lists(block: nn.Module) -> list[str]:
+    """Names of ``block``'s children that are per-expert lists: an ``nn.ModuleList`` of E (>= 2) modules of
+    one class holding linear layers, beside a child with a 2-D weight of E rows (the router)."""
+    rows = {p.shape[0] for c in block.children() if not isinstance(c, nn.ModuleList)
+            for p in c.parameters(recurse=False) if p.dim() == 2}
+    return [name for name, child in block.named_children()
+            if isinstance(child, nn.ModuleList) and len(child) >= 2 and len(child) in rows
+            and len({type(m) for m in child}) == 1 and len(_linears(child[0])) >= 2]
 
 
 def _linears(module: nn.Module) -> list[str]:
@@ -114,7 +127,7 @@ def _classify_layer(tree: ModelTree, prefix: str, i: int, layer: nn.Module) -> N
         base = f"{prefix}.{child_name}"
         if _is_attention(child):
             _classify_block(tree, base, i, child, TensorClass.ATTENTION, ATTENTION)
-        elif experts_modules(child):
+        elif experts_modules(child) or expert_lists(child):
             _classify_moe(tree, base, i, child)
         else:
             _classify_block(tree, base, i, child, TensorClass.DENSE_MLP, MLP)
@@ -143,8 +156,22 @@ def _keep_all(tree: ModelTree, base: str, i: int, block: nn.Module, cls: TensorC
 
 
 def _classify_moe(tree: ModelTree, base: str, i: int, block: nn.Module) -> None:
-    """A MoE block: its experts modules, router(s), shared experts and gates."""
+    """A MoE block: its experts modules (fused or per-expert lists), router(s), shared experts and gates."""
     experts: dict[str, int] = {}  # container path -> E
+    for name in expert_lists(block):
+        path = f"{base}.{name}"
+        tree.expert_lists[path] = i
+        experts[path] = len(block.get_submodule(name))
+        for e, expert in enumerate(block.get_submodule(name)):
+            for rel, module in expert.named_modules():
+                for pname, p in _own_tensors(module):
+                    full = f"{path}.{e}.{rel}.{pname}" if rel else f"{path}.{e}.{pname}"
+                    if isinstance(module, nn.Linear):
+                        kind = WEIGHT if pname == "weight" else BIAS
+                        tree.roles[full] = Role(TensorClass.ROUTED_EXPERT, i, rel.rpartition(".")[2], kind, MLP,
+                                                full.rpartition(".")[0], path, e)
+                    else:
+                        tree.roles[full] = _plain_role(tree, module, full.rpartition(".")[0], p, i, MLP)
     for rel in experts_modules(block):
         path = f"{base}.{rel}" if rel else base
         module = block.get_submodule(rel)
