@@ -59,7 +59,8 @@ def inspect(model: str | Path, options: QuantizeOptions | None = None, **fields)
     path = resolve_model(model)
     if quantized_format(path) is not None:
         return checkpoint_summary(path)
-    return checkpoint_summary(path, recipe_view(path, recipe_for(path, options, **fields)))
+    config, _ = recipe_for(path, with_fields(options, fields))
+    return checkpoint_summary(path, recipe_view(path, config))
 
 
 def stored_recipe(model: str | Path) -> dict | None:

@@ -98,13 +98,14 @@ def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -
 @click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
               help="A plain MODEL is accounted by this recipe (what quantize --bits would keep and why).")
 @click.option("--fp8", is_flag=True, help="Account a plain MODEL by the block-FP8 recipe instead.")
+@click.option("--recipe", default=None, metavar="FILE|NAME", help="Account a plain MODEL by this recipe instead.")
 @click.option("--override", "overrides", multiple=True, metavar="'REGEX=CODEC[:k=v,...]'",
               help="Overrides of that recipe, as quantize takes them.")
-def inspect(model: str, bits: str, fp8: bool, overrides: tuple[str, ...]) -> None:
+def inspect(model: str, bits: str, fp8: bool, recipe: str | None, overrides: tuple[str, ...]) -> None:
     """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes), bits per weight by class,
     and where every parameter goes: quantized (by codec), kept (and why), tied, unclassified.
     MODEL: a plain or quantized folder (ernieq native, or FastDeploy's wint2 layout, split per rank or not)."""
-    summary = api.inspect(model, QuantizeOptions(bits=int(bits), fp8=fp8, overrides=overrides))
+    summary = api.inspect(model, QuantizeOptions(bits=int(bits), fp8=fp8, recipe=recipe, overrides=overrides))
     table = Table(title=f"{model}")
     for col in ("layer", "kind", "experts", "shapes", "codecs", "params", "bytes"):
         table.add_column(col, justify="right" if col in ("experts", "params", "bytes") else "left")

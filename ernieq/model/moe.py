@@ -120,7 +120,7 @@ def linear_weight_shapes(reader: CheckpointReader, infos: tuple[TensorInfo, ...]
     """(name, info, shape) of what :func:`linear_weights` hands out, from the headers only."""
     experts = ExpertGroup.from_infos(infos, adapter)
     for info in infos:
-        if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+        if info.is_linear_weight and not (info.cls is TensorClass.ROUTED_EXPERT and adapter.fused_expert(info.name)):
             yield info.name, info, tuple(reader.shape(info.name))
     if experts is not None:
         for e, proj, shape in experts.shapes():
