@@ -5,9 +5,10 @@
         --out benchmarks/results/demo_accuracy.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
-protocol), tokens scored, bits per weight over the quantized classes, and the
-evaluation's wall time and its ratio to the unquantized model's. ``fp8-w8a8`` is ``--fp8`` (activations
-quantized to fp8 per token and 128-channel group at run time, what the hf-fp8 and
+protocol), tokens scored, bits per weight over the quantized classes, the
+evaluation's wall time and its ratio to the unquantized model's, and the sha256
+of the evaluated weights (``LC_ALL=C sha256sum *.safetensors | sha256sum``). ``fp8-w8a8`` is ``--fp8``
+(activations quantized to fp8 per token and 128-channel group at run time, what the hf-fp8 and
 compressed-tensors exports declare), ``fp8-weight-only`` the same weights with activations
 left in float (``--fp8-activations none``).
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import int2_baseline  # noqa: F401  (registers the int2-g64 baseline codec)
 from ernieq import api
+from ernieq.model.checkpoint import weights_sha256
 from ernieq.provenance import git_commit
 
 SETTINGS = {
@@ -58,7 +60,8 @@ def main() -> None:
             options = SETTINGS[name]
             model, bpw = args.model, 32.0  # the demo checkpoints are float32
             if name == "dense-source":
-                from ernieq.model.demo import DENSE_CACHE_NAME, cache_root, load_dense_source
+                from ernieq.demo.cache import cache_root
+                from ernieq.demo.source import DENSE_CACHE_NAME, load_dense_source
 
                 load_dense_source()  # makes sure the float32 copy is cached
                 model = cache_root() / DENSE_CACHE_NAME
@@ -69,7 +72,8 @@ def main() -> None:
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
-                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start})
+                         "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
+                         "weights_sha256": weights_sha256(api.resolve_model(model))})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "

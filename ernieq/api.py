@@ -35,7 +35,7 @@ def resolve_model(model: str | Path) -> Path:
             log.info("%s: using the local folder %s, not the %s of that name", model, path.resolve(),
                      "built-in demo model" if str(model) == DEMO_NAME else "hub model")
     elif str(model) == DEMO_NAME:
-        from ernieq.model.demo import demo_model_path
+        from ernieq.demo import demo_model_path
 
         return demo_model_path()
     elif (hub := parse_hub_id(str(model))) is not None:

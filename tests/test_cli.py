@@ -134,3 +134,13 @@ def test_quantize_fp8_records_how_activations_are_computed(tiny, tmp_path, monke
     assert code == 0, err
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
     assert {m["params"]["activations"] for m in modules.values()} == {activations}
+
+
+def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
+    import ernieq.demo
+    from ernieq.model.checkpoint import weights_sha256
+
+    monkeypatch.setattr(ernieq.demo, "build_demo_model", lambda out, variant, **options: write_tiny_ernie(out))
+    code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
+    assert code == 0, err
+    assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")

@@ -111,7 +111,7 @@ def test_peers_script_runs_a_setting_in_a_child(tmp_path, demo_routed_dir, wikit
     (row,) = json.loads(out.read_text())["rows"]
     assert row["setting"] == "ernieq-w4-rtn" and row["method"] == "RTN"
     assert row["tokens"] == 127 and math.isfinite(row["ppl"]) and row["ppl"] > 1
-    assert row["bits_by_codec"] == {"wint4": 4.25}  # a float16 scale per 64 weights; K = 576, 1536 divide
+    assert row["bits_by_codec"] == {"wint4": 4.25}  # a float16 scale per 64 weights; every K of the demo divides
     assert row["quantized"] == "every linear: wint4:group_size=64,symmetric=True,clip=False,scale_dtype=float16"
     assert row["wall_seconds"] >= row["quantize_seconds"] + row["eval_seconds"] > 0
     assert row["peak_rss_bytes"] > 100 * 2**20  # the child's own ru_maxrss, in bytes (torch alone is more)

@@ -147,3 +147,9 @@ def test_wikitext2_shared_copy_is_lf(wikitext2_path):
     assert "\r" not in got
     raw = wikitext2_path.read_bytes()
     assert len(got.encode("utf-8")) == len(raw) - raw.count(b"\r\n")
+
+
+def test_the_copy_beside_the_repository_is_where_the_tests_find_it():
+    from tests.conftest import WIKITEXT2_PATH
+
+    assert text_mod.WIKITEXT2_BESIDE_REPO == WIKITEXT2_PATH

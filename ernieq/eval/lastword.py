@@ -68,7 +68,7 @@ def lastword_records(text: str) -> list[dict]:
 
 
 def _cache_dir() -> Path:
-    from ernieq.model.demo import cache_root
+    from ernieq.demo.cache import cache_root
 
     return cache_root() / TASKS_CACHE
 

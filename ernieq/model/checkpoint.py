@@ -8,6 +8,7 @@ from the file (no pickle).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -57,6 +58,26 @@ DTYPE_BYTES = {
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file's bytes."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(folder: Path) -> str:
+    """One hex sha256 for a checkpoint's weights: of ``<sha256>  <name>`` lines of its safetensors
+    files sorted by name, as ``LC_ALL=C sha256sum *.safetensors | sha256sum`` prints it in the folder."""
+    names = sorted(p.name for p in Path(folder).glob("*.safetensors"))
+    if not names:
+        raise CheckpointError(f"{folder}: no safetensors files")
+    lines = "".join(f"{sha256_file(Path(folder) / name)}  {name}\n" for name in names)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 def _is_int(x) -> bool:

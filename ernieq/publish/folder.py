@@ -10,13 +10,13 @@ other file. :func:`ernieq.publish.verify.verify_files` re-checks all of it; ever
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 from pathlib import Path
 
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
+from ernieq.model.checkpoint import sha256_file
 from ernieq.publish.card import base_license, render_card
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ CARD_NAME = "README.md"
 LICENSE_NAME = "LICENSE"
 REPORT_DIR = "report"
 REPORT_FILES = ("report.json", "report.md", "report.html")
-CHUNK = 1 << 20
 # The smoke test's text (verify): plain encyclopedic English any language model should find likely.
 SMOKE_TEXT = (
     "The city is the capital of the country and its largest city. It lies on the river, which flows from the "
@@ -34,14 +33,6 @@ SMOKE_TEXT = (
     "an important centre of trade, science and the arts. Today it is home to about two million people, several "
     "universities and many museums, and it is one of the most visited cities in the world."
 )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def listed_files(folder: Path) -> list[str]:

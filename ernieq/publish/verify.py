@@ -16,7 +16,8 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.model.adapters import adapter_for
 from ernieq.model.checkpoint import CheckpointError, read_json
-from ernieq.publish.folder import SUMS_NAME, listed_files, sha256_file
+from ernieq.model.checkpoint import sha256_file
+from ernieq.publish.folder import SUMS_NAME, listed_files
 
 
 class VerifyError(ErnieqError, ValueError):

@@ -230,9 +230,9 @@ def test_fp8_params_from_before_w8a8_are_refused(tiny, tmp_path):
         export_checkpoint(native, tmp_path / "ct", FORMAT)
 
 
-@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}])
+@pytest.mark.parametrize("options", [{"bits": 4}, {"bits": 8}, {"fp8": True}])
 def test_demo_model_export_round_trips_through_compressed_tensors(demo_routed_dir, tmp_path, options):
-    """The reduced demo checkpoint (hidden 576, experts of 128): every module comes back bit for bit."""
+    """The reduced demo checkpoint (hidden 640, experts of 128): every module comes back bit for bit."""
     native = _quantize(demo_routed_dir, tmp_path, **options)
     out = export_checkpoint(native, tmp_path / "ct", FORMAT)
     reader = NativeReader(native)

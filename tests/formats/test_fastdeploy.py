@@ -66,11 +66,13 @@ def src(tmp_path_factory):
     return write_tiny_ernie(tmp_path_factory.mktemp("fastdeploy_src") / "src", **DIMS)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, src):
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def exported(request, tmp_path_factory, src):
+    """The tiny model, and the reduced demo (hidden 640, experts of 128): `quantize --bits 2 --format fastdeploy`."""
+    model = src if request.param == "tiny" else request.getfixturevalue("demo_routed_dir")
     root = tmp_path_factory.mktemp("fastdeploy")
     native = root / "q"
-    api.quantize(src, native, bits=2, w4_moe_layers=1, progress=False, rotate=False)
+    api.quantize(model, native, bits=2, w4_moe_layers=1, progress=False, rotate=False)
     (native / "generation_config.json").write_text(json.dumps({"top_p": 0.8}))  # a side file to carry over
     out = export_checkpoint(native, root / "fd", FORMAT)
     reader = CheckpointReader(out)
@@ -93,7 +95,7 @@ def test_ccq2_experts_decode_bit_for_bit(exported):
     reader, tensors, _ = exported
     ccq2_layers = _layers_with(reader, "ccq2")
     assert ccq2_layers
-    inter = DIMS["moe_intermediate_size"]
+    inter = reader.config["moe_intermediate_size"]
     for layer in ccq2_layers:
         for e in range(reader.config["moe_num_experts"]):
             gate, up, down = (decode(reader.quantized(m)).numpy() for m in _expert_modules(reader, layer, e))

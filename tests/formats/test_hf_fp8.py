@@ -23,7 +23,7 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.formats.registry import export_checkpoint
 from ernieq.runtime.loader import load_quantized
-from tests.tiny import tiny_ernie_model, write_tiny_ernie
+from tests.tiny import write_tiny_ernie
 
 FORMAT = "hf-fp8"
 # every quantized N and K a multiple of 128: transformers reads only whole 128 x 128 blocks
@@ -33,22 +33,29 @@ E4M3_MAX = 448.0
 # transformers' W8A8 modules (on ernieq's export) vs ernieq's runtime, float32 logits: the same
 # quantized activations, sums in another order (measured 3.6e-7 with logits up to 1.26)
 W8A8_TOL = dict(rtol=1e-5, atol=1e-5)
+# transformers' dequantized model vs ernieq's weight-only runtime on the demo: sums in another order
+# (measured 2.2e-5 in logits up to about 35; bit for bit on the tiny model)
+WEIGHT_ONLY_TOL = dict(rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny", "demo"])
+def exported(request, tmp_path_factory):
+    """(source, native, export) of the tiny model and of the reduced demo (hidden 640, 12 + 4 heads of 64)."""
     root = tmp_path_factory.mktemp("hf_fp8")
-    src = write_tiny_ernie(root / "src", **DIMS)
+    if request.param == "tiny":
+        src = write_tiny_ernie(root / "src", **DIMS)
+    else:
+        src = request.getfixturevalue("demo_routed_dir")
     native = root / "q"
     api.quantize(src, native, fp8=True, progress=False)
-    return native, export_checkpoint(native, root / "hf", FORMAT)
+    return src, native, export_checkpoint(native, root / "hf", FORMAT)
 
 
 @pytest.fixture(scope="module")
 def weight_only(exported, tmp_path_factory):
     """The same source quantized with --fp8-activations none: the same stored weights, computed weight-only."""
     native = tmp_path_factory.mktemp("hf_fp8_w16") / "q"
-    api.quantize(exported[0].parent / "src", native, fp8=True, fp8_activations="none", progress=False)
+    api.quantize(exported[0], native, fp8=True, fp8_activations="none", progress=False)
     return native
 
 
@@ -106,7 +113,7 @@ def _weight(state: dict, module: str) -> torch.Tensor:
 
 def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
     """transformers' CPU path: the weights dequantized at load time, so it computes weight-only."""
-    native, out = exported
+    src, native, out = exported
     model = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
     reader = NativeReader(native)
@@ -114,7 +121,7 @@ def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
     for module in reader.modules:
         assert torch.equal(_weight(state, module), decode(reader.quantized(module))), module
     # the same logits as the float model carrying the decoded weights
-    reference = tiny_ernie_model(**DIMS)
+    reference = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ref_state = reference.state_dict()
     with torch.no_grad():
         for module in reader.modules:
@@ -124,34 +131,48 @@ def test_transformers_dequantizes_to_ernieq_decode_bit_for_bit(exported):
 
 
 def test_transformers_on_a_cpu_computes_what_ernieq_does_weight_only(exported, weight_only):
-    """transformers' dequantized model and ernieq's weight-only runtime: the same logits, bit for bit."""
-    native, out = exported
+    """transformers' dequantized model and ernieq's weight-only runtime: the same logits but for the order of
+    sums."""
+    _, native, out = exported
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.experts.2.down_proj"):
         a, b = NativeReader(native).quantized(module), NativeReader(weight_only).quantized(module)
         assert all(torch.equal(a.tensors[k].view(torch.uint8), b.tensors[k].view(torch.uint8)) for k in a.tensors)
     dequantized = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float32, quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
     with torch.no_grad():
-        assert torch.equal(dequantized(_ids()).logits, load_quantized(weight_only)(_ids()).logits)
+        torch.testing.assert_close(dequantized(_ids()).logits, load_quantized(weight_only)(_ids()).logits,
+                                   **WEIGHT_ONLY_TOL)
 
 
 def test_transformers_fp8_modules_compute_what_ernieq_does_w8a8(exported, weight_only):
     """transformers' W8A8 path on the export (its hub kernel replaced by the torch version above) and
-    ernieq's runtime on the native checkpoint: the same logits; weight-only ones are far off."""
-    native, out = exported
-    model = _fp8_modules(out)
+    ernieq's runtime on the native checkpoint: every linear layer gives the same output for the same input,
+    weight-only ones do not; on the tiny model the whole logits agree too. (On the demo's wider layers the
+    fp8 rounding of activations turns a sum-order difference of 3e-6 into rounding flips that grow through
+    the layers, measured 3.4 apart in logits after four, so there the layers are compared one by one.)"""
+    src, native, out = exported
+    model, ours, ours_weight_only = _fp8_modules(out), load_quantized(native), load_quantized(weight_only)
+    linears = [n for n, m in model.named_modules() if type(m).__name__ == "FP8Linear"]
+    assert linears
+    x_by_k = {}
     with torch.no_grad(), mock.patch.object(finegrained_fp8, "load_finegrained_fp8_kernel", _finegrained_fp8_in_torch):
-        theirs = model(_ids()).logits
-        ours = load_quantized(native)(_ids()).logits
-        ours_weight_only = load_quantized(weight_only)(_ids()).logits
-    torch.testing.assert_close(ours, theirs, **W8A8_TOL)
-    with pytest.raises(AssertionError):  # measured 0.039 apart
-        torch.testing.assert_close(ours_weight_only, theirs, **W8A8_TOL)
+        for name in linears:
+            theirs = model.get_submodule(name)
+            x = x_by_k.setdefault(theirs.in_features, torch.randn(5, theirs.in_features,
+                                                                  generator=torch.Generator().manual_seed(1)))
+            torch.testing.assert_close(ours.get_submodule(name)(x), theirs(x), **W8A8_TOL)
+            with pytest.raises(AssertionError):
+                torch.testing.assert_close(ours_weight_only.get_submodule(name)(x), theirs(x), **W8A8_TOL)
+        if src.name == "src":  # the tiny model
+            theirs = model(_ids()).logits
+            torch.testing.assert_close(ours(_ids()).logits, theirs, **W8A8_TOL)
+            with pytest.raises(AssertionError):  # measured 0.039 apart
+                torch.testing.assert_close(ours_weight_only(_ids()).logits, theirs, **W8A8_TOL)
 
 
 def test_fp8_modules_hold_the_stored_weights_and_block_scales(exported):
     """The GPU load path (FP8Linear, fused FP8Experts), built on CPU: only its kernels need a GPU."""
-    native, out = exported
+    _, native, out = exported
     state = _fp8_modules(out).state_dict()
     reader = NativeReader(native)
     for module in ("model.layers.0.self_attn.q_proj", "model.layers.2.mlp.shared_experts.down_proj"):
@@ -169,7 +190,7 @@ def test_fp8_modules_hold_the_stored_weights_and_block_scales(exported):
 
 
 def test_config_follows_transformers_fp8_convention(exported):
-    native, out = exported
+    _, native, out = exported
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "fp8" and qc["weight_block_size"] == [128, 128]
     assert qc["activation_scheme"] == "dynamic"  # what ernieq computes: --fp8 records activations "dynamic"

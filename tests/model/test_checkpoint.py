@@ -1,12 +1,13 @@
 import gc
 import json
+import subprocess
 import weakref
 
 import pytest
 import torch
 
 from ernieq.model.adapters import iter_groups, stream_groups
-from ernieq.model.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
+from ernieq.model.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter, weights_sha256
 
 
 def _ernie_config(layers=3):
@@ -124,3 +125,15 @@ def test_writer_turns_a_full_disk_into_an_error_naming_the_file(tmp_path, monkey
         with CheckpointWriter(tmp_path) as w:
             w.add("a", torch.zeros(8))
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".part-*"))
+
+
+def test_weights_sha256_is_what_sha256sum_prints(tmp_path):
+    with CheckpointWriter(tmp_path, max_shard_bytes=64) as writer:  # two shards and an index
+        writer.add("a", torch.arange(16, dtype=torch.float32))
+        writer.add("b", torch.ones(16))
+    (tmp_path / "config.json").write_text("{}")  # not a weight: left out
+    shell = subprocess.run("LC_ALL=C sha256sum *.safetensors | sha256sum", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout.split()[0]
+    assert weights_sha256(tmp_path) == shell
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"changed")
+    assert weights_sha256(tmp_path) != shell
