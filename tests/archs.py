@@ -93,19 +93,20 @@ ARCHS = {
 }
 
 
-def tiny_config(arch: str):
+def tiny_config(arch: str, **fields):
+    """``arch``'s tiny config; ``fields`` replace the matrix's (wider layers for a format that needs them)."""
     from transformers import AutoConfig
 
     spec = ARCHS[arch]
-    return AutoConfig.for_model(spec.model_type, **{**COMMON, **spec.fields})
+    return AutoConfig.for_model(spec.model_type, **{**COMMON, **spec.fields, **fields})
 
 
-def write_tiny_arch(arch: str, out: Path, seed: int = 0) -> Path:
+def write_tiny_arch(arch: str, out: Path, seed: int = 0, **fields) -> Path:
     """A tiny random ``arch`` checkpoint (save_pretrained, safetensors) with a tokenizer, in ``out``."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **fields), dtype=torch.float32).eval()
     with torch.no_grad():  # routers away from their zero init, so that routing depends on the input
         for name, p in model.named_parameters():
             if p.dim() == 2 and ("gate" in name or "router" in name) and p.abs().max() == 0:

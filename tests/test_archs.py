@@ -5,9 +5,10 @@ biased experts), each saved by ``save_pretrained`` as the hub holds it.
 Per architecture: ``inspect`` accounts for every parameter; ``quantize --bits 4`` runs in ernieq's
 runtime exactly as the transformers model with the decoded weights (the oracle) and evaluates;
 ``--bits 2`` (models with experts) stores ccq2 experts and evaluates; every AWQ fold set the
-adapter derives keeps the function (random scales, no rounding); calibration feeds GPTQ and AWQ; the
-compressed-tensors export decompresses, by the compressed-tensors library, to ernieq's decode bit
-for bit.
+adapter derives keeps the function (random scales, no rounding); calibration feeds GPTQ and AWQ, and
+sequential calibration runs a layer on its decoded weights; the compressed-tensors export
+decompresses, by the compressed-tensors library, to ernieq's decode bit for bit, under the source
+checkpoint's names. The hf-fp8 export loads in transformers (a few architectures at hidden 128).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ernieq import api
-from ernieq.codecs import decode
+from ernieq.codecs import decode, get_codec
 from ernieq.calibration.awq import fold_scale, group_folds
+from ernieq.calibration.layerwise import LayerwiseModel
+from ernieq.calibration.rounding import encode_weight
+from ernieq.calibration.sequential import SequentialPlan, quantized_layer
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.formats.registry import export_checkpoint
@@ -129,9 +133,25 @@ def test_inspect_accounts_for_every_parameter(arch):
     assert (TensorClass.ROUTED_EXPERT in classes) == ARCHS[name].moe
 
 
+def test_inspect_counts_a_stored_copy_of_a_tied_weight_once(tmp_path):
+    """Some hub checkpoints store lm_head beside the embedding it is tied to: a row of its own, counted once."""
+    src = write_tiny_arch("gemma3", tmp_path / "src")  # tied: save_pretrained writes the embedding alone
+    tensors = load_file(src / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, src / "model.safetensors")
+    summary = api.inspect(src)
+    assert summary.accounting["tied", "tied to model.embed_tokens.weight"].names == ["lm_head.weight"]
+    assert summary.accounted("quantized", "kept") == summary.model_params
+
+
 def test_bits4_runs_as_the_decoded_model_and_evaluates(arch, texts, tmp_path):
     name, src = arch
-    api.quantize(src, tmp_path / "q4", bits=4, progress=False)  # wint4 g64, rotations on
+    done = api.quantize(src, tmp_path / "q4", bits=4, progress=False)  # wint4 g64, rotations on
+    summary = api.inspect(tmp_path / "q4")  # the quantized checkpoint accounts for every parameter too
+    assert summary.accounted("quantized", "kept") == summary.model_params, summary.accounting
+    # and quantize listed, with a reason, every weight it did not quantize
+    kept = sum(row["params"] for row in done.kept.values())
+    assert kept + sum(c.quantized_weights for c in done.classes.values()) == summary.model_params
     model = load_quantized(tmp_path / "q4")
     adapter = adapter_for(NativeReader(tmp_path / "q4").config)
     plain = {adapter.classify(f"{n}.weight").cls for n, m in model.named_modules() if type(m) is torch.nn.Linear}
@@ -192,6 +212,33 @@ def test_calibration_feeds_gptq_and_awq(arch, texts, tmp_path):
         assert math.isfinite(_perplexity(q, texts[0]))
 
 
+def test_sequential_calibration_runs_a_layer_on_its_decoded_weights(arch):
+    """--sequential reloads each decoder layer with its weights quantized: whatever the layout, the layer
+    computes with the decoded value of every linear layer and expert (read back through its layout)."""
+    _, src = arch
+    model = LayerwiseModel(src)
+    adapter, i = model.adapter, model.num_layers - 1  # the last layer: a MoE layer where the model has experts
+    wint4 = ("wint4", {"group_size": 32, "symmetric": True})
+    layer = quantized_layer(model, i, lambda name: None, SequentialPlan(lambda name, info: (wint4, False), "rtn"))
+    state = {f"{model.layer_prefix(i)}.{k}": v for k, v in layer.state_dict().items()}
+    infos = model.layer_tensors(i).infos
+    source = {t.name: model.reader.get(t.name) for t in infos if t.is_linear_weight}
+    checked = 0
+    for name, _, w in linear_weights(infos, source, adapter):
+        want = decode(encode_weight(get_codec(wint4[0], **wint4[1]), w.float(), None, name, "rtn", None)).float()
+        expert = adapter.expert_of(name)
+        if expert is None:
+            got = state[adapter.to_hf_name(name)]
+        else:
+            layout = adapter.layouts[expert[0]]
+            fused = {p: state[f"{expert[0]}.{p}"] for p in layout.params}
+            got = {(e, proj): t for e, proj, t in layout.weights(fused)}[expert[1:]]
+        assert torch.equal(got, want), name
+        checked += 1
+    assert checked >= 4  # attention and MLP (or every expert's three)
+    model.release_layer(i)
+
+
 def test_compressed_tensors_round_trip(arch, tmp_path):
     _, src = arch
     native = tmp_path / "q"
@@ -202,9 +249,40 @@ def test_compressed_tensors_round_trip(arch, tmp_path):
         stored.update(load_file(shard))
     weights = CompressedTensorsDequantizer(out, dtype=torch.float32).validate(stored)
     reader = NativeReader(native)
-    assert set(weights) == {f"{m}.weight" for m in reader.modules} | set(reader.plain_names())
-    for module in reader.modules:
-        assert torch.equal(weights[f"{module}.weight"], decode(reader.quantized(module))), module
+    adapter = adapter_for(reader.config)
+    hub = {adapter.checkpoint_name(f"{m}.weight") or f"{m}.weight": m for m in reader.modules}  # or: fused on the hub
+    assert set(weights) == set(hub) | set(reader.plain_names())
+    source = CheckpointReader(src).keys()
+    if not any(adapter.classify(n).fused for n in source):  # the experts are per expert on the hub: its names
+        assert set(weights) == set(source)
+    for name, module in hub.items():
+        assert torch.equal(weights[name], decode(reader.quantized(module))), module
+
+
+# every N and K a multiple of 128: transformers' fp8 format holds whole 128 x 128 blocks only
+FP8_DIMS = {"hidden_size": 128, "intermediate_size": 128, "moe_intermediate_size": 128, "num_attention_heads": 4,
+            "num_key_value_heads": 4, "head_dim": 32}
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen3_moe"])
+def test_hf_fp8_export_loads_in_transformers_as_the_decoded_model(name, tmp_path):
+    """transformers reads the export (dequantized, on the CPU) into the model ernieq decodes: every expert
+    under the name the hub gives it (Mixtral's block_sparse_moe.experts.M.w1), none left at its init."""
+    from transformers import AutoModelForCausalLM, FineGrainedFP8Config
+
+    src = write_tiny_arch(name, tmp_path / "src", **FP8_DIMS)
+    api.quantize(src, tmp_path / "q", fp8=True, progress=False)
+    out = export_checkpoint(tmp_path / "q", tmp_path / "hf", "hf-fp8")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                 quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
+    assert torch.equal(_logits(model), _logits(decoded_model(src, tmp_path / "q")))
+
+
+def test_hf_fp8_refuses_experts_the_hub_holds_fused(tmp_path):
+    src = write_tiny_arch("gpt_oss", tmp_path / "src", **FP8_DIMS)
+    api.quantize(src, tmp_path / "q", fp8=True, progress=False)
+    with pytest.raises(ErnieqError, match=r"experts\.0\.down_proj is a routed expert .* only inside a fused"):
+        export_checkpoint(tmp_path / "q", tmp_path / "hf", "hf-fp8")
 
 
 def test_fastdeploy_export_is_for_ernie_only(tmp_path):

@@ -31,12 +31,16 @@ def test_inspect_lists_dense_and_moe_layers(tiny, monkeypatch, capsys):
     assert code == 0
     assert "1 dense and 2 MoE layers" in out
     assert "4 +shared" in out
+    # every parameter in one row, those the --bits 4 recipe keeps with the reason, adding up to the model's
+    assert "where every parameter goes" in out and "= the model's parameters" in out
+    assert "router or gate (selects experts; never quantized)" in out
 
 
 def test_quantize_then_inspect(tiny, tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--bits", "8")
     assert code == 0, err
     assert "bits per weight" in out
+    assert "left as they are, and why" in out and "model.embed_tokens.weight" in out
     assert (tmp_path / "q" / "config.json").exists()
 
 

@@ -88,6 +88,7 @@ class Adapter:
         self.flows, self.untraced = _trace(model, self)
         self._place_norms()
         self._memo: dict[str, TensorInfo] = {}
+        self._hub_names: dict[str, dict[str, str]] = {}  # experts module -> {canonical name: hub name}
 
     @property
     def name(self) -> str:
@@ -105,6 +106,27 @@ class Adapter:
         if m is None or m["container"] not in self.layouts:
             return None
         return m["container"], int(m["expert"]), m["proj"]
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The name the hub's checkpoint gives canonical per-expert tensor ``name`` (what ``save_pretrained``
+        writes: Mixtral's ``block_sparse_moe.experts.M.w1.weight``), which runtimes reading that layout look
+        for; ``name`` itself for any other tensor; None where the checkpoint holds the experts only fused
+        (GPT-OSS, Aria: no per-expert name exists)."""
+        expert = self.expert_of(name)
+        if expert is None:
+            return name
+        container = expert[0]
+        if container not in self._hub_names:
+            layout = self.layouts[container]
+            hub = {}
+            for param in layout.params:
+                hf = f"{container}.{param}"
+                for source in self.names.reverted(hf, self.shapes[hf]):
+                    if self.names.map(source).pattern is not None:  # a per-expert piece of the fused parameter
+                        info = self.classify(source)
+                        hub[self.canonical_name(container, info.expert, info.proj, info.kind)] = source
+            self._hub_names[container] = hub
+        return self._hub_names[container].get(name)
 
     @staticmethod
     def canonical_name(container: str, expert: int, proj: str, kind: str = WEIGHT) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.model.adapters import Adapter, TensorClass, TensorInfo
+from ernieq.model.adapters import BIAS, WEIGHT, Adapter, TensorClass, TensorInfo
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.expert_layout import PROJECTIONS, ExpertLayout
 
@@ -57,12 +57,13 @@ class ExpertGroup:
     def canonical_name(self, expert: int, proj: str) -> str:
         return self.adapter.canonical_name(self.container, expert, proj)
 
-    def params(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The experts module's parameters (by their own names) from the group's loaded tensors."""
+    def params(self, tensors: dict[str, torch.Tensor], kinds: tuple[str, ...] = (WEIGHT, BIAS)) -> dict[str, torch.Tensor]:
+        """The experts module's parameters (by their own names) of ``kinds`` from the group's loaded tensors
+        (the weights alone need no biases: a caller quantizing weights loads only those)."""
         out: dict[str, torch.Tensor] = {}
         stacked: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
         canonical: dict[tuple[int, str], torch.Tensor] = {}
-        for info in self.infos:
+        for info in (t for t in self.infos if t.kind in kinds):
             mapped = self.adapter.names.map(info.name)
             if info.fused:
                 out[mapped.hf.rpartition(".")[2]] = tensors[info.name]
@@ -89,7 +90,7 @@ class ExpertGroup:
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[int, str, torch.Tensor]]:
         """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors."""
-        yield from self.layout.weights(self.params(tensors))
+        yield from self.layout.weights(self.params(tensors, (WEIGHT,)))
 
     def shapes(self) -> Iterator[tuple[int, str, tuple[int, int]]]:
         """(expert, projection, shape (N, K)) for every expert, as :meth:`weights` hands them out (the layout

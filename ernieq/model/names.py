@@ -45,7 +45,7 @@ class NameMap:
         self.prefix = model.base_model_prefix
         self.state = {k: None for k in model.state_dict()}  # rename_source_key only asks membership
         self.config = model.config
-        self._pieces: dict[str, dict[str, tuple[int, ...]]] = {}
+        self._reverted: dict[str, dict[str, tuple[int, ...]]] = {}
 
     def rename(self, name: str) -> str:
         """``name`` after every renaming (no converter): the model's name for a tensor that has one."""
@@ -80,22 +80,27 @@ class NameMap:
         (fused,) = collected.values()
         return fused[0] if isinstance(fused, list) else fused
 
-    def piece_shapes(self, hf: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-        """{converter source pattern: the shape of each per-expert tensor} of fused parameter ``hf`` of
-        ``shape``: what ``save_pretrained`` writes for it, by transformers' reverse conversion (meta device)."""
+    def reverted(self, hf: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """{checkpoint name: shape} that ``save_pretrained`` writes for parameter ``hf`` of ``shape``, by
+        transformers' reverse conversion (meta device): the per-expert tensors of a fused parameter under
+        the hub's names (Mixtral's ``block_sparse_moe.experts.M.w1.weight``), else ``hf`` itself."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        if hf not in self._pieces:
+        if hf not in self._reverted:
             holder = _Holder(self.config)
             holder._weight_conversions = [*self.renamings, *self.converters]
             out = revert_weight_conversion(holder, {hf: torch.empty(shape, device="meta")})
-            pieces = {}
-            for name, t in out.items():
-                mapped = self.map(name)
-                if mapped.pattern is not None:
-                    pieces.setdefault(mapped.pattern, tuple(t.shape))
-            self._pieces[hf] = pieces
-        return self._pieces[hf]
+            self._reverted[hf] = {name: tuple(t.shape) for name, t in out.items()}
+        return self._reverted[hf]
+
+    def piece_shapes(self, hf: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """{converter source pattern: the shape of each per-expert tensor} of fused parameter ``hf`` of ``shape``."""
+        pieces = {}
+        for name, piece in self.reverted(hf, shape).items():
+            mapped = self.map(name)
+            if mapped.pattern is not None:
+                pieces.setdefault(mapped.pattern, piece)
+        return pieces
 
 
 class _Holder(torch.nn.Module):
