@@ -73,7 +73,7 @@ def main() -> None:
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
                          "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
-                         "weights_sha256": weights_sha256(api.resolve_model(model))})
+                         "runtime": r.runtime, "weights_sha256": weights_sha256(api.resolve_model(model))})
             print(json.dumps(rows[-1]), flush=True)
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "

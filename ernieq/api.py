@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
+from ernieq.device import Placement
+from ernieq.distributed import world
 from ernieq.errors import ErnieqError
 from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
@@ -95,20 +97,37 @@ def load_tokenizer(path: Path):
         raise ErnieqError(f"{path}: cannot load its tokenizer ({type(err).__name__}: {err})") from None
 
 
-def load(model: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for inference."""
+def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+         decode_cache: str | float = "auto"):
+    """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for
+    inference on ``device`` in ``dtype`` (see ``ernieq.device``: auto is the first CUDA GPU in bfloat16,
+    else the CPU in float32). A quantized model computes through the Triton kernels on CUDA and the
+    reference path elsewhere, where ``decode_cache`` (auto, off or GiB; process-wide) bounds the weights
+    kept decoded (``ernieq.runtime.decode_cache``)."""
     from transformers import AutoModelForCausalLM
 
+    from ernieq.runtime.decode_cache import set_decode_cache
+
+    placement = Placement.resolve(device, dtype)
+    set_decode_cache(decode_cache)
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)
     if is_quantized(path):
         from ernieq.runtime.loader import load_quantized
 
-        net = load_quantized(path, dtype=dtype, device=device)
+        net = load_quantized(path, dtype=placement.dtype, device=placement.device)
     else:
-        net = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)  # no pickle
+        net = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype, use_safetensors=True)  # no pickle
+        net = net.to(placement.device)
     net.eval()
     return net, tokenizer
+
+
+def _runtime(net, placement: Placement) -> dict:
+    """What a result records of where ``net`` ran: device, dtype, kernel path, decode cache."""
+    from ernieq.runtime.record import kernel_path, runtime_record
+
+    return runtime_record(placement, kernel_path(net, placement.device))
 
 
 @dataclass
@@ -120,6 +139,7 @@ class EvalResult:
     model: str
     data: str
     seconds: float
+    runtime: dict  # device, dtype, kernel path, decode cache (``ernieq.runtime.record``)
 
 
 def evaluate(
@@ -129,18 +149,25 @@ def evaluate(
     max_windows: int | None = None,
     progress: bool = True,
     json_path: Path | None = None,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    decode_cache: str | float = "auto",
 ) -> EvalResult:
-    """Perplexity of ``model`` on the text source ``data`` (GPTQ/AWQ protocol)."""
+    """Perplexity of ``model`` on the text source ``data`` (GPTQ/AWQ protocol), computed on ``device``
+    in ``dtype`` (see :func:`load`)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
     from ernieq.text import load_text
 
+    placement = Placement.resolve(device, dtype)
     text = load_text(data, split="eval")
-    net, tokenizer = load(model)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
     ids = tokenize_text(tokenizer, text)
     start = time.perf_counter()
     with torch.inference_mode():
         r = perplexity(net, ids, seq_len=seq_len, max_windows=max_windows, progress=progress)
-    result = EvalResult(r.ppl, r.tokens, r.seq_len, r.windows, str(model), data, time.perf_counter() - start)
+    result = EvalResult(r.ppl, r.tokens, r.seq_len, r.windows, str(model), data, time.perf_counter() - start,
+                        _runtime(net, placement))
     if json_path is not None:
         Path(json_path).write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result
@@ -155,9 +182,9 @@ class TaskEvalResult:
     limit: int | None
     num_fewshot: int | None
     batch_size: int
-    device: str
     seconds: float
     provenance: dict
+    runtime: dict  # device, dtype, kernel path, decode cache (``ernieq.runtime.record``)
 
 
 def evaluate_tasks(
@@ -168,25 +195,28 @@ def evaluate_tasks(
     limit: int | None = None,
     num_fewshot: int | None = None,
     batch_size: int = 1,
-    device: str = "cpu",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    decode_cache: str | float = "auto",
     json_path: Path | None = None,
     perplexity: EvalResult | None = None,
 ) -> TaskEvalResult:
     """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
-    ``model`` as :func:`load` loads it on ``device`` (see ``ernieq.eval.tasks``). Unknown tasks and data
-    that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
+    ``model`` as :func:`load` loads it on ``device`` in ``dtype`` (see ``ernieq.eval.tasks``). Unknown
+    tasks and data that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
     ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
     from ernieq.eval.tasks import TaskSuite, run_tasks
     from ernieq.provenance import now_iso, provenance
 
     started = now_iso()
+    placement = Placement.resolve(device, dtype)
     suite = TaskSuite(tuple(tasks), tuple(include_paths))
-    net, tokenizer = load(model, device=device)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
     start = time.perf_counter()
-    scores = run_tasks(net, tokenizer, suite, device=device, limit=limit, num_fewshot=num_fewshot,
+    scores = run_tasks(net, tokenizer, suite, device=placement.device, limit=limit, num_fewshot=num_fewshot,
                        batch_size=batch_size)
-    result = TaskEvalResult(str(model), [s.to_json() for s in scores], limit, num_fewshot, batch_size, str(device),
-                            time.perf_counter() - start, provenance(started))
+    result = TaskEvalResult(str(model), [s.to_json() for s in scores], limit, num_fewshot, batch_size,
+                            time.perf_counter() - start, provenance(started), _runtime(net, placement))
     if json_path is not None:
         data = {**asdict(result), **({"perplexity": asdict(perplexity)} if perplexity is not None else {})}
         Path(json_path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
@@ -211,14 +241,18 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     layer on the outputs of the quantized layers before it (needs ``calib_data``).
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
+    the checkpoint's bytes do not depend on the number of ranks.
     """
     from ernieq.formats.registry import check_options, export_checkpoint
     from ernieq.plan import check_plan
     from ernieq.quantize import recipe_for, run_quantize, sequential_plan
 
     o = with_fields(options, fields)
+    placement = Placement.resolve(o.device, o.dtype)  # a device that is not there fails before any work
     out = Path(out)
     source = resolve_model(model)
+    main = world().main  # under torchrun, rank 0 alone writes what is written once (see ernieq.distributed)
     if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
     format_options = _format_options(o.format, o.tp)
@@ -244,7 +278,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         calib_dir = out.parent / f".{out.name}.ernieq-calib"
         plan = sequential_plan(source, config, o.method or "gptq") if o.sequential else None
         stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
-                          all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan)
+                          all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
+                          device=placement.device, dtype=placement.dtype)
     o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
     if o.method != "rtn" and stats is None:
         raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
@@ -256,12 +291,14 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         native = out.parent / f".{out.name}.ernieq-native"
         try:
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
-            export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
+            if main:
+                export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
-            shutil.rmtree(native, ignore_errors=True)
+            if main:
+                shutil.rmtree(native, ignore_errors=True)
         return summary
     finally:
-        if calib_dir is not None:
+        if calib_dir is not None and main:
             shutil.rmtree(calib_dir, ignore_errors=True)
 
 
@@ -301,15 +338,19 @@ def calibrate(
     out: str | Path | None = None,
     progress: bool = True,
     sequential=None,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
 ):
-    """Run the unquantized model layer by layer over ``data``'s calibration split and collect statistics.
-    ``sequential``: a ``SequentialPlan``, to calibrate each layer on the quantized layers before it."""
+    """Run the unquantized model layer by layer over ``data``'s calibration split and collect statistics,
+    each decoder layer on ``device`` in ``dtype`` (auto: the first CUDA GPU in bfloat16, else the CPU in
+    float32). ``sequential``: a ``SequentialPlan``, to calibrate each layer on the quantized layers before it."""
     from ernieq.calibration import collect_stats
 
+    placement = Placement.resolve(device, dtype)
     source = resolve_model(model)
     return collect_stats(source, calibration_tokens(source, data, tokens, seq_len), all_experts=all_experts,
                          progress=progress, out=out, info={"data": data},  # with out: streamed, layer by layer
-                         sequential=sequential)
+                         sequential=sequential, device=placement.device, dtype=placement.dtype)
 
 
 def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, overwrite: bool = False) -> Path:
@@ -320,12 +361,18 @@ def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, ov
     return export_checkpoint(Path(native_dir), Path(out), fmt, overwrite=overwrite, options=_format_options(fmt, tp))
 
 
-def generate(model: str | Path, prompt: str, max_new_tokens: int = 32) -> str:
-    """Greedy continuation of ``prompt``; returns the prompt and the new text."""
-    net, tokenizer = load(model)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+def generate(model: str | Path, prompt: str, max_new_tokens: int = 32, *, device: str | torch.device = "auto",
+             dtype: str | torch.dtype = "auto", decode_cache: str | float = "auto") -> str:
+    """Greedy continuation of ``prompt`` on ``device`` in ``dtype`` (see :func:`load`); returns the prompt
+    and the new text. Where it ran is logged."""
+    from ernieq.device import describe
+
+    placement = Placement.resolve(device, dtype)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(placement.device)
     with torch.inference_mode():
         out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+    log.info("generated on %s", describe(_runtime(net, placement)))
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
@@ -341,21 +388,29 @@ def report(
     max_windows: int | None = 4,
     progress: bool = True,
     tasks: "TaskOptions | None" = None,  # noqa: F821
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    decode_cache: str | float = "auto",
 ) -> dict:
     """The accuracy report of the ernieq checkpoint QDIR against BASELINE (see ``ernieq.eval.report``);
     written to OUT as report.json, report.md, report.html and plots/ when OUT is given. ``tasks``
-    (an ``ernieq.eval.tasks.TaskOptions``): lm-evaluation-harness tasks every model runs too."""
+    (an ``ernieq.eval.tasks.TaskOptions``): lm-evaluation-harness tasks every model runs too. Every
+    model runs on ``device`` in ``dtype`` (see :func:`load`); the report records where, and by which kernels."""
     from ernieq.eval.report import build_report, write_report
 
+    placement = Placement.resolve(device, dtype)
     cset = None
     if calib is not None:
         from ernieq.calibration import load_stats
 
         cset = load_stats(calib)
-    result = build_report(Path(qdir), resolve_model(baseline), tuple(data), load, baseline_name=str(baseline),
+    def load_here(path: Path):
+        return load(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+
+    result = build_report(Path(qdir), resolve_model(baseline), tuple(data), load_here, baseline_name=str(baseline),
                           calib=cset, calib_source=None if calib is None else str(calib),
                           compare=tuple(Path(c) for c in compare), seq_len=seq_len, max_windows=max_windows,
-                          progress=progress, tasks=tasks)
+                          progress=progress, tasks=tasks, placement=placement)
     if out is not None:
         write_report(result, Path(out))
     return result
@@ -395,22 +450,25 @@ class VerifyReport:
     modules: int
     smoke_ppl: float | None
     smoke_tokens: int
+    runtime: dict | None = None  # where the smoke test ran (``ernieq.runtime.record``)
 
 
-def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128,
-           max_ppl: float | None = None) -> VerifyReport:
+def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128, max_ppl: float | None = None,
+           device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+           decode_cache: str | float = "auto") -> VerifyReport:
     """Re-check a published folder: SHA256SUMS, every tensor, shapes and dtypes against the config, then
-    (``smoke``) the perplexity of one short window of built-in text: finite and below ``max_ppl``
-    (default: the vocabulary size, what a uniform guess scores)."""
+    (``smoke``) the perplexity of one short window of built-in text on ``device`` in ``dtype`` (see
+    :func:`load`): finite and below ``max_ppl`` (default: the vocabulary size, what a uniform guess scores)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
     from ernieq.publish.folder import SMOKE_TEXT
     from ernieq.publish.verify import VerifyError, verify_files
 
+    placement = Placement.resolve(device, dtype)
     folder = Path(folder)
     files = verify_files(folder)
     if not smoke:
         return VerifyReport(files.files, files.tensors, files.modules, None, 0)
-    net, tokenizer = load(folder)
+    net, tokenizer = load(folder, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
     ids = tokenize_text(tokenizer, SMOKE_TEXT)[0]
     n = min(smoke_tokens, ids.numel())
     with torch.inference_mode():
@@ -419,7 +477,7 @@ def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128,
     if not r.ppl < bound:
         raise VerifyError(f"{folder}: smoke-test perplexity {r.ppl:.4g} over {r.tokens} tokens is not below "
                           f"{bound:.4g} (the vocabulary size unless given): the weights do not make a language model")
-    return VerifyReport(files.files, files.tensors, files.modules, r.ppl, r.tokens)
+    return VerifyReport(files.files, files.tensors, files.modules, r.ppl, r.tokens, _runtime(net, placement))
 
 
 def bench(
@@ -435,9 +493,11 @@ def bench(
     sweep: bool = False,
     save_configs: bool = False,
     command: str = "ernieq bench",
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> "Report":  # noqa: F821
-    """Time the kernels per codec and shape: the Triton kernels on a CUDA GPU; without one the
-    reference path on the CPU, labelled so (see ``ernieq.bench.kernels``). Returns the table
+    """Time the kernels per codec and shape: the Triton kernels on a CUDA ``device``; on the CPU the
+    reference path, labelled so (see ``ernieq.bench.kernels``); ``dtype``: the activations'. Returns the table
     (``ernieq.bench.report.Report``), also written as markdown to ``out`` when given.
 
     codecs, models ('21b', '300b'), m: None for the defaults of this machine.
@@ -449,5 +509,5 @@ def bench(
 
     options = BenchOptions(out=None if out is None else Path(out), quick=quick, budget_s=budget_s,
                            codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,
-                           save_configs=save_configs, command=command)  # fmt: skip
+                           save_configs=save_configs, command=command, device=device, dtype=dtype)  # fmt: skip
     return run_bench(options)

@@ -12,8 +12,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from ernieq import api
+from ernieq import api, distributed
 from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
+from ernieq.device import DTYPE_CHOICES, describe, resolve_device
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
 
@@ -65,6 +66,54 @@ def _log_to_file(path: Path) -> None:
     _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger.addHandler(_file_handler)
     logger.setLevel(logging.DEBUG)
+
+
+def _device_option(ctx, param, value: str) -> str:
+    resolve_device(value)  # a device that is not there: one line, before any work
+    return value
+
+
+def placement_options(fn):
+    """--device and --dtype (``ernieq.device``), the same on every command that computes."""
+    fn = click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="auto", show_default=True,
+                      help="Compute dtype; auto: bfloat16 on a GPU, float32 on the CPU.")(fn)
+    return click.option("--device", default="auto", show_default=True, metavar="auto|cpu|cuda|cuda:N",
+                        callback=_device_option,
+                        help="Where to compute; auto: the first CUDA GPU when there is one, else the CPU.")(fn)
+
+
+def _decode_cache_option(ctx, param, value: str) -> str:
+    from ernieq.runtime.decode_cache import parse_decode_cache
+
+    parse_decode_cache(value)
+    return value
+
+
+def decode_cache_option(fn):
+    """--decode-cache: how much the reference path may keep decoded (``ernieq.runtime.decode_cache``)."""
+    return click.option("--decode-cache", default="auto", show_default=True, metavar="auto|off|GiB",
+                        callback=_decode_cache_option,
+                        help="Reference path (no GPU): keep quantized weights decoded, in the compute dtype, up "
+                             "to this many GiB (auto: half the memory available; off: decode on every call).")(fn)
+
+
+def _join_job(ctx, param, required: bool) -> None:
+    """Join the torchrun job this process was started in (``ernieq.distributed``); ``--distributed``: one
+    must be there. Rank 0 alone shows progress and prints results; the others print warnings and errors."""
+    world = distributed.init(required)
+    if not world.main:
+        from ernieq.progress import set_quiet
+
+        set_quiet(True)
+        console.quiet = True
+        for handler in logging.getLogger().handlers:
+            handler.setLevel(max(handler.level, logging.WARNING))
+
+
+distributed_option = click.option(
+    "--distributed", is_flag=True, expose_value=False, callback=_join_job,
+    help="Run as one rank of a torchrun job (read RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); "
+         "under torchrun this is the default.")
 
 
 @cli.command("demo-model")
@@ -187,9 +236,11 @@ def _accounting_table(summary) -> Table:
 @click.option("--max-windows", type=click.IntRange(min=1), default=None, help="Score only the first N windows.")
 @_task_options
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
+@placement_options
+@decode_cache_option
 def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, tasks: tuple[str, ...] | None,
           include_paths: tuple[Path, ...], limit: int | None, num_fewshot: int | None, batch_size: int,
-          json_path: Path | None) -> None:
+          json_path: Path | None, device: str, dtype: str, decode_cache: str) -> None:
     """Perplexity of MODEL on DATA (non-overlapping windows, exp(mean token NLL)) and/or lm-evaluation-harness
     TASKS on MODEL as ernieq runs it."""
     if not data and not tasks:
@@ -197,15 +248,17 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
     r = None
     if data:
         r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows,
-                         json_path=None if tasks else json_path)
+                         json_path=None if tasks else json_path, device=device, dtype=dtype, decode_cache=decode_cache)
         console.print(
             f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
-            f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s"
+            f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s on {describe(r.runtime)}",
+            highlight=False,
         )
     if tasks:
         t = api.evaluate_tasks(model, tasks, include_paths=include_paths, limit=limit, num_fewshot=num_fewshot,
-                               batch_size=batch_size, json_path=json_path, perplexity=r)
-        table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s")
+                               batch_size=batch_size, json_path=json_path, perplexity=r, device=device, dtype=dtype,
+                               decode_cache=decode_cache)
+        table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s on {describe(t.runtime)}")
         for col in ("task", "metric", "examples", "shots", "value", "stderr"):
             table.add_column(col, justify="left" if col in ("task", "metric") else "right")
         for task in t.tasks:
@@ -244,6 +297,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 
 
 @cli.command()
+@distributed_option
 @click.argument("model")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the quantized checkpoint.")
 @click.option("--recipe", default=None, metavar="FILE|NAME",
@@ -293,17 +347,20 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
               help="--format fastdeploy: write the split FastDeploy loads on TP GPUs (folders rank0 .. rank{TP-1}).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Encoder processes on the CPU [default: every usable core, for tensor groups of 16 M weights or more]; "
-                   "on a GPU the weights are encoded there.")
+                   "with --device on a GPU the weights are encoded there.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@placement_options
 def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
              sym: bool,
              w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
              calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None,
-             sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool) -> None:
+             sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool, device: str,
+             dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
-    already written and gives the same bytes."""
+    already written and gives the same bytes. --device: where calibration, GPTQ/AWQ, rotations and encoding
+    run; --dtype: the calibration pass's compute dtype (weights are rounded in float32)."""
     ctx = click.get_current_context()
     given = [p for p in PRESET_OPTIONS if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
     if recipe is not None and given:
@@ -314,7 +371,8 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                              sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers)
+                              sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers,
+                              device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")
@@ -339,6 +397,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
 
 
 @cli.command()
+@distributed_option
 @click.argument("model")
 @click.option("--data", required=True, metavar="SRC",
               help="Calibration text: 'demo' (its calibration split), a .txt/.jsonl file or folder. Never the text you evaluate on.")
@@ -347,9 +406,14 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
 @click.option("--all-experts", is_flag=True,
               help="Extra pass: every routed expert sees every token (statistics only; the model's output is unchanged).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the statistics: stats-NNNNN.safetensors (one per decoder layer) + summary.json.")
-def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: bool, out: Path) -> None:
-    """Run MODEL over calibration text layer by layer and save per-layer, per-expert statistics."""
-    cset = api.calibrate(model, data, tokens=tokens, seq_len=seq_len, all_experts=all_experts, out=out)
+@placement_options
+def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: bool, out: Path, device: str,
+              dtype: str) -> None:
+    """Run MODEL over calibration text layer by layer and save per-layer, per-expert statistics.
+
+    Each decoder layer runs on --device, one layer's weights there at a time (statistics in float32)."""
+    cset = api.calibrate(model, data, tokens=tokens, seq_len=seq_len, all_experts=all_experts, out=out,
+                         device=device, dtype=dtype)
     cold = cset.cold_experts()
     console.print(f"statistics of {cset.info.get('tokens', 0):,} tokens written to [bold]{out}[/bold]; "
                   f"{len(cold)} of {len(cset.experts)} routed experts cold")
@@ -376,9 +440,12 @@ def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
 @click.argument("model")
 @click.option("--prompt", required=True, help="Text to continue.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
-def generate(model: str, prompt: str, max_new_tokens: int) -> None:
+@placement_options
+@decode_cache_option
+def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str) -> None:
     """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
-    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens), highlight=False)
+    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
+                               decode_cache=decode_cache), highlight=False)
 
 
 @cli.command()
@@ -397,9 +464,12 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> None:
 @click.option("--max-windows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Windows scored per corpus (every model on the same windows).")
 @_task_options
+@placement_options
+@decode_cache_option
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
            seq_len: int, max_windows: int, tasks: tuple[str, ...] | None, include_paths: tuple[Path, ...],
-           limit: int | None, num_fewshot: int | None, batch_size: int) -> None:
+           limit: int | None, num_fewshot: int | None, batch_size: int, device: str, dtype: str,
+           decode_cache: str) -> None:
     """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL,
     top-1, lm-eval task accuracy (--tasks), per-layer and per-expert error, bits by tensor class, calibration
     coverage, plots."""
@@ -408,7 +478,8 @@ def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, 
     sources = tuple(s.strip() for s in data.split(",") if s.strip())
     task_options = TaskOptions(tasks, tuple(map(str, include_paths)), limit, num_fewshot, batch_size) if tasks else None
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
-                        max_windows=max_windows, tasks=task_options)
+                        max_windows=max_windows, tasks=task_options, device=device, dtype=dtype,
+                        decode_cache=decode_cache)
     for c in result["perplexity"]:
         base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
         console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
@@ -443,10 +514,13 @@ def publish(qdir: Path, out: Path | None, name: str | None, report_dir: Path | N
 @cli.command()
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--no-smoke", is_flag=True, help="Skip the perplexity smoke test (files, sums and shapes only).")
-def verify(folder: Path, no_smoke: bool) -> None:
+@placement_options
+@decode_cache_option
+def verify(folder: Path, no_smoke: bool, device: str, dtype: str, decode_cache: str) -> None:
     """Re-check a published folder: every SHA-256 sum, every tensor, shapes and dtypes, a perplexity smoke test."""
-    r = api.verify(folder, smoke=not no_smoke)
-    smoke = f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens" if r.smoke_ppl else ""
+    r = api.verify(folder, smoke=not no_smoke, device=device, dtype=dtype, decode_cache=decode_cache)
+    smoke = (f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens on {describe(r.runtime)}"
+             if r.smoke_ppl else "")
     console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "
                   f"modules{smoke}")
 
@@ -488,12 +562,13 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--moe/--no-moe", default=True, help="Time whole MoE layers (not on the CPU under --quick).")
 @click.option("--sweep", is_flag=True, help="GPU: also time a few tile configurations per case.")
 @click.option("--save-configs", is_flag=True, help="With --sweep: store the fastest tiles in the launchers' tile table.")
+@placement_options
 def bench(out: Path | None, quick: bool, budget_s: float, codecs: tuple[str, ...] | None,
           models: tuple[str, ...] | None, m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool,
-          save_configs: bool) -> None:
+          save_configs: bool, device: str, dtype: str) -> None:
     """Time the kernels per codec and shape (ERNIE 4.5 21B/300B): Triton on a GPU, else the reference path on the CPU."""
     report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
-                       moe=moe, sweep=sweep, save_configs=save_configs,
+                       moe=moe, sweep=sweep, save_configs=save_configs, device=device, dtype=dtype,
                        command=_command_line(click.get_current_context()))
     if report.banner:
         console.print(f"[bold yellow]{report.banner}[/bold yellow]", soft_wrap=True)
@@ -523,7 +598,10 @@ def main() -> None:
                           highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except ErnieqError as err:
-        err_console.print(f"[bold red]error:[/bold red] {escape(_one_line(str(err)))}", highlight=False, soft_wrap=True)
+        world = distributed.world()
+        rank = f"{world}: " if world.size > 1 and not isinstance(err, distributed.DistributedError) else ""
+        err_console.print(f"[bold red]error:[/bold red] {escape(rank + _one_line(str(err)))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(1)
 
 

@@ -181,7 +181,9 @@ class QuantizeOptions:
     can carry rotations. method None: GPTQ with statistics, round to nearest without. calib_data
     collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
     quantized layers before it. tp: the fastdeploy format's split for that many GPUs. workers:
-    encoder processes on the CPU (None: every usable core).
+    encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
+    rotations and encoding run (``ernieq.device``: auto, cpu, cuda, cuda:N); dtype: the calibration
+    pass's compute dtype (the weights are always rounded in float32).
     """
 
     recipe: str | Path | None = None
@@ -205,6 +207,8 @@ class QuantizeOptions:
     overwrite: bool = False
     progress: bool = True
     workers: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 def with_fields(options: QuantizeOptions | None, fields: dict) -> QuantizeOptions:

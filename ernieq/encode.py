@@ -2,9 +2,12 @@
 
 ``ernieq.calibration.rounding.encode_weight`` is the one call that turns a linear
 weight ``W [N, K]`` into a :class:`QuantizedTensor` (codec, weight, calibration
-statistics, name, rounding method, optional rotation). A :class:`WorkItem`
-carries those arguments, the codec as its registry choice, and pickles, so the same call runs in this process (on the GPU
-when there is one, or with one worker) or in a pool of worker processes.
+statistics, name, rounding method, optional rotation); ``encode_experts`` does the
+same for E weights of one shape at once (a layer's experts: GPTQ's loop then runs
+once for all of them), with the same bytes. A :class:`WorkItem` carries the
+arguments of one such call (E >= 1), the codec as its registry choice, and pickles,
+so the same call runs in this process (on the GPU the caller chose, or with one
+worker) or in a pool of worker processes.
 
 Every CPU encode runs on one torch thread, in a worker and in this process
 alike: the parallelism is across weights, and the bytes do not depend on the
@@ -27,9 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.calibration.rounding import METHODS, encode_weight
+from ernieq.calibration.rounding import METHODS, encode_experts
 from ernieq.codecs import CalibrationStats, Codec, QuantizedTensor, get_codec
 from ernieq.config import CodecChoice
+from ernieq.device import HOST
+from ernieq.distributed import local_ranks
 from ernieq.errors import ErnieqError
 from ernieq.killpoints import kill_point
 
@@ -48,29 +53,35 @@ def codec_of(choice: CodecChoice) -> Codec:
 
 @dataclass(frozen=True)
 class WorkItem:
-    """The arguments of one ``encode_weight`` call; pickles into a worker process.
+    """The arguments of one ``encode_experts`` call (E = 1: one ``encode_weight``); pickles into a
+    worker process.
 
-    weight: [N, K], a tensor that owns its storage (a view would pickle its whole base).
+    weights: E tensors [N, K] of one shape, each owning its storage (a view would pickle its whole base).
     """
 
     choice: CodecChoice
-    weight: torch.Tensor
-    stats: CalibrationStats | None
-    name: str
+    weights: tuple[torch.Tensor, ...]
+    stats: tuple[CalibrationStats | None, ...]
+    names: tuple[str, ...]
     method: str
-    rotation: object | None = None  # an ernieq.transforms.Rotation, passed through to encode_weight
+    rotation: object | None = None  # an ernieq.transforms.Rotation, passed through to encode_experts
 
     @classmethod
-    def of(cls, choice: CodecChoice, weight: torch.Tensor, stats, name: str, method: str, rotation=None) -> WorkItem:
-        own = weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
-        weight = weight if own and weight.is_contiguous() else weight.clone()
-        return cls(choice, weight, stats, name, method, rotation)
+    def of(cls, choice: CodecChoice, weights: list[torch.Tensor], stats: list, names: list[str], method: str,
+           rotation=None) -> WorkItem:
+        return cls(choice, tuple(_owned(w) for w in weights), tuple(stats), tuple(names), method, rotation)
 
-    def run(self, device: torch.device | None = None) -> QuantizedTensor:
-        """The encoded weight, on the CPU; encoded on ``device`` (default: where the weight is)."""
-        weight = self.weight if device is None else self.weight.to(device)
-        q = encode_weight(codec_of(self.choice), weight, self.stats, self.name, self.method, rotation=self.rotation)
-        return q.to("cpu")
+    def run(self, device: torch.device | None = None) -> list[QuantizedTensor]:
+        """The E encoded weights, in host memory; encoded on ``device`` (default: where the weights are)."""
+        weights = self.weights if device is None else [w.to(device) for w in self.weights]
+        qs = encode_experts(codec_of(self.choice), weights, self.stats, self.names, self.method, self.rotation)
+        return [q.to(HOST) for q in qs]
+
+
+def _owned(weight: torch.Tensor) -> torch.Tensor:
+    """``weight``, or a copy of it when it is a view into a larger storage."""
+    own = weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+    return weight if own and weight.is_contiguous() else weight.clone()
 
 
 @contextmanager
@@ -102,7 +113,7 @@ def _init_worker() -> None:
 
 
 def _run_in_worker(item: bytes) -> bytes:
-    """A pickled WorkItem in, its pickled QuantizedTensor out.
+    """A pickled WorkItem in, its pickled list of QuantizedTensors out.
 
     Items and results cross the process boundary as plain pickles: through the
     pool's own pickler, torch would move every tensor, the source weights of the
@@ -113,8 +124,9 @@ def _run_in_worker(item: bytes) -> bytes:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """The CPU cores this process may run on: its share when torchrun started several ranks on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // local_ranks())
 
 
 # With the default worker count, a group smaller than this is encoded in this process: starting
@@ -123,14 +135,15 @@ POOL_MIN_WEIGHTS = 1 << 24
 
 
 class Encoder:
-    """Runs :class:`WorkItem` s in order: on the GPU or the CPU in this process, or in ``workers`` processes.
+    """Runs :class:`WorkItem` s in order on ``device``: on a GPU in this process; on the CPU in this
+    process or in ``workers`` processes.
 
     ``workers`` None: every usable core, for groups of at least ``POOL_MIN_WEIGHTS``
     weights. Use as a context manager; the pool starts on the first group that uses it.
     """
 
-    def __init__(self, workers: int | None = None, device: torch.device | None = None):
-        self.device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    def __init__(self, workers: int | None, device: torch.device):
+        self.device = device
         self.workers = 1 if self.device.type != "cpu" else max(1, workers or usable_cores())
         self.auto = workers is None
         self._pool: ProcessPoolExecutor | None = None
@@ -153,10 +166,16 @@ class Encoder:
                                              initializer=_init_worker)
         return self._pool
 
-    def map(self, items: Iterable[WorkItem], weights: int | None = None) -> Iterator[QuantizedTensor]:
-        """The encoded tensors of ``items`` (``weights`` weights in all), in their order; at most 2 x workers
-        items in flight."""
+    def slots(self, weights: int | None = None) -> int:
+        """How many items run at once for a group of ``weights`` weights: 1 in this process, else the workers."""
         if self.workers == 1 or (self.auto and weights is not None and weights < POOL_MIN_WEIGHTS):
+            return 1
+        return self.workers
+
+    def map(self, items: Iterable[WorkItem], weights: int | None = None) -> Iterator[list[QuantizedTensor]]:
+        """The encoded tensors of each of ``items`` (``weights`` weights in all), item by item in their
+        order; at most 2 x workers items in flight."""
+        if self.slots(weights) == 1:
             for item in items:
                 if self.device.type == "cpu":
                     with _one_thread():

@@ -1,6 +1,7 @@
 """A test-only hook that kills this process with SIGKILL at a named point of a long job.
 
-    ERNIEQ_TEST_KILL_AT=<point>:<n>    # SIGKILL on the n-th arrival at <point> (n >= 1)
+    ERNIEQ_TEST_KILL_AT=<point>:<n>[@<rank>]    # SIGKILL on the n-th arrival at <point> (n >= 1)
+                                                # [only in the process of that torchrun RANK]
 
 The resume tests set it on an ``ernieq quantize`` subprocess to stop it where a
 real crash, an out-of-memory kill or a pulled plug could: between groups,
@@ -24,9 +25,12 @@ def _target() -> tuple[str, int] | None:
     spec = os.environ.get(ENV)
     if not spec:
         return None
-    point, _, count = spec.rpartition(":")
-    if not point or not count.isdigit() or int(count) < 1:
-        raise ErnieqError(f"{ENV}={spec!r}: expected '<point>:<n>' with n >= 1")
+    where, _, rank = spec.partition("@")
+    point, _, count = where.rpartition(":")
+    if not point or not count.isdigit() or int(count) < 1 or (rank and not rank.isdigit()):
+        raise ErnieqError(f"{ENV}={spec!r}: expected '<point>:<n>[@<rank>]' with n >= 1")
+    if rank and rank != os.environ.get("RANK", "0"):
+        return None
     return point, int(count)
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import ernieq
+from ernieq.device import cpu_name
 
 PACKAGES = ("torch", "transformers", "safetensors", "triton", "compressed-tensors", "numpy", "matplotlib",
             "lm-eval")
@@ -50,13 +51,7 @@ def git_commit(where: Path | None = None, short: bool = False) -> str:
 
 def machine() -> str:
     """The CPU model, cores and memory, and the first CUDA GPU's name when there is one."""
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    text = f"{model}, {os.cpu_count()} cores"
+    text = f"{cpu_name()}, {os.cpu_count()} cores"
     if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
         text += f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
     import torch

@@ -9,6 +9,14 @@ behind; started again with the same arguments and the same source files it
 skips the groups already written and produces the same bytes as a run that was
 never interrupted (``ernieq.formats.native_writer``). A run that fails on bad
 input (an ``ErnieqError``) removes it; any other failure keeps it to resume.
+
+Under torchrun the pass is weight-parallel (``ernieq.distributed.plan``): the groups,
+cut between routed experts where that evens the load, are shared out by weight
+count; each rank writes the shards of its groups and the parts of cut groups, the
+rank holding a cut group's first part joins them, and rank 0 writes the index and
+config once every rank is done. Shard names and contents never depend on the
+number of ranks, so the checkpoint has the same bytes however many there were,
+and a run killed with one number of ranks resumes with another.
 """
 
 from __future__ import annotations
@@ -24,9 +32,13 @@ from pathlib import Path
 import torch
 
 import ernieq
+from ernieq import distributed
+from ernieq.calibration.gptq_experts import chunk_budget, experts_per_chunk
+from ernieq.calibration.rounding import BATCHED_METHODS
 from ernieq.codecs import CalibrationStats, CodecError
 from ernieq.transforms import Rotation, make_rotation
 from ernieq.config import QuantConfig, QuantizeOptions, with_fields
+from ernieq.device import HOST, TORCH_KERNELS, Placement
 from ernieq.encode import Encoder, WorkItem, check_method, codec_of
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
@@ -34,7 +46,7 @@ from ernieq.formats.native_writer import GroupTensors, NativeWriter, write_json_
 from ernieq.killpoints import kill_point
 from ernieq.model.adapters import Adapter, TensorClass, TensorGroup, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointReader
-from ernieq.model.moe import linear_weights
+from ernieq.model.moe import linear_weight_shapes, linear_weights
 from ernieq.model.summary import name_patterns
 from ernieq.model.tensor_info import kept_reason
 from ernieq.progress import QuantizeProgress
@@ -42,7 +54,8 @@ from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
 log = logging.getLogger(__name__)
 SUMMARY_NAME = "quantize_summary.json"
-RESUME_VERSION = 1  # bump when the bytes a run writes change, so old temporary folders are not resumed
+RESUME_VERSION = 2  # bump when the bytes a run writes change, so old temporary folders are not resumed
+# 2: GPTQ through the batched loop (gptq_experts.py): float32 factor, so a rare rounding tie goes the other way
 
 
 @dataclass
@@ -76,6 +89,7 @@ class QuantizeSummary:
     classes: dict[str, ClassSummary]
     kept: dict[str, dict] = field(default_factory=dict)  # reason -> {"tensors", "params", "names"}
     seconds: float = 0.0
+    runtime: dict = field(default_factory=dict)  # where it ran (``Placement.record``)
 
     def total(self, quantized_only: bool = False) -> tuple[int, int, int]:
         """(weights, bytes before, bytes after) over all tensors, or over classes with quantized weights."""
@@ -94,6 +108,7 @@ class QuantizeSummary:
             "bytes_after": a_all,
             "classes": {k: {**asdict(c), "bits_per_weight": c.bits_per_weight} for k, c in sorted(self.classes.items())},
             "kept": self.kept,
+            "runtime": self.runtime,
         }
 
     @classmethod
@@ -150,6 +165,10 @@ class _Job:
     def stats(self, name: str) -> CalibrationStats | None:
         return self.calib.stats(name) if self.calib is not None else None
 
+    def site(self, name: str) -> str | None:
+        """The calibration site (the input) whose statistics ``name`` gets; weights of one site share them."""
+        return self.calib.site_of(name) if self.calib is not None else None
+
     def rotation(self, group: TensorGroup, choice, k: int) -> tuple[str | None, Rotation | None]:
         """(key, rotation) for a weight with K inputs and this codec choice: (None, None) unless the
         config rotates it. The key names the group, so each group's shard holds its own rotations."""
@@ -164,28 +183,37 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
     from ernieq.calibration.awq import Member, apply_awq, group_folds
 
     infos = {name: info for name, info, _ in weights}
-    named = {name: w for name, _, w in weights}
-    named.update({t.name: tensors[t.name] for t in group.tensors if not t.is_linear_weight})
+    device = job.encoder.device  # the search runs there; the results come back to host memory
+    named = {name: w.to(device) for name, _, w in weights}
+    named.update({t.name: tensors[t.name].to(device) for t in group.tensors if not t.is_linear_weight})
+
+    def stats(name: str) -> CalibrationStats | None:
+        s = job.stats(name)
+        return s.to(device) if s is not None else None
 
     def member(name: str, weight: torch.Tensor):
         choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
-        return None if choice is None else Member(name, weight, codec_of(choice), job.stats(name))
+        return None if choice is None else Member(name, weight, codec_of(choice), stats(name))
 
     folds, reasons = group_folds(job.adapter, group.layer, list(named)) if group.layer is not None else ([], [])
     for reason in reasons:
         log.info("awq: %s: left unscaled: %s", group.key, reason)
-    named, scaled = apply_awq(named, folds, member, job.stats)
+    named, scaled = apply_awq(named, folds, member, stats)
+    named = {name: t.to(HOST) for name, t in named.items()}
+    scaled = {name: s.to(HOST) if s is not None else None for name, s in scaled.items()}
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
-def quantize_group(job: _Job, index: int, group: TensorGroup,
-                   tensors: dict[str, torch.Tensor]) -> tuple[GroupTensors, dict, dict]:
+def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str, torch.Tensor],
+                   keep=None) -> tuple[GroupTensors, dict, dict]:
     """Encode group ``index``'s linear weights; returns what to store, its summary rows by class and
-    what it keeps as it is ({reason: [(name, weights)]})."""
+    what it keeps as it is ({reason: [(name, weights)]}).
+    ``keep(info)``: only the tensors of one part of the group (:func:`_in_part`)."""
     out = GroupTensors()
     rows: dict[str, ClassSummary] = {}
     kept: dict[str, list] = {}  # reason -> [(name, weights)] of what stays as it is
-    weights = list(linear_weights(group.tensors, tensors, job.adapter))  # routed experts under per-expert names
+    weights = [w for w in linear_weights(group.tensors, tensors, job.adapter)  # routed experts under per-expert names
+               if keep is None or keep(w[1])]
     stats = {}
     if job.method == "awq":
         weights, tensors, stats = _awq(job, group, tensors, weights)
@@ -207,24 +235,42 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
     for key, rotation in dict(rotations).items():
         if key is not None:
             out.add_rotation(key, rotation)
-    items = (WorkItem.of(choice, weight, stats[name] if name in stats else job.stats(name), name, job.method, rot)
-             for (name, _, weight, choice), (_, rot) in zip(todo, rotations))
-    done = 0
+    total = sum(w.numel() for _, _, w, _ in todo)
+    units = work_units(todo, [key for key, _ in rotations], job.method, job.encoder.slots(total),
+                       job.encoder.device)
+
+    def item(unit: list[int]) -> WorkItem:
+        names = [todo[i][0] for i in unit]
+        by_site: dict[str, CalibrationStats | None] = {}  # one statistics object per input: gate and up share it
+        unit_stats = []
+        for name in names:
+            site = None if name in stats else job.site(name)
+            if site is None:
+                unit_stats.append(stats[name] if name in stats else job.stats(name))
+            else:
+                unit_stats.append(by_site[site] if site in by_site else by_site.setdefault(site, job.stats(name)))
+        return WorkItem.of(todo[unit[0]][3], [todo[i][2] for i in unit], unit_stats, names, job.method,
+                           rotations[unit[0]][1])
+
+    encoded: dict[int, object] = {}
+    current = 0
     try:
-        for q in job.encoder.map(items, weights=sum(w.numel() for _, _, w, _ in todo)):
-            name, info, weight, choice = todo[done]
-            done += 1
-            out.add_quantized(name, q, rotations[done - 1][0])
-            row = rows[info.cls.value]
-            row.quantized_weights += weight.numel()
-            row.bytes_after += q.nbytes
-            row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
-            job.bar.weights_done(weight.numel(), name)
+        for current, qs in enumerate(job.encoder.map((item(unit) for unit in units), weights=total)):
+            for i, q in zip(units[current], qs):
+                encoded[i] = q
+                job.bar.weights_done(todo[i][2].numel(), todo[i][0])
     except CodecError as err:
-        name, info = todo[done][:2]
+        info = todo[units[current][0]][1]
         raise ErnieqError(f"{job.reader.file_of(_source_name(group, info))}: {err}") from None
+    for i, (name, info, weight, choice) in enumerate(todo):  # in the group's order, however they were batched
+        q = encoded[i]
+        out.add_quantized(name, q, rotations[i][0])
+        row = rows[info.cls.value]
+        row.quantized_weights += weight.numel()
+        row.bytes_after += q.nbytes
+        row.codecs[choice.codec] = row.codecs.get(choice.codec, 0) + weight.numel()
     for info in group.tensors:
-        if info.is_linear_weight:
+        if info.is_linear_weight or (keep is not None and not keep(info)):
             continue
         t = tensors[info.name]
         row = rows.setdefault(info.cls.value, ClassSummary())
@@ -237,6 +283,65 @@ def quantize_group(job: _Job, index: int, group: TensorGroup,
     return out, {k: asdict(v) for k, v in sorted(rows.items())}, kept
 
 
+def _pieces(reader: CheckpointReader, adapter: Adapter, group: TensorGroup, method: str) -> list[int]:
+    """The group's weight counts where a plan may cut it: everything but its routed experts, then each
+    routed expert; one piece with AWQ, whose scales are searched over the whole group."""
+    total = _group_weights(reader, group)
+    experts: dict[int, int] = {}
+    for _, info, shape in linear_weight_shapes(reader, group.tensors, adapter):
+        if info.cls is TensorClass.ROUTED_EXPERT:
+            experts[info.expert] = experts.get(info.expert, 0) + shape[0] * shape[1]
+    if method == "awq" or not experts:
+        return [total]
+    return [total - sum(experts.values()), *(experts[e] for e in sorted(experts))]
+
+
+def _in_part(part: distributed.Part):
+    """Whether a tensor of the group belongs to ``part``: piece 0 is everything but the routed experts,
+    piece e + 1 routed expert e."""
+    return lambda info: part.lo <= (0 if info.expert is None else info.expert + 1) < part.hi
+
+
+def _merge_rows(extras: list[dict]) -> dict:
+    """A cut group's summary rows by class (the sums of its parts' rows) and what it keeps as it is
+    (each reason's (name, weights) of every part, in the parts' order)."""
+    classes = QuantizeSummary.from_records("", [{"extra": e} for e in extras]).classes
+    kept: dict[str, list] = {}
+    for extra in extras:
+        for reason, items in extra.get("kept", {}).items():
+            kept.setdefault(reason, []).extend(tuple(item) for item in items)
+    return {"classes": {k: asdict(v) for k, v in sorted(classes.items())}, "kept": kept}
+
+
+def work_units(todo: list, rotation_keys: list, method: str, slots: int, device: torch.device) -> list[list[int]]:
+    """Which weights of ``todo`` (name, info, weight, choice) are encoded together: with a method that
+    batches (GPTQ), the routed experts of one codec, rotation and shape (a layer's gate and up
+    projections, expert by expert, so that each expert's two share one Hessian factor; its down
+    projections), in chunks that fit ``gptq_experts.chunk_budget`` and are spread evenly over ``slots``
+    workers; every other weight alone. Returns lists of indices into ``todo``, ordered by their first.
+    The bytes do not depend on this."""
+    if method not in BATCHED_METHODS:
+        return [[i] for i in range(len(todo))]
+    batches: dict[tuple, list[int]] = {}
+    units: list[list[int]] = []
+    for i, (_, info, weight, choice) in enumerate(todo):
+        if info.cls is TensorClass.ROUTED_EXPERT:
+            batches.setdefault((choice, rotation_keys[i], tuple(weight.shape)), []).append(i)
+        else:
+            units.append([i])
+    budget = chunk_budget(device)
+    for (_, _, (n, k)), members in batches.items():
+        chunks = -(-len(members) // experts_per_chunk(n, k, budget))  # ceil(E / experts per chunk)
+        chunks = min(len(members), -(-chunks // slots) * slots)  # a multiple of the workers, where there are enough
+        size, extra = divmod(len(members), chunks)
+        start = 0
+        for c in range(chunks):
+            stop = start + size + (c < extra)
+            units.append(members[start:stop])
+            start = stop
+    return sorted(units, key=lambda unit: unit[0])
+
+
 def _source_name(group, info) -> str:
     """The source tensor a (possibly canonicalised) weight came from, for error messages."""
     names = {t.name for t in group.tensors}
@@ -246,10 +351,10 @@ def _source_name(group, info) -> str:
 
 
 def _calibration_info(calib) -> dict | None:
-    """What the checkpoint records of the calibration run: its info without wall times."""
+    """What the checkpoint records of the calibration run: its info without wall times and machine."""
     if calib is None:
         return None
-    return {k: v for k, v in calib.info.items() if k != "seconds"}
+    return {k: v for k, v in calib.info.items() if k not in ("seconds", "runtime")}
 
 
 def fingerprint(source: Path, config: QuantConfig, method: str, calib, device: torch.device,
@@ -348,6 +453,28 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
     return SequentialPlan(choose, method)
 
 
+def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: distributed.Part) -> None:
+    """Encode and write ``part`` of ``group`` (its shard when whole), unless an earlier run did."""
+    span = (part.lo, part.hi)
+    if writer.finished(part.index) is not None or (not part.whole and writer.part_finished(part.index, span)):
+        job.bar.skip_group(part.index, part.weight)
+        log.debug("%s %s: written by an earlier run", group.key, "" if part.whole else span)
+        return
+    t0 = time.perf_counter()
+    tensors = group.load(job.reader)
+    if part.whole:
+        stored, rows, kept = quantize_group(job, part.index, group, tensors)
+        writer.write_group(part.index, group.key, stored, {"classes": rows, "kept": kept})
+    else:
+        stored, rows, kept = quantize_group(job, part.index, group, tensors, keep=_in_part(part))
+        writer.write_part(part.index, group.key, span, stored, {"classes": rows, "kept": kept})
+    del tensors, stored
+    job.reader.release()  # unmap the source pages this group read
+    seconds = time.perf_counter() - t0
+    log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key if part.whole else f"{group.key} {span}",
+              part.weight, seconds, part.weight / seconds / 1e6)
+
+
 def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, options: QuantizeOptions | None = None,
                  calib=None, **fields) -> QuantizeSummary:
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
@@ -355,7 +482,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     options: :class:`QuantizeOptions` with ``fields`` replaced.
     config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
     (``options.method``, default round to nearest). ``options.workers``: encoder processes on the CPU
-    (default: every usable core); on a GPU the weights are encoded there, in this process.
+    (default: every usable core); ``options.device`` a GPU: the weights are encoded there, in this process.
     """
     options = with_fields(options, fields)
     method = options.method or "rtn"
@@ -371,43 +498,46 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
-    encoder = Encoder(options.workers)
+    placement = Placement.resolve(options.device, options.dtype)
+    encoder = Encoder(options.workers, placement.device)
+    world = distributed.world()
     try:
-        writer = NativeWriter(tmp, reader.config, config.recipe, len(groups),
-                              fingerprint(source, config, method, calib, encoder.device, groups))
-        if writer.resumed:
+        writer = distributed.main_first(lambda: NativeWriter(
+            tmp, reader.config, config.recipe, len(groups),
+            fingerprint(source, config, method, calib, encoder.device, groups)), "opening the output folder")
+        if writer.resumed and world.main:
             log.info("resuming the run left in %s", tmp)
-        sizes = [_group_weights(reader, g) for g in groups]
-        with encoder, QuantizeProgress(options.progress, sum(sizes), len(groups)) as bar:
+        plan = distributed.plan([_pieces(reader, adapter, g, method) for g in groups])
+        mine = plan[world.rank]
+        with encoder, QuantizeProgress(options.progress, sum(p.weight for p in mine), len(groups)) as bar:
             job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar)
-            for index, group in enumerate(groups):
-                if writer.finished(index) is not None:
-                    bar.skip_group(index, sizes[index])
-                    log.debug("%s: written by an earlier run", group.key)
-                    continue
-                t0 = time.perf_counter()
-                tensors = group.load(reader)
-                stored, rows, kept = quantize_group(job, index, group, tensors)
-                writer.write_group(index, group.key, stored, {"classes": rows, "kept": kept})
-                del tensors, stored
-                reader.release()  # unmap the source pages this group read
-                seconds = time.perf_counter() - t0
-                log.debug("%s: %d weights in %.1f s (%.2f M weights/s)", group.key, sizes[index], seconds,
-                          sizes[index] / seconds / 1e6)
+            for part in mine:
+                _quantize_part(job, writer, groups[part.index], part)
+            distributed.barrier("encoding")
+            for part in mine:  # the first part's rank joins a cut group
+                if not part.whole and part.lo == 0 and writer.finished(part.index) is None:
+                    spans = [(p.lo, p.hi) for rank in plan for p in rank if p.index == part.index]
+                    writer.join_parts(part.index, groups[part.index].key, sorted(spans), _merge_rows)
+        distributed.barrier("joining cut groups")
         summary = QuantizeSummary.from_records(config.recipe, writer.records())
-        extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
-                 SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
-        if calib is not None:
-            extra["calibration"] = _calibration_info(calib)
-        writer.close(extra)
-        copy_side_files(source, tmp)
-        write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())
-        kill_point("rename")
-        writer.drop_state()
-        kill_point("final-rename")
-        _move_into_place(tmp, out)
-    except ErnieqError:
-        shutil.rmtree(tmp, ignore_errors=True)
+        summary.runtime = placement.record(TORCH_KERNELS)
+        distributed.barrier("reading the records")
+        if world.main:  # what is written once
+            extra = {"method": method, "summary": {"bits_per_weight_all": summary.to_json()["bits_per_weight_all"]},
+                     SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
+            if calib is not None:
+                extra["calibration"] = _calibration_info(calib)
+            writer.close(extra)
+            copy_side_files(source, tmp)
+            write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())
+            kill_point("rename")
+            writer.drop_state()
+            kill_point("final-rename")
+            _move_into_place(tmp, out)
+        distributed.barrier("writing the index")
+    except ErnieqError as err:
+        if world.main and not isinstance(err, distributed.DistributedError):  # a lost rank keeps the work
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     except BaseException:
         if tmp.exists():

@@ -86,11 +86,14 @@ class Rotation:
         y = self.q.to(x.dtype).T @ fwht(xs)  # Q^T (X ∘ S) H / sqrt(b)
         return y.reshape(x.shape)
 
-    def apply_t(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., K] -> x R^T (the inverse turn)."""
+    def apply_t(self, x: torch.Tensor, dense: bool = False) -> torch.Tensor:
+        """x [..., K] -> x R^T (the inverse turn). dense: multiply by H_b as a matrix (one GEMM, several
+        times faster than the butterfly on a CPU) to turn stored weights back once; the default keeps
+        the per-call path free of a host-built matrix."""
         m, b = self.q.shape[0], self.block
         xs = x.reshape(*x.shape[:-1], m, b)
-        y = self.q.to(x.dtype) @ fwht(xs)  # Q X H^T / sqrt(b), H symmetric
+        xh = xs @ (hadamard(b).to(xs) * b**-0.5) if dense else fwht(xs)  # X H / sqrt(b)
+        y = self.q.to(x.dtype) @ xh  # Q X H^T / sqrt(b), H symmetric
         return y.reshape(x.shape) * self.signs.to(x.dtype)
 
     def to(self, device: torch.device | str) -> Rotation:

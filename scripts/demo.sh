@@ -9,6 +9,8 @@
 # them), and the report scores it too (read back through ernieq's runtime, nothing re-encoded).
 # WikiText-2 comes from $ERNIEQ_WIKITEXT2, else from ../shared/data beside the repo.
 # COMPARE_BITS="8 4" also quantizes those settings and adds them to the report (perplexity vs bits).
+# DEVICE (auto|cpu|cuda|cuda:N) and DTYPE (auto|bfloat16|float16|float32) go to every command that
+# computes; auto: the first CUDA GPU in bfloat16 when there is one, else the CPU in float32.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,28 +19,22 @@ WINDOWS="${WINDOWS:-12}"
 OUT="${OUT:-runs/demo}"
 CALIB_TOKENS="${CALIB_TOKENS:-32768}"
 TASK_LIMIT="${TASK_LIMIT:-100}"
+on=(--device "${DEVICE:-auto}" --dtype "${DTYPE:-auto}")
 mkdir -p "$OUT"
 ernieq=.venv/bin/ernieq
 $ernieq inspect demo
-$ernieq calibrate demo --data demo --tokens "$CALIB_TOKENS" --out "$OUT/calib"
-$ernieq quantize demo --bits 2 --calib "$OUT/calib" --out "$OUT/w2" --overwrite
-compare=()
-# FastDeploy's wint2 kernels need K % 128 == 0: the demo qualifies once it is padded to hidden 640.
-if .venv/bin/python -c 'import json, sys; from ernieq.api import resolve_model
-sys.exit(json.loads((resolve_model("demo") / "config.json").read_text())["hidden_size"] % 128 != 0)'; then
-  $ernieq quantize demo --bits 2 --format fastdeploy --calib "$OUT/calib" --out "$OUT/w2-fastdeploy" --overwrite
-  compare+=(--compare "$OUT/w2-fastdeploy")
-else
-  echo "note: the demo's hidden size is not a multiple of 128; FastDeploy's wint2 export skipped"
-fi
+$ernieq calibrate demo --data demo --tokens "$CALIB_TOKENS" --out "$OUT/calib" "${on[@]}"
+$ernieq quantize demo --bits 2 --calib "$OUT/calib" --out "$OUT/w2" --overwrite "${on[@]}"
+$ernieq quantize demo --bits 2 --format fastdeploy --calib "$OUT/calib" --out "$OUT/w2-fastdeploy" --overwrite "${on[@]}"
+compare=(--compare "$OUT/w2-fastdeploy")
 for bits in ${COMPARE_BITS:-}; do
-  $ernieq quantize demo --bits "$bits" --calib "$OUT/calib" --out "$OUT/w$bits" --overwrite
+  $ernieq quantize demo --bits "$bits" --calib "$OUT/calib" --out "$OUT/w$bits" --overwrite "${on[@]}"
   compare+=(--compare "$OUT/w$bits")
 done
 $ernieq report "$OUT/w2" --baseline demo --data wikitext2 --max-windows "$WINDOWS" --calib "$OUT/calib" \
-  --tasks wikitext2_lastword --limit "$TASK_LIMIT" ${compare[@]+"${compare[@]}"} --out "$OUT/report"
+  --tasks wikitext2_lastword --limit "$TASK_LIMIT" ${compare[@]+"${compare[@]}"} --out "$OUT/report" "${on[@]}"
 $ernieq publish "$OUT/w2" --report "$OUT/report" --name ernieq-demo-w2 --out "$OUT/ernieq-demo-w2" --overwrite
-$ernieq verify "$OUT/ernieq-demo-w2"
-$ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16
+$ernieq verify "$OUT/ernieq-demo-w2" "${on[@]}"
+$ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16 "${on[@]}"
 echo "report: $OUT/report/report.html ($OUT/report/report.md, $OUT/report/report.json)"
 echo "published: $OUT/ernieq-demo-w2 (model card README.md, SHA256SUMS)"

@@ -140,6 +140,66 @@ def test_quantize_fp8_records_how_activations_are_computed(tiny, tmp_path, monke
     assert {m["params"]["activations"] for m in modules.values()} == {activations}
 
 
+def _device_cases(tiny, tmp):
+    """Every command that computes, with arguments that would otherwise start its work."""
+    (tmp / "dir").mkdir(exist_ok=True)
+    return {
+        "calibrate": ["calibrate", tiny, "--data", "demo", "--out", tmp / "calib"],
+        "quantize": ["quantize", tiny, "--out", tmp / "q"],
+        "eval": ["eval", tiny, "--data", "demo"],
+        "report": ["report", tmp / "dir", "--baseline", tiny, "--data", "demo", "--out", tmp / "report"],
+        "generate": ["generate", tiny, "--prompt", "hi"],
+        "verify": ["verify", tmp / "dir"],
+        "bench": ["bench", "--quick"],
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_one_line_for_every_command(tiny, tmp_path, monkeypatch, capsys, command, device):
+    args = _device_cases(tiny, tmp_path)[command]
+    code, out, err = run(monkeypatch, capsys, *args, "--device", device)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: --device {device}: no CUDA GPU on this machine"), lines[0]
+    assert not (tmp_path / "q").exists() and not (tmp_path / "calib").exists() and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench"])
+def test_every_command_takes_device_and_dtype(monkeypatch, capsys, command):
+    code, out, _ = run(monkeypatch, capsys, command, "--help")
+    assert code == 0
+    assert "--device" in out and "auto|cpu|cuda|cuda:N" in out and "--dtype" in out
+    assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify"))
+
+
+@pytest.mark.parametrize("option, value, message", [("--dtype", "int8", "'int8' is not one of"),
+                                                     ("--device", "tpu", "--device tpu: expected one of"),
+                                                     ("--decode-cache", "lots", "--decode-cache lots: expected")])
+def test_bad_placement_options_are_one_line(tiny, monkeypatch, capsys, option, value, message):
+    code, _, err = run(monkeypatch, capsys, "eval", tiny, "--data", "demo", option, value)
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1 and message in lines[0], err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_api_functions_refuse_cuda_without_cuda_before_any_work(tiny, tmp_path):
+    from ernieq import api
+    from ernieq.device import DeviceError
+
+    calls = [lambda: api.quantize(tiny, tmp_path / "q", device="cuda", progress=False),
+             lambda: api.calibrate(tiny, "demo", out=tmp_path / "calib", device="cuda", progress=False),
+             lambda: api.evaluate(tiny, "demo", device="cuda:0"),
+             lambda: api.generate(tiny, "hi", device="cuda"),
+             lambda: api.load(tiny, device="cuda"),
+             lambda: api.bench(device="cuda", quick=True)]
+    for call in calls:
+        with pytest.raises(DeviceError, match="no CUDA GPU on this machine"):
+            call()
+    assert not list(tmp_path.iterdir())
+
+
 def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
     import ernieq.demo
     from ernieq.model.checkpoint import weights_sha256

@@ -67,6 +67,7 @@ def test_quantized_model_computes_with_the_decoded_weights(tiny, tmp_path, layou
     assert data["classes"]["router"]["bytes_after"] == data["classes"]["router"]["bytes_before"]
     assert summary.to_json() == data and "seconds" not in data  # nothing time-dependent in the checkpoint
     assert summary.seconds > 0
+    assert data["runtime"]["device"] == "cpu" and data["runtime"]["kernels"] == "torch"
 
 
 def test_both_layouts_give_the_same_checkpoint_tensors(tiny, tmp_path):
@@ -168,8 +169,66 @@ def test_gptq_and_awq_with_calibration_beat_round_to_nearest_on_calibration_inpu
     assert torch.equal(CheckpointReader(outs["rtn"]).get(norm), CheckpointReader(src).get(norm))
     qc = json.loads((outs["gptq"] / "config.json").read_text())["quantization_config"]
     assert qc["method"] == "gptq" and qc["calibration"]["tokens"] == 128
+    assert "runtime" not in qc["calibration"]  # where calibration ran is not part of the checkpoint
+    for method in ("gptq", "awq"):  # the same functions with the device given: the same bytes
+        again = tmp_path / f"{method}-cpu"
+        run_quantize(src, again, bits=4, group_size=32, calib=cset, method=method, progress=False, workers=1,
+                     device="cpu", dtype="float32")
+        for f in sorted(outs[method].iterdir()):
+            assert f.read_bytes() == (again / f.name).read_bytes(), f.name
 
 
 def test_gptq_without_statistics_is_refused(tiny, tmp_path):
     with pytest.raises(ErnieqError, match="needs calibration"):
         api.quantize(tiny["per_expert"], tmp_path / "q", bits=4, method="gptq", progress=False, workers=1)
+
+
+def test_batched_experts_write_the_bytes_of_each_weight_alone(tiny, tmp_path, monkeypatch):
+    """quantize encodes a layer's experts in batched GPTQ items (here one or two experts per chunk):
+    every stored tensor is what ``encode_weight`` (sequential calibration's path) gives that weight alone."""
+    from ernieq.calibration import collect_stats, gptq_experts
+    from ernieq.calibration.rounding import encode_weight
+    from ernieq.codecs import get_codec
+    from ernieq.formats.native import NativeReader
+    from ernieq.config import QuantizeOptions
+    from ernieq.quantize import recipe_for, run_quantize
+
+    src = tiny["per_expert"]
+    cset = collect_stats(src, torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1)), progress=False)
+    monkeypatch.setattr(gptq_experts, "CPU_CHUNK_BYTES", 150_000)  # a few experts per chunk
+    config = recipe_for(src, QuantizeOptions(bits=2, rotate=True))[0]
+    run_quantize(src, tmp_path / "q", config, calib=cset, method="gptq", progress=False, workers=1)
+    reader, weights = NativeReader(tmp_path / "q"), CheckpointReader(src)
+    checked = 0
+    for base in reader.modules:
+        if ".experts." not in base or ".shared_experts." in base:
+            continue
+        q = reader.quantized(base)
+        rotation = reader.rotation(base)
+        name = f"{base}.weight"
+        alone = encode_weight(get_codec(q.codec, **q.params), weights.get(name).float(), cset.stats(name), name,
+                              "gptq", rotation)
+        assert all(torch.equal(q.tensors[key], alone.tensors[key]) for key in alone.tensors), base
+        checked += 1
+    assert checked == 2 * 4 * 3  # two MoE layers of 4 experts, gate/up/down
+
+
+def test_work_units_batch_a_projections_experts_and_spread_them_over_the_workers():
+    from ernieq.config import CodecChoice
+    from ernieq.model.adapters import TensorClass, TensorInfo
+    from ernieq.quantize import work_units
+
+    ccq2, wint8 = CodecChoice("ccq2"), CodecChoice("wint8")
+    todo = [("attn", TensorInfo("attn", TensorClass.ATTENTION, 1), torch.zeros(8, 8), wint8)]
+    for e in range(5):
+        for proj in ("gate_proj", "down_proj"):
+            info = TensorInfo(f"e{e}.{proj}", TensorClass.ROUTED_EXPERT, 1, e, proj)
+            todo.append((info.name, info, torch.zeros(16, 8) if proj == "gate_proj" else torch.zeros(8, 16), ccq2))
+    keys = [None] * len(todo)
+    assert work_units(todo, keys, "rtn", 2, torch.device("cpu")) == [[i] for i in range(len(todo))]
+    units = work_units(todo, keys, "gptq", 2, torch.device("cpu"))  # all 5 experts fit one chunk: 2 for 2 workers
+    assert units == [[0], [1, 3, 5], [2, 4, 6], [7, 9], [8, 10]]
+    assert work_units(todo, keys, "gptq", 1, torch.device("cpu")) == [[0], [1, 3, 5, 7, 9], [2, 4, 6, 8, 10]]
+    up = TensorInfo("e0.up_proj", TensorClass.ROUTED_EXPERT, 1, 0, "up_proj")
+    todo.insert(2, (up.name, up, torch.zeros(16, 8), ccq2))  # gate and up of a shape go together
+    assert work_units(todo, keys + [None], "gptq", 1, torch.device("cpu"))[1] == [1, 2, 4, 6, 8, 10]

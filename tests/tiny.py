@@ -84,7 +84,7 @@ def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
 
 
 def write_char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer of 96 tokens (the tiny models' vocabulary)."""
+    """A character-level tokenizer of 96 tokens (the tiny models' vocabulary), so text commands run on them."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(string.printable[:94])}, " ": 95}

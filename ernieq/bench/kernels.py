@@ -1,13 +1,13 @@
 """``ernieq bench``: how fast compressed weights are multiplied, per codec and shape, in one table.
 
     ernieq bench [--out FILE] [--quick] [--budget-s S] [--codecs wint4,ccq2] [--models 21b,300b] [--m 1,16]
-                 [--sweep [--save-configs]]
-    python benchmarks/bench_kernels.py --out FILE [--quick] [--budget-s S] [--dry-run] ...
+                 [--sweep [--save-configs]] [--device auto|cpu|cuda|cuda:N] [--dtype auto|bfloat16|...]
+    python benchmarks/bench_kernels.py --out FILE [--quick] [--budget-s S] [--dry-run] [--device cuda:N] ...
 
 Shape legend: M rows of x (tokens), N output features, K input features,
 E experts, A active experts per token, H hidden size, I expert intermediate size.
 
-On a CUDA GPU, for ERNIE-4.5-21B-A3B and ERNIE-4.5-300B-A47B shapes (attention
+On a CUDA GPU (``--device``: auto picks the first), for ERNIE-4.5-21B-A3B and ERNIE-4.5-300B-A47B shapes (attention
 q/o projections, one expert's gate/up and down as a dense GEMM, and the whole
 fused MoE layer), every codec and M in {1, 4, 16, 64} (decode) and {512, 4096}
 (prefill; ``--quick``: M in {1, 16, 4096}):
@@ -27,6 +27,8 @@ M in {1, 16}, the q projection and an expert's gate/up only, no MoE layer),
 ``time.perf_counter`` medians against fp32 and bf16 ``torch.matmul``. Those
 figures are not kernel speed. ``--dry-run`` (script only, ``TRITON_INTERPRET=1``)
 runs the GPU flow on the CPU with tiny shapes under the Triton interpreter.
+``--dtype`` sets the activations' dtype (auto: bfloat16 on a GPU and in the dry run, float32
+on the CPU). The table's header records the device, dtype and kernel path.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from ernieq.bench import cases as bench_cases
 from ernieq.bench import timing as bench_timing
 from ernieq.bench.inputs import CODECS, MODELS, Model, resolve_codecs, resolve_models
 from ernieq.bench.report import Report
+from ernieq.device import HOST, Placement, describe, resolve_device, resolve_dtype
 from ernieq.errors import ErnieqError
 from ernieq.kernels import tile_table
 from ernieq.provenance import git_commit, package_versions
@@ -74,13 +77,14 @@ class BenchOptions:
     save_configs: bool = False
     dry_run: bool = False
     command: str = "ernieq bench"
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How a run measures on one kind of machine (see ``bench_cases.Plan``)."""
+    """How a run measures on one kind of device (see ``bench_cases.Plan``); act_dtype is --dtype auto's."""
 
-    device: str
     backend: str
     timer: bench_timing.Timer
     act_dtype: torch.dtype
@@ -100,14 +104,14 @@ class Mode:
 
 MODES = {
     "gpu": Mode(
-        device="cuda", backend="triton", timer=bench_timing.gpu_median_ms, act_dtype=torch.bfloat16,
+        backend="triton", timer=bench_timing.gpu_median_ms, act_dtype=torch.bfloat16,
         baselines=(torch.bfloat16,), check_max_m=64, copy_bytes=2**31,
         m_full=(1, 4, 16, 64, 512, 4096), m_quick=(1, 16, 4096), models=tuple(MODELS),
         quick_kinds=ALL_KINDS, quick_moe=True, bw_col="% HBM", speedup_col="speed-up vs bf16",
         baseline_note="bf16 torch.matmul (dense) or a bf16 looped MoE (MoE layer)",
     ),
     "cpu": Mode(
-        device="cpu", backend="reference", timer=bench_timing.cpu_median_ms, act_dtype=torch.float32,
+        backend="reference", timer=bench_timing.cpu_median_ms, act_dtype=torch.float32,
         baselines=(torch.float32, torch.bfloat16), check_max_m=0, copy_bytes=2**26,
         m_full=(1, 4, 16), m_quick=(1, 16), models=("21B-A3B",),
         quick_kinds=("attn q_proj", "expert gate/up"), quick_moe=False, bw_col="% copy bw",
@@ -115,7 +119,7 @@ MODES = {
         baseline_note="fp32 torch.matmul on the CPU (dense; bf16 listed) or an fp32 looped MoE (MoE layer)",
     ),
     "dry": Mode(
-        device="cpu", backend="triton", timer=bench_timing.once_ms, act_dtype=torch.bfloat16,
+        backend="triton", timer=bench_timing.once_ms, act_dtype=torch.bfloat16,
         baselines=(torch.bfloat16,), check_max_m=64, copy_bytes=2**26,
         m_full=(1, 3), m_quick=(1, 3), models=tuple(MODELS),
         quick_kinds=ALL_KINDS, quick_moe=True, bw_col="% copy bw", speedup_col="speed-up vs bf16",
@@ -124,11 +128,16 @@ MODES = {
 }  # fmt: skip
 
 
-def pick_mode(options: BenchOptions) -> str:
-    """The mode name: "dry" when asked, else "gpu" with CUDA, else "cpu"."""
+def pick_mode(options: BenchOptions) -> tuple[str, torch.device]:
+    """The mode name and the device: "dry" (in host memory) when asked, else "gpu" for a CUDA --device,
+    else "cpu"."""
     if options.dry_run:
-        return "dry"
-    return "gpu" if torch.cuda.is_available() else "cpu"
+        if options.device not in ("auto", "cpu"):
+            raise ErnieqError(f"bench: the dry run runs on the CPU under the Triton interpreter, not --device "
+                              f"{options.device}")
+        return "dry", HOST
+    device = resolve_device(options.device)
+    return ("gpu" if device.type == "cuda" else "cpu"), device
 
 
 def _check_options(options: BenchOptions, mode: str) -> None:
@@ -149,9 +158,10 @@ def _check_options(options: BenchOptions, mode: str) -> None:
 
 def run_bench(options: BenchOptions) -> Report:
     """Every case of ``options`` on this machine; the report (also written to ``options.out`` after each case)."""
-    mode_name = pick_mode(options)
+    mode_name, device = pick_mode(options)
     _check_options(options, mode_name)
     mode = MODES[mode_name]
+    act_dtype = mode.act_dtype if options.dtype == "auto" else resolve_dtype(options.dtype, device)
     codecs = resolve_codecs(options.codecs)
     models = resolve_models(options.models or mode.models)
     m_list = tuple(options.m or (mode.m_quick if options.quick else mode.m_full))
@@ -159,14 +169,14 @@ def run_bench(options: BenchOptions) -> Report:
     run_moe = options.moe and (mode.quick_moe or not options.quick)
 
     start = time.monotonic()
-    device = torch.device(mode.device)
     gpu = _device_name(device, mode_name)
     bandwidth = bench_timing.copy_bandwidth_gbps(device, mode.copy_bytes, mode.timer)
     source = f"{options.command}; {_today()}; commit {git_commit()}"  # recorded with every saved tile config
-    plan = bench_cases.Plan(device, mode.backend, mode.timer, mode.act_dtype, mode.baselines, mode.check_max_m,
+    plan = bench_cases.Plan(device, mode.backend, mode.timer, act_dtype, mode.baselines, mode.check_max_m,
                             bandwidth, start + options.budget_s, torch.Generator(device=device).manual_seed(0),
                             sweep=options.sweep, gpu=gpu, source=source)  # fmt: skip
-    report = Report(options.out, _header(options, mode_name, gpu, bandwidth, codecs, mode), bw_col=mode.bw_col,
+    runtime = Placement(device, act_dtype).record(mode.backend)
+    report = Report(options.out, _header(options, mode_name, gpu, bandwidth, codecs, mode, runtime), bw_col=mode.bw_col,
                     speedup_col=mode.speedup_col, banner=CPU_LABEL if mode_name == "cpu" else "")  # fmt: skip
     report.write()
     for key in models:
@@ -196,7 +206,7 @@ def _device_name(device: torch.device, mode: str) -> str:
 
 
 def _header(options: BenchOptions, mode_name: str, gpu: str, bandwidth: float, codecs: list[str],
-            mode: Mode) -> list[str]:  # fmt: skip
+            mode: Mode, runtime: dict) -> list[str]:  # fmt: skip
     lines = ["# ernieq kernel benchmark", ""]
     if mode_name == "cpu":
         lines.append(f"- device: {gpu}, no GPU: ernieq.kernels.reference (decode + fp32 matmul) timed by "
@@ -206,6 +216,7 @@ def _header(options: BenchOptions, mode_name: str, gpu: str, bandwidth: float, c
         lines.append(f"- GPU: {gpu}; measured {memory} copy bandwidth {bandwidth:.0f} GB/s")
     checked = " (not checked on the CPU)" if mode.check_max_m == 0 else f", M <= {mode.check_max_m}"
     return lines + [
+        f"- runtime: {describe(runtime)}",
         f"- date: {_today()}; commit: {git_commit()}",
         f"- torch {torch.__version__}, triton {package_versions()['triton']}, python {platform.python_version()}",
         f"- command: `{options.command}`",
@@ -242,11 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dry-run", action="store_true", help="check the script on the CPU (TRITON_INTERPRET=1, tiny shapes)"
     )
+    p.add_argument("--device", default="auto", help="cuda or cuda:N (auto: the first CUDA GPU)")
+    p.add_argument("--dtype", default="auto", help="activations: bfloat16 (auto), float16 or float32")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if not args.dry_run and not torch.cuda.is_available():
+    if not args.dry_run and (not torch.cuda.is_available() or args.device == "cpu"):
         log.error("bench_kernels: no CUDA GPU here; this script times the Triton kernels on a GPU only "
                   "(`ernieq bench` runs the reference path on the CPU, labelled as such)")  # fmt: skip
         return 2
@@ -259,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         options = BenchOptions(out=args.out, quick=args.quick, budget_s=args.budget_s, codecs=_comma_list(args.codecs),
                                models=_comma_list(args.models), m=m, dense=not args.no_dense, moe=not args.no_moe,
                                sweep=args.sweep, save_configs=args.save_configs, dry_run=args.dry_run,
-                               command=" ".join(["python benchmarks/bench_kernels.py", *argv]))  # fmt: skip
+                               command=" ".join(["python benchmarks/bench_kernels.py", *argv]), device=args.device,
+                               dtype=args.dtype)  # fmt: skip
         report = run_bench(options)
     except ErnieqError as err:
         log.error("bench_kernels: %s", err)

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ernieq.device import HOST
+from ernieq.distributed import all_reduce, world
+
 
 @dataclass(frozen=True)
 class SiteStats:
@@ -59,16 +62,17 @@ def mirror_upper(a: torch.Tensor) -> torch.Tensor:
 
 
 class InputAccumulator:
-    """Sums over the input rows x [T, K] of one site; ``finish`` normalises by the count.
+    """Sums over the input rows x [T, K] of one site, on ``device`` (where the rows are computed);
+    ``finish`` normalises by the count and hands the statistics over in host memory.
 
     ``xtx`` is valid on and above the diagonal (``add_upper_gram``) until ``finish``.
     """
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, device: torch.device = HOST):
         self.k = k
         self.count = 0
-        self.abs_sum = torch.zeros(k, dtype=torch.float64)
-        self.abs_max = torch.zeros(k, dtype=torch.float32)
+        self.abs_sum = torch.zeros(k, dtype=torch.float64, device=device)
+        self.abs_max = torch.zeros(k, dtype=torch.float32, device=device)
         self.xtx: torch.Tensor | None = None  # float32 [K, K], allocated by the first batch
 
     def add(self, x: torch.Tensor, gram: torch.Tensor | None = None) -> None:
@@ -84,19 +88,30 @@ class InputAccumulator:
         self.abs_sum += a.sum(0)  # sum_t |x_tk|: one batch in fp32, the running total in fp64
         torch.maximum(self.abs_max, a.amax(0), out=self.abs_max)
         if self.xtx is None:
-            self.xtx = torch.zeros(self.k, self.k, dtype=torch.float32, device=x.device)
+            self.xtx = torch.zeros(self.k, self.k, dtype=torch.float32, device=self.abs_max.device)
         if gram is not None:
             self.xtx.add_(gram)
         else:
             add_upper_gram(self.xtx, x)  # X^T X, fp32 accumulation  [K, K]
 
+    def all_reduce(self) -> None:
+        """Sums over every rank's rows (data-parallel calibration); nothing to do in one process."""
+        if world().size == 1:
+            return
+        head = torch.cat([self.abs_sum, self.abs_sum.new_tensor([self.count])])  # [K + 1], float64
+        if self.xtx is None:  # no rows here; other ranks may have some
+            self.xtx = torch.zeros(self.k, self.k, dtype=torch.float32, device=self.abs_max.device)
+        all_reduce([head, self.xtx])
+        all_reduce([self.abs_max], op="max")
+        self.abs_sum, self.count = head[:-1], int(head[-1])
+
     def finish(self) -> SiteStats | None:
         """The site's statistics, or None when it saw no input. Call once: the sums become the result."""
         if self.count == 0:
             return None
-        hessian, self.xtx = mirror_upper(self.xtx).div_(self.count), None  # H = X^T X / n
+        hessian, self.xtx = mirror_upper(self.xtx).div_(self.count).to(HOST), None  # H = X^T X / n
         abs_mean = (self.abs_sum / self.count).float()  # mean |x| per channel
-        return SiteStats(hessian, abs_mean, self.abs_max.clone(), self.count)
+        return SiteStats(hessian, abs_mean.to(HOST), self.abs_max.to(HOST, copy=True), self.count)
 
 
 @dataclass(frozen=True)
@@ -130,15 +145,15 @@ class RouterStats:
 
 
 class RouterAccumulator:
-    """Counts per expert and the router's confidence, from logits [T, E] and choices [T, A]."""
+    """Counts per expert and the router's confidence, from logits [T, E] and choices [T, A] on ``device``."""
 
-    def __init__(self, layer: int, num_experts: int, top_k: int):
+    def __init__(self, layer: int, num_experts: int, top_k: int, device: torch.device = HOST):
         self.layer = layer
         self.num_experts = num_experts
         self.top_k = top_k
         self.tokens = 0
-        self.counts = torch.zeros(num_experts, dtype=torch.int64)
-        self.prob_sum = torch.zeros(num_experts, dtype=torch.float64)
+        self.counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        self.prob_sum = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.entropy_sum = 0.0
         self.margin_sum = 0.0
         self.margin_min = math.inf
@@ -159,6 +174,17 @@ class RouterAccumulator:
             margin = top[:, self.top_k - 1] - top[:, self.top_k]  # p_(A) - p_(A+1)  [T]
             self.margin_sum += float(margin.sum(dtype=torch.float64))
             self.margin_min = min(self.margin_min, float(margin.min()))
+
+    def all_reduce(self) -> None:
+        """Counts and sums over every rank's tokens (data-parallel calibration); the margin's minimum."""
+        if world().size == 1:
+            return
+        sums = self.prob_sum.new_tensor([self.tokens, self.entropy_sum, self.margin_sum])  # float64
+        low = self.prob_sum.new_tensor([self.margin_min])
+        all_reduce([sums, self.counts, self.prob_sum])
+        all_reduce([low], op="min")
+        self.tokens, self.entropy_sum, self.margin_sum = int(sums[0]), float(sums[1]), float(sums[2])
+        self.margin_min = float(low[0])
 
     def finish(self) -> RouterStats:
         t = max(self.tokens, 1)

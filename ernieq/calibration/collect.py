@@ -13,6 +13,11 @@ With ``out=DIR`` the statistics stream to disk: each decoder layer's sites are
 written to their own file as soon as the layer is done and dropped from memory
 (``stats.py``), the summary goes last, and the returned set reads its tensors
 back lazily. Peak memory then follows the largest layer, not the model.
+
+Under torchrun the pass is data-parallel (``ernieq.distributed``): each rank runs its
+share of the sequences through every layer, the layer's sums are added over the
+ranks before they are normalised (``LayerHooks._finish``), so every rank holds the
+statistics of all the sequences; rank 0 alone writes ``out``, which every rank then reads.
 """
 
 from __future__ import annotations
@@ -26,13 +31,15 @@ from pathlib import Path
 
 import torch
 
+from ernieq.device import HOST, TORCH_KERNELS, Placement, dtype_name
+from ernieq import distributed
 from ernieq.progress import progress_bar
 
 from ernieq.calibration.calibset import CalibrationSet
 from ernieq.calibration.hooks import CalibrationError, Collector
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
 from ernieq.calibration.sequential import SequentialPlan, quantized_layer
-from ernieq.calibration.stats import begin_stats, save_stats
+from ernieq.calibration.stats import begin_stats, load_stats, save_stats
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,8 @@ def collect_stats(
     out: str | os.PathLike | None = None,
     info: dict | None = None,
     sequential: SequentialPlan | None = None,
+    device: torch.device = HOST,
+    dtype: torch.dtype = torch.float32,
 ) -> CalibrationSet:
     """Calibration statistics of the unquantized checkpoint at ``model_path``.
 
@@ -71,25 +80,48 @@ def collect_stats(
     info: extra entries for the set's ``info`` (e.g. the calibration data's name).
     sequential: quantize each layer as the plan says once its statistics are in, so that the next
     layer is calibrated on the quantized layer's outputs (``sequential.py``).
+    device, dtype: where each layer runs and in which dtype (statistics accumulate in float32 there
+    and are handed over in host memory); recorded in the set's ``info["runtime"]``.
     """
     start = time.perf_counter()
-    model = LayerwiseModel(model_path)
+    model = LayerwiseModel(model_path, dtype, device)
     token_ids = _check_tokens(token_ids, getattr(model.config, "vocab_size", None))
     n_seq, seq_len = token_ids.shape
+    world = distributed.world()
+    if n_seq < world.size:
+        raise CalibrationError(f"{n_seq} calibration sequences for {world.size} ranks: give at least one per rank")
     batch = max(1, batch_tokens // seq_len)
     collector = Collector(model, all_experts)
     store = None
     if out is not None:
         fresh = not Path(out).exists()
-        store = collector.sites = begin_stats(out)  # finished sites go to the store, which writes them per layer
+        # finished sites go to the store, which writes them per layer (rank 0), or keeps the last layer's
+        store = collector.sites = begin_stats(out) if world.main else _LastLayer()
     try:
-        return _run(model, token_ids, collector, store, batch, progress, start, {
+        cset = _run(model, token_ids[distributed.share(n_seq)], collector, store, batch, progress, start, {
             "model": str(model_path), "n_seq": n_seq, "seq_len": seq_len, "tokens": n_seq * seq_len,
-            "all_experts": all_experts, "sequential": sequential is not None, **(info or {})}, sequential)
+            "all_experts": all_experts, "sequential": sequential is not None,
+            "runtime": Placement(device, dtype).record(TORCH_KERNELS), **(info or {})}, sequential)
     except BaseException:
-        if store is not None and fresh:  # a folder this call made holds nothing worth keeping
+        if store is not None and fresh and world.main:  # a folder this call made holds nothing worth keeping
             shutil.rmtree(out, ignore_errors=True)
         raise
+    if out is not None and world.size > 1:
+        distributed.barrier("writing the statistics")
+        return cset if world.main else load_stats(out)
+    return cset
+
+
+class _LastLayer(dict):
+    """The sites of a rank that does not write the statistics: each layer's kept until the next layer is
+    done (sequential calibration reads them after the flush), so memory follows one layer here too."""
+
+    _flushed: tuple[str, ...] = ()
+
+    def flush(self) -> None:
+        for site in self._flushed:
+            del self[site]
+        self._flushed = tuple(self)
 
 
 def _collected(collector: Collector, info: dict) -> CalibrationSet:
@@ -128,9 +160,9 @@ def _run(model, token_ids, collector, store, batch, progress, start, info, seque
                    on_batch=lambda: bar.advance(task))
     seconds = time.perf_counter() - start
     cset = _collected(collector, {**info, "seconds": round(seconds, 2)})
-    if store is not None:
+    if store is not None and distributed.world().main:
         save_stats(cset, store.folder)
     cold = cset.cold_experts()
-    log.info("calibrated %s on %d tokens in %.1f s; %d of %d routed experts cold",
-             info["model"], info["tokens"], seconds, len(cold), len(cset.experts))
+    log.info("calibrated %s on %d tokens in %.1f s on %s in %s; %d of %d routed experts cold", info["model"],
+             info["tokens"], seconds, model.device, dtype_name(model.dtype), len(cold), len(cset.experts))
     return cset

@@ -34,6 +34,10 @@ from W up front with activation order (the stored layouts keep groups in K
 order). When no usable Hessian exists (no statistics, zero tokens, every input
 dead, a factorisation that fails even with more damping) the weight is rounded
 to nearest by the codec and a warning says so: never a NaN or Inf scale.
+
+This file is the reference, one weight at a time. ``gptq_experts.py`` runs the same
+algorithm on a layer's experts at once, in a form whose work sits in GEMMs; that is
+what ``encode_weight`` and ``ernieq quantize`` use (for codecs with an expert rounder).
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from collections.abc import Callable
 import torch
 
 from ernieq.codecs import CalibrationStats, Codec, CodecError, QuantizedTensor
-from ernieq.codecs.base import check_weight
+from ernieq.codecs.base import all_finite, check_weight
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +79,34 @@ def column_rounder(codec: Codec, weight: torch.Tensor, static_groups: bool, stat
     return make(weight, static_groups=static_groups)
 
 
-def usable_hessian(stats: CalibrationStats | None, k: int, name: str) -> torch.Tensor | None:
-    """A float64 copy of ``stats.hessian`` [K, K] scaled to mean diagonal 1, or None (logged) when
-    there is nothing to use. A wrong shape or a non-finite value is an error, not a fallback."""
+def hessian_scale(stats: CalibrationStats | None, k: int, name: str) -> torch.Tensor | None:
+    """The mean diagonal of ``stats.hessian`` [K, K] (float64, > 0), or None (logged) when there is
+    nothing to use. A wrong shape or a non-finite value is an error, not a fallback."""
     if stats is None or stats.hessian is None:
         log.warning("%s: no calibration statistics; rounding to nearest", name)
         return None
     h = stats.hessian
     if tuple(h.shape) != (k, k):
         raise CodecError(f"{name}: Hessian of shape {tuple(h.shape)} for a weight with K={k}")
-    if not torch.isfinite(h).all():
+    if not all_finite(h):
         raise CodecError(f"{name}: the calibration Hessian has NaN or Inf values")
     if stats.tokens <= 0:
         log.warning("%s: calibration saw no token for this weight; rounding to nearest", name)
         return None
-    h = h.double()
-    mean_diag = h.diagonal().clamp(min=0).mean()
+    mean_diag = h.diagonal().double().clamp(min=0).mean()
     if not mean_diag > 0:
         log.warning("%s: the calibration Hessian is zero (every input dead); rounding to nearest", name)
         return None
-    return h / mean_diag  # GPTQ is invariant to the scale of H; this keeps tiny Hessians factorable
+    return mean_diag
+
+
+def usable_hessian(stats: CalibrationStats | None, k: int, name: str) -> torch.Tensor | None:
+    """A float64 copy of ``stats.hessian`` [K, K] scaled to mean diagonal 1, or None (logged) when
+    there is nothing to use (``hessian_scale``)."""
+    mean_diag = hessian_scale(stats, k, name)
+    if mean_diag is None:
+        return None
+    return stats.hessian.double() / mean_diag  # GPTQ is invariant to the scale of H; this keeps tiny Hessians factorable
 
 
 def inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor | None:
@@ -157,7 +169,7 @@ def column_loop(w: torch.Tensor, u: torch.Tensor, rounder, perm: torch.Tensor, b
 
 
 def _finite(q: QuantizedTensor) -> bool:
-    return all(torch.isfinite(t.float()).all() for t in q.tensors.values() if t.is_floating_point())
+    return all(all_finite(t.float()) for t in q.tensors.values() if t.is_floating_point())
 
 
 def gptq_encode(

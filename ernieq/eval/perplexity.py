@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ernieq.device import HOST
 from ernieq.errors import ErnieqError
 from ernieq.progress import progress_bar
 
@@ -74,11 +75,11 @@ def _logits_of(model, window: torch.Tensor) -> torch.Tensor:
     return logits[0].float()
 
 
-def _device_of(model) -> torch.device:
-    """Where the model's first parameter lives; CPU for a model without parameters."""
+def model_device(model) -> torch.device:
+    """Where the model's first parameter lives; host memory for a model without parameters."""
     params = getattr(model, "parameters", None)
     first = next(params(), None) if callable(params) else None
-    return first.device if first is not None else torch.device("cpu")
+    return first.device if first is not None else HOST
 
 
 def perplexity(
@@ -102,7 +103,7 @@ def perplexity(
     windows = window_count(len(ids), seq_len, max_windows)
     if windows == 0:
         raise PerplexityError(f"{len(ids)} tokens make no full window of {seq_len}")
-    device = _device_of(model)
+    device = model_device(model)
     nll_sum = 0.0
     with torch.inference_mode(), progress_bar(progress) as bar:
         task = bar.add_task("perplexity", total=windows)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
+from ernieq.device import describe
 from ernieq.eval.plots import data_uri
 from ernieq.recipes import dump
 
@@ -190,8 +191,10 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
         Block("code", prov["command"]),
         Block("p", f"commit {prov['commit']}, {prov['machine']}, started {prov['started']}, "
                    f"finished {prov['finished']}."),
-        Block("table", head=("package", "version"), rows=tuple(sorted(prov["versions"].items()))),
     ]
+    if report.get("runtime"):  # reports before the device options do not say
+        out.append(Block("p", f"Computed on {describe(report['runtime'])}."))
+    out.append(Block("table", head=("package", "version"), rows=tuple(sorted(prov["versions"].items()))))
     return out
 
 

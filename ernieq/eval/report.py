@@ -16,6 +16,7 @@ and ``report.html`` from that dict alone. Sections:
 - ``tasks``: lm-evaluation-harness task metrics of every model, and each model's difference to the
   baseline with its standard error (``ernieq.eval.tasks``), when tasks are asked for;
 - ``settings``: bits per weight and perplexity of every model (the trade-off plot);
+- ``runtime``: the device and dtype every model ran on, and each one's kernel path;
 - ``provenance``: command, versions, commit, times.
 """
 
@@ -30,8 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ernieq.device import Placement
 from ernieq.errors import ErnieqError
-from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count
+from ernieq.eval.perplexity import PerplexityError, model_device, next_token_divergence, tokenize_text, window_count
 from ernieq.eval.tasks import TaskOptions, TaskSuite, compare_scores, run_tasks
 from ernieq.provenance import now_iso, provenance
 from ernieq.text import load_text
@@ -41,6 +43,7 @@ from ernieq.model.adapters import LINEAR_CLASSES
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.progress import progress_bar
 from ernieq.recipes import SPEC_KEY
+from ernieq.runtime.record import kernel_path, runtime_record
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,8 @@ class CorpusScore:
 
 
 def _logits(model, window: torch.Tensor) -> torch.Tensor:
-    """[L, V] float32 logits of one window [1, L]."""
-    out = model(input_ids=window)
+    """[L, V] float32 logits of one window [1, L], on the model's device."""
+    out = model(input_ids=window.to(model_device(model)))
     return (out.logits if hasattr(out, "logits") else out)[0].float()
 
 
@@ -101,10 +104,10 @@ def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_
         task = bar.add_task(f"scoring {corpus}", total=windows)
         for w in range(windows):
             window = ids[w * seq_len : (w + 1) * seq_len][None]  # [1, L]
-            target = window[0, 1:]  # [L-1]
             base = None
             for label, model in models.items():
                 logits = _logits(model, window)[:-1]  # [L-1, V]
+                target = window[0, 1:].to(logits.device)  # [L-1]
                 if not torch.isfinite(logits).all():
                     raise PerplexityError(f"{corpus}: window {w}: {label} model returned non-finite logits")
                 nll[label] += F.cross_entropy(logits, target, reduction="sum").item()  # sum of -log p(t_i | t_<i)
@@ -195,14 +198,16 @@ def build_report(
     max_windows: int | None = 4,
     progress: bool = True,
     tasks: TaskOptions | None = None,
+    placement: Placement,
 ) -> dict:
     """The report of the quantized checkpoint ``qdir`` (any format ernieq reads: native, FastDeploy)
     against ``baseline`` on the text sources ``data``.
 
-    load: path -> (model, tokenizer). calib: a CalibrationSet of the baseline, for the output
-    error and the expert table (``calib_source`` names where it came from). tasks: lm-eval tasks
-    every model runs (checked, and their data loaded, before any model is). All models are held in
-    memory at once so that each runs once per window.
+    load: path -> (model, tokenizer), on ``placement`` (which the report records with every model's
+    kernel path). calib: a CalibrationSet of the baseline, for the output error and the expert table
+    (``calib_source`` names where it came from). tasks: lm-eval tasks every model runs (checked, and
+    their data loaded, before any model is). All models are held in memory at once so that each runs
+    once per window.
     """
     started = now_iso()
     if not data:
@@ -219,6 +224,7 @@ def build_report(
         ids = tokenize_text(tokenizers[BASELINE], load_text(source, split="eval"))
         corpora.append(asdict(score_corpus(models, ids, source, seq_len, max_windows, progress)))
     task_section = _task_section(models, tokenizers, suite, tasks) if suite is not None else None
+    kernels = "; ".join(f"{label}: {kernel_path(m, placement.device)}" for label, m in models.items())
     del models
     errors = weight_errors(CheckpointReader(baseline), quantized, None if calib is None else _hessian_reader(calib))
     sizes = {label: size_by_class(path) for label, path in paths.items()}
@@ -246,6 +252,7 @@ def build_report(
         "settings": settings,
         "options": {"data": list(data), "seq_len": seq_len, "max_windows": max_windows,
                     "compare": [str(p) for p in compare]},
+        "runtime": runtime_record(placement, kernels),
         "provenance": provenance(started),
     }
 

@@ -14,6 +14,13 @@ an earlier run stopped. Nothing in them depends on the time.
 
 The state folder also holds the run's fingerprint (what was asked, from which
 source files): a folder left by a run with another fingerprint is emptied first.
+
+A group that a plan of several ranks cut (``ernieq.distributed.plan``) is written in
+parts, ``span`` = (lo, hi) of its pieces: each part's tensors and record go into the
+state folder the same way (:meth:`NativeWriter.write_part`), and
+:meth:`NativeWriter.join_parts` writes the group's shard from them: the shard holds
+the same tensors, so it has the same bytes as when written whole (the file orders
+tensors by dtype size and name, never by arrival).
 """
 
 from __future__ import annotations
@@ -182,24 +189,70 @@ class NativeWriter:
 
     def finished(self, index: int) -> dict | None:
         """The record of group ``index`` when it was written completely, else None."""
-        path = self._record_path(index)
+        return self._read_record(self._record_path(index), self.out_dir)
+
+    @staticmethod
+    def _read_record(path: Path, folder: Path) -> dict | None:
+        """The record at ``path`` when it and its shard (in ``folder``) are complete, else None."""
         if not path.is_file():
             return None
         try:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
-        shard = self.out_dir / record.get("shard", "")
+        shard = folder / record.get("shard", "")
         if not shard.is_file() or shard.stat().st_size != record.get("file_size"):
             return None
         return record
 
     def write_group(self, index: int, key: str, group: GroupTensors, extra: dict | None = None) -> dict:
         """Write group ``index``'s shard, then its record (the commit); returns the record."""
+        record = self._write(self.out_dir / shard_name(index, self.num_groups), self._record_path(index), index,
+                             key, group, extra)
+        kill_point("group-written")
+        return record
+
+    def _part_path(self, index: int, span: tuple[int, int], suffix: str) -> Path:
+        return self.state / f"group-{index:05d}-part-{span[0]:05d}-{span[1]:05d}{suffix}"
+
+    def write_part(self, index: int, key: str, span: tuple[int, int], group: GroupTensors,
+                   extra: dict | None = None) -> dict:
+        """Write part ``span`` of group ``index`` into the state folder (its tensors, then its record)."""
+        record = self._write(self._part_path(index, span, ".safetensors"), self._part_path(index, span, ".json"),
+                             index, key, group, extra)
+        kill_point("part-written")
+        return record
+
+    def part_finished(self, index: int, span: tuple[int, int]) -> dict | None:
+        """The record of part ``span`` of group ``index`` when it was written completely, else None."""
+        return self._read_record(self._part_path(index, span, ".json"), self.state)
+
+    def join_parts(self, index: int, key: str, spans: list[tuple[int, int]], merge_extra) -> dict:
+        """Write group ``index``'s shard and record from its parts ``spans`` (every one written), then drop
+        the parts; ``merge_extra(list of the parts' extras)`` is the group's extra. Returns the record."""
+        from safetensors.torch import load_file
+
+        group = GroupTensors()
+        extras = []
+        for span in spans:
+            record = self.part_finished(index, span)
+            if record is None:
+                raise CheckpointError(f"{self.out_dir}: part {span} of group {key} was not written")
+            group.plain.update(load_file(self._part_path(index, span, ".safetensors")))  # rotations: the same
+            group.modules.update(record["modules"])
+            extras.append(record["extra"])
+        record = self.write_group(index, key, group, merge_extra(extras))
+        for span in spans:
+            for suffix in (".json", ".safetensors"):
+                self._part_path(index, span, suffix).unlink(missing_ok=True)
+        return record
+
+    def _write(self, shard: Path, record_path: Path, index: int, key: str, group: GroupTensors,
+               extra: dict | None) -> dict:
+        """``group``'s tensors into ``shard``, then its record into ``record_path`` (the commit)."""
         tensors = {**group.plain, **group.quantized}
         if not tensors:
             raise CheckpointError(f"{self.out_dir}: group {key} has no tensors")
-        shard = self.out_dir / shard_name(index, self.num_groups)
         write_atomic(shard, lambda p: save_safetensors(tensors, p))
         kill_point("shard-written")
         record = {
@@ -212,8 +265,7 @@ class NativeWriter:
             "modules": group.modules,
             "extra": extra or {},
         }
-        write_json_atomic(self._record_path(index), record)
-        kill_point("group-written")
+        write_json_atomic(record_path, record)
         return record
 
     def records(self) -> list[dict]:

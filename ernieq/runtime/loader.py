@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ernieq.codecs import stack_experts
+from ernieq.device import HOST
 from ernieq.formats.registry import QuantizedCheckpoint, open_quantized
 from ernieq.model.adapters import Adapter, adapter_for
 from ernieq.model.checkpoint import CheckpointError
@@ -81,8 +82,9 @@ def _experts_module(reader, path: Path, adapter: Adapter, model: nn.Module, cont
     return QuantExpertLoop(layout, original, *stacks, biases, *turns), taken
 
 
-def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> nn.Module:
-    """A transformers causal LM computing with the packed weights of the quantized checkpoint at ``path``."""
+def load_quantized(path: Path, dtype: torch.dtype = torch.float32, device: torch.device = HOST) -> nn.Module:
+    """A transformers causal LM computing with the packed weights of the quantized checkpoint at ``path``,
+    on ``device``, its unquantized tensors (norms, embeddings, router, head) in ``dtype``."""
     reader = open_quantized(Path(path))
     source = str(Path(path) / "config.json")
     adapter = adapter_for(reader.config, source)

@@ -41,6 +41,7 @@ def test_quick_cpu_bench_labels_itself_and_times_every_codec(tmp_path):
     text = out.read_text()
     assert CPU_LABEL in text
     assert "command: `ernieq bench --out" in text and "--quick" in text
+    assert "- runtime: cpu (" in text and "float32, kernels: reference" in text
     rows = table_rows(text)
     cases = {(r["GEMM"], r["M"]) for r in rows}
     assert cases == {(kind, m) for kind in ("attn q_proj", "expert gate/up") for m in ("1", "16")}

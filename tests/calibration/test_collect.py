@@ -224,3 +224,38 @@ def test_bad_tokens_fail_loudly(tiny):
         collect_stats(tiny["per_expert"], torch.full((1, 4), TINY_ERNIE["vocab_size"]), progress=False)
     with pytest.raises(CalibrationError, match=r"\[n_seq, seq_len\]"):
         collect_stats(tiny["per_expert"], torch.zeros(8, dtype=torch.long), progress=False)
+
+
+def _same_stats(a, b) -> None:
+    assert sorted(a.sites) == sorted(b.sites)
+    for site in a.sites:
+        sa, sb = a.sites[site], b.sites[site]
+        assert sa.tokens == sb.tokens, site
+        for field in ("hessian", "abs_mean", "abs_max"):
+            assert torch.equal(getattr(sa, field), getattr(sb, field)), (site, field)
+    assert {k: r.to_json() for k, r in a.routers.items()} == {k: r.to_json() for k, r in b.routers.items()}
+
+
+def test_hidden_states_offloaded_to_host_memory_give_the_same_statistics(tiny, cset, monkeypatch, caplog):
+    """A device too small for the hidden states: they wait in host memory, one batch on the device at a time."""
+    from ernieq.calibration import layerwise
+
+    monkeypatch.setattr(layerwise, "HIDDEN_SHARE", 0.0)
+    with caplog.at_level(logging.INFO, logger="ernieq.calibration.layerwise"):
+        offloaded = collect_stats(tiny["per_expert"], _ids(), progress=False)
+    assert "do not fit in 0.00 GiB of cpu memory; they wait in host memory" in caplog.text
+    _same_stats(offloaded, cset)
+
+
+def test_placement_is_the_callers_and_is_recorded(tiny, cset):
+    from ernieq.device import HOST
+
+    assert cset.info["runtime"]["device"] == "cpu" and cset.info["runtime"]["dtype"] == "float32"
+    explicit = collect_stats(tiny["per_expert"], _ids(), progress=False, device=HOST, dtype=torch.float32)
+    _same_stats(explicit, cset)
+    half = collect_stats(tiny["per_expert"], _ids(), progress=False, device=HOST, dtype=torch.bfloat16)
+    assert half.info["runtime"] == {**cset.info["runtime"], "dtype": "bfloat16"}
+    for site, s in cset.sites.items():  # accumulated in float32 from bfloat16 activations
+        h = half.sites[site].hessian
+        assert h.dtype is torch.float32 and h.device == HOST
+        assert (h - s.hessian).norm() <= 0.05 * s.hessian.norm(), site

@@ -3,6 +3,8 @@
 A reduced routed demo (4 layers) quantized with the 2-bit recipe and with wint8, calibration
 statistics of the baseline, a short slice of WikiText-2 and the first examples of the offline
 task; folders are kept under the session's base temp folder, so a second test module reuses them.
+Everything runs on the CPU in float32 (``device="cpu"``), also on a machine with a GPU, so the
+tests' tolerances hold.
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ def report_case(tmp_path_factory, baseline: Path, wikitext2: Path) -> ReportCase
     if not case.q8.exists():
         api.quantize(baseline, case.q8, bits=8, progress=False)
     if not case.calib.exists():
-        api.calibrate(baseline, "demo", tokens=512, seq_len=128, out=case.calib, progress=False)
+        api.calibrate(baseline, "demo", tokens=512, seq_len=128, out=case.calib, progress=False, device="cpu")
     if not (case.report / "report.json").exists():
         api.report(case.q2, baseline, (str(case.text),), case.report, calib=case.calib, compare=(case.q8,),
-                   seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False,
+                   seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False, device="cpu",
                    tasks=TaskOptions((TASK_NAME,), limit=TASK_LIMIT))
     return case

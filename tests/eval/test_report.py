@@ -43,8 +43,8 @@ def _tensors(folder):
 
 
 def test_perplexity_kl_and_top1_match_an_independent_computation(case, report):
-    base_model, tokenizer = api.load(case.baseline)
-    q_model, _ = api.load(case.q2)
+    base_model, tokenizer = api.load(case.baseline, device="cpu")
+    q_model, _ = api.load(case.q2, device="cpu")
     ids = tokenize_text(tokenizer, case.text.read_text())[0]
     (corpus,) = report["perplexity"]
     assert corpus["tokens"] == MAX_WINDOWS * (SEQ_LEN - 1)
@@ -153,6 +153,27 @@ def test_report_files_and_provenance(case, report):
     assert prov["versions"]["torch"] == importlib.metadata.version("torch")
     assert "report" in prov["command"] or prov["argv"]
     assert prov["commit"] and prov["started"] <= prov["finished"]
+    runtime = report["runtime"]
+    assert runtime["device"] == "cpu" and runtime["dtype"] == "float32"
+    kernels = dict(part.split(": ", 1) for part in runtime["kernels"].split("; "))
+    assert kernels["baseline"] == "torch"
+    assert kernels["quantized"].startswith("reference, decode cache") and kernels["q8"].startswith("reference")
+    assert runtime["decode_cache"]["limit_bytes"] >= runtime["decode_cache"]["cached_bytes"] >= 0
+    assert f"Computed on cpu ({runtime['device_name']}), float32, kernels: baseline: torch" in md
+
+
+def test_eval_json_records_the_runtime_and_the_decode_cache_changes_no_figure(case, tmp_path):
+    results = {}
+    for cache in ("off", "auto"):
+        path = tmp_path / f"{cache}.json"
+        api.evaluate(case.q2, str(case.text), seq_len=SEQ_LEN, max_windows=MAX_WINDOWS, progress=False,
+                     json_path=path, device="cpu", decode_cache=cache)
+        results[cache] = json.loads(path.read_text())
+    off, auto = results["off"]["runtime"], results["auto"]["runtime"]
+    assert off["device"] == auto["device"] == "cpu" and off["dtype"] == auto["dtype"] == "float32"
+    assert off["kernels"] == "reference, decode cache off"
+    assert auto["kernels"].startswith("reference, decode cache ") and auto["decode_cache"]["cached_bytes"] > 0
+    assert math.isclose(results["off"]["ppl"], results["auto"]["ppl"], rel_tol=REL)
 
 
 def test_score_corpus_refuses_a_text_shorter_than_one_window():

@@ -86,12 +86,12 @@ def test_eval_tasks_accuracy_equals_a_direct_computation(demo_routed_dir, offlin
                                                          capsys):
     out = tmp_path / "tasks.json"
     code, _, err = run_cli(monkeypatch, capsys, "eval", demo_routed_dir, "--tasks", lastword.TASK_NAME,
-                           "--limit", LIMIT, "--json", out)
+                           "--limit", LIMIT, "--json", out, "--device", "cpu")
     assert code == 0, err
     got = _metrics(json.loads(out.read_text()), lastword.TASK_NAME)
     assert got["acc"]["samples"] == LIMIT
     records = _examples()[:LIMIT]  # lm-eval's first N
-    model, tokenizer = api.load(demo_routed_dir)
+    model, tokenizer = api.load(demo_routed_dir, device="cpu")
     greedy, logprob = direct_scores(model, tokenizer, [(r["context"], " " + r["target"]) for r in records])
     assert got["acc"]["value"] == sum(greedy) / LIMIT
     assert got["perplexity"]["value"] == pytest.approx(math.exp(-sum(logprob) / LIMIT), rel=1e-5)
@@ -116,7 +116,7 @@ def _greedy_examples(model, tokenizer, contexts: list[str]) -> list[dict]:
 def test_a_task_yaml_over_local_data(demo_routed_dir, offline_cache, tmp_path, monkeypatch, capsys):
     """lm-eval's custom-task mechanism: a task file of the user's, its data a local JSON-lines file, given as a
     path and through --include-path. The examples are built so that the model gets some but not all right."""
-    model, tokenizer = api.load(demo_routed_dir)
+    model, tokenizer = api.load(demo_routed_dir, device="cpu")
     contexts = [r["context"] for r in _examples()[:8]]
     examples = _greedy_examples(model, tokenizer, [" ".join(c.split(" ")[:24]) for c in contexts])
     assert len(examples) >= 2, "the examples alternate a hit and a miss"
@@ -134,7 +134,8 @@ def test_a_task_yaml_over_local_data(demo_routed_dir, offline_cache, tmp_path, m
     assert 0 < sum(greedy) < len(greedy)
     for how in ((str(folder / "my_next_token.yaml"),), ("my_next_token", "--include-path", folder)):
         out = tmp_path / "out.json"
-        code, _, err = run_cli(monkeypatch, capsys, "eval", demo_routed_dir, "--tasks", *how, "--json", out)
+        code, _, err = run_cli(monkeypatch, capsys, "eval", demo_routed_dir, "--tasks", *how, "--json", out,
+                               "--device", "cpu")
         assert code == 0, err
         got = _metrics(json.loads(out.read_text()), "my_next_token")
         assert got["acc"]["samples"] == len(examples)

@@ -33,12 +33,13 @@ def copy(published, tmp_path):
 def test_untouched_folder_verifies_with_a_smoke_test(published):
     _, out = published
     # the 4-layer test model is no language model (perplexity above its vocabulary): bound it loosely here
-    r = api.verify(out, max_ppl=float("inf"))
+    r = api.verify(out, max_ppl=float("inf"), device="cpu")
     assert r.files == len((out / SUMS_NAME).read_text().splitlines())
     assert r.modules > 0 and r.tensors > r.modules
     assert r.smoke_tokens > 16 and r.smoke_ppl > 1.0
+    assert r.runtime["device"] == "cpu" and r.runtime["kernels"].startswith("reference")
     with pytest.raises(VerifyError, match="smoke-test perplexity"):
-        api.verify(out, max_ppl=1.0)
+        api.verify(out, max_ppl=1.0, device="cpu")
 
 
 def test_card_numbers_equal_report_json(published):
