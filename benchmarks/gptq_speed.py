@@ -28,7 +28,8 @@ Synthetic inputs: weights ``N(0, 0.02^2)`` with log-normal row scales (sigma 0.5
 ``X^T X / T`` of T = 4096 activations ``X = (Z + Z_r B) diag(s)``, s log-normal per channel
 (sigma 1), Z_r B a rank-32 correlation; ``--hessians`` distinct Hessians per K, cycled
 over the experts, each expert given its own copy (so each expert's factor is computed, as
-with real statistics; the gate+up rows share one per pair, as quantize does). 300B shapes run fewer experts (``--experts-300b``, ``--reference-300b``): a
+with real statistics; the gate+up rows share one per pair, as quantize does). 300B shapes run
+fewer experts (``--experts-300b``, ``--reference-300b``): a
 reference ccq2 expert there takes minutes on a CPU.
 
 One torch thread on a CPU (``--threads``); on a shared machine the CPU seconds are the

@@ -1,7 +1,15 @@
-"""Peak memory and time of ``ernieq quantize`` on synthetic checkpoints with ERNIE-4.5-21B-A3B's shapes.
+"""Peak memory and time of ``ernieq quantize`` on synthetic checkpoints with ERNIE 4.5's shapes.
 
     python benchmarks/scale.py --layers 2 8 --settings w2,w4 --out benchmarks/results/scale.json
     python benchmarks/scale.py --layers 2 --experts 8 --settings w4        # a quick check, not the published shapes
+    python benchmarks/scale.py --model 300b --layers 1 --vocab 1024 --gptq --settings w2 \
+        --out benchmarks/results/scale_300b_layer.json
+
+``--model 300b`` takes baidu/ERNIE-4.5-300B-A47B-PT's shapes (hidden 8192, 64 heads of 128, 8 KV heads,
+64 routed experts of 3584, top-8, no shared experts); a cut shorter than its 3 dense layers is all MoE
+layers. ``--gptq`` quantizes with ``--method gptq --calib DIR`` from a synthetic statistics folder
+(``synthetic_stats``: the folder ``ernieq calibrate`` writes for a small copy of the model, its Hessians
+refilled at full size; a 300B MoE layer has 130 of them, 20 GB).
 
 The checkpoint has baidu/ERNIE-4.5-21B-A3B-PT's configuration (transformers'
 ``Ernie4_5_MoeConfig`` defaults: hidden 2560, 20 heads of 128, 4 KV heads,
@@ -77,6 +85,16 @@ ERNIE_21B = {
     "eos_token_id": 2,
     "dtype": "bfloat16",
 }
+# baidu/ERNIE-4.5-300B-A47B-PT: 54 layers, MoE from layer 3 (51 MoE layers), 64 experts of 3584, top-8, no shared
+# experts, 64 heads of 128 with 8 KV heads
+ERNIE_300B = {**ERNIE_21B, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+              "num_key_value_heads": 8, "moe_intermediate_size": 3584, "moe_k": 8, "moe_num_shared_experts": 0,
+              "moe_layer_start_index": 3}
+MODELS = {"21b": ERNIE_21B, "300b": ERNIE_300B}
+# a checkpoint of the same architecture and tensor names, every dimension small: calibrated for real, so its
+# statistics folder (sites, routes, expert table, routers) is what ``ernieq calibrate`` writes (synthetic_stats)
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "moe_intermediate_size": 48, "vocab_size": 1024}
 SETTINGS = {
     "w2": ["--bits", "2"],
     "w2-ccq2": ["--bits", "2", "--w4-moe-layers", "0"],
@@ -108,10 +126,11 @@ def layer_tensors(cfg: dict, layer: int) -> list[tuple[str, tuple[int, ...], tor
     e, i = cfg["moe_num_experts"], cfg["moe_intermediate_size"]
     s = i * cfg["moe_num_shared_experts"]
     out += [(f"{p}.mlp.gate.weight", (e, h), torch.float32),
-            (f"{p}.mlp.moe_statics.e_score_correction_bias", (1, e), torch.float32),
-            (f"{p}.mlp.shared_experts.gate_proj.weight", (s, h), torch.bfloat16),
-            (f"{p}.mlp.shared_experts.up_proj.weight", (s, h), torch.bfloat16),
-            (f"{p}.mlp.shared_experts.down_proj.weight", (h, s), torch.bfloat16)]
+            (f"{p}.mlp.moe_statics.e_score_correction_bias", (1, e), torch.float32)]
+    if s:
+        out += [(f"{p}.mlp.shared_experts.gate_proj.weight", (s, h), torch.bfloat16),
+                (f"{p}.mlp.shared_experts.up_proj.weight", (s, h), torch.bfloat16),
+                (f"{p}.mlp.shared_experts.down_proj.weight", (h, s), torch.bfloat16)]
     for x in range(e):
         out += [(f"{p}.mlp.experts.{x}.gate_proj.weight", (i, h), torch.bfloat16),
                 (f"{p}.mlp.experts.{x}.up_proj.weight", (i, h), torch.bfloat16),
@@ -144,15 +163,23 @@ def write_shard(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]
     return offset
 
 
-def build_checkpoint(out: Path, layers: int, experts: int, seed: int = 0) -> Path:
-    """The synthetic ERNIE-4.5-21B-A3B checkpoint with ``layers`` decoder layers (reused when complete)."""
+def cut_config(model: dict, layers: int, experts: int) -> dict:
+    """``model``'s config cut to ``layers`` decoder layers and ``experts`` routed experts; a cut too short to
+    reach the first MoE layer has MoE from its last layer on; top-k at most the experts."""
+    start = min(model["moe_layer_start_index"], layers - 1)
+    return {**model, "num_hidden_layers": layers, "moe_num_experts": experts, "moe_layer_start_index": start,
+            "moe_k": min(model["moe_k"], experts)}
+
+
+def build_checkpoint(out: Path, cfg: dict, seed: int = 0) -> Path:
+    """A synthetic checkpoint of config ``cfg`` (reused when complete)."""
     done = out / ".complete"
     if done.exists():
         return out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    cfg = {**ERNIE_21B, "num_hidden_layers": layers, "moe_num_experts": experts}
+    layers = cfg["num_hidden_layers"]
     shards = [[("model.embed_tokens.weight", (cfg["vocab_size"], cfg["hidden_size"]), torch.bfloat16)]]
     shards += [layer_tensors(cfg, i) for i in range(layers)]
     shards[-1].append(("model.norm.weight", (cfg["hidden_size"],), torch.bfloat16))
@@ -165,6 +192,49 @@ def build_checkpoint(out: Path, layers: int, experts: int, seed: int = 0) -> Pat
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    done.write_text("")
+    return out
+
+
+def synthetic_hessian(k: int, seed: int, rank: int = 16) -> torch.Tensor:
+    """An SPD float32 [K, K] like a layer input's: ``diag(s) (I + B^T B / r) diag(s)``, s log-normal per
+    channel, B [r, K] a rank-r correlation (cheap at K = 8192, unlike X^T X of real tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(0.5 * torch.randn(k, generator=g))
+    b = torch.randn(rank, k, generator=g)
+    h = torch.addmm(torch.eye(k), b.T, b, alpha=1.0 / rank)
+    return h.mul_(s[:, None]).mul_(s[None, :])
+
+
+def synthetic_stats(out: Path, cfg: dict, workdir: Path, tokens: int = 4096) -> Path:
+    """A calibration folder for the checkpoint of ``cfg`` (reused when complete): ``ernieq calibrate``'s
+    own folder for a copy of ``cfg`` with every dimension small (``TINY``), its sites (the same names: one
+    per distinct input) refilled at ``cfg``'s K with ``synthetic_hessian``, one file per site, so
+    the builder holds one Hessian at a time (a 300B MoE layer's are 20 GB)."""
+    from ernieq.calibration import CalibrationSet, SiteStats, collect_stats, load_stats, save_stats
+    from ernieq.calibration.stats import begin_stats
+
+    done = out / ".complete"
+    if done.exists():
+        return out
+    tiny_cfg = {**cfg, **TINY}
+    tiny = build_checkpoint(workdir / "tiny", tiny_cfg)
+    ids = torch.randint(0, TINY["vocab_size"], (tokens // 256, 256), generator=torch.Generator().manual_seed(0))
+    small = collect_stats(tiny, ids, progress=False, out=workdir / "tiny-stats")
+    big_k = {TINY["hidden_size"]: cfg["hidden_size"], TINY["moe_intermediate_size"]: cfg["moe_intermediate_size"],
+             TINY["intermediate_size"]: cfg["intermediate_size"]}
+    store = begin_stats(out)
+    for i, site in enumerate(sorted(small.sites)):
+        k, g = big_k[small.sites[site].k], torch.Generator().manual_seed(i)
+        scale = torch.exp(0.5 * torch.randn(k, generator=g))
+        store[site] = SiteStats(synthetic_hessian(k, i), 0.8 * scale, 4 * scale, small.sites[site].tokens)
+        store.flush()
+        print(f"  statistics {i + 1}/{len(small.sites)}: {site} K={k}", file=sys.stderr, flush=True)
+    save_stats(CalibrationSet(store, small.routes, small.all_token_routes, small.expert_of, small.experts,
+                              small.routers, {**small.info, "synthetic": "benchmarks/scale.py synthetic_stats"}), out)
+    load_stats(out)  # reads back
+    shutil.rmtree(tiny)
+    shutil.rmtree(workdir / "tiny-stats")
     done.write_text("")
     return out
 
@@ -229,15 +299,18 @@ def seconds_per_layer(log_file: Path) -> dict[int, float]:
     return dict(per_layer)
 
 
-def quantize(ckpt: Path, setting: str, out: Path, log_file: Path, workers: int | None) -> dict:
+def quantize(ckpt: Path, setting: str, out: Path, log_file: Path, workers: int | None, first_moe: int,
+             calib: Path | None = None) -> dict:
     cmd = [sys.executable, "-m", "ernieq.cli", "--quiet", "--log", str(log_file), "quantize", str(ckpt),
            "--out", str(out), "--overwrite", *SETTINGS[setting]]
+    if calib is not None:
+        cmd += ["--calib", str(calib), "--method", "gptq"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
     log_file.unlink(missing_ok=True)
     row = run_measured(cmd)
     layers = seconds_per_layer(log_file)
-    moe = [s for layer, s in layers.items() if layer >= ERNIE_21B["moe_layer_start_index"]]
+    moe = [s for layer, s in layers.items() if layer >= first_moe]
     row.update({"seconds_by_layer": layers, "moe_layer_s_mean": sum(moe) / len(moe) if moe else None,
                 "out_bytes": sum(p.stat().st_size for p in out.iterdir()), "command": " ".join(cmd[1:])})
     return row
@@ -274,8 +347,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 8], help="decoder layer counts")
-    parser.add_argument("--experts", type=int, default=ERNIE_21B["moe_num_experts"],
+    parser.add_argument("--model", choices=list(MODELS), default="21b", help="whose shapes")
+    parser.add_argument("--experts", type=int, default=64,
                         help="routed experts per MoE layer (64 is the published shape; fewer for a quick check)")
+    parser.add_argument("--vocab", type=int, default=None,
+                        help="vocabulary size (default the model's; smaller to measure the decoder layers alone)")
+    parser.add_argument("--gptq", action="store_true",
+                        help="GPTQ from statistics: --method gptq --calib with a synthetic folder (synthetic_stats)")
     parser.add_argument("--settings", default="w2,w4", help=f"comma list of {', '.join(SETTINGS)}")
     parser.add_argument("--workers", default="default", help="comma list of --workers values ('default': not given)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ernieq-scale"), help="checkpoints and outputs")
@@ -291,13 +369,18 @@ def main() -> None:
             "command": "python benchmarks/scale.py " + " ".join(sys.argv[1:]), "load_before": os.getloadavg()[0]}
     rows = []
     for layers in args.layers:
-        ckpt = build_checkpoint(args.workdir / f"ernie21b-{layers}l-{args.experts}e", layers, args.experts)
+        cfg = cut_config(MODELS[args.model], layers, args.experts)
+        cfg["vocab_size"] = args.vocab or cfg["vocab_size"]
+        name = f"ernie{args.model}-{layers}l-{args.experts}e-v{cfg['vocab_size']}"
+        ckpt = build_checkpoint(args.workdir / name, cfg)
+        calib = synthetic_stats(args.workdir / f"{name}-stats", cfg, args.workdir) if args.gptq else None
         for setting in settings:
             for w in workers:
                 out, log_file = args.workdir / "q", args.workdir / "quantize.log"
-                row = quantize(ckpt, setting, out, log_file, w)
+                row = quantize(ckpt, setting, out, log_file, w, cfg["moe_layer_start_index"], calib)
                 shutil.rmtree(out)
-                row.update({"layers": layers, "experts": args.experts, "setting": setting,
+                row.update({"model": args.model, "gptq": args.gptq, "layers": layers, "experts": args.experts,
+                            "setting": setting,
                             "workers": w if w is not None else len(os.sched_getaffinity(0))})
                 rows.append(row)
                 print(f"{layers} layers {setting} workers {row['workers']}: peak RSS {row['maxrss_kib'] / 2**20:.2f} "
@@ -307,6 +390,8 @@ def main() -> None:
                     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         if not args.keep:
             shutil.rmtree(ckpt)
+            if calib is not None:
+                shutil.rmtree(calib)
     meta["load_after"] = os.getloadavg()[0]
     if args.out is not None:
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

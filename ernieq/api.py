@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -98,21 +99,39 @@ def load_tokenizer(path: Path):
 
 
 def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-         decode_cache: str | float = "auto"):
+         decode_cache: str | float = "auto", stream: bool | None = None):
     """(model, tokenizer) for a plain or a quantized checkpoint (ernieq native, FastDeploy), ready for
     inference on ``device`` in ``dtype`` (see ``ernieq.device``: auto is the first CUDA GPU in bfloat16,
     else the CPU in float32). A quantized model computes through the Triton kernels on CUDA and the
     reference path elsewhere, where ``decode_cache`` (auto, off or GiB; process-wide) bounds the weights
-    kept decoded (``ernieq.runtime.decode_cache``)."""
+    kept decoded (``ernieq.runtime.decode_cache``). ``stream`` (None: when the weights do not fit in half
+    the memory available; see ``ernieq.runtime.stream``): the model is a ``StreamedLM`` with one decoder
+    layer resident at a time, else a transformers model. Either carries its ``stream_plan``."""
+    placement = Placement.resolve(device, dtype)  # a device that is not there fails first
+    path = resolve_model(model)
+    tokenizer = load_tokenizer(path)  # before the weights: a folder without one fails at once
+    return load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                      stream=stream), tokenizer
+
+
+def load_model(model: str | Path, *, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
+               decode_cache: str | float = "auto", stream: bool | None = None):
+    """The model alone, as :func:`load` loads it: for what needs no text (``ernieq bench`` on a
+    synthetic checkpoint, which has no tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     from ernieq.runtime.decode_cache import set_decode_cache
+    from ernieq.runtime.stream import StreamedLM, stream_plan
 
     placement = Placement.resolve(device, dtype)
     set_decode_cache(decode_cache)
     path = resolve_model(model)
-    tokenizer = load_tokenizer(path)
-    if is_quantized(path):
+    quantized = is_quantized(path)
+    plan = stream_plan(path, placement, stream, quantized)
+    log.info("%s: %s", path, plan.describe())
+    if plan.streamed:
+        return StreamedLM.open(path, placement, plan, quantized)
+    if quantized:
         from ernieq.runtime.loader import load_quantized
 
         net = load_quantized(path, dtype=placement.dtype, device=placement.device)
@@ -120,14 +139,15 @@ def load(model: str | Path, *, device: str | torch.device = "auto", dtype: str |
         net = AutoModelForCausalLM.from_pretrained(path, dtype=placement.dtype, use_safetensors=True)  # no pickle
         net = net.to(placement.device)
     net.eval()
-    return net, tokenizer
+    net.stream_plan = plan
+    return net
 
 
 def _runtime(net, placement: Placement) -> dict:
-    """What a result records of where ``net`` ran: device, dtype, kernel path, decode cache."""
+    """What a result records of where ``net`` ran: device, dtype, kernel path, decode cache, streamed or not."""
     from ernieq.runtime.record import kernel_path, runtime_record
 
-    return runtime_record(placement, kernel_path(net, placement.device))
+    return runtime_record(placement, kernel_path(net, placement.device), net.stream_plan.record())
 
 
 @dataclass
@@ -139,7 +159,7 @@ class EvalResult:
     model: str
     data: str
     seconds: float
-    runtime: dict  # device, dtype, kernel path, decode cache (``ernieq.runtime.record``)
+    runtime: dict  # device, dtype, kernel path, decode cache, stream plan (``ernieq.runtime.record``)
 
 
 def evaluate(
@@ -153,15 +173,17 @@ def evaluate(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     decode_cache: str | float = "auto",
+    stream: bool | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on the text source ``data`` (GPTQ/AWQ protocol), computed on ``device``
-    in ``dtype`` (see :func:`load`)."""
+    in ``dtype``, streamed or resident (see :func:`load`)."""
     from ernieq.eval.perplexity import perplexity, tokenize_text
     from ernieq.text import load_text
 
     placement = Placement.resolve(device, dtype)
     text = load_text(data, split="eval")
-    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                          stream=stream)
     ids = tokenize_text(tokenizer, text)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -198,6 +220,7 @@ def evaluate_tasks(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     decode_cache: str | float = "auto",
+    stream: bool | None = None,
     json_path: Path | None = None,
     perplexity: EvalResult | None = None,
 ) -> TaskEvalResult:
@@ -207,11 +230,14 @@ def evaluate_tasks(
     ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
     from ernieq.eval.tasks import TaskSuite, run_tasks
     from ernieq.provenance import now_iso, provenance
+    from ernieq.runtime.stream import no_tasks_when_streamed
 
     started = now_iso()
     placement = Placement.resolve(device, dtype)
     suite = TaskSuite(tuple(tasks), tuple(include_paths))
-    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                          stream=stream)
+    no_tasks_when_streamed(net)
     start = time.perf_counter()
     scores = run_tasks(net, tokenizer, suite, device=placement.device, limit=limit, num_fewshot=num_fewshot,
                        batch_size=batch_size)
@@ -283,14 +309,16 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
     if o.method != "rtn" and stats is None:
         raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
+    base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:
         if o.format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, o, calib=stats)
+            return run_quantize(source, out, config, o, calib=stats, base_model=base)
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
-            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats)
+            summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats,
+                                   base_model=base)
             if main:
                 export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
@@ -362,16 +390,29 @@ def export(native_dir: str | Path, out: str | Path, fmt: str, *, tp: int = 1, ov
 
 
 def generate(model: str | Path, prompt: str, max_new_tokens: int = 32, *, device: str | torch.device = "auto",
-             dtype: str | torch.dtype = "auto", decode_cache: str | float = "auto") -> str:
-    """Greedy continuation of ``prompt`` on ``device`` in ``dtype`` (see :func:`load`); returns the prompt
-    and the new text. Where it ran is logged."""
+             dtype: str | torch.dtype = "auto", decode_cache: str | float = "auto", stream: bool | None = None,
+             on_token: Callable[[str], None] | None = None) -> str:
+    """Greedy continuation of ``prompt`` on ``device`` in ``dtype``, streamed or resident (see :func:`load`;
+    streamed, every decoder layer is read once per new token); returns the prompt and the new text.
+    ``on_token``: called with the text of each new token as soon as it is produced (on a CPU a token can
+    take seconds). Where it ran is logged."""
     from ernieq.device import describe
+    from ernieq.progress import TokenStream
+    from ernieq.runtime.stream import StreamedLM
 
     placement = Placement.resolve(device, dtype)
-    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                          stream=stream)
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(placement.device)
+    streamer = TokenStream(tokenizer, on_token) if on_token is not None else None
     with torch.inference_mode():
-        out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)
+        if isinstance(net, StreamedLM):
+            log.info("streamed generation reads all %d decoder layers from the checkpoint for the prompt and again "
+                     "for each of the %d new tokens: slow, with memory bounded by one layer",
+                     net.config.num_hidden_layers, max_new_tokens)
+            out = net.generate(ids, max_new_tokens, streamer=streamer)
+        else:
+            out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
     log.info("generated on %s", describe(_runtime(net, placement)))
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
@@ -391,11 +432,13 @@ def report(
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
     decode_cache: str | float = "auto",
+    stream: bool | None = None,
 ) -> dict:
     """The accuracy report of the ernieq checkpoint QDIR against BASELINE (see ``ernieq.eval.report``);
     written to OUT as report.json, report.md, report.html and plots/ when OUT is given. ``tasks``
     (an ``ernieq.eval.tasks.TaskOptions``): lm-evaluation-harness tasks every model runs too. Every
-    model runs on ``device`` in ``dtype`` (see :func:`load`); the report records where, and by which kernels."""
+    model runs on ``device`` in ``dtype``, streamed or resident (see :func:`load`); the report records where, by which
+    kernels, and how each model was held."""
     from ernieq.eval.report import build_report, write_report
 
     placement = Placement.resolve(device, dtype)
@@ -405,7 +448,7 @@ def report(
 
         cset = load_stats(calib)
     def load_here(path: Path):
-        return load(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+        return load(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache, stream=stream)
 
     result = build_report(Path(qdir), resolve_model(baseline), tuple(data), load_here, baseline_name=str(baseline),
                           calib=cset, calib_source=None if calib is None else str(calib),
@@ -427,7 +470,8 @@ def publish(
     overwrite: bool = False,
 ) -> Path:
     """A hub-ready folder of QDIR (default: ``QDIR-hub`` beside it): model card from REPORT_DIR's report.json,
-    SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given."""
+    SHA256SUMS; uploaded to the hub repository PUSH_TO_HUB when given. The base model (its license and
+    LICENSE): BASE_MODEL, else the report's baseline, else the one QDIR records it was quantized from."""
     from ernieq.eval.report import read_report
     from ernieq.publish.folder import publish as publish_folder
     from ernieq.publish.folder import push_to_hub as push
@@ -436,11 +480,26 @@ def publish(
     out = Path(out) if out is not None else qdir.parent / f"{qdir.name}-hub"
     rep = read_report(Path(report_dir)) if report_dir is not None else None
     base_path = resolve_model(base_model) if base_model is not None else None
+    if base_model is None and rep is None:
+        base_model, base_path = _quantized_from(qdir)
     path = publish_folder(qdir, out, name=name, report=rep, report_dir=report_dir, base_model=base_model,
                           base_path=base_path, overwrite=overwrite)
     if push_to_hub:
         log.info("pushed to %s", push(path, push_to_hub))
     return path
+
+
+def _quantized_from(qdir: Path) -> tuple[str | None, Path | None]:
+    """The base model an ernieq checkpoint records (``quantization_config.base_model``) and its folder;
+    the folder is None, with a warning, when the model is no longer at hand (the card then says so)."""
+    config = qdir / "config.json"
+    qc = (json.loads(config.read_text()).get("quantization_config") or {}) if config.is_file() else {}
+    name = qc.get("base_model")
+    try:
+        return name, resolve_model(name) if name is not None else None
+    except ErnieqError as err:
+        log.warning("the base model %s is not at hand, so neither is its license: %s", name, err)
+        return name, None
 
 
 @dataclass
@@ -455,7 +514,7 @@ class VerifyReport:
 
 def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128, max_ppl: float | None = None,
            device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
-           decode_cache: str | float = "auto") -> VerifyReport:
+           decode_cache: str | float = "auto", stream: bool | None = None) -> VerifyReport:
     """Re-check a published folder: SHA256SUMS, every tensor, shapes and dtypes against the config, then
     (``smoke``) the perplexity of one short window of built-in text on ``device`` in ``dtype`` (see
     :func:`load`): finite and below ``max_ppl`` (default: the vocabulary size, what a uniform guess scores)."""
@@ -468,7 +527,8 @@ def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128, m
     files = verify_files(folder)
     if not smoke:
         return VerifyReport(files.files, files.tensors, files.modules, None, 0)
-    net, tokenizer = load(folder, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+    net, tokenizer = load(folder, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+                          stream=stream)
     ids = tokenize_text(tokenizer, SMOKE_TEXT)[0]
     n = min(smoke_tokens, ids.numel())
     with torch.inference_mode():
@@ -492,7 +552,7 @@ def bench(
     moe: bool = True,
     sweep: bool = False,
     save_configs: bool = False,
-    command: str = "ernieq bench",
+    command: str = "ernieq bench --kernels",
     device: str = "auto",
     dtype: str = "auto",
 ) -> "Report":  # noqa: F821
@@ -511,3 +571,41 @@ def bench(
                            codecs=tuple(codecs or CODECS), models=models, m=m, dense=dense, moe=moe, sweep=sweep,
                            save_configs=save_configs, command=command, device=device, dtype=dtype)  # fmt: skip
     return run_bench(options)
+
+
+def bench_model(
+    model: str | Path,
+    baseline: str | Path | None = None,
+    *,
+    batches: tuple[int, ...] = (1, 8, 32),
+    prompt_len: int = 512,
+    new_tokens: int = 128,
+    compile: bool | None = None,
+    json_path: str | Path | None = None,
+    command: str = "ernieq bench",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    decode_cache: str | float = "auto",
+) -> "ModelBenchResult":  # noqa: F821
+    """Whole-model throughput of ``model`` and ``baseline`` (one after the other, in one run): per batch
+    size, prefill and decode tokens/s with a static KV cache, peak memory and weight bytes, and the ratios
+    (see ``ernieq.bench.model``). Each loads as :func:`load_model` loads it on ``device`` in ``dtype``;
+    ``compile``: None compiles the decode step (CUDA graphs) on CUDA only. The JSON goes to ``json_path``."""
+    from ernieq.bench.model import ModelBenchOptions, check_positions, run_model_bench
+    from ernieq.model.checkpoint import read_json
+
+    placement = Placement.resolve(device, dtype)
+    options = ModelBenchOptions(tuple(batches), prompt_len, new_tokens, compile)
+    options.check()
+    named = [("model", model), *([("baseline", baseline)] if baseline is not None else [])]
+    paths = [(role, str(name), resolve_model(name)) for role, name in named]  # every name fails before any load
+    for _, name, path in paths:
+        check_positions(name, read_json(path / "config.json"), options)
+
+    def loader(path: Path):
+        return lambda: load_model(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache)
+
+    result = run_model_bench([(role, name, loader(path)) for role, name, path in paths], placement, options, command)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result

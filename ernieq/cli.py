@@ -48,11 +48,18 @@ def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     from ernieq.progress import set_quiet
 
     set_quiet(quiet)
-    terminal = RichHandler(console=err_console, show_path=False)
+    terminal = RichHandler(console=err_console, show_path=False) if sys.stderr.isatty() else _plain_log_handler()
     terminal.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[terminal])
     if log_file is not None:
         _log_to_file(log_file)
+
+
+def _plain_log_handler() -> logging.Handler:
+    """Log lines as they are for a pipe or a file: rich would pad each to the console's full width."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def _log_to_file(path: Path) -> None:
@@ -116,6 +123,15 @@ distributed_option = click.option(
          "under torchrun this is the default.")
 
 
+def stream_option(fn):
+    """--stream/--no-stream: one decoder layer resident at a time (``ernieq.runtime.stream``)."""
+    return click.option("--stream/--no-stream", default=None,
+                        help="Hold one decoder layer at a time, read from the checkpoint as it runs (evaluation runs "
+                             "every window through layer i, then layer i+1, so each weight is read once; generation "
+                             "reads every layer once per new token: slow, bounded memory). Default: stream when the "
+                             "weights as computed exceed half the memory available on the device.")(fn)
+
+
 @cli.command("demo-model")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Folder to write the checkpoint to.")
 @click.option("--variant", type=click.Choice(["routed", "exact"]), default="routed", show_default=True,
@@ -124,12 +140,13 @@ distributed_option = click.option(
 @click.option("--top-k", type=int, default=None, help="Experts per token (default: the variant's).")
 @click.option("--shared", type=int, default=None, help="Shared experts per MoE layer (default: the variant's).")
 def demo_model(out: Path, variant: str, experts: int | None, top_k: int | None, shared: int | None) -> None:
-    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT."""
-    from ernieq.demo import build_demo_model
+    """Write the offline demo ERNIE 4.5 MoE checkpoint (from SmolLM2-135M-Instruct) to OUT: a copy of the
+    cached build ($ERNIEQ_CACHE, default ~/.cache/ernieq), built there first if missing."""
+    from ernieq.demo import write_demo_model
     from ernieq.model.checkpoint import weights_sha256
 
     options = {k: v for k, v in {"experts": experts, "top_k": top_k, "shared": shared}.items() if v is not None}
-    path = build_demo_model(out, variant=variant, **options)
+    path = write_demo_model(out, variant, **options)
     console.print(f"demo model ({variant}) written to [bold]{path}[/bold]")
     console.print(f"weights sha256 {weights_sha256(path)} (LC_ALL=C sha256sum *.safetensors | sha256sum)")
 
@@ -238,9 +255,10 @@ def _accounting_table(summary) -> Table:
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None, help="Write the result as JSON here.")
 @placement_options
 @decode_cache_option
+@stream_option
 def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, tasks: tuple[str, ...] | None,
           include_paths: tuple[Path, ...], limit: int | None, num_fewshot: int | None, batch_size: int,
-          json_path: Path | None, device: str, dtype: str, decode_cache: str) -> None:
+          json_path: Path | None, device: str, dtype: str, decode_cache: str, stream: bool | None) -> None:
     """Perplexity of MODEL on DATA (non-overlapping windows, exp(mean token NLL)) and/or lm-evaluation-harness
     TASKS on MODEL as ernieq runs it."""
     if not data and not tasks:
@@ -248,7 +266,8 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
     r = None
     if data:
         r = api.evaluate(model, data, seq_len=seq_len, max_windows=max_windows,
-                         json_path=None if tasks else json_path, device=device, dtype=dtype, decode_cache=decode_cache)
+                         json_path=None if tasks else json_path, device=device, dtype=dtype, decode_cache=decode_cache,
+                         stream=stream)
         console.print(
             f"perplexity [bold]{r.ppl:.4f}[/bold] over {r.tokens:,} tokens "
             f"({r.windows} windows of {r.seq_len}) on {data} in {r.seconds:.1f} s on {describe(r.runtime)}",
@@ -257,7 +276,7 @@ def eval_(model: str, data: str | None, seq_len: int, max_windows: int | None, t
     if tasks:
         t = api.evaluate_tasks(model, tasks, include_paths=include_paths, limit=limit, num_fewshot=num_fewshot,
                                batch_size=batch_size, json_path=json_path, perplexity=r, device=device, dtype=dtype,
-                               decode_cache=decode_cache)
+                               decode_cache=decode_cache, stream=stream)
         table = Table(title=f"{model}: lm-evaluation-harness in {t.seconds:.1f} s on {describe(t.runtime)}")
         for col in ("task", "metric", "examples", "shots", "value", "stderr"):
             table.add_column(col, justify="left" if col in ("task", "metric") else "right")
@@ -442,10 +461,14 @@ def export(qdir: Path, fmt: str, out: Path, tp: int, overwrite: bool) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @placement_options
 @decode_cache_option
-def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str) -> None:
-    """Greedy continuation of PROMPT by MODEL (plain or quantized)."""
-    console.print(api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype,
-                               decode_cache=decode_cache), highlight=False)
+@stream_option
+def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: str, decode_cache: str,
+             stream: bool | None) -> None:
+    """Greedy continuation of PROMPT by MODEL (plain or quantized), printed token by token as it is produced."""
+    click.echo(prompt, nl=False)
+    api.generate(model, prompt, max_new_tokens=max_new_tokens, device=device, dtype=dtype, decode_cache=decode_cache,
+                 stream=stream, on_token=lambda text: click.echo(text, nl=False))
+    click.echo()
 
 
 @cli.command()
@@ -466,10 +489,11 @@ def generate(model: str, prompt: str, max_new_tokens: int, device: str, dtype: s
 @_task_options
 @placement_options
 @decode_cache_option
+@stream_option
 def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, compare: tuple[Path, ...],
            seq_len: int, max_windows: int, tasks: tuple[str, ...] | None, include_paths: tuple[Path, ...],
            limit: int | None, num_fewshot: int | None, batch_size: int, device: str, dtype: str,
-           decode_cache: str) -> None:
+           decode_cache: str, stream: bool | None) -> None:
     """Accuracy report of the quantized checkpoint QDIR (ernieq or FastDeploy) against its baseline: perplexity, KL,
     top-1, lm-eval task accuracy (--tasks), per-layer and per-expert error, bits by tensor class, calibration
     coverage, plots."""
@@ -479,7 +503,7 @@ def report(qdir: Path, baseline: str, data: str, out: Path, calib: Path | None, 
     task_options = TaskOptions(tasks, tuple(map(str, include_paths)), limit, num_fewshot, batch_size) if tasks else None
     result = api.report(qdir, baseline, sources, out, calib=calib, compare=compare, seq_len=seq_len,
                         max_windows=max_windows, tasks=task_options, device=device, dtype=dtype,
-                        decode_cache=decode_cache)
+                        decode_cache=decode_cache, stream=stream)
     for c in result["perplexity"]:
         base, q = c["ppl"]["baseline"], c["ppl"]["quantized"]
         console.print(f"{c['corpus']}: perplexity {base:.4f} → [bold]{q:.4f}[/bold] ({q / base - 1:+.2%}) over "
@@ -516,9 +540,10 @@ def publish(qdir: Path, out: Path | None, name: str | None, report_dir: Path | N
 @click.option("--no-smoke", is_flag=True, help="Skip the perplexity smoke test (files, sums and shapes only).")
 @placement_options
 @decode_cache_option
-def verify(folder: Path, no_smoke: bool, device: str, dtype: str, decode_cache: str) -> None:
+@stream_option
+def verify(folder: Path, no_smoke: bool, device: str, dtype: str, decode_cache: str, stream: bool | None) -> None:
     """Re-check a published folder: every SHA-256 sum, every tensor, shapes and dtypes, a perplexity smoke test."""
-    r = api.verify(folder, smoke=not no_smoke, device=device, dtype=dtype, decode_cache=decode_cache)
+    r = api.verify(folder, smoke=not no_smoke, device=device, dtype=dtype, decode_cache=decode_cache, stream=stream)
     smoke = (f"; smoke-test perplexity {r.smoke_ppl:.2f} over {r.smoke_tokens} tokens on {describe(r.runtime)}"
              if r.smoke_ppl else "")
     console.print(f"[bold green]ok[/bold green]: {r.files} files, {r.tensors} tensors, {r.modules} quantized "
@@ -539,47 +564,99 @@ def _command_line(ctx: click.Context) -> str:
         if ctx.get_parameter_source(param.name) in (None, click.core.ParameterSource.DEFAULT):
             continue
         value = ctx.params[param.name]
-        if getattr(param, "is_flag", False):
+        if isinstance(param, click.Argument):
+            words.append(str(value))
+        elif getattr(param, "is_flag", False):
             words.append((param.opts if value else param.secondary_opts)[0])
         else:
             words += [param.opts[0], ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
     return " ".join(words)
 
 
-@cli.command()
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the table as markdown here (rewritten after every case).")
-@click.option("--quick", is_flag=True, help="Fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
-@click.option("--budget-s", type=click.FloatRange(min=0), default=420.0, show_default=True,
-              help="Start no new case after this many seconds.")
-@click.option("--codecs", callback=_comma_strings, default=None, metavar="LIST",
-              help="Comma list of codecs (default: wint8,wint4,fp8,ccq2).")
-@click.option("--models", callback=_comma_strings, default=None, metavar="LIST",
-              help="Comma list of model shapes: 21b, 300b (default: both on a GPU, 21b on the CPU).")
-@click.option("--m", "m", callback=_comma_ints, default=None, metavar="LIST",
-              help="Comma list of M (tokens) instead of the default.")
-@click.option("--dense/--no-dense", default=True, help="Time the dense GEMMs (attention, one expert).")
-@click.option("--moe/--no-moe", default=True, help="Time whole MoE layers (not on the CPU under --quick).")
-@click.option("--sweep", is_flag=True, help="GPU: also time a few tile configurations per case.")
-@click.option("--save-configs", is_flag=True, help="With --sweep: store the fastest tiles in the launchers' tile table.")
-@placement_options
-def bench(out: Path | None, quick: bool, budget_s: float, codecs: tuple[str, ...] | None,
-          models: tuple[str, ...] | None, m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool,
-          save_configs: bool, device: str, dtype: str) -> None:
-    """Time the kernels per codec and shape (ERNIE 4.5 21B/300B): Triton on a GPU, else the reference path on the CPU."""
-    report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
-                       moe=moe, sweep=sweep, save_configs=save_configs, device=device, dtype=dtype,
-                       command=_command_line(click.get_current_context()))
+KERNEL_OPTIONS = ("out", "quick", "budget_s", "codecs", "models", "m", "dense", "moe", "sweep", "save_configs")
+MODEL_OPTIONS = ("baseline", "batches", "prompt_len", "new_tokens", "json_path", "compile_", "decode_cache")
+
+
+def _given(ctx: click.Context, names: tuple[str, ...]) -> list[str]:
+    """The options among ``names`` that were typed on the command line, as typed (--quick)."""
+    given = [p for p in ctx.command.params if p.name in names
+             and ctx.get_parameter_source(p.name) not in (None, click.core.ParameterSource.DEFAULT)]
+    return [p.opts[0] for p in given]
+
+
+def _print_report(report) -> None:
+    """A benchmark's ``ernieq.bench.report.Report``: banner, header lines, the table."""
     if report.banner:
         console.print(f"[bold yellow]{report.banner}[/bold yellow]", soft_wrap=True)
     for line in report.header[2:]:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     table = Table()
     for col in report.columns:
-        table.add_column(col, justify="left" if col in ("model", "GEMM", "codec", "note") else "right")
+        table.add_column(col, justify="left" if col in report.text_columns else "right")
     for row in report.rows:
         table.add_row(*row.cells())
     console.print(table)
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--kernels", is_flag=True, help="The per-kernel benchmark instead of a MODEL's throughput.")
+@click.option("--baseline", default=None, help="MODEL: also measure this model (folder, demo or hub id) and the ratio.")
+@click.option("--batch", "batches", callback=_comma_ints, default="1,8,32", show_default=True, metavar="LIST",
+              help="MODEL: comma list of batch sizes.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=512, show_default=True,
+              help="MODEL: prompt tokens per sequence (prefilled).")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="MODEL: tokens decoded per sequence, one step each.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="MODEL: write every figure as JSON here.")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="MODEL: decode through torch.compile (CUDA graphs); default: on CUDA, falling back to eager.")
+@decode_cache_option
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="--kernels: also write the table as markdown here (rewritten after every case).")
+@click.option("--quick", is_flag=True, help="--kernels: fewer M values (GPU: 1, 16, 4096; CPU: 1, 16 and two GEMMs).")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=420.0, show_default=True,
+              help="--kernels: start no new case after this many seconds.")
+@click.option("--codecs", callback=_comma_strings, default=None, metavar="LIST",
+              help="--kernels: comma list of codecs (default: wint8,wint4,fp8,ccq2).")
+@click.option("--models", callback=_comma_strings, default=None, metavar="LIST",
+              help="--kernels: comma list of model shapes: 21b, 300b (default: both on a GPU, 21b on the CPU).")
+@click.option("--m", "m", callback=_comma_ints, default=None, metavar="LIST",
+              help="--kernels: comma list of M (tokens) instead of the default.")
+@click.option("--dense/--no-dense", default=True, help="--kernels: time the dense GEMMs (attention, one expert).")
+@click.option("--moe/--no-moe", default=True, help="--kernels: time whole MoE layers (not on the CPU under --quick).")
+@click.option("--sweep", is_flag=True, help="--kernels, GPU: also time a few tile configurations per case.")
+@click.option("--save-configs", is_flag=True,
+              help="--kernels, with --sweep: store the fastest tiles in the launchers' tile table.")
+@placement_options
+def bench(model: str | None, kernels: bool, baseline: str | None, batches: tuple[int, ...], prompt_len: int,
+          new_tokens: int, json_path: Path | None, compile_: bool | None, decode_cache: str, out: Path | None,
+          quick: bool, budget_s: float, codecs: tuple[str, ...] | None, models: tuple[str, ...] | None,
+          m: tuple[int, ...] | None, dense: bool, moe: bool, sweep: bool, save_configs: bool, device: str,
+          dtype: str) -> None:
+    """Throughput of MODEL (and --baseline) per batch size: prefill and decode tokens/s, peak memory, weight
+    bytes; or, with --kernels, the kernels per codec and shape (ERNIE 4.5 21B/300B). Triton on a GPU, else
+    the reference path on the CPU, labelled so."""
+    ctx = click.get_current_context()
+    if (model is not None) == kernels:
+        raise ErnieqError("bench: give a MODEL (whole-model throughput) or --kernels (per-kernel timings)"
+                          + (", not both" if kernels else ""))
+    stray = _given(ctx, MODEL_OPTIONS if kernels else KERNEL_OPTIONS)
+    if stray:
+        what = "options of a MODEL's benchmark, not of --kernels" if kernels else "options of --kernels only"
+        raise ErnieqError(f"bench: {', '.join(stray)}: {what}")
+    if kernels:
+        report = api.bench(out=out, quick=quick, budget_s=budget_s, codecs=codecs, models=models, m=m, dense=dense,
+                           moe=moe, sweep=sweep, save_configs=save_configs, device=device, dtype=dtype,
+                           command=_command_line(ctx))
+    else:
+        report = api.bench_model(model, baseline, batches=batches, prompt_len=prompt_len, new_tokens=new_tokens,
+                                 compile=compile_, json_path=json_path, command=_command_line(ctx), device=device,
+                                 dtype=dtype, decode_cache=decode_cache).report
+    _print_report(report)
+    if json_path is not None:
+        console.print(f"wrote {json_path}", highlight=False)
     if report.failures:
         raise ErnieqError(f"bench: {len(report.failures)} case(s) failed or errored; see the note column")
 

@@ -14,6 +14,8 @@ every result file stores of where and how it was computed, next to the kernel pa
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import platform
 import re
@@ -102,6 +104,23 @@ def available_memory(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024  # kB
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def trim_host_memory() -> None:
+    """Give the host memory freed so far back to the OS (glibc's ``malloc_trim``; nothing elsewhere). Freed
+    blocks of a few MiB otherwise stay in the heap, and the peak of a process that loads and drops one
+    layer after another (streamed models) would grow with the layers it has read."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,15 @@ On a terminal the bars redraw in place. When stderr is not a terminal (a pipe, a
 log file, CI) a bar would draw nothing until it ends, so it writes a plain line
 instead every ``PLAIN_INTERVAL_S`` seconds and when it finishes:
 ``quantizing layers.3.mlp: 41% 12,345,678/30,000,000, 0:01:02 elapsed, eta 0:01:29``.
+
+:class:`TokenStream` is generation's progress: the text of each token as soon as it is produced.
 """
 
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 
 from rich.progress import (
     BarColumn,
@@ -157,3 +160,35 @@ class QuantizeProgress:
             label = name.split(".experts.", 1)[-1].removesuffix(".weight") if ".experts." in name else ""
             label = f"expert {label}" if label else name.rsplit(".", 2)[-2]
             self.bar.update(self.group, advance=1, count=f"{self._group_done}/{self._group_total} {label}")
+
+
+class TokenStream:
+    """A transformers streamer (``generate(streamer=...)`` puts the prompt's ids, then each new token's,
+    then calls ``end``) that hands ``emit`` the text of every new token as soon as it is produced.
+
+    transformers' ``TextStreamer`` holds text back to the last space, so a word shows only once the next
+    token is computed; here only a partial UTF-8 character (decoded as U+FFFD) waits for the next token.
+    """
+
+    def __init__(self, tokenizer, emit: Callable[[str], None]):
+        self.tokenizer, self.emit = tokenizer, emit
+        self.ids: list[int] = []
+        self.shown = 0  # characters of the decoded new text already emitted
+        self.prompt = True  # the first put is the prompt
+
+    def _flush(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.shown and (final or not text.endswith("\ufffd")):
+            self.emit(text[self.shown:])
+            self.shown = len(text)
+
+    def put(self, value) -> None:
+        if self.prompt:
+            self.prompt = False
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+        self.ids, self.shown, self.prompt = [], 0, True

@@ -476,8 +476,11 @@ def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: di
 
 
 def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, options: QuantizeOptions | None = None,
-                 calib=None, **fields) -> QuantizeSummary:
+                 calib=None, base_model: str | None = None, **fields) -> QuantizeSummary:
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
+
+    base_model: the name ``source`` was given by (``demo``, a hub id, a folder), recorded as
+    ``quantization_config.base_model`` so that ``publish`` finds the base model's license without a report.
 
     options: :class:`QuantizeOptions` with ``fields`` replaced.
     config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
@@ -527,6 +530,8 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
                      SPEC_KEY: recipe_spec(config, with_fields(options, {"method": method}))}
             if calib is not None:
                 extra["calibration"] = _calibration_info(calib)
+            if base_model is not None:
+                extra["base_model"] = base_model
             writer.close(extra)
             copy_side_files(source, tmp)
             write_json_atomic(tmp / SUMMARY_NAME, summary.to_json())

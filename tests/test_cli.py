@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 
 import pytest
@@ -150,12 +151,14 @@ def _device_cases(tiny, tmp):
         "report": ["report", tmp / "dir", "--baseline", tiny, "--data", "demo", "--out", tmp / "report"],
         "generate": ["generate", tiny, "--prompt", "hi"],
         "verify": ["verify", tmp / "dir"],
-        "bench": ["bench", "--quick"],
+        "bench": ["bench", tiny, "--baseline", tiny],
+        "bench --kernels": ["bench", "--kernels", "--quick"],
     }
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
-@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench"])
+@pytest.mark.parametrize("command", ["calibrate", "quantize", "eval", "report", "generate", "verify", "bench",
+                                     "bench --kernels"])
 @pytest.mark.parametrize("device", ["cuda", "cuda:1"])
 def test_cuda_without_cuda_is_one_line_for_every_command(tiny, tmp_path, monkeypatch, capsys, command, device):
     args = _device_cases(tiny, tmp_path)[command]
@@ -171,7 +174,8 @@ def test_every_command_takes_device_and_dtype(monkeypatch, capsys, command):
     code, out, _ = run(monkeypatch, capsys, command, "--help")
     assert code == 0
     assert "--device" in out and "auto|cpu|cuda|cuda:N" in out and "--dtype" in out
-    assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify"))
+    assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify", "bench"))
+    assert ("--stream / --no-stream" in out) == (command in ("eval", "report", "generate", "verify"))
 
 
 @pytest.mark.parametrize("option, value, message", [("--dtype", "int8", "'int8' is not one of"),
@@ -193,7 +197,8 @@ def test_api_functions_refuse_cuda_without_cuda_before_any_work(tiny, tmp_path):
              lambda: api.evaluate(tiny, "demo", device="cuda:0"),
              lambda: api.generate(tiny, "hi", device="cuda"),
              lambda: api.load(tiny, device="cuda"),
-             lambda: api.bench(device="cuda", quick=True)]
+             lambda: api.bench(device="cuda", quick=True),
+             lambda: api.bench_model(tiny, tiny, device="cuda")]
     for call in calls:
         with pytest.raises(DeviceError, match="no CUDA GPU on this machine"):
             call()
@@ -208,3 +213,18 @@ def test_demo_model_prints_the_weights_hash(tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "demo-model", "--out", tmp_path / "demo")
     assert code == 0, err
     assert f"weights sha256 {weights_sha256(tmp_path / 'demo')}" in out.replace("\n", " ")
+
+
+def test_log_lines_into_a_pipe_are_plain(tiny, tmp_path):
+    """Off a terminal a log line is one line as long as its message, not padded to a full-width console."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import REPO
+
+    shutil.copytree(tiny, tmp_path / "demo")  # `demo` then names this folder, and the log says so
+    proc = subprocess.run([sys.executable, "-c", "from ernieq.cli import main; main()", "inspect", "demo"],
+                          cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    line = next(line for line in proc.stderr.splitlines() if "using the local folder" in line)
+    assert " INFO demo: using the local folder " in line and line == line.rstrip() and len(line) < 300

@@ -41,3 +41,28 @@ def test_a_failed_job_ends_without_a_final_progress_line():
     except RuntimeError:
         pass
     assert stream.getvalue() == ""
+
+
+def test_generate_streams_each_token_before_the_next_is_computed(demo_routed_dir, monkeypatch, capsys):
+    from ernieq import api
+    from tests.test_cli import run
+
+    forwards = []
+    real_load = api.load
+
+    def counting_load(model):
+        net, tokenizer = real_load(model)
+        net.register_forward_pre_hook(lambda *_: forwards.append(1))
+        return net, tokenizer
+
+    monkeypatch.setattr(api, "load", counting_load)
+    prompt, pieces = "The capital of France is", []
+    text = api.generate(demo_routed_dir, prompt, max_new_tokens=6, on_token=lambda t: pieces.append((t, len(forwards))))
+    assert len(forwards) == 6 and pieces[0][1] == 1  # the first token's text came before the second forward
+    calls = [n for _, n in pieces]
+    assert calls == sorted(set(calls)) and len(calls) >= 3  # one piece per token (a partial character may wait)
+    streamed = "".join(t for t, _ in pieces)
+    assert streamed and text.endswith(streamed)
+    code, out, err = run(monkeypatch, capsys, "generate", demo_routed_dir, "--prompt", prompt, "--max-new-tokens", 6)
+    assert code == 0, err
+    assert out == prompt + streamed + "\n"

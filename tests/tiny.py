@@ -75,16 +75,8 @@ def write_tiny_ernie(out: Path, layout: str = "per_expert", seed: int = 0, **ove
     return out
 
 
-def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits
-
-
 def write_char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer of 96 tokens (the tiny models' vocabulary), so text commands run on them."""
+    """A character-level tokenizer of 96 tokens (the tiny models' vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {"<unk>": 0, **{c: i + 1 for i, c in enumerate(string.printable[:94])}, " ": 95}
@@ -94,3 +86,11 @@ def write_char_tokenizer(folder: Path) -> None:
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast",
                                                               "unk_token": "<unk>"}))
+
+
+def reload_logits(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits

@@ -1,6 +1,6 @@
-"""``ernieq bench``: how fast compressed weights are multiplied, per codec and shape, in one table.
+"""``ernieq bench --kernels``: how fast compressed weights are multiplied, per codec and shape, in one table.
 
-    ernieq bench [--out FILE] [--quick] [--budget-s S] [--codecs wint4,ccq2] [--models 21b,300b] [--m 1,16]
+    ernieq bench --kernels [--out FILE] [--quick] [--budget-s S] [--codecs wint4,ccq2] [--models 21b,300b] [--m 1,16]
                  [--sweep [--save-configs]] [--device auto|cpu|cuda|cuda:N] [--dtype auto|bfloat16|...]
     python benchmarks/bench_kernels.py --out FILE [--quick] [--budget-s S] [--dry-run] [--device cuda:N] ...
 
@@ -48,7 +48,7 @@ import torch
 from ernieq.bench import cases as bench_cases
 from ernieq.bench import timing as bench_timing
 from ernieq.bench.inputs import CODECS, MODELS, Model, resolve_codecs, resolve_models
-from ernieq.bench.report import Report
+from ernieq.bench.report import Report, columns
 from ernieq.device import HOST, Placement, describe, resolve_device, resolve_dtype
 from ernieq.errors import ErnieqError
 from ernieq.kernels import tile_table
@@ -76,7 +76,7 @@ class BenchOptions:
     sweep: bool = False
     save_configs: bool = False
     dry_run: bool = False
-    command: str = "ernieq bench"
+    command: str = "ernieq bench --kernels"
     device: str = "auto"
     dtype: str = "auto"
 
@@ -176,8 +176,8 @@ def run_bench(options: BenchOptions) -> Report:
                             bandwidth, start + options.budget_s, torch.Generator(device=device).manual_seed(0),
                             sweep=options.sweep, gpu=gpu, source=source)  # fmt: skip
     runtime = Placement(device, act_dtype).record(mode.backend)
-    report = Report(options.out, _header(options, mode_name, gpu, bandwidth, codecs, mode, runtime), bw_col=mode.bw_col,
-                    speedup_col=mode.speedup_col, banner=CPU_LABEL if mode_name == "cpu" else "")  # fmt: skip
+    report = Report(options.out, _header(options, mode_name, gpu, bandwidth, codecs, mode, runtime),
+                    columns=columns(mode.bw_col, mode.speedup_col), banner=CPU_LABEL if mode_name == "cpu" else "")
     report.write()
     for key in models:
         model = TINY if mode.tiny else MODELS[key]
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.dry_run and (not torch.cuda.is_available() or args.device == "cpu"):
         log.error("bench_kernels: no CUDA GPU here; this script times the Triton kernels on a GPU only "
-                  "(`ernieq bench` runs the reference path on the CPU, labelled as such)")  # fmt: skip
+                  "(`ernieq bench --kernels` runs the reference path on the CPU, labelled as such)")  # fmt: skip
         return 2
     try:
         m = tuple(int(v) for v in _comma_list(args.m)) if args.m else None

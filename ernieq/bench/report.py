@@ -1,4 +1,5 @@
-"""The benchmark's table: one row per (model, GEMM, codec, M), derived figures, markdown output.
+"""The benchmarks' tables: header lines, rows, markdown output; the kernel table's rows (one per
+(model, GEMM, codec, M)) and their derived figures.
 
 Shape legend: M rows of x (tokens), N output features, K input features.
 """
@@ -13,8 +14,11 @@ import torch
 
 
 def columns(bw_col: str, speedup_col: str) -> tuple[str, ...]:
-    """The table's column titles; the bandwidth and speed-up columns name what they compare with."""
+    """The kernel table's column titles; the bandwidth and speed-up columns name what they compare with."""
     return ("model", "GEMM", "codec", "M", "median us", "TFLOP/s", "GB/s", bw_col, speedup_col, "max rel err", "note")
+
+
+KERNEL_TEXT_COLUMNS = ("model", "GEMM", "codec", "note")  # left-aligned; the figures are right-aligned
 
 
 @dataclass
@@ -72,26 +76,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 @dataclass
 class Report:
-    """The header lines and rows of one run; ``write`` rewrites the markdown file (if any) after every case."""
+    """The header lines and rows of one run; ``write`` rewrites the markdown file (if any) after every case.
+    Rows are anything with ``cells()`` (strings, one per column) and ``failed``."""
 
     out: Path | None = None
     header: list[str] = field(default_factory=list)
     banner: str = ""  # a warning shown above everything, in bold (the CPU run's "not kernel speed")
-    rows: list[Row] = field(default_factory=list)
-    bw_col: str = "% HBM"
-    speedup_col: str = "speed-up vs bf16"
+    rows: list = field(default_factory=list)
+    columns: tuple[str, ...] = columns("% HBM", "speed-up vs bf16")
+    text_columns: tuple[str, ...] = KERNEL_TEXT_COLUMNS  # left-aligned
 
     @property
-    def columns(self) -> tuple[str, ...]:
-        return columns(self.bw_col, self.speedup_col)
-
-    @property
-    def failures(self) -> list[Row]:
+    def failures(self) -> list:
         return [r for r in self.rows if r.failed]
 
     def markdown(self) -> str:
         banner = ["", f"**{self.banner}**"] if self.banner else []
-        titles = ["", "| " + " | ".join(self.columns) + " |", "|---|---|---|" + "---:|" * 7 + "---|"]
+        rule = "|" + "".join("---|" if c in self.text_columns else "---:|" for c in self.columns)
+        titles = ["", "| " + " | ".join(self.columns) + " |", rule]
         lines = self.header[:1] + banner + self.header[1:] + titles
         lines += ["| " + " | ".join(r.cells()) + " |" for r in self.rows]
         return "\n".join(lines) + "\n"

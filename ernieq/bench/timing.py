@@ -1,5 +1,6 @@
 """How ``ernieq bench`` times a call: ``triton.testing.do_bench`` on a GPU, ``time.perf_counter`` medians
-on the CPU, one call in the dry run; and the memory bandwidth every row is compared with."""
+on the CPU, one call in the dry run; the memory bandwidth every row is compared with; and the device
+synchronization a wall-clock reading of queued GPU work needs (the whole-model benchmark)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,13 @@ def cpu_median_ms(fn: Callable[[], object], min_reps: int = 3, max_reps: int = 2
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA runs asynchronously, so a wall clock read without this
+    times the launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int, timer: Timer) -> float:

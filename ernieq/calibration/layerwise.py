@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ernieq.device import HOST, available_memory
+from ernieq.device import HOST, available_memory, trim_host_memory
 from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
-from ernieq.model.decoder import hf_config, layer_calls, meta_model, rebuild_computed_buffers
+from ernieq.model.decoder import after_layers, hf_config, layer_calls, meta_model, rebuild_computed_buffers
 from ernieq.model.moe import ExpertGroup
 
 log = logging.getLogger(__name__)
@@ -49,34 +49,123 @@ class LayerTensors:
     experts: ExpertGroup | None
 
 
-class LayerwiseModel:
-    """A checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
+class MetaModel:
+    """A transformers causal LM built on the meta device from the config of a checkpoint ``reader`` (no memory
+    for weights), whose parts a subclass materialises on ``device`` in ``dtype``: decoder layers one at a time
+    (``load_layer``/``release_layer``), and the parts outside them (embeddings, final norm, head) with
+    ``load_outer``. Any architecture: where the layers are is the adapter's ``stack``, and what each layer is
+    called with (masks per layer type, rotary embeddings, a KV cache) is what the model's own forward gives it
+    (``layer_calls``). ``reader``: a ``CheckpointReader`` or a quantized format's reader (``path``, ``config``,
+    ``release()``)."""
 
-    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
-        self.path = Path(path)
-        self.reader = CheckpointReader(self.path)
+    def __init__(self, reader, dtype: torch.dtype, device: torch.device):
+        self.reader = reader
+        self.path = Path(reader.path)
         source = str(self.path / "config.json")
-        self.adapter = adapter_for(self.reader.config, source)
+        self.adapter = adapter_for(reader.config, source)
         self.dtype = dtype
         self.device = device
-        self.config = hf_config(self.reader.config, source)
+        self.config = hf_config(reader.config, source)
         self.model = meta_model(self.config, source, dtype)
         self.stack = self.adapter.stack
         self.layers: nn.ModuleList = self.model.get_submodule(self.stack.layers)
         rebuild_computed_buffers(self.model, self.config, device)  # rotary embeddings, embedding scales
         self._calls: dict[tuple, list[dict]] = {}  # (batch shape, dtype) -> every layer's keyword arguments
-        self._by_layer: dict[int | None, list[TensorInfo]] = {}
-        for name in self.reader.keys():
-            info = self.adapter.classify(name)
-            self._by_layer.setdefault(info.layer, []).append(info)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    @property
+    def layers_prefix(self) -> str:
+        """What the transformers names of the decoder layers' tensors start with, e.g. ``model.layers.``."""
+        return f"{self.stack.layers}."
+
     def layer_prefix(self, i: int) -> str:
         """The transformers module path of decoder layer i, e.g. ``model.layers.3``."""
         return self.stack.layer(i)
+
+    def load_layer(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def release_layer(self, i: int) -> None:
+        """Send layer i's weights back to the meta device (frees their memory) and unmap the shards read."""
+        self.layers[i].to("meta")
+        self.reader.release()  # unmap the files read: their pages stop counting in this process's memory
+        trim_host_memory()
+
+    def place_outer(self) -> None:
+        """Put the checkpoint's tensors outside the decoder layers into the model, on the device."""
+        raise NotImplementedError
+
+    def load_outer(self) -> None:
+        """Materialise everything outside the decoder layers (embeddings, final norm, head) on the device."""
+        self.place_outer()
+        if getattr(self.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        rebuild_computed_buffers(self.model, self.config, self.device)
+        missing = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self.layers_prefix)]
+        if missing:
+            raise CheckpointError(f"{self.path}: no stored values for {missing[:4]}")
+
+    def _calls_for(self, inputs_embeds: torch.Tensor, cache=None) -> list[tuple[tuple, dict]]:
+        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H] (on the device);
+        ``cache``: a transformers KV cache holding the earlier positions (taken before the first layer runs)."""
+        calls = layer_calls(self.model, self.stack, inputs_embeds, cache)
+        if cache is None:
+            self._calls[(tuple(inputs_embeds.shape), inputs_embeds.dtype)] = [kwargs for _, kwargs in calls]
+        return calls
+
+    def layer_inputs(self, i: int, hidden: torch.Tensor) -> dict:
+        """The keyword arguments decoder layer i takes besides the hidden states [B, L, H] (no KV cache)."""
+        key = (tuple(hidden.shape), hidden.dtype)
+        if key not in self._calls:
+            self._calls_for(hidden)
+        return self._calls[key][i]
+
+    def enter(self, token_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, list[dict]]:
+        """token_ids int64 [B, L] (embeddings resident: ``load_outer``) -> what the first decoder layer sees
+        [B, L, H] and every layer's keyword arguments, with ``cache`` when given."""
+        calls = self._calls_for(self.model.get_input_embeddings()(token_ids.to(self.device)), cache)
+        return calls[0][0][0], [kwargs for _, kwargs in calls]
+
+    def leave(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the decoder stack makes of the last layer's output [B, L, H] (the final norm), on the device."""
+        return after_layers(self.model, self.stack, hidden.to(self.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [..., L, H] -> logits [..., L, V] (with the config's final
+        logit soft-capping, as Gemma's forward applies it)."""
+        logits = self.model.get_output_embeddings()(hidden.to(self.device))
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+class LayerwiseModel(MetaModel):
+    """A plain checkpoint's transformers model, materialised one piece at a time on ``device`` in ``dtype``."""
+
+    def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
+        super().__init__(CheckpointReader(path), dtype, device)
+        self._by_layer: dict[int | None, list[TensorInfo]] = {}
+        for name in self.reader.keys():
+            info = self.adapter.classify(name)
+            self._by_layer.setdefault(info.layer, []).append(info)
+
+    def place_outer(self) -> None:
+        expected = self.model.state_dict()
+        state = {self.adapter.to_hf_name(t.name): self.reader.get(t.name) for t in self._by_layer.get(None, [])}
+        unexpected = sorted(k for k in state if k not in expected or k.startswith(self.layers_prefix))
+        if unexpected:
+            raise CheckpointError(f"{self.path}: tensors the model has no place for outside its layers: "
+                                  f"{unexpected[:4]}")
+        self.model.load_state_dict({k: v.to(self.device, expected[k].dtype if v.is_floating_point() else v.dtype)
+                                    for k, v in state.items()}, strict=False, assign=True)
 
     def layer_tensors(self, i: int) -> LayerTensors:
         infos = tuple(sorted(self._by_layer.get(i, []), key=lambda t: t.name))
@@ -99,19 +188,6 @@ class LayerwiseModel:
         finally:
             module.to("meta")
 
-    def _calls_for(self, inputs_embeds: torch.Tensor) -> list[tuple[tuple, dict]]:
-        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H] (on the device)."""
-        calls = layer_calls(self.model, self.stack, inputs_embeds)
-        self._calls[(tuple(inputs_embeds.shape), inputs_embeds.dtype)] = [kwargs for _, kwargs in calls]
-        return calls
-
-    def layer_inputs(self, i: int, hidden: torch.Tensor) -> dict:
-        """The keyword arguments decoder layer i takes besides the hidden states [B, L, H]."""
-        key = (tuple(hidden.shape), hidden.dtype)
-        if key not in self._calls:
-            self._calls_for(hidden)
-        return self._calls[key][i]
-
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Decoder layer i with its weights from the checkpoint (in the model's dtype, on its device); ``replaced``
         gives other values for some checkpoint tensors (by name; routed experts by canonical name)."""
@@ -133,10 +209,6 @@ class LayerwiseModel:
         layer = _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
         rebuild_computed_buffers(self.model, self.config, self.device)  # a layer sent back to meta lost its own
         return layer
-
-    def release_layer(self, i: int) -> None:
-        """Send layer i's weights back to the meta device (frees their memory)."""
-        self.layers[i].to("meta")
 
 
 def _experts_state(reader: CheckpointReader, experts: ExpertGroup, layer_prefix: str,
@@ -180,7 +252,7 @@ def hidden_store(device: torch.device, nbytes: int) -> torch.device:
     room = int(HIDDEN_SHARE * available_memory(device))
     if nbytes <= room:
         return device
-    log.info("calibration: the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
+    log.info("the hidden states (%.2f GiB) do not fit in %.2f GiB of %s memory; they wait in host "
              "memory and go to %s one batch at a time", nbytes / 2**30, room / 2**30, device, device)
     return HOST
 

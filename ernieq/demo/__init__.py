@@ -30,12 +30,13 @@ One job per module: ``recipe`` (what decides the weights), ``cache`` (where buil
 live), ``source`` (the dense GGUF model), ``mlp_inputs`` (what its MLPs see),
 ``cluster`` (neurons into experts), ``router`` (the router fit), ``plan`` (one MoE
 layer from one dense MLP), ``pad`` (sizes to multiples of 128), ``convert`` (the
-ERNIE checkpoint tensors and config), ``build`` (the folder and the cache entry).
+ERNIE checkpoint tensors and config), ``build`` (the folder, the cache entry and its copies).
 This package stands above ``model`` and ``text``; nothing in ``model`` imports it.
 """
 
-from ernieq.demo.build import build_demo_model, demo_model_path
+from ernieq.demo.build import build_demo_model, demo_model_path, write_demo_model
 from ernieq.demo.recipe import DemoModelError, make_recipe
 from ernieq.demo.source import DenseSource, load_dense_source
 
-__all__ = ["DemoModelError", "DenseSource", "build_demo_model", "demo_model_path", "load_dense_source", "make_recipe"]
+__all__ = ["DemoModelError", "DenseSource", "build_demo_model", "demo_model_path", "load_dense_source", "make_recipe",
+           "write_demo_model"]

@@ -7,13 +7,14 @@ import logging
 import os
 from pathlib import Path
 
-from ernieq.demo.cache import atomic_folder, cache_root
+from ernieq.demo.cache import atomic_folder, cache_root, copy_folder
 from ernieq.demo.convert import checkpoint_tensors, ernie_config, layer_index
 from ernieq.demo.pad import padding_for
 from ernieq.demo.plan import moe_plans
 from ernieq.demo.recipe import RECIPE_VERSION, DemoModelError, DemoRecipe, make_recipe, validate_recipe
 from ernieq.demo.source import SOURCE_GGUF, SOURCE_PIP_NAME, DenseSource, load_dense_source
 from ernieq.model.checkpoint import CheckpointWriter, weights_sha256, write_json
+from ernieq.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ def _write_checkpoint(tmp: Path, source: DenseSource, recipe: DemoRecipe, calib_
     padding = padding_for(dense)
     plans = moe_plans(source, recipe, num_layers, calib_text)
     state = {k: v.float() for k, v in source.model.state_dict().items() if (layer_index(k) or 0) < num_layers}
-    with CheckpointWriter(tmp, max_shard_bytes=2**30) as writer:
+    with CheckpointWriter(tmp, max_shard_bytes=2**30) as writer, progress_bar() as bar:
+        task = bar.add_task("demo model: writing tensors", total=None)
         for name, tensor in checkpoint_tensors(state, plans, padding):
             writer.add(name, tensor)
+            bar.advance(task)
     config = ernie_config(dense, recipe, moe_size, num_layers, padding)
     write_json(tmp / "config.json", config)
     special = {k: getattr(dense, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
@@ -76,16 +79,25 @@ def build_demo_model(
     return out
 
 
-def demo_model_path(variant: str = "routed") -> Path:
-    """The cached demo checkpoint of ``variant``, built on first use (a few minutes on a CPU)."""
-    recipe = make_recipe(variant)
+def demo_model_path(variant: str = "routed", **options: int | None) -> Path:
+    """The cached demo checkpoint of ``variant`` (``options``: experts, top_k, shared), built on first
+    use (minutes on a CPU): every later use, ``demo`` as a model name or ``demo-model --out``, is free."""
+    recipe = make_recipe(variant, **options)
     path = cache_root() / f"demo-{variant}-v{RECIPE_VERSION}-{recipe.key}"
     if path.is_dir():
         return path
     log.info("building the demo model (%s) into %s", variant, path)
     try:
-        return build_demo_model(path, variant=variant)
+        return build_demo_model(path, variant=variant, **options)
     except DemoModelError:
         if path.is_dir() and any(path.iterdir()):  # another process finished the same build first
             return path
         raise
+
+
+def write_demo_model(out_dir: str | os.PathLike, variant: str = "routed", **options: int | None) -> Path:
+    """The demo checkpoint in ``out_dir``: the cached build (:func:`demo_model_path`, built first if
+    missing), copied in seconds rather than built again."""
+    src = demo_model_path(variant, **options)
+    log.info("copying the cached demo model %s to %s", src, out_dir)
+    return copy_folder(src, Path(out_dir))

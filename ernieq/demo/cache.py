@@ -1,4 +1,5 @@
-"""Where the demo's built folders live (``$ERNIEQ_CACHE``) and how they appear: whole or not at all."""
+"""Where the demo's built folders live (``$ERNIEQ_CACHE``), how they appear (whole or not at all), and how
+a built one is handed out to a folder of the user's."""
 
 from __future__ import annotations
 
@@ -41,3 +42,20 @@ def atomic_folder(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link for a weight shard (nothing rewrites one in place, and the demo's is most of a
+    gigabyte), a copy for every other file, so editing the copy's ``config.json`` (an editor may
+    write through a link) never changes the cached model; a copy too across file systems."""
+    if src.endswith(".safetensors"):
+        with contextlib.suppress(OSError):
+            return os.link(src, dst)
+    shutil.copy2(src, dst)
+
+
+def copy_folder(src: Path, out: Path) -> Path:
+    """``src`` (a built checkpoint folder) to ``out`` (empty or absent), whole or not at all, in seconds."""
+    with atomic_folder(out) as tmp:
+        shutil.copytree(src, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+    return out

@@ -13,6 +13,7 @@ from ernieq.demo.mlp_inputs import calibration_windows, mlp_inputs
 from ernieq.demo.recipe import DemoRecipe
 from ernieq.demo.router import expert_log_norms, ridge_solver, snap_to_bfloat16
 from ernieq.demo.source import DenseSource
+from ernieq.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +107,13 @@ def moe_plans(source: DenseSource, recipe: DemoRecipe, num_layers: int, calib_te
     log.info("demo model: fitting %d MoE layers on %d calibration tokens", len(layers), ids.numel())
     generator = torch.Generator().manual_seed(recipe.seed)
     plans = {}
-    for i, x in mlp_inputs(state, cfg, ids, layers):
-        p = f"model.layers.{i}.mlp"
-        w = [state[f"{p}.{n}_proj.weight"].double() for n in ("gate", "up", "down")]
-        plans[i] = routed_plan(x, *w, recipe, generator)
-        log.debug("demo model: layer %d planned", i)
+    with progress_bar() as bar:
+        task = bar.add_task("demo model: experts and router per layer", total=len(layers))
+        for i, x in mlp_inputs(state, cfg, ids, layers):
+            p = f"model.layers.{i}.mlp"
+            w = [state[f"{p}.{n}_proj.weight"].double() for n in ("gate", "up", "down")]
+            plans[i] = routed_plan(x, *w, recipe, generator)
+            bar.advance(task)
+            log.debug("demo model: layer %d planned", i)
     log.info("demo model: experts and routers fitted for %d MoE layers", len(plans))
     return plans

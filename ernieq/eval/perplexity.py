@@ -10,7 +10,7 @@ tokens, with that token count.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ernieq.device import HOST
 from ernieq.errors import ErnieqError
 from ernieq.progress import progress_bar
+from ernieq.runtime.stream import StreamedLM
 
 
 class PerplexityError(ErnieqError, ValueError):
@@ -68,18 +69,32 @@ def window_count(num_tokens: int, seq_len: int, max_windows: int | None = None) 
     return n if max_windows is None else min(n, max_windows)
 
 
-def _logits_of(model, window: torch.Tensor) -> torch.Tensor:
-    """[L, V] float32 logits of one window [1, L]; models may return an output with .logits or a tensor."""
-    out = model(input_ids=window)
-    logits = out.logits if hasattr(out, "logits") else out
-    return logits[0].float()
-
-
 def model_device(model) -> torch.device:
-    """Where the model's first parameter lives; host memory for a model without parameters."""
+    """Where the model computes: a streamed model's device, else where its first parameter lives (host
+    memory for a model without parameters)."""
+    if isinstance(model, StreamedLM):
+        return model.device
     params = getattr(model, "parameters", None)
     first = next(params(), None) if callable(params) else None
     return first.device if first is not None else HOST
+
+
+def window_logits(model, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Each window's float32 logits [L, V] in turn, from windows: int64 [W, L].
+
+    A resident model (``model(input_ids=[1, L])`` returning logits [1, L, V] or an output with
+    ``.logits``) runs window by window; a :class:`StreamedLM` runs all windows layer-major first (every
+    weight read once) and then applies its head to one window's final hidden states at a time.
+    """
+    device = model_device(model)
+    if isinstance(model, StreamedLM):
+        hidden = model.final_hidden(windows)  # [W, L, H]
+        for h in hidden:
+            yield model.logits(h).float()  # [L, V]
+        return
+    for window in windows:
+        out = model(input_ids=window.to(device)[None])
+        yield (out.logits if hasattr(out, "logits") else out)[0].float()  # [L, V]
 
 
 def perplexity(
@@ -92,7 +107,7 @@ def perplexity(
     """Perplexity of a causal LM over non-overlapping windows.
 
     model: callable as ``model(input_ids=LongTensor [1, L])`` returning logits
-        [1, L, V] (or an output object with ``.logits``).
+        [1, L, V] (or an output object with ``.logits``), or a ``StreamedLM`` (see :func:`window_logits`).
     input_ids: LongTensor [1, L] or [L], or a list of token ids: the tokenized text.
     """
     if seq_len < 2:
@@ -103,16 +118,15 @@ def perplexity(
     windows = window_count(len(ids), seq_len, max_windows)
     if windows == 0:
         raise PerplexityError(f"{len(ids)} tokens make no full window of {seq_len}")
-    device = model_device(model)
+    cut = ids[: windows * seq_len].reshape(windows, seq_len)  # [W, L]
     nll_sum = 0.0
     with torch.inference_mode(), progress_bar(progress) as bar:
         task = bar.add_task("perplexity", total=windows)
-        for w in range(windows):
-            window = ids[w * seq_len : (w + 1) * seq_len].to(device)[None]  # [1, L]
-            logits = _logits_of(model, window)  # [L, V]
+        for w, logits in enumerate(window_logits(model, cut)):  # [L, V]
             if not torch.isfinite(logits).all():
                 raise PerplexityError(f"window {w}: the model returned non-finite logits")
-            nll = F.cross_entropy(logits[:-1], window[0, 1:], reduction="sum")  # sum of -log p(t_i | t_<i)
+            target = cut[w, 1:].to(logits.device)  # [L-1]
+            nll = F.cross_entropy(logits[:-1], target, reduction="sum")  # sum of -log p(t_i | t_<i)
             nll_sum += nll.item()
             bar.advance(task)
     tokens = windows * (seq_len - 1)  # every window predicts all but its first token

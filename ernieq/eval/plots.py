@@ -11,6 +11,7 @@ import io
 import math
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 DPI = 110
 CLASS_COLORS = {"attention": "tab:blue", "dense_mlp": "tab:green", "shared_experts": "tab:purple",
@@ -21,6 +22,12 @@ def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return buf.getvalue()
+
+
+def _plain(axis) -> None:
+    """Tick labels as plain numbers (0.01, 32), never 3.4×10¹ or an offset; minor ticks unlabelled."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def data_uri(png: bytes) -> str:
@@ -47,8 +54,9 @@ def per_layer_error(report: dict) -> bytes | None:
     axes[0].legend(fontsize=8)
     axes[0].grid(alpha=0.3)
     if with_output:
-        axes[1].set_ylabel("relative output error\ntr(dW H dW^T) / tr(W H W^T)")
+        axes[1].set_ylabel("relative output error (log scale)\ntr(dW H dW^T) / tr(W H W^T)")
         axes[1].grid(alpha=0.3, which="both")
+        _plain(axes[1].yaxis)
     axes[-1].set_xlabel("layer")
     fig.suptitle("reconstruction error per layer")
     return _png(fig)
@@ -108,11 +116,12 @@ def ppl_vs_bits(report: dict) -> bytes | None:
         ax.plot(xs, ys, "o", label=corpus)
         for s, x, y in zip(settings, xs, ys):
             ax.annotate(s["label"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per weight (linear layers, every stored byte)")
+    ax.set_xscale("log", base=2)  # 2 .. 32 bits spread evenly; perplexity stays linear
+    ax.set_xlabel("bits per weight (log scale; linear layers, every stored byte)")
     ax.set_ylabel("perplexity")
     ax.grid(alpha=0.3, which="both")
+    _plain(ax.xaxis)
+    _plain(ax.yaxis)
     ax.legend(fontsize=8)
     ax.set_title("perplexity against bits per weight")
     return _png(fig)

@@ -21,7 +21,8 @@ FIGURE_CAPTIONS = {
                        "the relative output error on the calibration activations (lower is better).",
     "expert_error": "Weight SQNR of every routed expert (gate, up and down together).",
     "expert_load": "Expert load on the calibration text: share of the layer's token-expert assignments.",
-    "ppl_vs_bits": "Perplexity against bits per weight (linear layers, every stored byte) of every model scored.",
+    "ppl_vs_bits": "Perplexity against bits per weight (linear layers, every stored byte; log scale) of every "
+                   "model scored.",
 }
 
 
@@ -128,6 +129,37 @@ def _error_rows(rows: list[dict], keys: tuple[str, ...]) -> list[tuple[str, ...]
 ERROR_HEAD = ("codecs", "weights", "relative Frobenius error", "SQNR (dB)", "relative output error")
 
 
+ERROR_NOTE = (
+    "What the figures measure. The weight error (relative Frobenius error, SQNR; the expert figure) compares "
+    "the stored weights with the baseline's, every weight counted alike, whatever multiplies it. The relative "
+    "output error weighs each weight's error by the calibration activations that multiply it: "
+    "||X dW^T||² / ||X W^T||², the relative error of the module's output on the calibration tokens (a routed "
+    "expert's: on the tokens routed to it), so input channels with large activations count for more. A row "
+    "over several modules (a layer, a class, an expert) sums both energies over its modules before dividing: "
+    "it is the share of their output energy that quantization changes, decided by the modules whose outputs "
+    "carry the most energy, not an average of their figures.")
+DOMINANT_SHARE = 0.5  # a module holding more of its layer's output energy than this decides the layer's figure
+
+
+def _dominated_layers(err: dict) -> list[str]:
+    """One sentence per layer where a single module holds most of the output energy, beside that layer's
+    routed experts' own figure: why the layer's row can sit far below its experts'."""
+    by_layer: dict[int, list[dict]] = {}
+    for r in err["modules"]:
+        if r.get("wh") and r["layer"] is not None:
+            by_layer.setdefault(r["layer"], []).append(r)
+    experts = {r["layer"]: r["output_rel_err"] for r in err["layer_classes"] if r["cls"] == "routed_experts"}
+    out = []
+    for layer, rows in sorted(by_layer.items()):
+        top = max(rows, key=lambda r: r["wh"])
+        share = top["wh"] / sum(r["wh"] for r in rows)
+        if share > DOMINANT_SHARE and layer in experts:
+            out.append(f"Layer {layer}: `{top['name']}` ({top['codec']}) holds {fmt_share(share)} of the output "
+                       f"energy at a relative output error of {fmt_float(top['output_rel_err'], 5)}, so the layer's "
+                       f"figure follows it; its routed experts' own is {fmt_float(experts[layer], 5)}.")
+    return out
+
+
 def blocks(report: dict, figures: set[str]) -> list[Block]:
     """The report as blocks, in order; ``figures`` names the plots that exist."""
     m, err, prov = report["model"], report["weight_error"], report["provenance"]
@@ -169,6 +201,11 @@ def blocks(report: dict, figures: set[str]) -> list[Block]:
                       "; no calibration statistics given (--calib), so no output error.")),
         Block("table", head=("class", *ERROR_HEAD), rows=tuple(_error_rows(err["classes"], ("cls",)))),
     ]
+    if err["output_error"]:
+        dominated = _dominated_layers(err)
+        agree = (" Both figures are right where they disagree: the layer's says how much its outputs move, the "
+                 "experts' how well each expert is kept. " + " ".join(dominated)) if dominated else ""
+        out.append(Block("p", ERROR_NOTE + agree))
     if "per_layer_error" in figures:
         out.append(Block("figure", "per_layer_error"))
     out.append(Block("table", head=("layer", *ERROR_HEAD), rows=tuple(_error_rows(err["layers"], ("layer",)))))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ernieq.device import Placement
 from ernieq.errors import ErnieqError
-from ernieq.eval.perplexity import PerplexityError, model_device, next_token_divergence, tokenize_text, window_count
+from ernieq.eval.perplexity import PerplexityError, next_token_divergence, tokenize_text, window_count, window_logits
 from ernieq.eval.tasks import TaskOptions, TaskSuite, compare_scores, run_tasks
 from ernieq.provenance import now_iso, provenance
 from ernieq.text import load_text
@@ -44,6 +44,7 @@ from ernieq.model.checkpoint import CheckpointReader
 from ernieq.progress import progress_bar
 from ernieq.recipes import SPEC_KEY
 from ernieq.runtime.record import kernel_path, runtime_record
+from ernieq.runtime.stream import no_tasks_when_streamed
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +80,14 @@ class CorpusScore:
     top1_agreement: dict[str, float] = field(default_factory=dict)
 
 
-def _logits(model, window: torch.Tensor) -> torch.Tensor:
-    """[L, V] float32 logits of one window [1, L], on the model's device."""
-    out = model(input_ids=window.to(model_device(model)))
-    return (out.logits if hasattr(out, "logits") else out)[0].float()
-
-
 def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_len: int,
                  max_windows: int | None, progress: bool = True) -> CorpusScore:
     """Perplexity of every model (``BASELINE`` among them) over the same windows, each run once per window.
 
     ids: LongTensor [1, L] or [L]. Per window, every model's logits [L, V] are computed, scored
     (NLL of tokens 1..L-1) and compared with the baseline's at the same L-1 positions, then dropped.
+    A streamed model runs all windows layer-major when its first window's logits are asked for
+    (``window_logits``), keeping its final hidden states [W, L, H], not its logits.
     """
     ids = ids.reshape(-1)
     windows = window_count(ids.numel(), seq_len, max_windows)
@@ -100,14 +97,15 @@ def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_
     kl = dict.fromkeys([m for m in models if m != BASELINE], 0.0)
     agree = dict(kl)
     per_window = seq_len - 1  # every window predicts all but its first token
+    cut = ids[: windows * seq_len].reshape(windows, seq_len)  # [W, L]
+    streams = {label: window_logits(model, cut) for label, model in models.items()}
     with torch.inference_mode(), progress_bar(progress) as bar:
         task = bar.add_task(f"scoring {corpus}", total=windows)
         for w in range(windows):
-            window = ids[w * seq_len : (w + 1) * seq_len][None]  # [1, L]
             base = None
-            for label, model in models.items():
-                logits = _logits(model, window)[:-1]  # [L-1, V]
-                target = window[0, 1:].to(logits.device)  # [L-1]
+            for label, stream in streams.items():
+                logits = next(stream)[:-1]  # [L-1, V]
+                target = cut[w, 1:].to(logits.device)  # [L-1]
                 if not torch.isfinite(logits).all():
                     raise PerplexityError(f"{corpus}: window {w}: {label} model returned non-finite logits")
                 nll[label] += F.cross_entropy(logits, target, reduction="sum").item()  # sum of -log p(t_i | t_<i)
@@ -206,8 +204,8 @@ def build_report(
     load: path -> (model, tokenizer), on ``placement`` (which the report records with every model's
     kernel path). calib: a CalibrationSet of the baseline, for the output error and the expert table
     (``calib_source`` names where it came from). tasks: lm-eval tasks every model runs (checked, and
-    their data loaded, before any model is). All models are held in memory at once so that each runs
-    once per window.
+    their data loaded, before any model is). All models are held at once so that each runs once per
+    window (a streamed one, ``ernieq.runtime.stream``, holds one decoder layer at a time).
     """
     started = now_iso()
     if not data:
@@ -219,12 +217,15 @@ def build_report(
     models, tokenizers = {}, {}
     for label, path in paths.items():
         models[label], tokenizers[label] = load(path)
+        if suite is not None:
+            no_tasks_when_streamed(models[label])
     corpora = []
     for source in data:
         ids = tokenize_text(tokenizers[BASELINE], load_text(source, split="eval"))
         corpora.append(asdict(score_corpus(models, ids, source, seq_len, max_windows, progress)))
     task_section = _task_section(models, tokenizers, suite, tasks) if suite is not None else None
     kernels = "; ".join(f"{label}: {kernel_path(m, placement.device)}" for label, m in models.items())
+    stream = {label: m.stream_plan.record() for label, m in models.items() if hasattr(m, "stream_plan")}
     del models
     errors = weight_errors(CheckpointReader(baseline), quantized, None if calib is None else _hessian_reader(calib))
     sizes = {label: size_by_class(path) for label, path in paths.items()}
@@ -252,7 +253,7 @@ def build_report(
         "settings": settings,
         "options": {"data": list(data), "seq_len": seq_len, "max_windows": max_windows,
                     "compare": [str(p) for p in compare]},
-        "runtime": runtime_record(placement, kernels),
+        "runtime": runtime_record(placement, kernels, stream or None),
         "provenance": provenance(started),
     }
 

@@ -334,6 +334,10 @@ class FastDeployReader:
         pieces = [reader.get(fd) for reader in self.ranks]
         return rule.to_native(join_plain(fd, pieces, [str(r.file_of(fd)) for r in self.ranks]))
 
+    def release(self) -> None:
+        for reader in self.ranks:
+            reader.release()
+
     def summary(self):
         """``ernieq inspect``'s summary: every quantized module with its share of its FastDeploy module's
         stored bytes (over every rank), every plain tensor with its bytes on every rank."""

@@ -118,6 +118,9 @@ class NativeReader:
     def plain(self, name: str) -> torch.Tensor:
         return self.reader.get(name)
 
+    def release(self) -> None:
+        self.reader.release()
+
     def summary(self):
         """``ernieq inspect``'s summary: a quantized module's stored tensors count as its logical weight,
         the rotations as stored bytes that are no model parameter."""

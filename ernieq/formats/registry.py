@@ -149,6 +149,9 @@ class QuantizedCheckpoint(Protocol):
 
     def summary(self): ...
 
+    def release(self) -> None:
+        """Unmap the files read so far (``CheckpointReader.release``)."""
+
 
 OpenFn = Callable[[Path], QuantizedCheckpoint]
 DetectFn = Callable[[dict], bool]

@@ -91,10 +91,13 @@ class _Recorder(nn.Module):
         return args[0]  # hidden states unchanged: the next layer's arguments do not depend on them
 
 
-def layer_calls(model: nn.Module, stack: DecoderStack, inputs_embeds: torch.Tensor) -> list[tuple[tuple, dict]]:
+def layer_calls(model: nn.Module, stack: DecoderStack, inputs_embeds: torch.Tensor,
+                cache=None) -> list[tuple[tuple, dict]]:
     """(args, kwargs) of every decoder layer when the model runs on ``inputs_embeds`` [B, L, H]:
     args[0] of layer 0 is what the first layer sees; the keyword arguments (masks, position
-    embeddings ...) are the model's own. Modules before the stack must hold their values."""
+    embeddings ...) are the model's own. Modules before the stack must hold their values.
+    ``cache``: a transformers KV cache holding the earlier positions; the stand-ins leave it as it
+    is, so the arguments are those of the next positions, and each layer's carry the cache."""
     base = model.get_submodule(stack.base)
     layers = model.get_submodule(stack.layers)
     originals = list(layers)
@@ -104,7 +107,10 @@ def layer_calls(model: nn.Module, stack: DecoderStack, inputs_embeds: torch.Tens
     try:
         # on the meta device a cache keeps transformers from reading position values (its packed-sequence
         # check needs them); with values, no cache: the layers see what a single forward gives them
-        base(inputs_embeds=inputs_embeds, use_cache=inputs_embeds.is_meta)
+        if cache is not None:
+            base(inputs_embeds=inputs_embeds, cache=cache, use_cache=True)
+        else:
+            base(inputs_embeds=inputs_embeds, use_cache=inputs_embeds.is_meta)
     except _StopForward:
         pass
     finally:
@@ -113,6 +119,34 @@ def layer_calls(model: nn.Module, stack: DecoderStack, inputs_embeds: torch.Tens
     if len(calls) != len(originals):
         raise CheckpointError(f"{type(model).__name__}: ran {len(calls)} of {len(originals)} decoder layers")
     return calls
+
+
+class _Emit(nn.Module):
+    """Stands in for decoder layer 0 in :func:`after_layers`: gives out the stored last-layer output."""
+
+    def __init__(self, hidden: torch.Tensor | None):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, *args, **kwargs):
+        return self.hidden if self.hidden is not None else args[0]
+
+
+def after_layers(model: nn.Module, stack: DecoderStack, hidden: torch.Tensor) -> torch.Tensor:
+    """What the base model makes of the last decoder layer's output ``hidden`` [B, L, H] (its final norm,
+    whatever the architecture does there): its own forward runs with every decoder layer replaced by a
+    stand-in, the first giving out ``hidden``. Modules outside the stack must hold their values."""
+    base = model.get_submodule(stack.base)
+    layers = model.get_submodule(stack.layers)
+    originals = list(layers)
+    for i in range(len(layers)):
+        layers[i] = _Emit(hidden if i == 0 else None)
+    try:
+        out = base(inputs_embeds=hidden, use_cache=False)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+    return out[0]
 
 
 def rebuild_computed_buffers(model: nn.Module, config, device: torch.device | str) -> None:

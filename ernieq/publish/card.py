@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ernieq.eval.render import TASK_NOTE, accuracy_table, fmt_bits, markdown_table, task_table
+from ernieq.model.hub import parse_hub_id
 from ernieq.recipes import SPEC_KEY, dump
 
 log = logging.getLogger(__name__)
@@ -85,30 +86,55 @@ def _all_hf_fp8(qc: dict) -> bool:
     return bool(modules) and all(m["codec"] == "fp8" and m["params"] == HF_FP8_PARAMS for m in modules)
 
 
-def how_to_load(repo: str, qc: dict, model_type: str | None) -> list[str]:
-    """Markdown paragraphs: loading with ernieq/transformers always, vLLM / FastDeploy when the codecs allow."""
+# How to install ernieq, as its README documents it: it is not on a package index.
+INSTALL = ("# ernieq is not on PyPI: in a clone of its repository, scripts/setup.sh makes .venv with it\n"
+           "# (or run `pip install .` in the clone, into an environment of your own)\n"
+           "bash scripts/setup.sh && source .venv/bin/activate")
+
+
+def _exports(repo: str, qc: dict, model_type: str | None) -> tuple[list[str], list[str]]:
+    """The export paragraphs the codecs allow, and the runtimes ernieq's tests load each export with
+    (nothing claimed that no test checks); none for rotated weights, which no export format carries."""
     codecs = _codecs(qc)
-    parts = [
+    if any(m.get("rotation") for m in qc.get("modules", {}).values()):
+        return ["Its weights are stored with online input rotations, which no export format can carry (vLLM, "
+                "transformers' FP8, FastDeploy): `ernieq quantize --no-rotate` makes a checkpoint that exports."], []
+    parts, tested = [], []
+    if codecs and codecs <= VLLM_CODECS:
+        parts += ["vLLM: convert to compressed-tensors first:",
+                  f"```bash\nernieq export {repo} --format compressed-tensors --out model-vllm\n"
+                  "vllm serve model-vllm\n```"]
+        tested.append("- the compressed-tensors library: decompresses that export to the weights ernieq decodes, "
+                      "bit for bit (vLLM reads this format; ernieq's tests do not run vLLM).")
+    if _all_hf_fp8(qc):
+        parts += ["transformers' own FP8 (`quant_method: fp8`):",
+                  f"```bash\nernieq export {repo} --format hf-fp8 --out model-fp8\n```"]
+        tested.append("- transformers (`quant_method: fp8`): loads that export and computes what ernieq does.")
+    if "ccq2" in codecs and model_type == "ernie4_5_moe":
+        parts += ["FastDeploy (2-bit `wint2`, ERNIE 4.5 MoE):",
+                  f"```bash\nernieq export {repo} --format fastdeploy --out model-fastdeploy\n```"]
+        tested.append("- FastDeploy's layout: that export's names, shapes and codes are checked against FastDeploy's "
+                      "loader and decode math, and ernieq runs it as it is (ernieq's tests do not run FastDeploy).")
+    return parts, tested
+
+
+def how_to_load(repo: str, qc: dict, model_type: str | None) -> list[str]:
+    """Markdown paragraphs: loading with ernieq, the exports the codecs allow, the runtimes tested."""
+    exports, tested = _exports(repo, qc, model_type)
+    return [
         "With ernieq (its runtime builds a transformers model with packed weights and fused kernels):",
-        f"```bash\npip install ernieq\nernieq generate {repo} --prompt \"The capital of France is\"\n"
+        f"```bash\n{INSTALL}\nernieq generate {repo} --prompt \"The capital of France is\"\n"
         f"ernieq eval {repo} --data wikitext2\n```",
         f"```python\nfrom ernieq.api import load\nmodel, tokenizer = load(\"{repo}\")  # a transformers "
         "PreTrainedModel\nids = tokenizer(\"Hello\", return_tensors=\"pt\").input_ids\n"
         "print(tokenizer.decode(model.generate(ids, max_new_tokens=20)[0]))\n```",
         "Plain transformers does not read the ernieq native format (`quant_method: ernieq`); "
         "`ernieq.api.load` above returns a transformers model.",
+        *exports,
+        "Runtimes that ernieq's tests load this checkpoint with:",
+        "\n".join(["- ernieq's runtime (transformers model classes, ernieq's kernels): this folder as it is "
+                   "(`ernieq verify`, `ernieq eval`, `ernieq generate`).", *tested]),
     ]
-    if codecs and codecs <= VLLM_CODECS:
-        parts += ["vLLM: convert to compressed-tensors first:",
-                  f"```bash\nernieq export {repo} --format compressed-tensors --out model-vllm\n"
-                  "vllm serve model-vllm\n```"]
-    if _all_hf_fp8(qc):
-        parts += ["transformers' own FP8 (`quant_method: fp8`):",
-                  f"```bash\nernieq export {repo} --format hf-fp8 --out model-fp8\n```"]
-    if "ccq2" in codecs and model_type == "ernie4_5_moe":
-        parts += ["FastDeploy (2-bit `wint2`, ERNIE 4.5 MoE):",
-                  f"```bash\nernieq export {repo} --format fastdeploy --out model-fastdeploy\n```"]
-    return parts
 
 
 def render_card(config: dict, name: str, report: dict | None, lic: License, base_model: str | None) -> str:
@@ -117,8 +143,8 @@ def render_card(config: dict, name: str, report: dict | None, lic: License, base
     codecs = sorted(_codecs(qc))
     tags = ["ernieq", "quantized", "moe", *codecs]
     front = ["---", "library_name: ernieq", f"license: {(lic.spdx or 'other').lower()}"]
-    if base_model:
-        front.append(f"base_model: {base_model}")
+    if base_model and parse_hub_id(base_model):  # the hub takes only a hub id there, not `demo` or a folder
+        front.append(f"base_model: {parse_hub_id(base_model)[0]}")
     front += ["tags:", *(f"- {t}" for t in tags), "---", ""]
     body = [f"# {name}", "",
             f"`{base_model or 'an unrecorded base model'}` quantized with ernieq: recipe `{qc.get('recipe')}`, "

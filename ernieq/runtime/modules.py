@@ -114,6 +114,10 @@ class _DecodeOnce(nn.Module):
         self._decoded = out
         return out
 
+    def drop_decoded(self) -> None:
+        """Free the decoded weights (their bytes go back to the cache); the next call decodes again."""
+        self._decoded = None
+
     @property
     def cached_bytes(self) -> int:
         """Bytes of decoded weights this module holds (0 when it computes from the packed tensors)."""

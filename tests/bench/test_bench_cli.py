@@ -35,12 +35,12 @@ def table_rows(markdown: str) -> list[dict[str, str]]:
 @cpu_only
 def test_quick_cpu_bench_labels_itself_and_times_every_codec(tmp_path):
     out = tmp_path / "bench.md"
-    result = CliRunner().invoke(cli, ["bench", "--quick", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["bench", "--kernels", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert CPU_LABEL in result.output
     text = out.read_text()
     assert CPU_LABEL in text
-    assert "command: `ernieq bench --out" in text and "--quick" in text
+    assert "command: `ernieq bench --kernels --out" in text and "--quick" in text
     assert "- runtime: cpu (" in text and "float32, kernels: reference" in text
     rows = table_rows(text)
     cases = {(r["GEMM"], r["M"]) for r in rows}

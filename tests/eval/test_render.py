@@ -121,3 +121,45 @@ def test_html_renders_in_headless_chromium(rendered, tmp_path):
     lo, hi = img.getextrema()
     assert hi - lo > 100  # text and figures, not a blank page
     assert len(set(img.resize((64, 128)).getdata())) > 20
+
+
+def test_plot_ticks_are_plain_numbers_and_log_axes_say_so(monkeypatch):
+    """No '3.4×10¹' or offset tick labels; an axis on a log scale names it in its label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from ernieq.eval import plots
+
+    figures = {}
+    for name, fn in plots.PLOTS.items():
+        monkeypatch.setattr(plots, "_png", lambda fig, name=name: figures.setdefault(name, fig) and b"")
+        fn(fake_report())
+    assert {"per_layer_error", "ppl_vs_bits"} <= set(figures)
+    for name in ("per_layer_error", "ppl_vs_bits"):
+        FigureCanvasAgg(figures[name]).draw()
+        for ax in figures[name].axes:
+            for axis, scale, label in ((ax.xaxis, ax.get_xscale(), ax.get_xlabel()),
+                                       (ax.yaxis, ax.get_yscale(), ax.get_ylabel())):
+                ticks = [t.get_text() for t in axis.get_ticklabels(which="both") if t.get_text()]
+                assert all(re.fullmatch(r"-?\d+(\.\d+)?", t) for t in ticks), (name, ticks)
+                assert axis.get_offset_text().get_text() == ""
+                assert scale == "linear" or "log scale" in label or not label, (name, label)
+    assert figures["ppl_vs_bits"].axes[0].get_yscale() == "linear"
+
+
+def test_the_report_says_what_each_error_measures_and_which_module_decides_a_layer():
+    report = fake_report()
+    module = lambda layer, name, codec, wh, out: {"name": f"model.layers.{layer}.mlp.{name}.weight",  # noqa: E731
+                                                  "layer": layer, "codec": codec, "wh": wh, "output_rel_err": out}
+    report["weight_error"]["modules"] = [
+        module(1, "experts.0.down_proj", "ccq2", 100.0, 0.1), module(1, "experts.1.down_proj", "ccq2", 100.0, 0.1),
+        module(2, "shared_experts.down_proj", "wint8", 900.0, 1e-5),
+        module(2, "experts.0.down_proj", "ccq2", 100.0, 0.1),
+    ]
+    md = render_markdown(report, {})
+    assert "What the figures measure. The weight error" in md and "the share of their output energy" in md
+    assert ("Layer 2: `model.layers.2.mlp.shared_experts.down_proj.weight` (wint8) holds 90.00 % of the output energy "
+            "at a relative output error of 0.00001, so the layer's figure follows it; its routed experts' own is "
+            "0.04000.") in md
+    assert "Layer 1:" not in md
+    report["weight_error"]["output_error"] = False
+    assert "What the figures measure" not in render_markdown(report, {})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -71,6 +72,40 @@ def test_card_numbers_equal_report_json(published):
     assert "license: apache-2.0" in card  # the demo's source package is Apache-2.0
     assert (out / "LICENSE").is_file() and (out / "tokenizer.json").is_file()
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "ernieq"
+
+
+def _license_fields(folder):
+    card = (folder / "README.md").read_text()
+    front = [line for line in card.split("---")[1].splitlines() if line.startswith("license:")]
+    return front, card.split("## License", 1)[1], (folder / "LICENSE").read_bytes()
+
+
+def test_license_is_the_base_models_with_or_without_a_report(published, tmp_path):
+    """The checkpoint records its base model, so a publish without --report finds the same license."""
+    case, out = published
+    qc = json.loads((case.q2 / "config.json").read_text())["quantization_config"]
+    assert qc["base_model"] == str(case.baseline.resolve())
+    bare = api.publish(case.q2, tmp_path / "bare")
+    assert "No accuracy report was given" in (bare / "README.md").read_text()
+    assert _license_fields(bare) == _license_fields(out)
+    assert _license_fields(out)[0] == ["license: apache-2.0"]
+
+
+def test_card_installs_as_the_readme_does_and_names_the_tested_runtimes(published, tmp_path):
+    from tests.conftest import REPO
+
+    case, out = published
+    card = (out / "README.md").read_text()
+    assert "pip install ernieq" not in card  # no package index has it
+    for script in re.findall(r"^bash (\S+)", card, re.M):
+        assert (REPO / script).is_file(), script
+    assert "bash scripts/setup.sh" in (REPO / "README.md").read_text()
+    runtimes = card.split("Runtimes that ernieq's tests load this checkpoint with:", 1)[1].split("##", 1)[0]
+    assert "ernieq's runtime" in runtimes and "online input rotations" in card  # rotated: no export takes it
+    assert "ernieq export" not in card
+    assert [line for line in runtimes.splitlines() if line.startswith("- ")] == [runtimes.strip()]  # ernieq only
+    q8_card = (api.publish(case.q8, tmp_path / "q8") / "README.md").read_text()
+    assert "the compressed-tensors library" in q8_card and "FastDeploy's layout" not in q8_card
 
 
 def test_flipped_byte_in_a_tensor_file_is_named(copy):
