@@ -28,6 +28,7 @@ from ernieq.calibration.awq import fold_scale, group_folds
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.rounding import encode_weight
 from ernieq.calibration.sequential import SequentialPlan, quantized_layer
+from ernieq.device import Placement
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.formats.registry import export_checkpoint
@@ -39,6 +40,7 @@ from ernieq.publish.folder import SMOKE_TEXT
 from ernieq.runtime.expert_loop import QuantExpertLoop
 from ernieq.runtime.loader import load_quantized
 from ernieq.runtime.modules import QuantMoEExperts
+from ernieq.runtime.stream import StreamedLM, stream_plan
 from tests.archs import ARCHS, write_tiny_arch
 
 NAMES = sorted(ARCHS)
@@ -161,6 +163,31 @@ def test_bits4_runs_as_the_decoded_model_and_evaluates(arch, texts, tmp_path):
         assert (QuantMoEExperts if kernel else QuantExpertLoop) in {type(m) for m in model.modules()}
     torch.testing.assert_close(_logits(model), _logits(decoded_model(src, tmp_path / "q4")), rtol=1e-4, atol=1e-4)
     assert math.isfinite(_perplexity(tmp_path / "q4", texts[0]))
+    # streamed (one layer's packed modules at a time, QuantizedLayerwise): what the resident model computes
+    streamed = _streamed(tmp_path / "q4", quantized=True)
+    torch.testing.assert_close(streamed(_ids()), _logits(model), rtol=1e-5, atol=1e-5)
+    assert streamed.generate(_ids()[:, :8], 4).tolist() == model.generate(_ids()[:, :8], max_new_tokens=4,
+                                                                          do_sample=False).tolist()
+
+
+def _streamed(path: Path, quantized: bool) -> StreamedLM:
+    placement = Placement(torch.device("cpu"), torch.float32)
+    return StreamedLM.open(path, placement, stream_plan(path, placement, True, quantized), quantized)
+
+
+def test_streamed_model_computes_what_the_resident_one_does(arch):
+    """One decoder layer resident at a time (MetaModel): every layer's arguments from the model's own forward
+    (sliding windows, per-type rotary, a KV cache when generating), the final norm and head as the model has them."""
+    from transformers import AutoModelForCausalLM
+
+    _, src = arch
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.cat([_ids(), _ids().flip(1)])  # [2, 24]: two windows in one batch
+    streamed = _streamed(src, quantized=False)
+    with torch.no_grad():
+        torch.testing.assert_close(streamed(ids), ref(ids).logits, rtol=1e-5, atol=1e-5)
+    prompt = ids[:1, :20]  # past gemma3's and gpt_oss's sliding window (16) while generating
+    assert streamed.generate(prompt, 6).tolist() == ref.generate(prompt, max_new_tokens=6, do_sample=False).tolist()
 
 
 @pytest.mark.parametrize("arch", MOE, indirect=True)
