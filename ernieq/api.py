@@ -409,7 +409,7 @@ def generate(model: str | Path, prompt: str, max_new_tokens: int = 32, *, device
         if isinstance(net, StreamedLM):
             log.info("streamed generation reads all %d decoder layers from the checkpoint for the prompt and again "
                      "for each of the %d new tokens: slow, with memory bounded by one layer",
-                     net.config.num_hidden_layers, max_new_tokens)
+                     net.layers.num_layers, max_new_tokens)
             out = net.generate(ids, max_new_tokens, streamer=streamer)
         else:
             out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)
