@@ -3,7 +3,7 @@
     python benchmarks/fastdeploy_roundtrip.py --calib STATS --data ../shared/data/wikitext-2-raw/wiki.test.raw \
         --max-windows 12 --out benchmarks/results/demo_fastdeploy_roundtrip.json
 
-STATS is a folder written by ``ernieq calibrate demo --data demo --tokens 32768 --seq-len 512``. The script
+STATS is a folder written by ``ernieq calibrate demo --data demo`` (``--tokens``: its size). The script
 quantizes the demo with ``--bits 2`` and GPTQ from STATS without rotations (what FastDeploy can carry, as
 ``--format fastdeploy`` does), exports that native checkpoint to FastDeploy's layout, and evaluates both on
 the same windows through ernieq's runtime: the export's codes are read back as stored, nothing re-encoded.

@@ -271,13 +271,19 @@ def main() -> None:
         for codec_name in args.codecs:
             rows.append(run_case(shape, codec_name, args.experts_300b if big else args.experts,
                                  args.reference_300b if big else args.reference, hessians[k], device))
-    meta["load_after"] = load()
-    meta["load_1_5_15_min_after"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+            write(args.out, meta, rows, complete=False)  # a run cut short keeps the rows it finished
+    print(write(args.out, meta, rows, complete=True))
+
+
+def write(out: Path | None, meta: dict, rows: list[dict], complete: bool) -> str:
+    """The markdown table; with ``out``, the JSON (meta, rows, table) written there too."""
+    meta.update(complete=complete, load_after=load(),
+                load_1_5_15_min_after=os.getloadavg() if hasattr(os, "getloadavg") else None)
     table = markdown(meta, rows)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=2) + "\n")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"meta": meta, "rows": rows, "markdown": table}, indent=2) + "\n")
+    return table
 
 
 if __name__ == "__main__":

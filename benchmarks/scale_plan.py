@@ -182,7 +182,7 @@ def markdown(result: dict) -> str:
                   "| setup | ranks | calibration memory per rank (layer bf16 + Hessian sums + hidden states) "
                   "| GPTQ chunk per rank | all-reduce sent per rank per MoE layer (full / upper) "
                   "| Hessian reduce, whole model (assumed bandwidth) | GPTQ at the GPU target "
-                  "| CPU thread-hours per rank |",
+                  "| hours on R CPU threads instead |",
                   "|---|---:|---|---:|---:|---:|---:|---:|"]
         for name, s in p["setups"].items():
             c, g, a = (s["calibration_memory_per_rank_bytes"], s["gptq_memory_per_rank_bytes"],
@@ -192,7 +192,7 @@ def markdown(result: dict) -> str:
                 f"{gb(c['hessian_sums_f32'])} + {gb(c['hidden_states_bf16'])}) | {gb(g['experts_chunk'])} "
                 f"({g['experts_per_chunk']} experts) | {gb(a['full'])} / {gb(a['upper'])} "
                 f"| {s['projected_hessian_reduce_s']:.1f} s | {s['projected_gptq_s_at_gpu_rate'] / 60:.1f} min "
-                f"| {s['projected_gptq_cpu_thread_hours_over_ranks']:.1f} |")
+                f"| {s['projected_gptq_cpu_thread_hours_over_ranks']:.1f} h |")
         lines.append("")
     return "\n".join(lines)
 

@@ -675,6 +675,7 @@ def main() -> None:
                           highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except ErnieqError as err:
+        distributed.ending()
         world = distributed.world()
         rank = f"{world}: " if world.size > 1 and not isinstance(err, distributed.DistributedError) else ""
         err_console.print(f"[bold red]error:[/bold red] {escape(rank + _one_line(str(err)))}", highlight=False,

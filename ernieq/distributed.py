@@ -109,8 +109,16 @@ def init(required: bool = False) -> World:
 
 def _stopped(signum, frame) -> None:
     """SIGTERM: the launcher ends the job because another rank ended; say so in one line, keep the work."""
+    ending()
     raise DistributedError(f"{_world}: stopped by the launcher: another rank ended (the launcher's report names "
                            f"it); the same command resumes")
+
+
+def ending() -> None:
+    """This rank is on its way out with its one error line: the launcher's SIGTERM, which follows a lost peer,
+    must not interrupt that line (it would replace it with a traceback)."""
+    if _world.size > 1:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @contextmanager
@@ -120,6 +128,7 @@ def _collective(me: World, what: str):
         yield
     except (RuntimeError, ValueError) as err:  # what torch.distributed raises for a lost peer or a bad address
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        ending()
         raise DistributedError(f"{me}: {what}: another rank stopped or cannot be reached ({first[:200]}); "
                                f"the launcher's report names it; the same command resumes") from None
 

@@ -275,7 +275,7 @@ def test_modules_that_pickle_between_their_own_processes_read_no_files():
 def test_the_unsafe_patterns_do_find_what_they_look_for():
     samples = ["x = torch.load(path)", "import pickle", "m = f(trust_remote_code=True)",
                "np.load(p, allow_pickle=True)", "y = eval(text)"]
-    safe = ["x = torch.load(path, weights_only=True)", "model.eval()", "tokenizer.from_pretrained(p)"]
+    safe = ["x = torch.load(path, weights_only=True)", "model.eval()", "def eval(self):", "tokenizer.from_pretrained(p)"]
     assert all(any(re.search(p, s) for p, _ in UNSAFE) for s in samples)
     assert not any(re.search(p, s) for p, _ in UNSAFE for s in safe)
 

@@ -50,8 +50,8 @@ def test_generate_streams_each_token_before_the_next_is_computed(demo_routed_dir
     forwards = []
     real_load = api.load
 
-    def counting_load(model):
-        net, tokenizer = real_load(model)
+    def counting_load(model, **placement):
+        net, tokenizer = real_load(model, **placement)
         net.register_forward_pre_hook(lambda *_: forwards.append(1))
         return net, tokenizer
 

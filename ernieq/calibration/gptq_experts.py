@@ -54,11 +54,12 @@ tested), so ``encode_weight`` on one weight and quantize's batched experts write
 same bytes. Against the reference ``gptq.py`` (float64 U, its own order of float
 operations) the arithmetic is the same up to float32 rounding: now and then a rounding
 tie goes the other way and the later columns compensate it, so the tolerance is stated
-on the output error ``tr(dW H dW^T)``: within 1 % of the reference's, with at least 99 %
-of the codes the same on the test shapes (``tests/calibration/test_gptq_experts.py``);
-at ERNIE-4.5-300B's K = 8192 with a rank-deficient Hessian (4096 tokens) 95.5 % (wint4
-g64), 99.7 % (ccq2) and 99.9 % (wint8) of the codes are the same and the output error is
-within 0.3 % (``benchmarks/gptq_speed.py`` reports both for every shape and codec).
+on the output error ``tr(dW H dW^T)``: within 0.04 % of the reference's, with at least 99.8 %
+of the code bytes the same, for every codec on the test shapes
+(``tests/calibration/test_gptq_experts.py``). At ERNIE 4.5's expert shapes
+(``benchmarks/gptq_speed.py``, BENCHMARKS.md) the output error stays within 0.9996x-1.0002x of the
+reference's; the same code bytes are at least 99.77 % at 21B shapes and 96.2 % (wint4 g64) to
+99.9 % at 300B's K = 8192 with a rank-deficient Hessian (4096 tokens).
 
 Memory: experts are processed in chunks of :func:`experts_per_chunk` (a budget
 in bytes, 2 GiB on a CPU), each expert's factor is computed one at a time.
