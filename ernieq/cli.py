@@ -183,7 +183,7 @@ def inspect(model: str, bits: str, fp8: bool, recipe: str | None, overrides: tup
         codecs = ", ".join(sorted(s.codecs))
         table.add_row(s.label, s.kind, experts, shapes, codecs, f"{s.params:,}", _human_bytes(s.bytes))
     total_params = sum(s.params for s in summary.layers)
-    total_bytes = sum(s.bytes for s in summary.layers) + summary.overhead_bytes
+    total_bytes = summary.stored_bytes
     table.add_row("total", "", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
     console.print(table)
     classes = [(c, summary.params_by_class[c], summary.bytes_by_class[c], summary.bits_per_weight(c))

@@ -87,6 +87,11 @@ class CheckpointSummary:
         """Every stored byte of ``codec``'s modules (scales included) per weight."""
         return 8.0 * self.bytes_by_codec[codec] / self.params_by_codec[codec]
 
+    @property
+    def stored_bytes(self) -> int:
+        """Every stored byte: the tensor classes' and the overhead (bytes that are no model parameter)."""
+        return sum(self.bytes_by_class.values()) + self.overhead_bytes
+
     def accounted(self, *statuses: str) -> int:
         return sum(row.params for (status, _), row in self.accounting.items() if status in statuses)
 

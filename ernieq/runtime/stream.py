@@ -84,7 +84,7 @@ def weight_bytes(path: Path, placement: Placement, quantized: bool) -> int:
 
     summary = checkpoint_summary(path)
     if quantized and resolve_backend(placement.device) != "reference":
-        return sum(summary.bytes_by_class.values())
+        return summary.stored_bytes  # the rotations go to the device too
     return sum(summary.params_by_class.values()) * placement.dtype.itemsize
 
 
