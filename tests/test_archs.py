@@ -201,6 +201,24 @@ def test_bits2_stores_ccq2_experts_and_evaluates(arch, texts, tmp_path):
     assert math.isfinite(_perplexity(tmp_path / "q2", texts[0]))
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "aria_text"], indirect=True)
+def test_experts_the_recipe_keeps_go_back_into_the_modules_parameters(arch, tmp_path):
+    """Routed experts kept by an override stay stored per expert; the loader copies them, one expert at a
+    time, into the class's own fused parameters (per-expert pieces on the hub, interleaved with biases,
+    K-major): resident and streamed, the model computes what the decoded one does."""
+    _, src = arch
+    q = tmp_path / "q4"
+    api.quantize(src, q, bits=4, overrides=(r"\.experts\.=none",), progress=False)
+    reader = NativeReader(q)
+    adapter = adapter_for(reader.config)
+    assert not [m for m in reader.modules if adapter.expert_of(f"{m}.weight")]
+    assert any(adapter.expert_of(n) for n in reader.plain_names())
+    model = load_quantized(q)
+    assert not {QuantMoEExperts, QuantExpertLoop} & {type(m) for m in model.modules()}
+    torch.testing.assert_close(_logits(model), _logits(decoded_model(src, q)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_streamed(q, quantized=True)(_ids()), _logits(model), rtol=1e-5, atol=1e-5)
+
+
 def test_awq_folds_keep_the_function(arch):
     """Every fold set the adapter derives, each with a random scale: the model computes what it did."""
     from transformers import AutoModelForCausalLM

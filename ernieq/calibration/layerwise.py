@@ -13,8 +13,9 @@ rotary embeddings, position ids) is what the model's own forward gives it
 
 Checkpoint names become transformers names through the adapter
 (``Adapter.to_hf_name``); routed experts become the experts module's own
-parameters (``ExpertGroup.params``), per-expert replacements written in by the
-module's layout.
+parameters: as stored when the checkpoint holds them fused, else (per-expert tensors,
+or per-expert replacements) copied into place one expert at a time by the module's
+layout (``ExpertLayout.fill``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ import torch
 from torch import nn
 
 from ernieq.device import HOST, available_memory, trim_host_memory
-from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for
+from ernieq.model.adapters import BIAS, WEIGHT, TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
 from ernieq.model.decoder import after_layers, hf_config, layer_calls, meta_model, rebuild_computed_buffers
+from ernieq.model.expert_layout import PROJECTIONS
 from ernieq.model.moe import ExpertGroup
 
 log = logging.getLogger(__name__)
@@ -205,29 +207,37 @@ class LayerwiseModel(MetaModel):
                                       f"outside decoder layer {prefix[:-1]}")
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
-            state.update(_experts_state(self.reader, lt.experts, prefix, replaced))
+            module = self.model.get_submodule(lt.experts.container)
+            state.update(_experts_state(self.reader, lt.experts, prefix, replaced, module, self.device))
         layer = _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
         rebuild_computed_buffers(self.model, self.config, self.device)  # a layer sent back to meta lost its own
         return layer
 
 
 def _experts_state(reader: CheckpointReader, experts: ExpertGroup, layer_prefix: str,
-                   replaced: dict[str, torch.Tensor]) -> dict:
+                   replaced: dict[str, torch.Tensor], module: nn.Module, device: torch.device) -> dict:
     """The experts module's parameters (relative to the layer) from the checkpoint, with the per-expert
-    weights named in ``replaced`` (canonical names) taking those values."""
-    params = experts.params({t.name: reader.get(t.name) for t in experts.infos})
-    if replaced:
-        layout = experts.layout
-        weights = {}
-        for e, proj, w in layout.weights(params):
-            name = experts.canonical_name(e, proj)
-            src = replaced.get(name, w)
-            if src.shape != w.shape:
-                raise CheckpointError(f"{reader.path}: {name} has shape {tuple(src.shape)}, expert {e} has {tuple(w.shape)}")
-            weights[(e, proj)] = src.to(w.device, w.dtype)  # a replacement may come from the device
-        params.update(layout.fuse(weights, layout.num_experts))
+    weights named in ``replaced`` (canonical names) taking those values. ``module``: the (meta) experts
+    module, whose parameters' dtypes the weights take. Stored fused and not replaced, the parameters are
+    the file's own tensors; else every expert is copied straight into place on ``device``, one expert read
+    at a time (``ExpertLayout.fill``; the same copy ``QuantizedParts`` makes of experts a recipe kept)."""
     rel = experts.container[len(layer_prefix):]
-    return {f"{rel}.{p}": t for p, t in params.items()}
+    layout = experts.layout
+    names = [experts.canonical_name(e, p) for e in range(layout.num_experts) for p in PROJECTIONS]
+    biases = experts.params({t.name: reader.get(t.name) for t in experts.infos if t.kind == BIAS}, (BIAS,))
+    if experts.stored_fused and not any(n in replaced for n in names):
+        params = experts.params({t.name: reader.get(t.name) for t in experts.infos if t.kind == WEIGHT}, (WEIGHT,))
+    else:
+        stored = experts.expert_weights(reader.get)
+
+        def weight(e: int, proj: str) -> torch.Tensor:
+            name = experts.canonical_name(e, proj)
+            return replaced[name] if name in replaced else stored(e, proj)
+
+        params = layout.fill(weight, getattr(module, layout.gate_up).dtype, device,
+                             after_expert=None if experts.stored_fused else reader.release,
+                             where=f"{reader.path}: {experts.container}")
+    return {f"{rel}.{p}": t for p, t in {**params, **biases}.items()}
 
 
 def _materialise(module: nn.Module, state: dict, device: torch.device, what: str) -> nn.Module:

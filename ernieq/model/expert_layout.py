@@ -127,17 +127,40 @@ class ExpertLayout:
         return out
 
     def fuse(self, weights: dict[tuple[int, str], torch.Tensor], num_experts: int) -> dict[str, torch.Tensor]:
-        """The module's gate_up and down parameters from per-expert weights [N, K] ({(e, proj): W})."""
-        g_idx, u_idx = self.split()
+        """The module's gate_up and down parameters from per-expert weights [N, K] ({(e, proj): W}), in the
+        first weight's dtype and on its device."""
+        if num_experts != self.num_experts:
+            raise ValueError(f"{self.describe()}: {num_experts} experts given, the module holds {self.num_experts}")
         first = weights[(0, "gate_proj")]
-        gate_up = first.new_empty(num_experts, 2 * self.inter, self.hidden)  # [E, 2I, H]
-        down = first.new_empty(num_experts, self.hidden, self.inter)  # [E, H, I]
-        for e in range(num_experts):
-            gate_up[e, g_idx] = weights[(e, "gate_proj")]
-            gate_up[e, u_idx] = weights[(e, "up_proj")]
-            down[e] = weights[(e, "down_proj")]
-        return {self.gate_up: self.gate_up_nk(gate_up).contiguous(), self.down: self.down_nk(down).contiguous()}
+        return self.fill(lambda e, proj: weights[(e, proj)], first.dtype, first.device)
 
+    def fill(self, weight: Callable[[int, str], torch.Tensor], dtype: torch.dtype, device: torch.device,
+             after_expert: Callable[[], None] | None = None, where: str = "") -> dict[str, torch.Tensor]:
+        """The module's gate_up and down parameters (in its own orientation), allocated once in ``dtype`` on
+        ``device``, every expert's weights W [N, K] = ``weight(e, proj)`` copied straight into place (no
+        stacked copy of the block beside them); ``after_expert()`` runs after each expert (a reader's
+        ``release``: the pages read are unmapped as the copy goes). ``where`` names the module in errors."""
+        gate_up = torch.empty(self.num_experts, *self._gate_up_shape(), dtype=dtype, device=device)  # as stored
+        down = torch.empty(self.num_experts, *self._down_shape(), dtype=dtype, device=device)  # as stored
+        gate_up_nk, down_nk = self.gate_up_nk(gate_up), self.down_nk(down)  # [E, 2I, H], [E, H, I] views
+        g_idx, u_idx = self.split()
+        for e in range(self.num_experts):
+            for proj, dst in (("gate_proj", gate_up_nk[e, g_idx]), ("up_proj", gate_up_nk[e, u_idx]),
+                              ("down_proj", down_nk[e])):
+                src = weight(e, proj)
+                if tuple(src.shape) != tuple(dst.shape):
+                    raise CheckpointError(f"{where or self.describe()}: expert {e} {proj} has shape "
+                                          f"{tuple(src.shape)}, the module holds {tuple(dst.shape)}")
+                dst.copy_(src)  # converts to dtype and device
+            if after_expert is not None:
+                after_expert()
+        return {self.gate_up: gate_up, self.down: down}
+
+    def _gate_up_shape(self) -> tuple[int, int]:
+        return (self.hidden, 2 * self.inter) if self.gate_up_k_major else (2 * self.inter, self.hidden)
+
+    def _down_shape(self) -> tuple[int, int]:
+        return (self.inter, self.hidden) if self.down_k_major else (self.hidden, self.inter)
 
 def gate_function(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """The experts module's map from its [T, 2I] gate_up output to the hidden state [T, I]: its

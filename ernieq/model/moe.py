@@ -11,7 +11,7 @@ layout (``expert_layout.py``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +87,47 @@ class ExpertGroup:
                 raise CheckpointError(f"layer {self.layer}: expert {e} has no {p} ({len(missing)} missing tensor(s))")
             out.update(self.layout.fuse(canonical, self.num_experts))
         return out
+
+    @property
+    def stored_fused(self) -> bool:
+        """Whether the checkpoint holds every weight of the group as the module's own fused parameters."""
+        return all(t.fused for t in self.infos if t.kind == WEIGHT)
+
+    def expert_weights(self, get: Callable[[str], torch.Tensor]) -> Callable[[int, str], torch.Tensor]:
+        """(expert, projection) -> W [N, K] from the checkpoint through ``get(name)``, reading only that expert's
+        tensor where the checkpoint stores experts apart (a fused parameter is read once and sliced):
+        what :meth:`ExpertLayout.fill` copies into place."""
+        layout = self.layout
+        apart: dict[tuple[int, str], tuple[str, bool]] = {}  # (e, proj) -> (stored name, stored [K, N])
+        fused: dict[str, str] = {}  # the module's parameter -> stored name
+        for info in (t for t in self.infos if t.kind == WEIGHT):
+            if info.fused:
+                fused[self.adapter.names.map(info.name).hf.rpartition(".")[2]] = info.name
+                continue
+            # a converter's per-expert piece lies as the parameter does (k-major parameters stack [K, N] pieces);
+            # a canonical per-expert name is always [N, K]
+            piece = self.adapter.names.map(info.name).pattern is not None
+            k_major = layout.down_k_major if info.proj == "down_proj" else layout.gate_up_k_major
+            apart[(info.expert, info.proj)] = (info.name, piece and k_major)
+        views: dict[str, torch.Tensor] = {}  # the module's parameter -> the stored tensor as [E, N, K]
+        g_idx, u_idx = layout.split()
+
+        def weight(e: int, proj: str) -> torch.Tensor:
+            if (e, proj) in apart:
+                name, k_n = apart[(e, proj)]
+                w = get(name)
+                return w.T if k_n else w
+            down = proj == "down_proj"
+            param = layout.down if down else layout.gate_up
+            if param not in fused:
+                raise CheckpointError(f"layer {self.layer}: expert {e} has no {proj}")
+            if param not in views:  # read once, sliced per expert
+                stored = get(fused[param])
+                views[param] = layout.down_nk(stored) if down else layout.gate_up_nk(stored)
+            nk = views[param]
+            return nk[e] if down else nk[e, g_idx if proj == "gate_proj" else u_idx]
+
+        return weight
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[int, str, torch.Tensor]]:
         """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors."""

@@ -121,9 +121,7 @@ class QuantizedParts:
         state = {}
         for container, names in self.kept_experts.items():  # back into the module's own (fused) parameters
             if keep(container):
-                layout = adapter.layouts[container]
-                weights = {key: reader.plain(name) for key, name in names.items()}
-                state.update({f"{container}.{p}": t for p, t in layout.fuse(weights, layout.num_experts).items()})
+                state.update(self._kept_experts(model.get_submodule(container), container, names, device))
         state.update({hf: reader.plain(name) for hf, name in self.plain.items() if keep(hf)})
         expected = model.state_dict()
         unexpected = [k for k in state if k not in expected]
@@ -132,6 +130,20 @@ class QuantizedParts:
         state = {k: v.to(device, expected[k].dtype) if v.is_floating_point() else v.to(device) for k, v in state.items()}
         model.load_state_dict(state, strict=False, assign=True)
         return replaced
+
+    def _kept_experts(self, module: nn.Module, container: str, names: dict, device: torch.device) -> dict:
+        """The fused parameters of experts module ``container`` whose experts the recipe kept ({(e, proj):
+        stored name}), each expert copied straight into place on ``device`` in the module's dtype, the files
+        unmapped as the copy goes (``ExpertLayout.fill``, as calibration's layer loader does)."""
+        layout = self.adapter.layouts[container]
+        missing = [(e, p) for e in range(layout.num_experts) for p in PROJECTIONS if (e, p) not in names]
+        if missing:
+            e, p = missing[0]
+            raise CheckpointError(f"{self.path}: {container}: expert {e} {p} is stored neither quantized nor kept "
+                                  f"({len(missing)} missing tensor(s))")
+        params = layout.fill(lambda e, p: self.reader.plain(names[(e, p)]), getattr(module, layout.gate_up).dtype,
+                             device, after_expert=self.reader.release, where=f"{self.path}: {container}")
+        return {f"{container}.{p}": t for p, t in params.items()}
 
     def _experts(self, original: nn.Module, container: str, bases: dict) -> nn.Module:
         """The packed stand-in for experts module ``container`` ({(e, proj): base}; ``original``: the

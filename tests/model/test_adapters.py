@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from ernieq.model.adapters import TensorClass, adapter_for, iter_groups
+from ernieq.model.adapters import WEIGHT, TensorClass, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
 from ernieq.model.moe import ExpertGroup
-from tests.archs import ARCHS, tiny_config
+from tests.archs import ARCHS, tiny_config, write_tiny_arch
 from tests.tiny import TINY_ERNIE
 
 
@@ -128,10 +128,35 @@ def test_both_expert_layouts_give_the_same_per_expert_weights(tmp_path):
         experts = ExpertGroup.from_infos(group.tensors, adapter_for(TINY_ERNIE))
         assert experts.num_experts == E
         views.append({(e, proj): w for e, proj, w in experts.weights(group.load(reader))})
+        weight = experts.expert_weights(reader.get)  # one expert's tensors at a time: the same weights
+        assert all(torch.equal(weight(e, proj), w) for (e, proj), w in views[-1].items())
     assert views[0].keys() == views[1].keys()
     for key in views[0]:
         assert torch.equal(views[0][key], views[1][key]), key
     assert torch.equal(views[0][(2, "up_proj")], up[2])
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if ARCHS[a].moe and a != "list_moe"])
+def test_experts_are_copied_into_place_one_expert_at_a_time(arch, tmp_path):
+    """ExpertLayout.fill, from the checkpoint as the hub holds it (per-expert pieces, fused, K-major,
+    interleaved), builds the parameters transformers' converter builds, in the dtype asked for."""
+    reader = CheckpointReader(write_tiny_arch(arch, tmp_path / "src"))
+    adapter = adapter_for(reader.config)
+    checked = 0
+    for group in iter_groups(reader, adapter):
+        experts = ExpertGroup.from_infos(group.tensors, adapter)
+        if experts is None:
+            continue
+        want = experts.params(group.load(reader), (WEIGHT,))
+        released = []
+        got = experts.layout.fill(experts.expert_weights(reader.get), torch.bfloat16, torch.device("cpu"),
+                                  after_expert=lambda: released.append(1))
+        assert len(released) == experts.num_experts
+        assert got.keys() == want.keys()
+        for p, t in got.items():
+            assert t.dtype == torch.bfloat16 and t.is_contiguous() and torch.equal(t, want[p].to(torch.bfloat16)), p
+        checked += 1
+    assert checked >= 1
 
 
 def test_incomplete_per_expert_group_is_named(tmp_path):
