@@ -152,10 +152,17 @@ def weight_bytes(net: nn.Module) -> int:
     return sum(storages.values())
 
 
+def text_fields(config: dict) -> dict:
+    """The language model's fields of a config.json: its ``text_config`` where it nests one (multimodal
+    configs keep vocab_size and max_position_embeddings there), else the config itself."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
 def check_positions(name: str, config: dict, options: ModelBenchOptions) -> None:
     """A one-line error, before the model loads, when the prompt and new tokens do not fit its positions
     (``config``: its config.json)."""
-    limit = config.get("max_position_embeddings")
+    limit = text_fields(config).get("max_position_embeddings")
     if limit is not None and options.prompt_len + options.new_tokens > limit:
         raise ErnieqError(f"bench: {name}: --prompt-len {options.prompt_len} + --new-tokens {options.new_tokens} "
                           f"is more than its max_position_embeddings {limit}")
@@ -170,7 +177,8 @@ class _Run:
         self.net, self.device, self.options = net, device, options
         p, n = options.prompt_len, options.new_tokens
         gen = torch.Generator().manual_seed(options.seed)
-        self.prompt = torch.randint(net.config.vocab_size, (batch, p), generator=gen).to(device)  # [B, P]
+        vocab = net.config.get_text_config().vocab_size  # a nested config (multimodal) holds it in its text config
+        self.prompt = torch.randint(vocab, (batch, p), generator=gen).to(device)  # [B, P]
         self.positions = torch.arange(p + n, device=device)[None]  # [1, P + N]
         self.cache = StaticCache(config=net.config, max_cache_len=p + n)
 
