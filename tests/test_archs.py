@@ -135,6 +135,22 @@ def test_inspect_accounts_for_every_parameter(arch):
     assert (TensorClass.ROUTED_EXPERT in classes) == ARCHS[name].moe
 
 
+def test_readme_lists_every_architecture_of_the_matrix():
+    """Issue 17's acceptance: the README names the architectures tested (by their transformers class)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Architectures\n", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    for name, spec in ARCHS.items():
+        if name == "list_moe":
+            assert "`tests/list_moe.py`" in section
+        else:
+            assert f"(`{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[spec.model_type]}`) |" in section, name
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 1 + len(ARCHS)  # the head and one row per architecture
+    assert f"{len(ARCHS)} architectures, {len(ARCHS) - 1} of them transformers' own, {len(MOE)} with experts" in section
+
+
 def test_inspect_counts_a_stored_copy_of_a_tied_weight_once(tmp_path):
     """Some hub checkpoints store lm_head beside the embedding it is tied to: a row of its own, counted once."""
     src = write_tiny_arch("gemma3", tmp_path / "src")  # tied: save_pretrained writes the embedding alone
@@ -193,9 +209,15 @@ def test_streamed_model_computes_what_the_resident_one_does(arch):
 @pytest.mark.parametrize("arch", MOE, indirect=True)
 def test_bits2_stores_ccq2_experts_and_evaluates(arch, texts, tmp_path):
     _, src = arch
+    planned = api.inspect(src, bits=2, w4_moe_layers=1)  # the plain checkpoint, accounted by the --bits 2 recipe
+    assert planned.accounted("quantized", "kept") == planned.model_params, planned.accounting
     api.quantize(src, tmp_path / "q2", bits=2, w4_moe_layers=1, progress=False)
     codecs = {spec.codec for spec in NativeReader(tmp_path / "q2").modules.values()}
     assert codecs == {"wint8", "wint4", "ccq2"}
+    summary = api.inspect(tmp_path / "q2")  # and the checkpoint it wrote: every parameter, quantized or kept
+    assert summary.accounted("quantized", "kept") == summary.model_params, summary.accounting
+    assert {r for s, r in summary.accounting if s == "quantized"} == codecs
+    assert {k: v.params for k, v in summary.accounting.items()} == {k: v.params for k, v in planned.accounting.items()}
     torch.testing.assert_close(_logits(load_quantized(tmp_path / "q2")),
                                _logits(decoded_model(src, tmp_path / "q2")), rtol=1e-4, atol=1e-4)
     assert math.isfinite(_perplexity(tmp_path / "q2", texts[0]))
