@@ -51,12 +51,19 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
-def inspect(model: str | Path) -> CheckpointSummary:
-    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class.
-    Any checkpoint folder: plain, ernieq native or another format ernieq reads (FastDeploy)."""
-    from ernieq.formats.registry import checkpoint_summary
+def inspect(model: str | Path, options: QuantizeOptions | None = None, **fields) -> CheckpointSummary:
+    """Per layer: dense or MoE, experts, shapes, codecs, parameters and bytes; totals by tensor class;
+    where every parameter goes (quantized, kept and why, tied, unclassified). Any checkpoint folder:
+    plain (accounted by the ``--bits`` recipe of ``options`` with ``fields`` replaced), ernieq native or
+    another format ernieq reads (FastDeploy)."""
+    from ernieq.formats.registry import checkpoint_summary, quantized_format
+    from ernieq.quantize import recipe_for, recipe_view
 
-    return checkpoint_summary(resolve_model(model))
+    path = resolve_model(model)
+    if quantized_format(path) is not None:
+        return checkpoint_summary(path)
+    config, _ = recipe_for(path, with_fields(options, fields))
+    return checkpoint_summary(path, recipe_view(path, config))
 
 
 def stored_recipe(model: str | Path) -> dict | None:
@@ -402,7 +409,7 @@ def generate(model: str | Path, prompt: str, max_new_tokens: int = 32, *, device
         if isinstance(net, StreamedLM):
             log.info("streamed generation reads all %d decoder layers from the checkpoint for the prompt and again "
                      "for each of the %d new tokens: slow, with memory bounded by one layer",
-                     net.config.num_hidden_layers, max_new_tokens)
+                     net.layers.num_layers, max_new_tokens)
             out = net.generate(ids, max_new_tokens, streamer=streamer)
         else:
             out = net.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer)

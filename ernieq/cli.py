@@ -166,10 +166,17 @@ def _bits_table(title: str, key: str, rows: list[tuple[str, int, int, float]]) -
 
 @cli.command()
 @click.argument("model")
-def inspect(model: str) -> None:
-    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes) and bits per weight by class.
+@click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True,
+              help="A plain MODEL is accounted by this recipe (what quantize --bits would keep and why).")
+@click.option("--fp8", is_flag=True, help="Account a plain MODEL by the block-FP8 recipe instead.")
+@click.option("--recipe", default=None, metavar="FILE|NAME", help="Account a plain MODEL by this recipe instead.")
+@click.option("--override", "overrides", multiple=True, metavar="'REGEX=CODEC[:k=v,...]'",
+              help="Overrides of that recipe, as quantize takes them.")
+def inspect(model: str, bits: str, fp8: bool, recipe: str | None, overrides: tuple[str, ...]) -> None:
+    """Print MODEL's layers (dense or MoE, experts, shapes, codecs, parameters, bytes), bits per weight by class,
+    and where every parameter goes: quantized (by codec), kept (and why), tied, unclassified.
     MODEL: a plain or quantized folder (ernieq native, or FastDeploy's wint2 layout, split per rank or not)."""
-    summary = api.inspect(model)
+    summary = api.inspect(model, QuantizeOptions(bits=int(bits), fp8=fp8, recipe=recipe, overrides=overrides))
     table = Table(title=f"{model}")
     for col in ("layer", "kind", "experts", "shapes", "codecs", "params", "bytes"):
         table.add_column(col, justify="right" if col in ("experts", "params", "bytes") else "left")
@@ -179,7 +186,7 @@ def inspect(model: str) -> None:
         codecs = ", ".join(sorted(s.codecs))
         table.add_row(s.label, s.kind, experts, shapes, codecs, f"{s.params:,}", _human_bytes(s.bytes))
     total_params = sum(s.params for s in summary.layers)
-    total_bytes = sum(s.bytes for s in summary.layers)
+    total_bytes = summary.stored_bytes
     table.add_row("total", "", "", "", "", f"{total_params:,}", _human_bytes(total_bytes), style="bold")
     console.print(table)
     classes = [(c, summary.params_by_class[c], summary.bytes_by_class[c], summary.bits_per_weight(c))
@@ -189,6 +196,7 @@ def inspect(model: str) -> None:
         codecs = [(c, summary.params_by_codec[c], summary.bytes_by_codec[c], summary.codec_bits_per_weight(c))
                   for c in sorted(summary.params_by_codec)]
         console.print(_bits_table("by codec (every stored byte, scales included)", "codec", codecs))
+    console.print(_accounting_table(summary))
     moe = sum(s.kind == "moe" for s in summary.layers)
     dense = sum(s.kind == "dense" for s in summary.layers)
     console.print(f"{dense} dense and {moe} MoE layers, {total_params:,} parameters, {_human_bytes(total_bytes)}")
@@ -223,6 +231,20 @@ def _task_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _accounting_table(summary) -> Table:
+    """Every parameter once: quantized (by codec), kept (and why), tied, extra, unclassified; the model's count."""
+    table = Table(title=f"where every parameter goes ({summary.model_class}: {summary.model_params:,} parameters)")
+    for col in ("status", "reason", "tensors", "params", "names"):
+        table.add_column(col, justify="right" if col in ("tensors", "params") else "left")
+    for (status, reason), row in sorted(summary.accounting.items()):
+        table.add_row(status, reason, f"{row.tensors:,}", f"{row.params:,}", "\n".join(row.names))
+    counted = summary.accounted("quantized", "kept", "unclassified")
+    table.add_row("total", "quantized + kept + unclassified", "", f"{counted:,}",
+                  "= the model's parameters" if counted == summary.model_params else
+                  f"the model has {summary.model_params:,}: the checkpoint is incomplete", style="bold")
+    return table
 
 
 @cli.command("eval")
@@ -383,6 +405,12 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
         table.add_row(name, f"{row['weights']:,}", codecs, _human_bytes(row["bytes_before"]),
                       _human_bytes(row["bytes_after"]), f"{row['bits_per_weight']:.3f}")
     console.print(table)
+    kept = Table(title="left as they are, and why")
+    for col in ("reason", "tensors", "params", "names"):
+        kept.add_column(col, justify="right" if col in ("tensors", "params") else "left")
+    for reason, row in data["kept"].items():
+        kept.add_row(reason, f"{row['tensors']:,}", f"{row['params']:,}", "\n".join(row["names"]))
+    console.print(kept)
     console.print(
         f"{data['bits_per_weight_all']:.3f} bits per weight over all weights, "
         f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "

@@ -101,6 +101,11 @@ class QuantConfig:
     def recipe(self) -> str:
         return f"{self.name}-rot" if self.rotate else self.name
 
+    def names_kept(self, name: str) -> bool:
+        """Whether a rule that keeps weights (``--override 'REGEX=none'``) names tensor ``name``: how a
+        tensor ernieq cannot classify is let through, as it is."""
+        return any(r.choice is None and r.pattern is not None and re.search(r.pattern, name) for r in self.rules)
+
     def rotates(self, choice: CodecChoice | None) -> bool:
         return choice is not None and choice.codec in self.rotate
 

@@ -10,6 +10,7 @@ Nothing is loaded; the message is one line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ernieq.codecs import CodecError
@@ -17,7 +18,7 @@ from ernieq.codecs.base import check_shape
 from ernieq.config import QuantConfig
 from ernieq.encode import codec_of
 from ernieq.errors import ErnieqError
-from ernieq.model.adapters import adapter_for, iter_groups
+from ernieq.model.adapters import TensorClass, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weight_shapes
 from ernieq.quantize import moe_ordinals
@@ -36,7 +37,13 @@ def check_plan(source: Path, config: QuantConfig) -> None:
     decided = [0] * len(config.rules)
     matched = [0] * len(config.rules)
     for group in groups:
-        for name, info, shape in linear_weight_shapes(reader, group.tensors):
+        for info in group.tensors:  # a rule keeping a tensor ernieq cannot classify decides it
+            if info.cls is TensorClass.UNCLASSIFIED:
+                for i, r in enumerate(config.rules):
+                    if r.choice is None and r.pattern is not None and re.search(r.pattern, info.name):
+                        decided[i] += 1
+                        matched[i] += 1
+        for name, info, shape in linear_weight_shapes(reader, group.tensors, adapter):
             ordinal = ordinals.get(info.layer)
             rule = config.rule_for(name, info, ordinal)
             for i, r in enumerate(config.rules):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,9 +44,11 @@ from ernieq.errors import ErnieqError
 from ernieq.formats.native import copy_side_files
 from ernieq.formats.native_writer import GroupTensors, NativeWriter, write_json_atomic
 from ernieq.killpoints import kill_point
-from ernieq.model.adapters import TensorClass, TensorGroup, adapter_for, iter_groups
+from ernieq.model.adapters import Adapter, TensorClass, TensorGroup, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weight_shapes, linear_weights
+from ernieq.model.summary import name_patterns
+from ernieq.model.tensor_info import kept_reason
 from ernieq.progress import QuantizeProgress
 from ernieq.recipes import SPEC_KEY, configure, recipe_spec
 
@@ -84,6 +87,7 @@ class QuantizeSummary:
 
     recipe: str
     classes: dict[str, ClassSummary]
+    kept: dict[str, dict] = field(default_factory=dict)  # reason -> {"tensors", "params", "names"}
     seconds: float = 0.0
     runtime: dict = field(default_factory=dict)  # where it ran (``Placement.record``)
 
@@ -103,6 +107,7 @@ class QuantizeSummary:
             "bytes_before": b_all,
             "bytes_after": a_all,
             "classes": {k: {**asdict(c), "bits_per_weight": c.bits_per_weight} for k, c in sorted(self.classes.items())},
+            "kept": self.kept,
             "runtime": self.runtime,
         }
 
@@ -110,10 +115,15 @@ class QuantizeSummary:
     def from_records(cls, recipe_name: str, records: list[dict]) -> QuantizeSummary:
         """The totals of every group's record (``extra.classes``), in group order."""
         classes: dict[str, ClassSummary] = {}
+        kept: dict[str, list] = {}
         for record in records:
             for name, row in record["extra"]["classes"].items():
                 classes.setdefault(name, ClassSummary()).add(ClassSummary(**row))
-        return cls(recipe_name, classes)
+            for reason, names in record["extra"].get("kept", {}).items():
+                kept.setdefault(reason, []).extend(names)
+        rows = {reason: {"tensors": len(items), "params": sum(n for _, n in items),
+                         "names": name_patterns(name for name, _ in items)} for reason, items in sorted(kept.items())}
+        return cls(recipe_name, classes, rows)
 
 
 def moe_ordinals(reader: CheckpointReader, adapter, groups: list[TensorGroup] | None = None) -> dict[int, int]:
@@ -143,6 +153,7 @@ class _Job:
     """Everything :func:`quantize_group` needs besides the group."""
 
     reader: CheckpointReader
+    adapter: Adapter
     config: QuantConfig
     ordinals: dict[int, int]
     calib: object | None
@@ -169,7 +180,7 @@ class _Job:
 def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
     """AWQ's scales searched and folded into the group (``ernieq.calibration.awq``): the new weights
     list, the group's other tensors (norms, router) and the statistics of every scaled weight."""
-    from ernieq.calibration.awq import Member, apply_awq
+    from ernieq.calibration.awq import Member, apply_awq, group_folds
 
     infos = {name: info for name, info, _ in weights}
     device = job.encoder.device  # the search runs there; the results come back to host memory
@@ -184,19 +195,24 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
         choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
         return None if choice is None else Member(name, weight, codec_of(choice), stats(name))
 
-    named, scaled = apply_awq(named, member, stats)
+    folds, reasons = group_folds(job.adapter, group.layer, list(named)) if group.layer is not None else ([], [])
+    for reason in reasons:
+        log.info("awq: %s: left unscaled: %s", group.key, reason)
+    named, scaled = apply_awq(named, folds, member, stats)
     named = {name: t.to(HOST) for name, t in named.items()}
     scaled = {name: s.to(HOST) if s is not None else None for name, s in scaled.items()}
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
 def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str, torch.Tensor],
-                   keep=None) -> tuple[GroupTensors, dict]:
-    """Encode group ``index``'s linear weights; returns what to store and its summary rows by class.
+                   keep=None) -> tuple[GroupTensors, dict, dict]:
+    """Encode group ``index``'s linear weights; returns what to store, its summary rows by class and
+    what it keeps as it is ({reason: [(name, weights)]}).
     ``keep(info)``: only the tensors of one part of the group (:func:`_in_part`)."""
     out = GroupTensors()
     rows: dict[str, ClassSummary] = {}
-    weights = [w for w in linear_weights(group.tensors, tensors)  # routed experts under per-expert names
+    kept: dict[str, list] = {}  # reason -> [(name, weights)] of what stays as it is
+    weights = [w for w in linear_weights(group.tensors, tensors, job.adapter)  # routed experts under per-expert names
                if keep is None or keep(w[1])]
     stats = {}
     if job.method == "awq":
@@ -210,6 +226,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
         if choice is None:
             out.add_plain(name, weight)
             row.bytes_after += _nbytes(weight)
+            kept.setdefault(kept_reason(info), []).append((name, weight.numel()))
             job.bar.weights_done(weight.numel())
             continue
         todo.append((name, info, weight, choice))
@@ -261,16 +278,17 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
         row.bytes_before += _nbytes(t)
         row.bytes_after += _nbytes(t)
         out.add_plain(info.name, t)
+        kept.setdefault(kept_reason(info), []).append((info.name, t.numel()))
         job.bar.weights_done(t.numel())
-    return out, {k: asdict(v) for k, v in sorted(rows.items())}
+    return out, {k: asdict(v) for k, v in sorted(rows.items())}, kept
 
 
-def _pieces(reader: CheckpointReader, group: TensorGroup, method: str) -> list[int]:
+def _pieces(reader: CheckpointReader, adapter: Adapter, group: TensorGroup, method: str) -> list[int]:
     """The group's weight counts where a plan may cut it: everything but its routed experts, then each
     routed expert; one piece with AWQ, whose scales are searched over the whole group."""
     total = _group_weights(reader, group)
     experts: dict[int, int] = {}
-    for _, info, shape in linear_weight_shapes(reader, group.tensors):
+    for _, info, shape in linear_weight_shapes(reader, group.tensors, adapter):
         if info.cls is TensorClass.ROUTED_EXPERT:
             experts[info.expert] = experts.get(info.expert, 0) + shape[0] * shape[1]
     if method == "awq" or not experts:
@@ -285,9 +303,14 @@ def _in_part(part: distributed.Part):
 
 
 def _merge_rows(extras: list[dict]) -> dict:
-    """A cut group's summary rows by class: the sums of its parts' rows."""
+    """A cut group's summary rows by class (the sums of its parts' rows) and what it keeps as it is
+    (each reason's (name, weights) of every part, in the parts' order)."""
     classes = QuantizeSummary.from_records("", [{"extra": e} for e in extras]).classes
-    return {"classes": {k: asdict(v) for k, v in sorted(classes.items())}}
+    kept: dict[str, list] = {}
+    for extra in extras:
+        for reason, items in extra.get("kept", {}).items():
+            kept.setdefault(reason, []).extend(tuple(item) for item in items)
+    return {"classes": {k: asdict(v) for k, v in sorted(classes.items())}, "kept": kept}
 
 
 def work_units(todo: list, rotation_keys: list, method: str, slots: int, device: torch.device) -> list[list[int]]:
@@ -375,6 +398,32 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
+def check_classified(reader: CheckpointReader, adapter: Adapter, groups: list[TensorGroup], config: QuantConfig) -> None:
+    """Fail, naming the first, on a tensor ernieq cannot classify that the recipe does not name: nothing
+    is left unquantized in silence."""
+    unknown = [t.name for g in groups for t in g.tensors
+               if t.cls is TensorClass.UNCLASSIFIED and not config.names_kept(t.name)]
+    if unknown:
+        name = unknown[0]
+        where = "is a matrix of" if adapter.in_model(name) else "has no place in"
+        raise ErnieqError(f"{reader.file_of(name)}: tensor {name!r} {where} {adapter.model_class} that ernieq cannot "
+                          f"classify ({len(unknown)} such tensor(s)); to keep it as it is, name it in the recipe: "
+                          f"--override '^{re.escape(name)}$=none'")
+
+
+def recipe_view(source: Path, config: QuantConfig):
+    """What ``config`` would do to the plain checkpoint at ``source``, for ``ernieq inspect``'s accounting."""
+    from ernieq.model.summary import RecipeView
+
+    ordinals = _ordinals(source)
+
+    def choose(name, info):
+        choice = config.choose(name, info, ordinals.get(info.layer))
+        return None if choice is None else choice.codec
+
+    return RecipeView(choose, config.names_kept)
+
+
 def _ordinals(source: Path) -> dict[int, int]:
     reader = CheckpointReader(source)
     return moe_ordinals(reader, adapter_for(reader.config, str(Path(source) / "config.json")))
@@ -414,11 +463,11 @@ def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: di
     t0 = time.perf_counter()
     tensors = group.load(job.reader)
     if part.whole:
-        stored, rows = quantize_group(job, part.index, group, tensors)
-        writer.write_group(part.index, group.key, stored, {"classes": rows})
+        stored, rows, kept = quantize_group(job, part.index, group, tensors)
+        writer.write_group(part.index, group.key, stored, {"classes": rows, "kept": kept})
     else:
-        stored, rows = quantize_group(job, part.index, group, tensors, keep=_in_part(part))
-        writer.write_part(part.index, group.key, span, stored, {"classes": rows})
+        stored, rows, kept = quantize_group(job, part.index, group, tensors, keep=_in_part(part))
+        writer.write_part(part.index, group.key, span, stored, {"classes": rows, "kept": kept})
     del tensors, stored
     job.reader.release()  # unmap the source pages this group read
     seconds = time.perf_counter() - t0
@@ -448,6 +497,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     ordinals = moe_ordinals(reader, adapter, groups)
     if config is None:
         config = configure(options, len(ordinals))[0]
+    check_classified(reader, adapter, groups, config)
     _check_out(out, options.overwrite)
     tmp = out.parent / f".{out.name}.ernieq-tmp"
     start = time.perf_counter()
@@ -460,10 +510,10 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
             fingerprint(source, config, method, calib, encoder.device, groups)), "opening the output folder")
         if writer.resumed and world.main:
             log.info("resuming the run left in %s", tmp)
-        plan = distributed.plan([_pieces(reader, g, method) for g in groups])
+        plan = distributed.plan([_pieces(reader, adapter, g, method) for g in groups])
         mine = plan[world.rank]
         with encoder, QuantizeProgress(options.progress, sum(p.weight for p in mine), len(groups)) as bar:
-            job = _Job(reader, config, ordinals, calib, method, encoder, bar)
+            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar)
             for part in mine:
                 _quantize_part(job, writer, groups[part.index], part)
             distributed.barrier("encoding")

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ernieq import progress
+from ernieq import api, progress
 from tests.test_cli import run as run_cli
 from tests.tiny import write_tiny_ernie
 
@@ -137,11 +137,26 @@ def test_non_finite_values_are_counted_in_every_float_dtype(dtype):
 
 def test_unknown_architecture(model, tmp_path, monkeypatch, capsys):
     cfg = json.loads((model / "config.json").read_text())
-    cfg.update(architectures=["BloomForCausalLM"], model_type="bloom")
+    cfg.update(architectures=["NoSuchModelForCausalLM"], model_type="no_such_model")
     (model / "config.json").write_text(json.dumps(cfg))
     code, lines = run(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "out")
     assert_clean_failure(code, lines, tmp_path / "out", str(model / "config.json"), "unknown architecture",
-                         "BloomForCausalLM")
+                         "no_such_model")
+
+
+def test_a_matrix_ernieq_cannot_classify_is_refused_unless_the_recipe_names_it(model, tmp_path, monkeypatch, capsys):
+    """Nothing is skipped in silence: a tensor the model has no place for stops quantize, naming it; an
+    override that keeps it lets it through, and inspect and the summary say why it was kept."""
+    stray = "model.layers.1.mlp.stray_proj.weight"
+    extra = model / "stray.safetensors"
+    save_file({stray: torch.randn(8, 64)}, extra)
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"][stray] = extra.name
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    code, lines = run(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "out", "--bits", "8")
+    assert_clean_failure(code, lines, tmp_path / "out", extra.name, stray, "cannot classify", "--override")
+    summary = api.quantize(model, tmp_path / "ok", bits=8, overrides=(r"stray_proj=none",), progress=False)
+    assert stray in summary.kept["unclassified matrix, kept because the recipe names it"]["names"]
 
 
 def test_a_group_size_the_codec_cannot_take(model, tmp_path, monkeypatch, capsys):

@@ -32,12 +32,16 @@ def test_inspect_lists_dense_and_moe_layers(tiny, monkeypatch, capsys):
     assert code == 0
     assert "1 dense and 2 MoE layers" in out
     assert "4 +shared" in out
+    # every parameter in one row, those the --bits 4 recipe keeps with the reason, adding up to the model's
+    assert "where every parameter goes" in out and "= the model's parameters" in out
+    assert "router or gate (selects experts; never quantized)" in out
 
 
 def test_quantize_then_inspect(tiny, tmp_path, monkeypatch, capsys):
     code, out, err = run(monkeypatch, capsys, "quantize", tiny, "--out", tmp_path / "q", "--bits", "8")
     assert code == 0, err
     assert "bits per weight" in out
+    assert "left as they are, and why" in out and "model.embed_tokens.weight" in out
     assert (tmp_path / "q" / "config.json").exists()
 
 
@@ -56,7 +60,7 @@ def _broken_checkpoints(root):
     d = root / "unknown_arch"
     write_tiny_ernie(d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(architectures=["BloomForCausalLM"], model_type="bloom")
+    cfg.update(architectures=["NoSuchModelForCausalLM"], model_type="no_such_model")
     (d / "config.json").write_text(json.dumps(cfg))
     cases["unknown_arch"] = (d, "unknown architecture")
     return cases

@@ -66,7 +66,8 @@ def _pieces(tiny: Path) -> list[list[int]]:
     from ernieq.quantize import _pieces
 
     reader = CheckpointReader(tiny)
-    return [_pieces(reader, g, "gptq") for g in iter_groups(reader, adapter_for(reader.config, "tiny"))]
+    adapter = adapter_for(reader.config, "tiny")
+    return [_pieces(reader, adapter, g, "gptq") for g in iter_groups(reader, adapter)]
 
 
 def test_calibrate_on_two_ranks_matches_one_process(tiny, one_process, tmp_path):

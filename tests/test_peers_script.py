@@ -91,7 +91,7 @@ def test_swapped_recipe_changes_only_the_swapped_codec(demo_routed_dir):
     ordinals = moe_ordinals(reader, adapter)
     seen = set()
     for group, tensors in stream_groups(reader, adapter):
-        for name, info, _ in linear_weights(group.tensors, tensors):
+        for name, info, _ in linear_weights(group.tensors, tensors, adapter):
             before, after = base.choose(name, info, ordinals.get(info.layer)), swapped.choose(
                 name, info, ordinals.get(info.layer))
             assert after == (peer_settings.HQQ_W2 if before.codec == "ccq2" else before), name

@@ -158,10 +158,17 @@ def weight_bytes(net: nn.Module) -> int:
     return sum(storages.values())
 
 
+def text_fields(config: dict) -> dict:
+    """The language model's fields of a config.json: its ``text_config`` where it nests one (multimodal
+    configs keep vocab_size and max_position_embeddings there), else the config itself."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) else config
+
+
 def check_positions(name: str, config: dict, options: ModelBenchOptions) -> None:
     """A one-line error, before the model loads, when the prompt and new tokens do not fit its positions
     (``config``: its config.json)."""
-    limit = config.get("max_position_embeddings")
+    limit = text_fields(config).get("max_position_embeddings")
     if limit is not None and options.prompt_len + options.new_tokens > limit:
         raise ErnieqError(f"bench: {name}: --prompt-len {options.prompt_len} + --new-tokens {options.new_tokens} "
                           f"is more than its max_position_embeddings {limit}")
@@ -170,7 +177,8 @@ def check_positions(name: str, config: dict, options: ModelBenchOptions) -> None
 def _prompt(net, batch: int, options: ModelBenchOptions, device: torch.device) -> torch.Tensor:
     """Random token ids [B, P] on ``device``, the same for every model of a run (``options.seed``)."""
     gen = torch.Generator().manual_seed(options.seed)
-    return torch.randint(net.config.vocab_size, (batch, options.prompt_len), generator=gen).to(device)
+    vocab = net.config.get_text_config().vocab_size  # a nested config (multimodal) holds it in its text config
+    return torch.randint(vocab, (batch, options.prompt_len), generator=gen).to(device)
 
 
 class _Run:

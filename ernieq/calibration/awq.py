@@ -13,22 +13,27 @@ summed output error of the weights that share x, with their Hessians:
 
     err(s) = sum_W tr(dW H dW^T),  dW = Q(W diag(s)) diag(1/s) - W.
 
-The division by s folds into the producer — a norm's weight, or the rows of
-``up_proj`` for ``down_proj`` — so nothing changes at run time and every export
-format can carry it. The router, unquantized, is scaled exactly. Statistics of
+The division by s folds into the producer — a norm's weight (by the norm's own rule:
+Gemma's ``1 + w`` too), or the rows of ``up_proj`` for ``down_proj`` — so nothing changes at
+run time and every export format can carry it. The router, unquantized, is scaled exactly.
+Which weights read which producer's output comes from the architecture adapter's shape-only
+run of each decoder layer (``Adapter.fold_sets``); where that run shows no exact fold (an
+output that also feeds a residual, a gate function not linear in up, a norm no parameter
+change divides), those weights are rounded unscaled and the reason is logged. Statistics of
 the scaled weights are those of x / s: H' = H / (s s^T), mean |x'| = m / s.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ernieq.codecs import CalibrationStats, Codec, decode
+from ernieq.model.adapters import Adapter
+from ernieq.model.norm_fold import NormFold
 
 log = logging.getLogger(__name__)
 
@@ -96,70 +101,87 @@ def search_scale(members: list[Member], grid: int = GRID) -> torch.Tensor | None
 
 # ---- which weights share an input, and what their scale folds into ---------------------
 
-# (producer pattern, consumer pattern): a producer's output feeds the consumers; \1 is the layer.
-# Producers are norms (scaled by 1/s: a vector along K) or up projections (their rows scaled by 1/s).
-_ATTENTION_INPUT = (r"^(.*\.layers\.\d+)\.input_layernorm\.weight$", r"\.self_attn\.(q|k|v)_proj\.weight$")
-_MLP_INPUT = (r"^(.*\.layers\.\d+)\.post_attention_layernorm\.weight$",
-              r"\.mlp\.(gate|(experts\.\d+|shared_experts)\.(gate_proj|up_proj)|gate_proj|up_proj)\.weight$")
-_UP = re.compile(r"^(?P<block>.+)\.up_proj\.weight$")
-
 
 @dataclass(frozen=True)
-class FoldSet:
-    """Weights reading one input, and the tensor producing it: a norm weight [K] or an up_proj [K, H]."""
+class Fold:
+    """Weights reading one input x [K], and the tensor producing it, by the names of one tensor group:
+    a norm (``norm``: its fold rule; ``producer`` its weight [K], ``bias`` its bias) or rows ``rows``
+    (all when None) of a linear weight [N, K] and its bias (an up projection)."""
 
     producer: str
     consumers: tuple[str, ...]
+    bias: str | None = None
+    rows: tuple[int, int] | None = None
+    norm: NormFold | None = None
 
 
-def fold_sets(names: list[str]) -> list[FoldSet]:
-    """The fold sets among a tensor group's names: attention q/k/v behind the input norm, the MLP's
-    gate/up (experts, shared experts, router) behind the post-attention norm, each down behind its up."""
-    sets = []
-    for producer_re, consumer_re in (_ATTENTION_INPUT, _MLP_INPUT):
-        for name in names:
-            m = re.match(producer_re, name)
-            if m:
-                layer = m.group(1)
-                consumers = tuple(n for n in names if n.startswith(layer + ".") and re.search(consumer_re, n))
-                if consumers:
-                    sets.append(FoldSet(name, consumers))
-    for name in names:
-        m = _UP.match(name)
-        if m and f"{m['block']}.down_proj.weight" in names:
-            sets.append(FoldSet(name, (f"{m['block']}.down_proj.weight",)))
-    return sets
+def group_folds(adapter: Adapter, layer: int, names: list[str]) -> tuple[list[Fold], list[str]]:
+    """The adapter's fold sets of decoder ``layer`` (``Adapter.fold_sets``) in the names of a tensor group
+    holding ``names``, and why any weights are left unscaled. A set whose producer or consumers are not
+    all in the group is left out whole (a partial fold would change the function)."""
+    by_hf = {adapter.to_hf_name(n): n for n in names}
+    folds, reasons = [], []
+    sets, skipped = adapter.fold_sets(layer)
+    for fs in sets:
+        wanted = [fs.producer, *fs.consumers, *([fs.bias] if fs.bias else [])]
+        if not any(w in by_hf for w in wanted):
+            continue  # the other half of the layer
+        missing = [w for w in wanted if w not in by_hf]
+        if missing:
+            reasons.append(f"{fs.producer}: {missing[0]} is in another tensor group")
+            continue
+        folds.append(Fold(by_hf[fs.producer], tuple(by_hf[c] for c in fs.consumers),
+                          by_hf[fs.bias] if fs.bias else None, fs.rows, fs.fold))
+    return folds, reasons + skipped
+
+
+def fold_scale(fold: Fold, tensors: dict[str, torch.Tensor], s: torch.Tensor) -> None:
+    """Scale the consumers of ``fold`` by s [K] along K and divide what produces their input by s, in
+    ``tensors`` (replaced, not changed in place): y = (x / s) (W diag(s))^T, the function unchanged.
+    The producer: a norm's parameters by its rule, or rows of an up projection (and their bias)."""
+    producer = tensors[fold.producer]
+    bias = tensors[fold.bias] if fold.bias else None
+    if fold.norm is not None:
+        weight, bias = fold.norm.apply(producer, bias, s)
+    else:
+        lo, hi = fold.rows or (0, producer.shape[0])
+        weight = producer.clone()
+        weight[lo:hi] = (producer[lo:hi].float() / s[:, None]).to(producer.dtype)  # rows [K, H] divided by s
+        if bias is not None:
+            bias = bias.clone()
+            bias[lo:hi] = (bias[lo:hi].float() / s).to(bias.dtype)
+    tensors[fold.producer] = weight
+    if fold.bias:
+        tensors[fold.bias] = bias
+    for name in fold.consumers:
+        w = tensors[name]
+        tensors[name] = (w.float() * s).to(w.dtype)  # W diag(s)
 
 
 def apply_awq(
     tensors: dict[str, torch.Tensor],
+    folds: list[Fold],
     member_of: Callable[[str, torch.Tensor], Member | None],
     stats_of: Callable[[str], CalibrationStats | None],
 ) -> tuple[dict[str, torch.Tensor], dict[str, CalibrationStats | None]]:
     """Search and fold the AWQ scales of one tensor group.
 
-    tensors: the group's tensors by (canonical) name, routed experts per expert.
-    member_of(name, weight): the Member for a weight the recipe quantizes, or None (kept as it is:
-    still scaled, exactly, like the router).
+    tensors: the group's tensors by (canonical) name, routed experts per expert; folds: its fold sets
+    (:func:`group_folds`). member_of(name, weight): the Member for a weight the recipe quantizes, or None
+    (kept as it is: still scaled, exactly, like the router).
     Returns the new tensors and the statistics of every scaled weight's new inputs.
     """
     out = dict(tensors)
     new_stats: dict[str, CalibrationStats | None] = {}
-    for fs in fold_sets(sorted(tensors)):
-        if fs.producer not in out:
-            continue
-        members = [m for m in (member_of(n, out[n]) for n in fs.consumers) if m is not None]
+    for fold in folds:
+        members = [m for m in (member_of(n, out[n]) for n in fold.consumers) if m is not None]
         if not members:
             continue
         s = search_scale(members)
         if s is None:
             continue
-        producer = out[fs.producer]
-        # x / s: a norm's weight [K] divided by s; an up projection's rows [K, H] divided by s
-        out[fs.producer] = (producer.float() / (s if producer.dim() == 1 else s[:, None])).to(producer.dtype)
-        for name in fs.consumers:
-            w = out[name]
-            out[name] = (w.float() * s).to(w.dtype)  # W diag(s)
+        fold_scale(fold, out, s)
+        for name in fold.consumers:
             new_stats[name] = scale_stats(stats_of(name), s)
-        log.debug("awq: %s and %d weights scaled (s in [%.3g, %.3g])", fs.producer, len(fs.consumers), s.min(), s.max())
+        log.debug("awq: %s and %d weights scaled (s in [%.3g, %.3g])", fold.producer, len(fold.consumers), s.min(), s.max())
     return out, new_stats

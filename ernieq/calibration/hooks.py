@@ -5,19 +5,21 @@ H hidden size, I expert intermediate size.
 
 Per decoder layer (see ``accumulate.py`` for the sums):
 
-- every linear weight that is not a routed expert (attention q/k/v/o, dense MLP,
-  shared experts): a forward pre-hook feeds one site per distinct input (q/k/v
-  share q_proj's, gate/up share gate_proj's);
+- every linear weight that is not a routed expert (attention, dense MLP, shared
+  experts): a forward pre-hook feeds one site per distinct input (linear layers that
+  read one tensor, q/k/v or gate/up, share a site: ``Adapter.shared_inputs``);
 - every routed expert: while the layer runs, transformers' experts module is
   replaced by ``RecordingExperts``, the same eager loop over experts on the same
-  parameters, which hands each expert's rows x_e [T_e, H] to its gate/up site and
-  ``act(x_e W_g^T) * (x_e W_u^T)`` [T_e, I] to its down site as it computes them;
-- the router: a forward hook records counts, mean probabilities, entropy and
-  top-k margin (``RouterStats``).
+  parameters in the class's own layout, which hands each expert's rows x_e [T_e, H]
+  to its gate/up site and its hidden state ``gate_fn(x_e W_gu^T)`` [T_e, I] (the
+  class's own gate function: ``act(gate) * up`` or GPT-OSS's) to its down site;
+- the router: a pre-hook computes the logits from the router's own weight; with the
+  experts chosen they give counts, mean probabilities, entropy and top-k margin
+  (``RouterStats``).
 
 With ``all_experts``, *all-token* statistics are added in the same pass: every
 expert's gate/up input is every token of the layer (one site per layer) and its
-down input is ``act(x W_g^T) * (x W_u^T)`` over all T tokens. These only feed
+down input is its hidden state over all T tokens. These only feed
 statistics; the layer's output is computed from the router's choice as usual,
 so the hidden states carried to the next layer are the model's.
 """
@@ -32,9 +34,9 @@ from ernieq.calibration.calibset import ExpertRow
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import TensorClass
+from ernieq.model.expert_layout import ExpertLayout, gate_function
 from ernieq.model.moe import ExpertGroup
 
-SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}  # weight -> sibling whose input it reads
 ALL_TOKENS = "@all_tokens"
 
 
@@ -83,7 +85,7 @@ class LayerHooks:
         self.restore = []  # callables that put swapped modules back
         self.layer_sites: list[str] = []
         self.lt = collector.model.layer_tensors(i)
-        self.router_acc: RouterAccumulator | None = None
+        self.recorder: RecordingExperts | None = None
         self.routed: list[InputAccumulator] = []
 
     def __enter__(self) -> LayerHooks:
@@ -116,18 +118,20 @@ class LayerHooks:
         model = self.c.model
         prefix = model.layer_prefix(self.i) + "."
         ckpt_of = {}  # module path in the layer -> checkpoint weight name
-        for info in self.lt.infos:
-            if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
+        for info in self.lt.infos:  # every linear layer but a fused experts module's (RecordingExperts)
+            if info.is_linear_weight and not (info.cls is TensorClass.ROUTED_EXPERT and model.adapter.fused_expert(info.name)):
                 hf = model.adapter.to_hf_name(info.name)
                 ckpt_of[hf[len(prefix) : -len(".weight")]] = info.name
+        first_reader = {}  # module path -> the first linear (in the checkpoint) reading the same tensor
+        for group in model.adapter.shared_inputs(self.i):
+            readers = [p[len(prefix):] for p in group if p[len(prefix):] in ckpt_of]
+            first_reader.update({r: readers[0] for r in readers})
         modules = dict(self.layer.named_modules())
         for path, name in ckpt_of.items():
             module = modules.get(path)
             if not isinstance(module, nn.Linear):
                 raise CalibrationError(f"{name}: no nn.Linear at {prefix}{path} in the transformers model")
-            parent, _, leaf = path.rpartition(".")
-            sibling = f"{parent}.{SHARED_INPUT[leaf]}" if leaf in SHARED_INPUT else None
-            site_path = sibling if sibling in ckpt_of else path
+            site_path = first_reader.get(path, path)
             site = ckpt_of[site_path]
             self.c.routes[name] = site
             if site_path == path:
@@ -144,18 +148,15 @@ class LayerHooks:
     def _hook_experts(self, experts: ExpertGroup) -> None:
         model = self.c.model
         prefix = model.layer_prefix(self.i) + "."
-        path = model.adapter.to_hf_name(experts.prefix)[len(prefix) :]
+        path = experts.container[len(prefix):]
         module = self.layer.get_submodule(path)
-        router_path = f"{path.rpartition('.')[0]}.gate"
-        try:
-            router = self.layer.get_submodule(router_path)
-        except AttributeError:
-            raise CalibrationError(f"{experts.prefix}: no router at {prefix}{router_path}") from None
-        _check_experts_layout(module, experts.prefix)
-        e_count, inter, hidden = module.gate_up_proj.shape[0], module.gate_up_proj.shape[1] // 2, module.gate_up_proj.shape[2]
-        top_k = int(getattr(router, "top_k", 0) or model.config.num_experts_per_tok)
-        self.router_acc = RouterAccumulator(self.i, e_count, top_k, model.device)
-        self.handles.append(router.register_forward_hook(_router_hook(self.router_acc, experts.prefix)))
+        layout = experts.layout
+        e_count, inter, hidden = layout.num_experts, layout.inter, layout.hidden
+        router_path = model.adapter.tree.routers.get(experts.container)
+        logits = _RouterLogits()
+        if router_path is not None:
+            router = self.layer.get_submodule(router_path[len(prefix):])
+            self.handles.append(router.register_forward_pre_hook(_router_hook(logits, router, e_count)))
 
         gate_up, down = [], []
         for e in range(e_count):
@@ -170,7 +171,7 @@ class LayerHooks:
         self.routed = gate_up
         all_input, all_down = None, None
         if self.c.all_experts:
-            in_site = f"{experts.prefix}.gate_up_input{ALL_TOKENS}"
+            in_site = f"{experts.container}.gate_up_input{ALL_TOKENS}"
             all_input = self.c.accumulator(in_site, hidden)
             self._add_site(in_site)
             all_down = []
@@ -181,17 +182,18 @@ class LayerHooks:
                 for proj in ("gate_proj", "up_proj"):
                     self.c.all_token_routes[experts.canonical_name(e, proj)] = in_site
                 self.c.all_token_routes[experts.canonical_name(e, "down_proj")] = d_site
+        self.recorder = RecordingExperts(module, layout, gate_up, down, all_input, all_down, logits, self.i)
         parent, _, leaf = path.rpartition(".")
         owner = self.layer.get_submodule(parent) if parent else self.layer
-        setattr(owner, leaf, RecordingExperts(module, gate_up, down, all_input, all_down))
+        setattr(owner, leaf, self.recorder)
         self.restore.append(lambda: setattr(owner, leaf, module))
 
     def _finish(self) -> None:
         for site in self.layer_sites:  # each rank saw its share of the sequences: sum the shares
             self.c.acc[site].all_reduce()
-        if self.router_acc is not None:
-            self.router_acc.all_reduce()
-            stats = self.router_acc.finish()
+        if self.recorder is not None and self.recorder.router_acc is not None:
+            self.recorder.router_acc.all_reduce()
+            stats = self.recorder.router_acc.finish()
             self.c.routers[self.i] = stats
             t, a = max(stats.tokens, 1), stats.top_k
             for e, acc in enumerate(self.routed):
@@ -208,39 +210,35 @@ def _linear_hook(acc: InputAccumulator):
     return hook
 
 
-def _router_hook(acc: RouterAccumulator, where: str):
-    def hook(module, args, output):
-        if not (isinstance(output, tuple) and len(output) == 3):
-            raise CalibrationError(f"{where}: router returns {type(output).__name__}, expected (logits, weights, experts)")
-        logits, _, selected = output
-        acc.add(logits.detach(), selected.detach())  # [T, E], [T, A]
+class _RouterLogits:
+    """The router's logits [T, E] of the batch being run, from its input (read by the experts' stand-in)."""
+
+    value: torch.Tensor | None = None
+
+
+def _router_hook(holder: _RouterLogits, router: nn.Module, num_experts: int):
+    """Logits x W^T (+ b) from the router's own [E, H] weight (and [E] bias): whatever the router returns."""
+    weight = next(p for p in router.parameters(recurse=False) if p.dim() == 2 and p.shape[0] == num_experts)
+    bias = next((p for p in router.parameters(recurse=False) if p.dim() == 1 and p.shape[0] == num_experts), None)
+
+    def hook(module, args):
+        x = args[0].detach().reshape(-1, weight.shape[1]).float()  # [T, H]
+        holder.value = torch.nn.functional.linear(x, weight.float(), bias.float() if bias is not None else None)
 
     return hook
-
-
-def _check_experts_layout(module: nn.Module, where: str) -> None:
-    """RecordingExperts reads transformers' fused experts: gate_up_proj [E, 2I, H] = [gate | up], no bias."""
-    ok = (
-        hasattr(module, "gate_up_proj")
-        and module.gate_up_proj.ndim == 3
-        and getattr(module, "is_concatenated", True)
-        and not getattr(module, "is_transposed", False)
-        and not getattr(module, "has_bias", False)
-        and hasattr(module, "act_fn")
-    )
-    if not ok:
-        raise CalibrationError(f"{where}: experts module {type(module).__name__} is not the fused [gate | up] layout ernieq reads")
 
 
 class RecordingExperts(nn.Module):
     """Stands in for transformers' experts module while a layer is calibrated.
 
-    It computes what transformers' eager experts loop computes, with the same
-    parameters: for every expert e, the rows routed to it x_e [T_e, H],
-    ``h_e = act(x_e W_g^T) * (x_e W_u^T)`` [T_e, I] and ``sum_e (h_e W_d^T) * weight``;
-    and hands x_e and h_e to the accumulators on the way, so no expert's hidden
-    state is computed twice. With all-token accumulators it computes ``h`` over
-    all T tokens and uses the routed rows for the output.
+    It computes what the class's eager loop computes, with the same parameters, in the class's
+    own layout (``ExpertLayout``): for every expert e, the rows routed to it x_e [T_e, H], its
+    gate_up output z_e (plus bias), the hidden state ``h_e = gate_fn(z_e)`` [T_e, I] by the class's
+    own gate function, and ``sum_e (h_e W_d^T (+ b)) * weight``; it hands x_e and h_e to the
+    accumulators on the way, so no expert's hidden state is computed twice. With all-token
+    accumulators it computes ``h`` over all T tokens and uses the routed rows for the output.
+    The router's logits of the batch (``_RouterLogits``) and the experts chosen feed the
+    router statistics.
 
     An expert picked by more than half of the tokens (top_k > E / 2 makes that the
     rule) gets its gate Hessian as ``X^T X - X_r^T X_r`` (X_r: the rows not routed
@@ -248,34 +246,56 @@ class RecordingExperts(nn.Module):
     work instead of sum_e T_e.
     """
 
-    def __init__(self, inner: nn.Module, gate_up, down, all_input, all_down):
+    def __init__(self, inner: nn.Module, layout: ExpertLayout, gate_up, down, all_input, all_down,
+                 logits: _RouterLogits, layer: int):
         super().__init__()
-        self.inner = inner
+        self.inner, self.layout = inner, layout
+        self.gate_fn = gate_function(inner)
         self.gate_up, self.down = gate_up, down  # routed accumulators per expert
         self.all_input, self.all_down = all_input, all_down  # all-token ones, or None
+        self.logits, self.layer = logits, layer
+        self.router_acc: RouterAccumulator | None = None
+
+    def _hidden(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x [T, H] -> down_proj's input gate_fn(x W_gu^T (+ b)) [T, I] of expert e."""
+        lay, p = self.layout, self.inner
+        z = x @ lay.gate_up_nk(getattr(p, lay.gate_up))[e].T  # [T, 2I], the class's own column order
+        if lay.gate_up_bias is not None:
+            z = z + getattr(p, lay.gate_up_bias)[e]
+        return self.gate_fn(z)
+
+    def _output(self, h: torch.Tensor, e: int) -> torch.Tensor:
+        lay, p = self.layout, self.inner
+        y = h @ lay.down_nk(getattr(p, lay.down))[e].T  # [T, H]
+        return y + getattr(p, lay.down_bias)[e] if lay.down_bias is not None else y
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         """hidden_states [T, H]; top_k_index, top_k_weights [T, A]. Returns [T, H]."""
         x = hidden_states
+        e_count = self.layout.num_experts
+        if self.logits.value is not None:
+            if self.router_acc is None:
+                self.router_acc = RouterAccumulator(self.layer, e_count, top_k_index.shape[-1], x.device)
+            self.router_acc.add(self.logits.value, top_k_index.detach())  # [T, E], [T, A]
+            self.logits.value = None
         out = torch.zeros_like(x)  # [T, H]
-        w, wd = self.inner.gate_up_proj, self.inner.down_proj  # [E, 2I, H], [E, H, I]
-        counts = torch.bincount(top_k_index.flatten(), minlength=w.shape[0])  # [E]
+        counts = torch.bincount(top_k_index.flatten(), minlength=e_count)  # [E]
         complement = counts > x.shape[0] // 2  # [E]: cheaper as X^T X - X_r^T X_r
         gram = None
         if self.all_input is not None or bool(complement.any()):
             gram = add_upper_gram(torch.zeros(x.shape[1], x.shape[1], device=x.device), x.float())  # X^T X  [H, H]
         if self.all_input is not None:
             self.all_input.add(x, gram=gram)
-        for e in range(w.shape[0]):
+        for e in range(e_count):
             routed = top_k_index == e  # [T, A]
             tok, slot = torch.where(routed)  # routed (token, slot) pairs  [T_e]
             if self.all_down is not None:
-                h_all = _expert_hidden(self.inner.act_fn, x, w[e])  # [T, I]
+                h_all = self._hidden(x, e)  # [T, I]
                 self.all_down[e].add(h_all)
                 xe, he = x[tok], h_all[tok]
             elif tok.numel():
                 xe = x[tok]  # [T_e, H]
-                he = _expert_hidden(self.inner.act_fn, xe, w[e])  # [T_e, I]
+                he = self._hidden(xe, e)  # [T_e, I]
             else:
                 continue
             if complement[e]:
@@ -284,13 +304,6 @@ class RecordingExperts(nn.Module):
             else:
                 self.gate_up[e].add(xe)
             self.down[e].add(he)
-            y = (he @ wd[e].T) * top_k_weights[tok, slot, None]  # routing weight applied  [T_e, H]
+            y = self._output(he, e) * top_k_weights[tok, slot, None]  # routing weight applied  [T_e, H]
             out[tok] += y.to(out.dtype)  # a token picks an expert at most once: no repeated index
         return out
-
-
-def _expert_hidden(act_fn: nn.Module, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [T, H], w [2I, H] = [gate | up]. Returns down_proj's input act(x W_g^T) * (x W_u^T) [T, I]."""
-    gu = x @ w.T  # [T, 2I]
-    inter = w.shape[0] // 2
-    return act_fn(gu[:, :inter]) * gu[:, inter:]

@@ -7,13 +7,15 @@ calibration sequence, and sent back to the meta device: one layer's weights on
 the device at a time. Hidden states [n_seq, L, H] are carried from one layer to
 the next, on the device when they fit in ``HIDDEN_SHARE`` of its available
 memory, else in host memory with one batch at a time on the device (the log says
-which); rotary embeddings and the causal mask are computed as the transformers
-model computes them.
+which); what each layer is called with besides them (masks per layer type,
+rotary embeddings, position ids) is what the model's own forward gives it
+(``ernieq.model.decoder.layer_calls``), for any architecture.
 
 Checkpoint names become transformers names through the adapter
-(``Adapter.to_hf_name``); per-expert routed weights are fused into
-transformers' ``experts.gate_up_proj [E, 2I, H]`` (``[gate | up]``) and
-``experts.down_proj [E, H, I]``.
+(``Adapter.to_hf_name``); routed experts become the experts module's own
+parameters: as stored when the checkpoint holds them fused, else (per-expert tensors,
+or per-expert replacements) copied into place one expert at a time by the module's
+layout (``ExpertLayout.fill``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 from torch import nn
 
 from ernieq.device import HOST, available_memory, trim_host_memory
-from ernieq.errors import ErnieqError
-from ernieq.model.adapters import TensorClass, TensorInfo, adapter_for, hf_config
+from ernieq.model.adapters import BIAS, WEIGHT, TensorClass, TensorInfo, adapter_for
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
+from ernieq.model.decoder import after_layers, hf_config, layer_calls, meta_model, rebuild_computed_buffers
+from ernieq.model.expert_layout import PROJECTIONS
 from ernieq.model.moe import ExpertGroup
 
 log = logging.getLogger(__name__)
@@ -52,37 +55,41 @@ class MetaModel:
     """A transformers causal LM built on the meta device from the config of a checkpoint ``reader`` (no memory
     for weights), whose parts a subclass materialises on ``device`` in ``dtype``: decoder layers one at a time
     (``load_layer``/``release_layer``), and the parts outside them (embeddings, final norm, head) with
-    ``load_outer``. The rotary embeddings and causal masks are computed here, as the transformers model
-    computes them. ``reader``: a ``CheckpointReader`` or a quantized format's reader (``path``, ``config``,
+    ``load_outer``. Any architecture: where the layers are is the adapter's ``stack``, and what each layer is
+    called with (masks per layer type, rotary embeddings, a KV cache) is what the model's own forward gives it
+    (``layer_calls``). ``reader``: a ``CheckpointReader`` or a quantized format's reader (``path``, ``config``,
     ``release()``)."""
 
     def __init__(self, reader, dtype: torch.dtype, device: torch.device):
-        from transformers import AutoModelForCausalLM
-
         self.reader = reader
         self.path = Path(reader.path)
+        source = str(self.path / "config.json")
+        self.adapter = adapter_for(reader.config, source)
         self.dtype = dtype
         self.device = device
-        self.config = hf_config(reader.config)
-        self.config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self.base = self.model.get_submodule(_base_prefix(self.model))
-        self.layers: nn.ModuleList = self.base.layers
-        self.rotary = type(self.base.rotary_emb)(config=self.config).to(device)
+        self.config = hf_config(reader.config, source)
+        self.model = meta_model(self.config, source, dtype)
+        self.stack = self.adapter.stack
+        self.layers: nn.ModuleList = self.model.get_submodule(self.stack.layers)
+        rebuild_computed_buffers(self.model, self.config, device)  # rotary embeddings, embedding scales
+        self._calls: dict[tuple, list[dict]] = {}  # (batch shape, dtype) -> every layer's keyword arguments
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
 
     @property
+    def hidden_size(self) -> int:
+        return self.config.get_text_config().hidden_size
+
+    @property
     def layers_prefix(self) -> str:
         """What the transformers names of the decoder layers' tensors start with, e.g. ``model.layers.``."""
-        return f"{_base_prefix(self.model)}.layers."
+        return f"{self.stack.layers}."
 
     def layer_prefix(self, i: int) -> str:
         """The transformers module path of decoder layer i, e.g. ``model.layers.3``."""
-        return f"{self.layers_prefix}{i}"
+        return self.stack.layer(i)
 
     def load_layer(self, i: int) -> nn.Module:
         raise NotImplementedError
@@ -102,29 +109,44 @@ class MetaModel:
         self.place_outer()
         if getattr(self.config, "tie_word_embeddings", False):
             self.model.tie_weights()
+        rebuild_computed_buffers(self.model, self.config, self.device)
         missing = [n for n, p in self.model.named_parameters() if p.is_meta and not n.startswith(self.layers_prefix)]
         if missing:
             raise CheckpointError(f"{self.path}: no stored values for {missing[:4]}")
 
-    def position_ids(self, seq_len: int, start: int = 0) -> torch.Tensor:
-        return torch.arange(start, start + seq_len, device=self.device).unsqueeze(0)  # [1, L]
+    def _calls_for(self, inputs_embeds: torch.Tensor, cache=None) -> list[tuple[tuple, dict]]:
+        """The model's own (args, kwargs) of every decoder layer for input embeddings [B, L, H] (on the device);
+        ``cache``: a transformers KV cache holding the earlier positions (taken before the first layer runs)."""
+        calls = layer_calls(self.model, self.stack, inputs_embeds, cache)
+        if cache is None:
+            self._calls[(tuple(inputs_embeds.shape), inputs_embeds.dtype)] = [kwargs for _, kwargs in calls]
+        return calls
 
-    def layer_inputs(self, hidden: torch.Tensor, cache=None) -> dict:
-        """The keyword arguments a decoder layer takes besides the hidden states [B, L, H]; ``cache``: a
-        transformers KV cache holding the earlier positions (taken before the first layer of the step)."""
-        from transformers.masking_utils import create_causal_mask
+    def layer_inputs(self, i: int, hidden: torch.Tensor) -> dict:
+        """The keyword arguments decoder layer i takes besides the hidden states [B, L, H] (no KV cache)."""
+        key = (tuple(hidden.shape), hidden.dtype)
+        if key not in self._calls:
+            self._calls_for(hidden)
+        return self._calls[key][i]
 
-        position_ids = self.position_ids(hidden.shape[1], cache.get_seq_length() if cache is not None else 0)
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=None, cache=cache, position_ids=position_ids
-        )
-        extra = {"cache": cache, "use_cache": True} if cache is not None else {}
-        return {
-            "attention_mask": mask,
-            "position_ids": position_ids,
-            "position_embeddings": self.rotary(hidden, position_ids),
-            **extra,
-        }
+    def enter(self, token_ids: torch.Tensor, cache=None) -> tuple[torch.Tensor, list[dict]]:
+        """token_ids int64 [B, L] (embeddings resident: ``load_outer``) -> what the first decoder layer sees
+        [B, L, H] and every layer's keyword arguments, with ``cache`` when given."""
+        calls = self._calls_for(self.model.get_input_embeddings()(token_ids.to(self.device)), cache)
+        return calls[0][0][0], [kwargs for _, kwargs in calls]
+
+    def leave(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the decoder stack makes of the last layer's output [B, L, H] (the final norm), on the device."""
+        return after_layers(self.model, self.stack, hidden.to(self.device))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head on final hidden states [..., L, H] -> logits [..., L, V] (with the config's final
+        logit soft-capping, as Gemma's forward applies it)."""
+        logits = self.model.get_output_embeddings()(hidden.to(self.device))
+        cap = getattr(self.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
 
 class LayerwiseModel(MetaModel):
@@ -132,7 +154,6 @@ class LayerwiseModel(MetaModel):
 
     def __init__(self, path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device = HOST):
         super().__init__(CheckpointReader(path), dtype, device)
-        self.adapter = adapter_for(self.reader.config, str(self.path / "config.json"))
         self._by_layer: dict[int | None, list[TensorInfo]] = {}
         for name in self.reader.keys():
             info = self.adapter.classify(name)
@@ -152,26 +173,26 @@ class LayerwiseModel(MetaModel):
         infos = tuple(sorted(self._by_layer.get(i, []), key=lambda t: t.name))
         if not infos:
             raise CheckpointError(f"{self.path}: no tensors for decoder layer {i}")
-        experts = ExpertGroup.from_infos(infos)
-        return LayerTensors(i, infos, experts.with_reader(self.reader) if experts else None)
+        return LayerTensors(i, infos, ExpertGroup.from_infos(infos, self.adapter))
 
     def embed(self, token_ids: torch.Tensor, batch_size: int, store: torch.device) -> list[torch.Tensor]:
-        """token_ids: int64 [n_seq, L]. Returns the input embeddings in batches of [B, L, H], on ``store``."""
-        emb = self.base.embed_tokens
+        """token_ids: int64 [n_seq, L]. Returns what the first decoder layer sees, in batches of [B, L, H],
+        on ``store``."""
+        emb = self.model.get_input_embeddings()
         names = [t.name for t in self._by_layer.get(None, []) if t.cls is TensorClass.EMBEDDING]
         if not names:
             raise CheckpointError(f"{self.path}: no embedding tensor")
-        state = {"weight": self.reader.get(names[0])}
-        module = _materialise(emb, state, self.device, f"{self.path}: embeddings")
+        module = _materialise(emb, {"weight": self.reader.get(names[0])}, self.device, f"{self.path}: embeddings")
         try:
             with torch.no_grad():
-                return [module(ids.to(self.device)).to(store) for ids in token_ids.split(batch_size)]
+                return [self._calls_for(module(ids.to(self.device)))[0][0][0].to(store)
+                        for ids in token_ids.split(batch_size)]
         finally:
             module.to("meta")
 
     def load_layer(self, i: int, replaced: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """Decoder layer i with its weights from the checkpoint (in the model's dtype, on its device); ``replaced``
-        gives other values for some checkpoint tensors (by name; routed experts by per-expert name)."""
+        gives other values for some checkpoint tensors (by name; routed experts by canonical name)."""
         replaced = replaced or {}
         lt = self.layer_tensors(i)
         prefix = self.layer_prefix(i) + "."
@@ -186,51 +207,37 @@ class LayerwiseModel(MetaModel):
                                       f"outside decoder layer {prefix[:-1]}")
             state[hf[len(prefix):]] = replaced[info.name] if info.name in replaced else self.reader.get(info.name)
         if lt.experts:
-            state.update(_fused_experts(self.reader, self.adapter.to_hf_name(lt.experts.prefix), lt.experts, prefix,
-                                        replaced, self.dtype, self.device))
-        return _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
+            module = self.model.get_submodule(lt.experts.container)
+            state.update(_experts_state(self.reader, lt.experts, prefix, replaced, module, self.device))
+        layer = _materialise(self.layers[i], state, self.device, f"{self.path}: decoder layer {i}")
+        rebuild_computed_buffers(self.model, self.config, self.device)  # a layer sent back to meta lost its own
+        return layer
 
 
-def _base_prefix(model: nn.Module) -> str:
-    """The path of the decoder stack (``model`` for *ForCausalLM)."""
-    for name in ("model", "transformer"):
-        sub = getattr(model, name, None)
-        if sub is not None and hasattr(sub, "layers"):
-            return name
-    raise ErnieqError(f"{type(model).__name__}: no decoder stack with .layers found")
-
-
-def _fused_experts(reader: CheckpointReader, hf_prefix: str, experts: ExpertGroup, layer_prefix: str,
-                   replaced: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> dict:
-    """transformers' fused expert parameters (relative to the layer) from either checkpoint layout,
-    with the per-expert weights named in ``replaced`` taking those values. Per-expert tensors are copied
-    straight into place in ``dtype`` on ``device``: no stored-dtype copy of the whole block beside it."""
-    rel = hf_prefix[len(layer_prefix):]
-    if experts.fused:
-        copy = bool(replaced)  # written into below: not the file's pages
-        gate_up = reader.get(f"{experts.prefix}.gate_up_proj").to(device, dtype, copy=copy)  # [E, 2I, H]
-        down = reader.get(f"{experts.prefix}.down_proj").to(device, dtype, copy=copy)  # [E, H, I]
-        inter = gate_up.shape[1] // 2
+def _experts_state(reader: CheckpointReader, experts: ExpertGroup, layer_prefix: str,
+                   replaced: dict[str, torch.Tensor], module: nn.Module, device: torch.device) -> dict:
+    """The experts module's parameters (relative to the layer) from the checkpoint, with the per-expert
+    weights named in ``replaced`` (canonical names) taking those values. ``module``: the (meta) experts
+    module, whose parameters' dtypes the weights take. Stored fused and not replaced, the parameters are
+    the file's own tensors; else every expert is copied straight into place on ``device``, one expert read
+    at a time (``ExpertLayout.fill``; the same copy ``QuantizedParts`` makes of experts a recipe kept)."""
+    rel = experts.container[len(layer_prefix):]
+    layout = experts.layout
+    names = [experts.canonical_name(e, p) for e in range(layout.num_experts) for p in PROJECTIONS]
+    biases = experts.params({t.name: reader.get(t.name) for t in experts.infos if t.kind == BIAS}, (BIAS,))
+    if experts.stored_fused and not any(n in replaced for n in names):
+        params = experts.params({t.name: reader.get(t.name) for t in experts.infos if t.kind == WEIGHT}, (WEIGHT,))
     else:
-        first_gate, first_down = (reader.get(experts.canonical_name(0, p)) for p in ("gate_proj", "down_proj"))
-        inter, hidden = first_gate.shape
-        gate_up = torch.empty(experts.num_experts, 2 * inter, hidden, dtype=dtype, device=device)  # [E, 2I, H]
-        down = torch.empty(experts.num_experts, *first_down.shape, dtype=dtype, device=device)  # [E, H, I]
-    for e in range(experts.num_experts):  # copied once into place: [gate | up] along dim 1
-        for proj, dst in (("gate_proj", gate_up[e, :inter]), ("up_proj", gate_up[e, inter:]), ("down_proj", down[e])):
+        stored = experts.expert_weights(reader.get)
+
+        def weight(e: int, proj: str) -> torch.Tensor:
             name = experts.canonical_name(e, proj)
-            if name in replaced:
-                src = replaced[name]
-            elif experts.fused:
-                continue
-            else:
-                src = reader.get(name)
-            if src.shape != dst.shape:
-                raise CheckpointError(f"{reader.file_of(name) if name in reader else reader.path}: {name} has shape "
-                                      f"{tuple(src.shape)}, expert 0 has {tuple(dst.shape)}")
-            dst.copy_(src)
-        reader.release()  # unmap as we go: the pages read do not sit in memory beside the copy
-    return {f"{rel}.gate_up_proj": gate_up, f"{rel}.down_proj": down}
+            return replaced[name] if name in replaced else stored(e, proj)
+
+        params = layout.fill(weight, getattr(module, layout.gate_up).dtype, device,
+                             after_expert=None if experts.stored_fused else reader.release,
+                             where=f"{reader.path}: {experts.container}")
+    return {f"{rel}.{p}": t for p, t in {**params, **biases}.items()}
 
 
 def _materialise(module: nn.Module, state: dict, device: torch.device, what: str) -> nn.Module:
@@ -282,12 +289,12 @@ def run_layers(
     """
     copies = 2 if adjust is not None else 1  # the second pass builds the next states beside the old
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
-    store = hidden_store(model.device, copies * token_ids.numel() * model.config.hidden_size * itemsize)
+    store = hidden_store(model.device, copies * token_ids.numel() * model.config.get_text_config().hidden_size * itemsize)
     hidden = model.embed(token_ids, batch_size, store)
 
-    def forward(layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def forward(i: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         h = h.to(model.device)  # a batch of offloaded states comes to the device for the layer
-        out = layer(h, **model.layer_inputs(h))
+        out = layer(h, **model.layer_inputs(i, h))
         return (out[0] if isinstance(out, tuple) else out).to(store)  # [B, L, H]
 
     for i in range(model.num_layers):
@@ -296,7 +303,7 @@ def run_layers(
             ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
             with ctx, torch.no_grad():
                 for j, h in enumerate(hidden):
-                    out = forward(layer, h)
+                    out = forward(i, layer, h)
                     if adjust is None:
                         hidden[j] = out
                     if on_batch is not None:
@@ -304,7 +311,7 @@ def run_layers(
             if adjust is not None:
                 layer = adjust(i, layer).eval()
                 with torch.no_grad():
-                    hidden = [forward(layer, h) for h in hidden]
+                    hidden = [forward(i, layer, h) for h in hidden]
         finally:
             model.release_layer(i)
         if on_output is not None:

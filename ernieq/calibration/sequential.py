@@ -45,7 +45,7 @@ def quantized_layer(
     lt = model.layer_tensors(i)
     tensors = {t.name: model.reader.get(t.name) for t in lt.infos if t.is_linear_weight}
     replaced: dict[str, torch.Tensor] = {}
-    for name, info, weight in linear_weights(lt.infos, tensors):
+    for name, info, weight in linear_weights(lt.infos, tensors, model.adapter):
         choice, rotate = plan.choose(name, info)
         if choice is None:
             continue

@@ -127,13 +127,16 @@ def score_corpus(models: dict[str, object], ids: torch.Tensor, corpus: str, seq_
 
 
 def size_by_class(path: Path) -> dict:
-    """Weights, bytes and bits per weight of a checkpoint by report class (every stored byte counted)."""
+    """Weights, bytes and bits per weight of a checkpoint by report class (every stored byte counted: the
+    summary's overhead, bytes that are no model parameter, sits in the other class)."""
     s = checkpoint_summary(path)
     classes: dict[str, dict] = {}
     for cls in s.params_by_class:
         row = classes.setdefault(cls if cls in REPORT_CLASSES else OTHER_CLASS, {"weights": 0, "bytes": 0})
         row["weights"] += s.params_by_class[cls]
         row["bytes"] += s.bytes_by_class[cls]
+    if s.overhead_bytes:  # stored bytes of no parameter (ernieq's rotations): counted, with no weights, under other
+        classes.setdefault(OTHER_CLASS, {"weights": 0, "bytes": 0})["bytes"] += s.overhead_bytes
     for row in classes.values():
         row["bits_per_weight"] = 8.0 * row["bytes"] / row["weights"] if row["weights"] else 0.0  # bits = 8 B / n
     linear = [classes[c] for c in REPORT_CLASSES if c in classes]

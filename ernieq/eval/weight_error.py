@@ -24,9 +24,9 @@ import torch
 from ernieq.codecs import decode
 from ernieq.formats.native import base_name
 from ernieq.formats.registry import QuantizedCheckpoint
-from ernieq.model.adapters import TensorClass, adapter_for, stream_groups
+from ernieq.model.adapters import adapter_for, stream_groups
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader
-from ernieq.model.moe import ExpertGroup
+from ernieq.model.moe import linear_weights
 
 
 @dataclass(frozen=True)
@@ -68,15 +68,7 @@ def baseline_linear_weights(reader: CheckpointReader) -> Iterator[tuple[str, obj
     """(name, TensorInfo, W [N, K]) of every linear weight; routed experts under their per-expert names."""
     adapter = adapter_for(reader.config, str(reader.path / "config.json"))
     for group, tensors in stream_groups(reader, adapter):
-        for info in group.tensors:
-            if info.is_linear_weight and info.cls is not TensorClass.ROUTED_EXPERT:
-                yield info.name, info, tensors[info.name]
-        experts = ExpertGroup.from_infos(group.tensors)
-        if experts is None:
-            continue
-        for e, proj, weight in experts.weights(tensors):
-            name = experts.canonical_name(e, proj)
-            yield name, adapter.classify(name), weight
+        yield from linear_weights(group.tensors, tensors, adapter)
 
 
 def module_error(name: str, info, codec: str, w: torch.Tensor, w_hat: torch.Tensor,

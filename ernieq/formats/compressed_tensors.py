@@ -53,6 +53,7 @@ from ernieq.formats.exporting import (
     ROUTED_EXPERTS,
     check_fused_layouts,
     copy_plain_tensors,
+    hub_modules,
     model_dtype,
     plain_config,
     unquantized_modules,
@@ -304,13 +305,16 @@ def export_compressed_tensors(native_dir: Path, out: Path) -> Path:
     check_fused_layouts({m: s.describe() for m, s in schemes.items()}, kept, FORMAT_NAME,
                         ROUTED_EXPERTS + QKV_AND_GATE_UP)
     scale_dtype = model_dtype(reader)
+    # per-expert names where the hub holds the experts fused: llm-compressor's for such models (GPT-OSS)
+    hub = {m: name or m for m, name in hub_modules(reader).items()}
     with CheckpointWriter(out) as writer:
         for module in sorted(reader.modules):
             layout = _layout_of(module, reader.modules[module])
             for name, tensor in layout.tensors(module, reader.quantized(module), scale_dtype).items():
-                writer.add(f"{module}.{name}", tensor)
+                writer.add(f"{hub[module]}.{name}", tensor)
         copy_plain_tensors(reader, writer)
     write_json(out / "config.json", plain_config(reader))
-    model_compressor(quantization_config=quantization_config(schemes, kept)).update_config(str(out))
+    hub_schemes = {hub[m]: s for m, s in schemes.items()}
+    model_compressor(quantization_config=quantization_config(hub_schemes, kept)).update_config(str(out))
     copy_side_files(Path(native_dir), out)
     return out

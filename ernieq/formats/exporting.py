@@ -16,6 +16,7 @@ import torch
 
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader, base_name
+from ernieq.model.adapters import adapter_for
 from ernieq.model.checkpoint import CheckpointWriter
 
 LM_HEAD = "lm_head"
@@ -40,6 +41,17 @@ def model_dtype(reader: NativeReader) -> torch.dtype:
         raise ErnieqError(f"{reader.reader.path / 'config.json'}: unsupported model dtype {name!r}; "
                           f"known: {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def hub_modules(reader: NativeReader) -> dict[str, str | None]:
+    """{quantized module: its name in the exported checkpoint}. ernieq stores routed experts under
+    canonical per-expert names in the model's namespace (``mlp.experts.M.gate_proj``); an export names
+    them as ``save_pretrained`` does, the hub's layout (Mixtral's ``block_sparse_moe.experts.M.w1``),
+    beside the plain tensors it copies under their source names, so a loader of that layout finds both.
+    None: a routed expert the hub holds only fused (GPT-OSS, Aria), which has no per-expert name."""
+    adapter = adapter_for(reader.config)
+    hub = {m: adapter.checkpoint_name(f"{m}.weight") for m in reader.modules}
+    return {m: None if name is None else base_name(name) for m, name in hub.items()}
 
 
 def unquantized_modules(reader: NativeReader) -> list[str]:

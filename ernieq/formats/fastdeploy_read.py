@@ -65,7 +65,6 @@ from ernieq.formats.quant_slices import split_n
 from ernieq.formats.registry import register_reader
 from ernieq.model.adapters import adapter_for
 from ernieq.model.checkpoint import DTYPE_BYTES, CheckpointReader, read_json
-from ernieq.model.shapes import expected_dims, expected_shape
 from ernieq.model.summary import StoredTensor, summarize_stored
 
 log = logging.getLogger(__name__)
@@ -309,7 +308,7 @@ class FastDeployReader:
                                   f"{list(shapes[0])}{self._rank_note(r)}")
         shape = tuple(rule.to_native(torch.empty(full, device="meta")).shape)
         adapter = adapter_for(self.config, str(self.path / "config.json"))
-        want = expected_shape(adapter.classify(native), expected_dims(self.config))
+        want = adapter.expected_shape(native)
         if want is not None and (len(want) != len(shape) or any(w not in (None, g) for g, w in zip(shape, want))):
             shown = "[" + ", ".join("*" if w is None else str(w) for w in want) + "]"
             raise ErnieqError(f"{self.ranks[0].file_of(fd)}: tensor {fd!r} is {list(shape)} as {native}, "

@@ -26,7 +26,13 @@ from pathlib import Path
 
 from ernieq.codecs.fp8 import DYNAMIC, activations_of
 from ernieq.errors import ErnieqError
-from ernieq.formats.exporting import check_fused_layouts, copy_plain_tensors, plain_config, unquantized_modules
+from ernieq.formats.exporting import (
+    check_fused_layouts,
+    copy_plain_tensors,
+    hub_modules,
+    plain_config,
+    unquantized_modules,
+)
 from ernieq.formats.native import ModuleSpec, NativeReader, copy_side_files
 from ernieq.formats.registry import register_format
 from ernieq.model.checkpoint import CheckpointWriter, write_json
@@ -78,11 +84,19 @@ def export_hf_fp8(native_dir: Path, out: Path) -> Path:
         _check_module(module, spec)
     kept = unquantized_modules(reader)
     check_fused_layouts({m: CODEC for m in reader.modules}, kept, FORMAT_NAME)  # transformers fuses the experts
+    hub = hub_modules(reader)
+    fused = sorted(m for m, name in hub.items() if name is None)
+    if fused:
+        raise ErnieqError(
+            f"{FORMAT_NAME}: {fused[0]} is a routed expert that the source checkpoint holds only inside a fused "
+            f"parameter, where transformers reads it; ernieq's per-expert fp8 weights and block scales have no "
+            f"place there: export as compressed-tensors instead"
+        )
     with CheckpointWriter(out) as writer:
         for module in sorted(reader.modules):
             q = reader.quantized(module)
-            writer.add(f"{module}.weight", q.tensors["qweight"])  # [N, K] float8_e4m3fn
-            writer.add(f"{module}.weight_scale_inv", q.tensors["scale"])  # [N/128, K/128] float32
+            writer.add(f"{hub[module]}.weight", q.tensors["qweight"])  # [N, K] float8_e4m3fn
+            writer.add(f"{hub[module]}.weight_scale_inv", q.tensors["scale"])  # [N/128, K/128] float32
         copy_plain_tensors(reader, writer)
     config = plain_config(reader)
     config["quantization_config"] = hf_quantization_config(kept)

@@ -13,6 +13,7 @@ Everything else keeps its source name, dtype and values. ``config.json`` carries
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from ernieq.transforms import Rotation
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader, read_json
 
 FORMAT_VERSION = 1
+PLAIN_LEAVES = ("weight", "bias")  # never a codec tensor's name
 ROTATIONS = "ernieq_rotations"  # input rotations are stored once per K as ``ernieq_rotations.k<K>.{signs,q}``
 QUANT_METHOD = "ernieq"
 # Files copied from the source checkpoint as they are.
@@ -87,9 +89,15 @@ class NativeReader:
             raise CheckpointError(f"{where}: malformed quantization_config.modules ({type(err).__name__}: {err})") from None
         self._stored: dict[str, list[str]] = {}  # module base → its stored tensor names
         for name in self.reader.keys():
-            base = name.rsplit(".", 1)[0]
-            if base in self.modules:
+            base = self.module_of(name)
+            if base is not None:
                 self._stored.setdefault(base, []).append(name)
+
+    def module_of(self, name: str) -> str | None:
+        """The quantized module whose codec tensor ``name`` is, else None (a linear layer's ``bias`` beside
+        its quantized weight stays a plain tensor: no codec names a tensor ``weight`` or ``bias``)."""
+        base, _, leaf = name.rpartition(".")
+        return base if base in self.modules and leaf not in PLAIN_LEAVES else None
 
     @property
     def path(self) -> Path:
@@ -114,9 +122,26 @@ class NativeReader:
         self.reader.release()
 
     def summary(self):
-        from ernieq.model.summary import summarize
+        """``ernieq inspect``'s summary: a quantized module's stored tensors count as its logical weight,
+        the rotations as stored bytes that are no model parameter."""
+        from ernieq.model.adapters import adapter_for
+        from ernieq.model.summary import DTYPE_BYTES, StoredTensor, summarize_stored
 
-        return summarize(self.reader)
+        stored, counted = [], set()
+        for name in self.reader.keys():
+            size = math.prod(self.reader.shape(name)) * DTYPE_BYTES.get(self.reader.dtype(name), 4)
+            base = self.module_of(name)
+            spec = self.modules.get(base) if base is not None else None
+            if name.startswith(ROTATIONS + "."):
+                stored.append(StoredTensor(name, tuple(self.reader.shape(name)), 0, size, overhead=True))
+            elif spec is not None:
+                params = 0 if base in counted else math.prod(spec.shape)
+                stored.append(StoredTensor(f"{base}.weight", tuple(spec.shape), params, size, spec.codec))
+                counted.add(base)
+            else:
+                shape = tuple(self.reader.shape(name))
+                stored.append(StoredTensor(name, shape, math.prod(shape), size))
+        return summarize_stored(adapter_for(self.config, str(self.path / "config.json")), stored)
 
     def rotation(self, base: str) -> Rotation | None:
         """The input rotation quantized module ``base`` was stored turned by, or None."""

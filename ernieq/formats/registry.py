@@ -190,11 +190,13 @@ def open_quantized(path: str | Path) -> QuantizedCheckpoint:
     return _READERS[fmt][1](Path(path))
 
 
-def checkpoint_summary(path: str | Path):
-    """``ernieq.model.summary``'s summary of any checkpoint folder: plain, native or another format's."""
+def checkpoint_summary(path: str | Path, recipe=None):
+    """``ernieq.model.summary``'s summary of any checkpoint folder: plain, native or another format's;
+    ``recipe`` (a ``RecipeView``) is what a plain checkpoint is accounted by (a quantized one was
+    quantized by its own)."""
     from ernieq.model.checkpoint import CheckpointReader
     from ernieq.model.summary import summarize
 
     if quantized_format(path) is None:
-        return summarize(CheckpointReader(path))
+        return summarize(CheckpointReader(path), recipe)
     return open_quantized(path).summary()

@@ -14,7 +14,7 @@ import torch
 from ernieq.codecs import CodecError, QuantizedTensor, decode
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
-from ernieq.model.adapters import adapter_for, hf_config
+from ernieq.model.adapters import adapter_for
 from ernieq.model.checkpoint import CheckpointError, read_json
 from ernieq.model.checkpoint import sha256_file
 from ernieq.publish.folder import SUMS_NAME, listed_files
@@ -54,31 +54,6 @@ def check_sums(folder: Path) -> int:
     return len(listed)
 
 
-def _expected_shapes(config: dict, where: Path) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of the model ``config`` describes (transformers names), from a meta-device build."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(config, str(where)))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def _logical_shape(hf_name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The [N, K] a weight of transformers name ``hf_name`` must have; per-expert names map onto
-    the fused ``experts.gate_up_proj [E, 2I, H]`` / ``experts.down_proj [E, H, I]``."""
-    if hf_name in expected:
-        return expected[hf_name]
-    prefix, _, rest = hf_name.partition(".experts.")
-    expert, _, proj = rest.partition(".")
-    fused = {"gate_proj.weight": "gate_up_proj", "up_proj.weight": "gate_up_proj", "down_proj.weight": "down_proj"}
-    if not expert.isdigit() or proj not in fused or f"{prefix}.experts.{fused[proj]}" not in expected:
-        return None
-    e, n, k = expected[f"{prefix}.experts.{fused[proj]}"]
-    if int(expert) >= e:
-        return None
-    return (n // 2, k) if fused[proj] == "gate_up_proj" else (n, k)
-
-
 def check_tensors(folder: Path) -> tuple[int, int]:
     """Open every tensor; every quantized module's stored tensors fit its codec's layout for the shape
     in ``quantization_config``, and every logical shape fits the model the config describes."""
@@ -87,7 +62,6 @@ def check_tensors(folder: Path) -> tuple[int, int]:
     for name in ckpt.keys():
         ckpt.get(name)  # reads the data: a short or unreadable tensor fails here, naming the file
     adapter = adapter_for(reader.config, str(folder / "config.json"))
-    expected = _expected_shapes(reader.config, folder / "config.json")
     owned = set()
     for base, spec in sorted(reader.modules.items()):
         q = reader.quantized(base)  # CheckpointError (naming the folder) when nothing is stored
@@ -95,12 +69,12 @@ def check_tensors(folder: Path) -> tuple[int, int]:
         file = ckpt.file_of(first)
         owned |= {f"{base}.{k}" for k in q.tensors}
         _check_module(q, base, file)
-        want = _logical_shape(adapter.to_hf_name(f"{base}.weight"), expected)
+        want = adapter.expected_shape(f"{base}.weight")
         if want is None or tuple(want) != tuple(spec.shape):
             raise VerifyError(f"{folder / 'config.json'}: module {base}: quantization_config shape {list(spec.shape)}"
                               f" but the model config implies {list(want) if want else 'no such weight'}")
     for name in reader.plain_names():
-        want = _logical_shape(adapter.to_hf_name(name), expected)
+        want = adapter.expected_shape(name)
         got = ckpt.shape(name)
         if want is not None and tuple(want) != tuple(got):
             raise VerifyError(f"{ckpt.file_of(name)}: tensor {name}: shape {list(got)}, the config implies {list(want)}")

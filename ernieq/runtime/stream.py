@@ -40,6 +40,7 @@ import torch
 from ernieq.calibration.layerwise import LayerwiseModel, MetaModel, hidden_store
 from ernieq.device import Placement, available_memory
 from ernieq.errors import ErnieqError
+from ernieq.runtime.expert_loop import QuantExpertLoop
 from ernieq.runtime.modules import QuantLinear, QuantMoEExperts
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def weight_bytes(path: Path, placement: Placement, quantized: bool) -> int:
 
     summary = checkpoint_summary(path)
     if quantized and resolve_backend(placement.device) != "reference":
-        return sum(summary.bytes_by_class.values())
+        return summary.stored_bytes  # the rotations go to the device too
     return sum(summary.params_by_class.values()) * placement.dtype.itemsize
 
 
@@ -107,8 +108,9 @@ class QuantizedUse:
 
 def quantized_use(modules) -> QuantizedUse:
     """QuantizedUse of the ernieq modules among ``modules`` (after they ran: the decode cache fills on use)."""
-    quantized = [m for m in modules if isinstance(m, (QuantLinear, QuantMoEExperts))]
-    held = [m.cached_bytes for m in quantized if m.cached_bytes]
+    quantized = [m for m in modules if isinstance(m, (QuantLinear, QuantMoEExperts, QuantExpertLoop))]
+    held = [getattr(m, "cached_bytes", 0) for m in quantized]
+    held = [b for b in held if b]
     return QuantizedUse(len(quantized), len(held), sum(held))
 
 
@@ -137,18 +139,16 @@ class StreamedLM:
     def eval(self) -> StreamedLM:
         return self
 
-    def _through_layers(self, hidden: list[torch.Tensor], store: torch.device, cache=None) -> None:
-        """Every decoder layer over the batches ``hidden`` ([B, L, H] each, on ``store``), in place, layer-major."""
+    def _through_layers(self, hidden: list[torch.Tensor], inputs: list[list[dict]], store: torch.device) -> None:
+        """Every decoder layer over the batches ``hidden`` ([B, L, H] each, on ``store``), in place, layer-major;
+        ``inputs[j][i]``: layer i's keyword arguments for batch j (the model's own, ``MetaModel.enter``)."""
         m = self.layers
-        inputs = [None] * len(hidden)  # per batch, taken before layer 0 runs it (the cache then holds the past)
         for i in range(m.num_layers):
             layer = m.load_layer(i).eval()
             try:
                 for j, h in enumerate(hidden):
                     h = h.to(self.device)
-                    if inputs[j] is None:
-                        inputs[j] = m.layer_inputs(h, cache)
-                    out = layer(h, **inputs[j])
+                    out = layer(h, **inputs[j][i])
                     hidden[j] = (out[0] if isinstance(out, tuple) else out).to(store)  # [B, L, H]
                 self.use[i] = quantized_use(layer.modules())
             finally:
@@ -157,16 +157,20 @@ class StreamedLM:
     @torch.no_grad()
     def final_hidden(self, token_ids: torch.Tensor, batch_size: int = 1, cache=None) -> torch.Tensor:
         """token_ids: int64 [W, L]. The final-norm hidden states [W, L, H], where ``hidden_store`` keeps them."""
-        base = self.layers.base
-        store = hidden_store(self.device, token_ids.numel() * self.config.hidden_size * self.dtype.itemsize)
-        hidden = [base.embed_tokens(ids.to(self.device)).to(store) for ids in token_ids.split(batch_size)]
-        self._through_layers(hidden, store, cache)
-        return torch.cat([base.norm(h.to(self.device)).to(store) for h in hidden])  # [W, L, H]
+        m = self.layers
+        store = hidden_store(self.device, token_ids.numel() * m.hidden_size * self.dtype.itemsize)
+        hidden, inputs = [], []  # the layers' arguments are taken before layer 0 runs (the cache then holds the past)
+        for ids in token_ids.split(batch_size):
+            h, kwargs = m.enter(ids, cache)
+            hidden.append(h.to(store))
+            inputs.append(kwargs)
+        self._through_layers(hidden, inputs, store)
+        return torch.cat([m.leave(h).to(store) for h in hidden])  # [W, L, H]
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., L, H] -> logits [..., L, V] on the device."""
-        return self.layers.model.lm_head(hidden.to(self.device))
+        return self.layers.logits(hidden)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, L] -> logits [B, L, V]: one layer-major pass (every layer read once)."""

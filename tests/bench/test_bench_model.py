@@ -11,8 +11,8 @@ import torch
 
 from ernieq import api
 from ernieq.bench import model as bench_model
-from ernieq.bench.model import (COMPILED, CPU_LABEL, EAGER, STREAMED, ModelBenchOptions, _Run, _StreamedRun, measure,
-                                weight_bytes)
+from ernieq.bench.model import (COMPILED, CPU_LABEL, EAGER, STREAMED, ModelBenchOptions, _Run, _StreamedRun,
+                                check_positions, measure, weight_bytes)
 from ernieq.device import HOST
 from ernieq.errors import ErnieqError
 from tests.test_cli import run
@@ -109,6 +109,30 @@ def test_a_streamed_model_decodes_what_the_resident_one_does_and_says_it_streame
     (model,) = json.loads(out.read_text())["models"]
     assert model["runtime"]["stream"]["path"] == "streamed" and model["rows"][0]["decode"] == STREAMED
     assert model["rows"][0]["kernels"].endswith("one layer at a time")
+
+
+class _NestedConfigModel(torch.nn.Module):
+    """What _Run reads of a multimodal model: a config whose vocab_size sits in its text_config only."""
+
+    def __init__(self):
+        from transformers import LlavaConfig
+
+        super().__init__()
+        self.config = LlavaConfig(text_config={"model_type": "llama", "vocab_size": 7, "hidden_size": 16,
+                                               "num_hidden_layers": 1, "num_attention_heads": 2,
+                                               "num_key_value_heads": 2, "max_position_embeddings": 16})
+
+
+def test_a_nested_config_gives_the_text_models_vocabulary_and_positions():
+    net = _NestedConfigModel()
+    assert not hasattr(net.config, "vocab_size")  # the top level has none to read
+    run_ = _Run(net, 3, ModelBenchOptions(prompt_len=64, new_tokens=2), HOST)
+    assert run_.prompt.shape == (3, 64) and set(run_.prompt.unique().tolist()) == set(range(7))
+    config = net.config.to_dict()
+    assert "max_position_embeddings" not in config and config["text_config"]["max_position_embeddings"] == 16
+    with pytest.raises(ErnieqError, match="is more than its max_position_embeddings 16"):
+        check_positions("nested", config, ModelBenchOptions(prompt_len=12, new_tokens=8))
+    check_positions("nested", config, ModelBenchOptions(prompt_len=8, new_tokens=8))  # fits
 
 
 def test_a_failed_compile_decodes_eagerly_and_says_so_unless_compiling_was_asked_for(monkeypatch):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ernieq.calibration.awq import Member, apply_awq, fold_sets, output_error, scale_stats, search_scale
+from ernieq.calibration.awq import Fold, Member, apply_awq, group_folds, output_error, scale_stats, search_scale
+from ernieq.model.adapters import adapter_for
+from ernieq.model.norm_fold import NormFold
 from ernieq.codecs import CalibrationStats, get_codec
 
 
@@ -44,22 +46,24 @@ def test_no_statistics_means_no_scale():
 
 
 def test_fold_sets_pair_producers_with_their_readers():
-    names = [
-        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
-        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-        "model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight",
-        "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.0.gate_proj.weight",
-        "model.layers.1.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.experts.0.down_proj.weight",
-        "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.1.mlp.shared_experts.gate_proj.weight",
-        "model.layers.1.mlp.shared_experts.down_proj.weight",
-    ]
-    sets = {fs.producer: set(fs.consumers) for fs in fold_sets(sorted(names))}
+    """The adapter's shape-only run of a decoder layer finds every producer and its readers."""
+    from tests.tiny import TINY_ERNIE
+
+    adapter = adapter_for(TINY_ERNIE)
+    names = [n for n in adapter.shapes if n.startswith("model.layers.1.")]
+    names += [adapter.canonical_name("model.layers.1.mlp.experts", e, p) for e in range(4)
+              for p in ("gate_proj", "up_proj", "down_proj")]
+    folds, reasons = group_folds(adapter, 1, names)
+    sets = {f.producer: set(f.consumers) for f in folds}
+    assert not reasons
     assert sets["model.layers.1.input_layernorm.weight"] == {f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkv"}
     assert sets["model.layers.1.post_attention_layernorm.weight"] == {
-        "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.experts.0.gate_proj.weight",
-        "model.layers.1.mlp.experts.0.up_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
-        "model.layers.1.mlp.shared_experts.gate_proj.weight"}
+        "model.layers.1.mlp.gate.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
+        "model.layers.1.mlp.shared_experts.gate_proj.weight",
+        *(f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in range(4) for p in ("gate_proj", "up_proj"))}
     assert sets["model.layers.1.mlp.experts.0.up_proj.weight"] == {"model.layers.1.mlp.experts.0.down_proj.weight"}
+    assert sets["model.layers.1.mlp.shared_experts.up_proj.weight"] == {
+        "model.layers.1.mlp.shared_experts.down_proj.weight"}
     assert "model.layers.1.self_attn.o_proj.weight" not in {c for cs in sets.values() for c in cs}
 
 
@@ -86,7 +90,10 @@ def test_folding_leaves_the_unquantized_block_unchanged():
     stats = {f"{p}.mlp.gate_proj.weight": _stats(xn), f"{p}.mlp.up_proj.weight": _stats(xn),
              f"{p}.mlp.down_proj.weight": _stats(h)}
     codec = get_codec("wint4", group_size=32, symmetric=True)
-    out, new_stats = apply_awq(t, lambda n, w: Member(n, w, codec, stats[n]) if "proj" in n else None, stats.get)
+    folds = [Fold(f"{p}.post_attention_layernorm.weight", (f"{p}.mlp.gate_proj.weight", f"{p}.mlp.up_proj.weight"),
+                  norm=NormFold(0.0, False)),
+             Fold(f"{p}.mlp.up_proj.weight", (f"{p}.mlp.down_proj.weight",))]
+    out, new_stats = apply_awq(t, folds, lambda n, w: Member(n, w, codec, stats[n]) if "proj" in n else None, stats.get)
     assert not torch.equal(out[f"{p}.post_attention_layernorm.weight"], t[f"{p}.post_attention_layernorm.weight"])
     assert not torch.equal(out[f"{p}.mlp.down_proj.weight"], t[f"{p}.mlp.down_proj.weight"])
     h2, y2 = block(out)

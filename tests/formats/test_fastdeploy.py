@@ -288,3 +288,20 @@ def test_other_architectures_are_refused(exported, tmp_path):
     with pytest.raises(ErnieqError, match=r"only ERNIE 4.5 MoE \(ernie4_5_moe\).*'qwen3_moe'"):
         export_checkpoint(native, tmp_path / "fd", FORMAT)
     assert not (tmp_path / "fd").exists()
+
+
+def test_the_hand_written_fastdeploy_table_agrees_with_the_generic_adapter():
+    """FastDeploy's Paddle names cannot be derived (fastdeploy_names.SLOTS is written by hand): every
+    native module it places has the class and [N, K] the generic adapter derives from transformers."""
+    from ernieq.formats.fastdeploy_names import DENSE, ROUTED, SLOTS, model_dims
+    from ernieq.model.adapters import LINEAR_CLASSES, TensorClass, adapter_for
+    from tests.tiny import TINY_ERNIE
+
+    adapter, dims = adapter_for(TINY_ERNIE), model_dims(TINY_ERNIE)
+    for slot in SLOTS:
+        layer = 0 if re.search(r"\.mlp\.(gate|up|down)_proj$", slot.module) else 1  # layer 0 is TINY_ERNIE's dense one
+        name = slot.module.format(layer=layer, expert=2) + ".weight"
+        info = adapter.classify(name)
+        assert info.cls in LINEAR_CLASSES and (info.cls is TensorClass.ROUTED_EXPERT) == (slot.role == ROUTED), name
+        assert slot.role in (DENSE, ROUTED)
+        assert adapter.expected_shape(name) == tuple(dims[d] for d in slot.shape), name

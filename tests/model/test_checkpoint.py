@@ -11,7 +11,11 @@ from ernieq.model.checkpoint import CheckpointError, CheckpointReader, Checkpoin
 
 
 def _ernie_config(layers=3):
-    return {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "num_hidden_layers": layers}
+    """An ERNIE 4.5 MoE config whose shapes are _layered_tensors'."""
+    return {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "num_hidden_layers": layers,
+            "hidden_size": 16, "vocab_size": 32, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8,
+            "intermediate_size": 8, "moe_intermediate_size": 8, "moe_num_experts": 2, "moe_k": 1,
+            "moe_layer_start_index": 0, "moe_num_shared_experts": 0}
 
 
 def _write(tmp_path, tensors, config, max_shard_bytes=2**30):

@@ -64,13 +64,13 @@ def test_a_config_field_of_the_wrong_type_is_named(tmp_path, value):
 
 
 def test_an_expert_beyond_the_configured_count_is_named(tmp_path):
+    from tests.tiny import TINY_ERNIE  # 4 routed experts of [32, 64]
+
     folder = tmp_path / "m"
     folder.mkdir()
-    config = {"architectures": ["Ernie4_5_MoeForCausalLM"], "model_type": "ernie4_5_moe", "hidden_size": 8,
-              "moe_intermediate_size": 4, "moe_num_experts": 2}
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(TINY_ERNIE))
     with CheckpointWriter(folder) as w:
-        for e in range(3):
-            w.add(f"model.layers.1.mlp.experts.{e}.gate_proj.weight", torch.zeros(4, 8))
-    with pytest.raises(CheckpointError, match=r"experts\.2\.gate_proj\.weight' is expert 2, .* says 2 experts"):
+        for e in range(5):
+            w.add(f"model.layers.1.mlp.experts.{e}.gate_proj.weight", torch.zeros(32, 64))
+    with pytest.raises(CheckpointError, match=r"experts\.4\.gate_proj\.weight' is expert 4, .* says 4 experts"):
         list(iter_groups(CheckpointReader(folder)))
