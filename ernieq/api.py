@@ -533,7 +533,7 @@ def verify(folder: str | Path, *, smoke: bool = True, smoke_tokens: int = 128, m
     n = min(smoke_tokens, ids.numel())
     with torch.inference_mode():
         r = perplexity(net, ids[:n], seq_len=n, max_windows=1, progress=False)
-    bound = net.config.vocab_size if max_ppl is None else max_ppl
+    bound = net.config.get_text_config().vocab_size if max_ppl is None else max_ppl
     if not r.ppl < bound:
         raise VerifyError(f"{folder}: smoke-test perplexity {r.ppl:.4g} over {r.tokens} tokens is not below "
                           f"{bound:.4g} (the vocabulary size unless given): the weights do not make a language model")

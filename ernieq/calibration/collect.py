@@ -85,7 +85,7 @@ def collect_stats(
     """
     start = time.perf_counter()
     model = LayerwiseModel(model_path, dtype, device)
-    token_ids = _check_tokens(token_ids, getattr(model.config, "vocab_size", None))
+    token_ids = _check_tokens(token_ids, model.config.get_text_config().vocab_size)
     n_seq, seq_len = token_ids.shape
     world = distributed.world()
     if n_seq < world.size:
