@@ -13,7 +13,7 @@ same layers. Stored (G = 64 consecutive weights along K share a grid):
   levels span exactly [min, max] of the group (widened to hold 0).
 
 ``W_hat = (code - zero) * scale``. The codec also gives GPTQ a column rounder
-(:meth:`Int2Codec.gptq_columns`), so ``--method gptq`` runs through it.
+(``Int2Codec.columns``), so ``--method gptq`` runs through it.
 """
 
 from __future__ import annotations
@@ -94,9 +94,6 @@ class Int2Codec:
         w = (codes - q.tensors["zero"].float()[..., None]) * q.tensors["scale"].float()[..., None]
         return w.flatten(1)[:, :k]  # W_hat = (code - zero) * scale
 
-    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> Int2Columns:
-        """The column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
-        return Int2Columns(self, weight, static_groups)
 
 
 class Int2Columns:
@@ -137,3 +134,6 @@ class Int2Columns:
 
     def result(self) -> QuantizedTensor:
         return self.codec.pack(self.codes, self.scale, self.zero, (self.codes.shape[0], self.k))
+
+
+Int2Codec.columns = Int2Columns

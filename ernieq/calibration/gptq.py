@@ -28,7 +28,7 @@ with the rest compensating, and ``e = E U_SS^-1`` is what flows forward.
 
 The rounder of a codec comes from :func:`register_rounder` (codecs whose file
 this package may not change, e.g. ``ccq2``) or else from the codec's own
-``gptq_columns(W, static_groups=...)`` method. Scales are chosen from the
+``columns`` class (``columns(codec, W, static_groups)``). Scales are chosen from the
 current weights when each group starts (GPTQ's ``static_groups=False``), or
 from W up front with activation order (the stored layouts keep groups in K
 order). When no usable Hessian exists (no statistics, zero tokens, every input
@@ -48,7 +48,7 @@ from collections.abc import Callable
 import torch
 
 from ernieq.codecs import CalibrationStats, Codec, CodecError, QuantizedTensor
-from ernieq.codecs.base import all_finite, check_weight
+from ernieq.codecs.base import all_finite, check_weight, register_in
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,17 @@ _ROUNDERS: dict[str, Callable] = {}
 
 def register_rounder(codec_name: str):
     """Decorator: ``fn(codec, W [N, K], static_groups: bool, stats) -> column rounder`` for ``codec_name``."""
-
-    def wrap(fn):
-        if codec_name in _ROUNDERS:
-            raise ValueError(f"GPTQ rounder for {codec_name!r} registered twice")
-        _ROUNDERS[codec_name] = fn
-        return fn
-
-    return wrap
+    return register_in(_ROUNDERS, codec_name, "GPTQ rounder")
 
 
 def column_rounder(codec: Codec, weight: torch.Tensor, static_groups: bool, stats: CalibrationStats | None = None):
     """The column rounder of ``codec`` for weight [N, K] (float32)."""
     if codec.name in _ROUNDERS:
         return _ROUNDERS[codec.name](codec, weight, static_groups, stats)
-    make = getattr(codec, "gptq_columns", None)
-    if make is None:
+    columns = getattr(codec, "columns", None)
+    if columns is None:
         raise CodecError(f"codec {codec.name!r} has no GPTQ column rounder")
-    return make(weight, static_groups=static_groups)
+    return columns(codec, weight, static_groups)
 
 
 def hessian_scale(stats: CalibrationStats | None, k: int, name: str) -> torch.Tensor | None:

@@ -75,7 +75,7 @@ import torch
 
 from ernieq.calibration.gptq import DAMP_RETRIES, act_order_permutation, gptq_encode, hessian_scale
 from ernieq.codecs import CalibrationStats, Codec, CodecError, QuantizedTensor
-from ernieq.codecs.base import all_finite, check_weight
+from ernieq.codecs.base import all_finite, check_weight, register_in
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,7 @@ _EXPERT_ROUNDERS: dict[str, type] = {}
 
 def register_expert_rounder(codec_name: str):
     """Class decorator: the expert rounder of ``codec_name`` (for codecs whose file does not name one)."""
-
-    def wrap(cls):
-        if codec_name in _EXPERT_ROUNDERS:
-            raise ValueError(f"GPTQ expert rounder for {codec_name!r} registered twice")
-        _EXPERT_ROUNDERS[codec_name] = cls
-        return cls
-
-    return wrap
+    return register_in(_EXPERT_ROUNDERS, codec_name, "GPTQ expert rounder")
 
 
 def expert_rounder_class(codec: Codec) -> type | None:

@@ -119,6 +119,11 @@ class CodecBase:
     weights multiply the activations as they are (weight-only) unless it says otherwise."""
 
     name: ClassVar[str]
+    # GPTQ's rounders, where the codec's file has them (each module sets them below its classes):
+    # ``columns(codec, W [N, K], static_groups)`` for one weight (``ernieq.calibration.gptq``) and
+    # ``expert_columns`` for stacked experts (``ernieq.calibration.gptq_experts``)
+    columns: ClassVar[type | None] = None
+    expert_columns: ClassVar[type | None] = None
 
     def __init__(self, config: Any):
         self.config = config
@@ -131,14 +136,24 @@ class CodecBase:
 _REGISTRY: dict[str, tuple[type, type]] = {}
 
 
+def register_in(table: dict, key: str, what: str):
+    """Decorator: the decorated object goes into ``table`` under ``key``; a second one is an error (``what``)."""
+
+    def wrap(obj):
+        if key in table:
+            raise ValueError(f"{what} for {key!r} registered twice")
+        table[key] = obj
+        return obj
+
+    return wrap
+
+
 def register_codec(name: str, config_cls: type):
     """Class decorator: register a codec class under ``name`` with its config dataclass."""
 
     def wrap(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"codec {name!r} registered twice")
+        register_in(_REGISTRY, name, "codec")((cls, config_cls))
         cls.name = name
-        _REGISTRY[name] = (cls, config_cls)
         return cls
 
     return wrap

@@ -158,15 +158,6 @@ class FP8Codec(CodecBase):
         group = self.config.input_group(x.shape[1])
         return dequantize_activations(*quantize_activations(x, group), group) if group else x
 
-    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> FP8Columns:
-        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
-        return FP8Columns(self, weight, static_groups)
-
-    @property
-    def expert_columns(self) -> type[FP8ExpertColumns]:
-        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
-        return FP8ExpertColumns
-
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not an fp8 tensor of this config and its own shape."""
         if q.codec == self.name:
@@ -290,3 +281,6 @@ class FP8ExpertColumns:
                             {"qweight": self.qweight[e].t().contiguous(), "scale": self.scale[e].clone()}, params)
             for e in range(self.qweight.shape[0])
         ]
+
+
+FP8Codec.columns, FP8Codec.expert_columns = FP8Columns, FP8ExpertColumns

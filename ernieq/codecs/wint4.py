@@ -188,15 +188,6 @@ class WInt4Codec(CodecBase):
             zero = q.tensors["zero"][..., None].float()  # [N, n_groups, 1]
         return _ungroup((codes - zero) * scale, k)  # W_hat = (code - zero) * scale
 
-    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt4Columns:
-        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
-        return WInt4Columns(self, weight, static_groups)
-
-    @property
-    def expert_columns(self) -> type[WInt4ExpertColumns]:
-        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
-        return WInt4ExpertColumns
-
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint4 tensor of this config and its own shape."""
 
@@ -316,3 +307,6 @@ class WInt4ExpertColumns:
                        **_stored_grid(self.codec.config, scale, zero)}
             out.append(QuantizedTensor(self.codec.name, (scale.shape[0], self.k), tensors, params))
         return out
+
+
+WInt4Codec.columns, WInt4Codec.expert_columns = WInt4Columns, WInt4ExpertColumns

@@ -60,15 +60,6 @@ class WInt8Codec(CodecBase):
         self._check_layout(q)
         return q.tensors["qweight"].float() * q.tensors["scale"][:, None]  # [N, K]
 
-    def gptq_columns(self, weight: torch.Tensor, *, static_groups: bool = False) -> WInt8Columns:
-        """The column-by-column rounder GPTQ drives (``ernieq.calibration.gptq``). weight: float32 [N, K]."""
-        return WInt8Columns(self, weight)
-
-    @property
-    def expert_columns(self) -> type[WInt8ExpertColumns]:
-        """The rounder of GPTQ over stacked experts (``ernieq.calibration.gptq_experts``)."""
-        return WInt8ExpertColumns
-
     def _check_layout(self, q: QuantizedTensor) -> None:
         """Fail loudly when ``q`` is not a wint8 tensor of its own shape."""
         check_layout(self, q, lambda n, k: {"qweight": (torch.int8, (n, k)), "scale": (torch.float32, (n,))})
@@ -84,7 +75,7 @@ class WInt8Columns:
     unit = 1
     group = 0
 
-    def __init__(self, codec: WInt8Codec, weight: torch.Tensor):
+    def __init__(self, codec: WInt8Codec, weight: torch.Tensor, static_groups: bool = False):  # no groups: unused
         self.codec = codec
         w = weight.float()
         self.scale = _channel_scale(w)  # [N]
@@ -136,3 +127,6 @@ class WInt8ExpertColumns:
             tensors = {"qweight": self.qweight[e].t().contiguous(), "scale": self.scale[e].clone()}
             out.append(QuantizedTensor(self.codec.name, tuple(tensors["qweight"].shape), tensors, params))
         return out
+
+
+WInt8Codec.columns, WInt8Codec.expert_columns = WInt8Columns, WInt8ExpertColumns
