@@ -332,7 +332,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
                    "GPTQ, then each layer's stored scales and rounding tuned against the unquantized layer's "
                    "outputs, keeping GPTQ's result where held-out tokens say tuning did not help (sequential; "
                    "needs --calib-data). Default: gptq with statistics, rtn without.")
-@click.option("--tune-steps", type=click.IntRange(min=0), default=40, show_default=True,
+@click.option("--tune-steps", type=click.IntRange(min=0), default=20, show_default=True,
               help="--method tune: signed-gradient steps per decoder layer.")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--method tune: the rounding offsets' first step (falls linearly to 0) [default: 1 / steps].")

@@ -199,7 +199,7 @@ class QuantizeOptions:
     calib_seq_len: int = 512
     all_experts: bool = False
     sequential: bool = False
-    tune_steps: int = 40
+    tune_steps: int = 20
     tune_lr: float | None = None
     format: str = NATIVE_FORMAT
     tp: int = 1

@@ -64,7 +64,7 @@ _TUNERS: dict[str, Callable] = {}
 
 
 def register_tuner(codec_name: str):
-    """Decorator: ``fn(q: QuantizedTensor, w [N, K]) -> tuner`` for the weights of ``codec_name``."""
+    """Decorator: ``fn(q: QuantizedTensor, w [N, K], round_weights) -> tuner`` for ``codec_name``'s weights."""
 
     def wrap(fn):
         if codec_name in _TUNERS:
@@ -79,11 +79,13 @@ def can_tune(codec_name: str) -> bool:
     return codec_name in _TUNERS
 
 
-def make_tuner(q: QuantizedTensor, weight: torch.Tensor):
-    """The tuner of ``q`` (a GPTQ result) for the weight [N, K] it encodes (in the codec's frame)."""
+def make_tuner(q: QuantizedTensor, weight: torch.Tensor, round_weights: bool = True):
+    """The tuner of ``q`` (a GPTQ result) for the weight [N, K] it encodes (in the codec's frame).
+    round_weights: integer grids tune per-weight rounding offsets (and zero points); else their codes
+    stay GPTQ's and only the scales move (ccq2's bytes always stay)."""
     if q.codec not in _TUNERS:
         raise CodecError(f"block-output tuning has no tuner for codec {q.codec!r}")
-    return _TUNERS[q.codec](q, weight.float())
+    return _TUNERS[q.codec](q, weight.float(), round_weights)
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
@@ -124,18 +126,17 @@ class GridTuner(_Tuner):
     scale_dtype: how the scale is stored; pack(codes [N, K], s [N, n_groups], z) -> QuantizedTensor.
     """
 
-    def __init__(self, w, codes0, s0, z0, g, lo, hi, tune_zero, scale_dtype, pack):
+    def __init__(self, w, codes0, s0, z0, g, lo, hi, tune_zero, scale_dtype, pack, round_weights=True):
         k = w.shape[1]
         self.w, self.g, self.k, self.lo, self.hi = w, g, k, lo, hi
         self.s0, self.z0, self.dtype, self.pack = s0, z0, scale_dtype, pack
-        u = w / self._expand(s0)
-        v0 = (codes0 - self._expand(z0)) - u  # GPTQ's value minus w / s0
-        self.kinds = {
-            "offset": v0.clamp(-ROUND_RADIUS, ROUND_RADIUS).requires_grad_(),
-            "scale": torch.zeros_like(s0).requires_grad_(),
-        }
-        if tune_zero:
-            self.kinds["zero"] = torch.zeros_like(z0).requires_grad_()
+        self.codes0 = None if round_weights else codes0  # codes kept: only the grid moves
+        self.kinds = {"scale": torch.zeros_like(s0).requires_grad_()}
+        if round_weights:
+            v0 = (codes0 - self._expand(z0)) - w / self._expand(s0)  # GPTQ's value minus w / s0
+            self.kinds["offset"] = v0.clamp(-ROUND_RADIUS, ROUND_RADIUS).requires_grad_()
+            if tune_zero:
+                self.kinds["zero"] = torch.zeros_like(z0).requires_grad_()
 
     def _expand(self, per_group: torch.Tensor) -> torch.Tensor:
         """[N, n_groups] -> [N, K]: each group's value over its columns."""
@@ -150,7 +151,9 @@ class GridTuner(_Tuner):
         return s, z
 
     def _codes(self, s, z) -> torch.Tensor:
-        """code = clamp(round(w / s + V) + z, lo, hi)  [N, K] (straight-through)."""
+        """code = clamp(round(w / s + V) + z, lo, hi)  [N, K] (straight-through); GPTQ's with codes kept."""
+        if self.codes0 is not None:
+            return self.codes0
         return (ste_round(self.w / self._expand(s) + self.kinds["offset"]) + self._expand(z)).clamp(self.lo, self.hi)
 
     def weight(self) -> torch.Tensor:
@@ -159,7 +162,8 @@ class GridTuner(_Tuner):
 
     @torch.no_grad()
     def clamp(self) -> None:
-        self.kinds["offset"].clamp_(-ROUND_RADIUS, ROUND_RADIUS)
+        if "offset" in self.kinds:
+            self.kinds["offset"].clamp_(-ROUND_RADIUS, ROUND_RADIUS)
         self.kinds["scale"].clamp_(-SCALE_RANGE, SCALE_RANGE)
         if "zero" in self.kinds:
             self.kinds["zero"].clamp_(-self.z0 - 0.49, self.hi - self.z0 + 0.49)
@@ -171,7 +175,7 @@ class GridTuner(_Tuner):
 
 
 @register_tuner("wint4")
-def _wint4_tuner(q: QuantizedTensor, w: torch.Tensor) -> GridTuner:
+def _wint4_tuner(q: QuantizedTensor, w: torch.Tensor, round_weights: bool) -> GridTuner:
     n, k = q.shape
     cfg = q.params
     g = cfg["group_size"] or k
@@ -186,11 +190,11 @@ def _wint4_tuner(q: QuantizedTensor, w: torch.Tensor) -> GridTuner:
             tensors["zero"] = z.to(torch.uint8)
         return QuantizedTensor("wint4", (n, k), tensors, dict(cfg))
 
-    return GridTuner(w, codes, s0, z0, g, 0, 15, not cfg["symmetric"], dtype, pack)
+    return GridTuner(w, codes, s0, z0, g, 0, 15, not cfg["symmetric"], dtype, pack, round_weights)
 
 
 @register_tuner("wint8")
-def _wint8_tuner(q: QuantizedTensor, w: torch.Tensor) -> GridTuner:
+def _wint8_tuner(q: QuantizedTensor, w: torch.Tensor, round_weights: bool) -> GridTuner:
     n, k = q.shape
     codes = q.tensors["qweight"].float()  # [N, K] in -127..127
     s0 = q.tensors["scale"].float()[:, None]  # [N, 1]
@@ -199,14 +203,14 @@ def _wint8_tuner(q: QuantizedTensor, w: torch.Tensor) -> GridTuner:
         return QuantizedTensor("wint8", (n, k), {"qweight": c.to(torch.int8), "scale": s[:, 0].contiguous()},
                                dict(q.params))
 
-    return GridTuner(w, codes, s0, torch.zeros_like(s0), k, -127, 127, False, torch.float32, pack)
+    return GridTuner(w, codes, s0, torch.zeros_like(s0), k, -127, 127, False, torch.float32, pack, round_weights)
 
 
 @register_tuner("ccq2")
 class CCQ2Tuner(_Tuner):
     """ccq2 with its bytes fixed: ``W_hat = t_b * clamp(round(n0 + c), 0, 15) * s0 (1 + a)``."""
 
-    def __init__(self, q: QuantizedTensor, w: torch.Tensor):
+    def __init__(self, q: QuantizedTensor, w: torch.Tensor, round_weights: bool = True):
         self.k = q.shape[1]
         self.q = q
         t = q.tensors

@@ -170,3 +170,15 @@ def test_method_tune_needs_calibration_text(tiny, tmp_path):
 
     with pytest.raises(ErnieqError, match="--method tune .* needs --calib-data"):
         api.quantize(tiny, tmp_path / "q", bits=4, method="tune", progress=False)
+
+
+def test_without_rounding_offsets_the_codes_stay_and_only_the_scales_move():
+    w, stats = _weight_and_stats(32, 96)
+    q = encode_weight(get_codec("wint4", group_size=32, symmetric=False), w, stats, "w", "gptq")
+    tuner = make_tuner(q, w, round_weights=False)
+    assert set(tuner.kinds) == {"scale"}
+    _perturb(tuner)
+    out = tuner.result()
+    assert torch.equal(out.tensors["qweight"], q.tensors["qweight"]) and torch.equal(out.tensors["zero"], q.tensors["zero"])
+    assert not torch.equal(out.tensors["scale"], q.tensors["scale"])
+    assert torch.equal(decode(out), tuner.weight().detach())
