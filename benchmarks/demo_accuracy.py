@@ -4,6 +4,11 @@
         --max-windows 12 --settings dense-source,unquantized,w8,fp8-w8a8,fp8-weight-only,w4,w2 \
         --out benchmarks/results/demo_accuracy.json
 
+Block-output tuning (``--method tune``) against GPTQ with the same sequential calibration::
+
+    python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
+        --settings unquantized,w2-fd-tune,w2-tune,w4-tune,w2-fd-seq --out benchmarks/results/demo_tune.json
+
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
 protocol), tokens scored, bits per weight over the quantized classes, the
 evaluation's wall time and its ratio to the unquantized model's, and the sha256
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
+import sys
 import tempfile
 import time
 from datetime import date
@@ -41,7 +48,21 @@ SETTINGS = {
     # the same recipe with its ccq2 experts (MoE layers 4..29 of the demo) on a plain
     # round-to-nearest 2-bit g64 asymmetric grid (int2_baseline.py)
     "w2-int2g64": {"bits": 2, "overrides": (r"layers\.([4-9]|[12]\d)\.mlp\.experts\.=int2g64",)},
+    # calibrated on the demo split (64 x 512 tokens), each layer on the quantized layers before it: GPTQ
+    # (sequential), and GPTQ then block-output tuning (--method tune); native rotates the wint4 and ccq2
+    # weights (online rotations), "fd" is the FastDeploy-exportable 2-bit checkpoint (no rotation)
+    "w4-seq": {"bits": 4, "method": "gptq", "sequential": True, "calib_data": "demo"},
+    "w4-tune": {"bits": 4, "method": "tune", "calib_data": "demo"},
+    "w2-seq": {"bits": 2, "method": "gptq", "sequential": True, "calib_data": "demo"},
+    "w2-tune": {"bits": 2, "method": "tune", "calib_data": "demo"},
+    "w2-fd-seq": {"bits": 2, "method": "gptq", "sequential": True, "calib_data": "demo", "rotate": False},
+    "w2-fd-tune": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False},
 }
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory so far, in bytes (the run's settings go one after another)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main() -> None:
@@ -58,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
             options = SETTINGS[name]
-            model, bpw = args.model, 32.0  # the demo checkpoints are float32
+            model, bpw, qseconds, tuned = args.model, 32.0, 0.0, None  # the demo checkpoints are float32
             if name == "dense-source":
                 from ernieq.demo.cache import cache_root
                 from ernieq.demo.source import DENSE_CACHE_NAME, load_dense_source
@@ -67,28 +88,45 @@ def main() -> None:
                 model = cache_root() / DENSE_CACHE_NAME
             elif options is not None:
                 model = Path(tmp) / name
-                summary = api.quantize(args.model, model, progress=False, **options).to_json()
-                bpw = summary["bits_per_weight_quantized"]
+                t0 = time.perf_counter()
+                result = api.quantize(args.model, model, progress=False, **options)
+                qseconds = time.perf_counter() - t0
+                bpw = result.to_json()["bits_per_weight_quantized"]
+                if result.tune_reports:  # per layer: GPTQ's result kept, or the tuned one
+                    tuned = {"layers": len(result.tune_reports),
+                             "kept": {k: sum(r["kept"] == k for r in result.tune_reports)
+                                      for k in ("gptq", "tuned", "experts")},
+                             "tune_seconds": round(sum(r["seconds"] for r in result.tune_reports), 1)}
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
+                         "quantize_seconds": qseconds, "peak_rss_bytes": _peak_rss(), "tuning": tuned,
                          "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
                          "runtime": r.runtime, "weights_sha256": weights_sha256(api.resolve_model(model))})
             print(json.dumps(rows[-1]), flush=True)
+            _write(args, rows)  # after every row: a long run that is stopped keeps the rows it finished
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
+    """Print the table of ``rows`` and write them (with the table) to ``args.out``."""
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "
               f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
-    lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | time vs unquantized |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | "
+                     "time vs unquantized | quantize time | peak RSS so far |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f} %" if base else "n/a"
         trel = f"{r['eval_seconds'] / base['eval_seconds']:.2f}x" if base else "n/a"
         lines.append(f"| {r['setting']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {rel} | {r['tokens']:,} | "
-                     f"{r['eval_seconds']:.1f} s | {trel} |")
+                     f"{r['eval_seconds']:.1f} s | {trel} | {r['quantize_seconds']:.0f} s | "
+                     f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     print("\n".join(lines))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"header": header, "rows": rows, "table": "\n".join(lines)}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"header": header, "command": "python benchmarks/demo_accuracy.py "
+                                        + " ".join(sys.argv[1:]), "rows": rows, "table": "\n".join(lines)},
+                                       indent=2) + "\n")
 
 
 if __name__ == "__main__":

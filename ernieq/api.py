@@ -264,7 +264,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     statistics and round-to-nearest without. ``rotate``: store the wint4 and ccq2
     weights turned by input rotations the runtime applies (default: on for the
     native format, which alone can carry them). ``sequential``: calibrate each
-    layer on the outputs of the quantized layers before it (needs ``calib_data``).
+    layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
+    GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
+    ``tune_steps``, ``tune_lr``); the summary's ``tune_reports`` say what each layer kept.
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
@@ -292,17 +294,27 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     if o.rotate and not native:
         raise ErnieqError(f"--rotate (or the recipe's rotate: true): the {o.format} format cannot carry online "
                           f"input rotations (use --no-rotate)")
+    if o.method == "tune" and o.calib_data is None:
+        raise ErnieqError("--method tune tunes each layer during a calibration pass: it needs --calib-data SRC")
+    if o.method == "tune" and world().size > 1:
+        raise ErnieqError("--method tune runs in one process (not yet under torchrun)")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     check_plan(source, config)
-    stats, calib_dir = None, None
+    stats, calib_dir, tuned = None, None, None
     if o.calib is not None:
         from ernieq.calibration import load_stats
 
         stats = load_stats(o.calib)
     elif o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
         calib_dir = out.parent / f".{out.name}.ernieq-calib"
-        plan = sequential_plan(source, config, o.method or "gptq") if o.sequential else None
+        plan = sequential_plan(source, config, o.method or "gptq") if o.sequential or o.method == "tune" else None
+        if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
+            from ernieq.calibration.tune import TuneSettings
+            from ernieq.calibration.tuned_store import TunedStore
+
+            tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned")
+            plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr), sink=tuned)
         stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
                           all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
                           device=placement.device, dtype=placement.dtype)
@@ -312,13 +324,16 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:
         if o.format == NATIVE_FORMAT:
-            return run_quantize(source, out, config, o, calib=stats, base_model=base)
+            summary = run_quantize(source, out, config, o, calib=stats, base_model=base, tuned=tuned)
+            summary.tune_reports = tuned.reports if tuned is not None else []
+            return summary
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats,
-                                   base_model=base)
+                                   base_model=base, tuned=tuned)
+            summary.tune_reports = tuned.reports if tuned is not None else []
             if main:
                 export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
@@ -328,6 +343,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     finally:
         if calib_dir is not None and main:
             shutil.rmtree(calib_dir, ignore_errors=True)
+        if tuned is not None and main:
+            shutil.rmtree(tuned.folder, ignore_errors=True)
 
 
 def _format_options(fmt: str, tp: int) -> dict:

@@ -351,10 +351,16 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
               help="Calibration sequence length for --calib-data.")
 @click.option("--all-experts", is_flag=True,
               help="With --calib-data: every routed expert also sees every calibration token (statistics only).")
-@click.option("--method", type=click.Choice(["rtn", "gptq", "awq"]), default=None,
-              help="Rounding: round-to-nearest; GPTQ error feedback; or AWQ (per-input-channel scales searched on "
-                   "the statistics and folded into the norms and up projections, then round-to-nearest). "
-                   "Default: gptq with statistics, rtn without.")
+@click.option("--method", type=click.Choice(["rtn", "gptq", "awq", "tune"]), default=None,
+              help="Rounding: round-to-nearest; GPTQ error feedback; AWQ (per-input-channel scales searched on "
+                   "the statistics and folded into the norms and up projections, then round-to-nearest); or tune: "
+                   "GPTQ, then each layer's stored scales and rounding tuned against the unquantized layer's "
+                   "outputs, keeping GPTQ's result where held-out tokens say tuning did not help (sequential; "
+                   "needs --calib-data). Default: gptq with statistics, rtn without.")
+@click.option("--tune-steps", type=click.IntRange(min=0), default=20, show_default=True,
+              help="--method tune: signed-gradient steps per decoder layer.")
+@click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--method tune: the rounding offsets' first step (falls linearly to 0) [default: 1 / steps].")
 @click.option("--rotate/--no-rotate", default=None,
               help="Store the wint4 and ccq2 weights turned by orthogonal input rotations that ernieq's runtime "
                    "applies (incoherence: outliers spread over all inputs). Default: on for --format native, "
@@ -375,8 +381,8 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
              sym: bool,
              w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
-             calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, rotate: bool | None,
-             sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool, device: str,
+             calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, tune_steps: int,
+             tune_lr: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool, device: str,
              dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
@@ -393,7 +399,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                              sequential=sequential, format=fmt, tp=tp, overwrite=overwrite, workers=workers,
+                              sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr, format=fmt, tp=tp, overwrite=overwrite, workers=workers,
                               device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()

@@ -180,7 +180,9 @@ class QuantizeOptions:
     (weight-only). rotate None means the recipe's choice, else on for the native format, which alone
     can carry rotations. method None: GPTQ with statistics, round to nearest without. calib_data
     collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
-    quantized layers before it. tp: the fastdeploy format's split for that many GPUs. workers:
+    quantized layers before it; method "tune" adds block-output tuning to that pass
+    (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
+    None: 1 / tune_steps). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
     rotations and encoding run (``ernieq.device``: auto, cpu, cuda, cuda:N); dtype: the calibration
     pass's compute dtype (the weights are always rounded in float32).
@@ -202,6 +204,8 @@ class QuantizeOptions:
     calib_seq_len: int = 512
     all_experts: bool = False
     sequential: bool = False
+    tune_steps: int = 20
+    tune_lr: float | None = None
     format: str = NATIVE_FORMAT
     tp: int = 1
     overwrite: bool = False

@@ -90,6 +90,7 @@ class QuantizeSummary:
     kept: dict[str, dict] = field(default_factory=dict)  # reason -> {"tensors", "params", "names"}
     seconds: float = 0.0
     runtime: dict = field(default_factory=dict)  # where it ran (``Placement.record``)
+    tune_reports: list = field(default_factory=list)  # --method tune: per layer, what tuning kept (not written)
 
     def total(self, quantized_only: bool = False) -> tuple[int, int, int]:
         """(weights, bytes before, bytes after) over all tensors, or over classes with quantized weights."""
@@ -160,7 +161,7 @@ class _Job:
     method: str
     encoder: Encoder
     bar: QuantizeProgress
-
+    tuned: object | None = None  # block-output tuning's results: ``get(name) -> QuantizedTensor | None``
 
     def stats(self, name: str) -> CalibrationStats | None:
         return self.calib.stats(name) if self.calib is not None else None
@@ -238,6 +239,15 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
     total = sum(w.numel() for _, _, w, _ in todo)
     units = work_units(todo, [key for key, _ in rotations], job.method, job.encoder.slots(total),
                        job.encoder.device)
+    encoded: dict[int, object] = {}
+    if job.tuned is not None:  # weights block-output tuning kept: stored as they are, not encoded again
+        for i, (name, _, weight, _) in enumerate(todo):
+            q = job.tuned.get(name)
+            if q is not None:
+                encoded[i] = q
+                job.bar.weights_done(weight.numel(), name)
+        units = [kept for kept in ([i for i in unit if i not in encoded] for unit in units) if kept]
+        total = sum(todo[i][2].numel() for unit in units for i in unit)
 
     def item(unit: list[int]) -> WorkItem:
         names = [todo[i][0] for i in unit]
@@ -252,7 +262,6 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
         return WorkItem.of(todo[unit[0]][3], [todo[i][2] for i in unit], unit_stats, names, job.method,
                            rotations[unit[0]][1])
 
-    encoded: dict[int, object] = {}
     current = 0
     try:
         for current, qs in enumerate(job.encoder.map((item(unit) for unit in units), weights=total)):
@@ -444,6 +453,8 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
     check_method(method)
     if method == "awq":
         raise ErnieqError("--sequential simulates per-weight rounding; it does not combine with --method awq")
+    if method == "tune":
+        method = "gptq"  # tuning starts from GPTQ's result (the pass adds the tuning)
     ordinals = _ordinals(source)
 
     def choose(name, info):
@@ -476,7 +487,7 @@ def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: di
 
 
 def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, options: QuantizeOptions | None = None,
-                 calib=None, base_model: str | None = None, **fields) -> QuantizeSummary:
+                 calib=None, base_model: str | None = None, tuned=None, **fields) -> QuantizeSummary:
     """Quantize ``source`` into the native checkpoint ``out``, resuming a killed run with the same arguments.
 
     base_model: the name ``source`` was given by (``demo``, a hub id, a folder), recorded as
@@ -484,8 +495,9 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
 
     options: :class:`QuantizeOptions` with ``fields`` replaced.
     config: the recipe (default: ``options``' recipe or preset); calib: calibration statistics for the method
-    (``options.method``, default round to nearest). ``options.workers``: encoder processes on the CPU
-    (default: every usable core); ``options.device`` a GPU: the weights are encoded there, in this process.
+    (``options.method``, default round to nearest); tuned: with method ``tune``, block-output tuning's
+    results (``ernieq.calibration.tuned_store.TunedStore``), stored as they are. ``options.workers``:
+    encoder processes on the CPU (default: every usable core); ``options.device`` a GPU: the weights are encoded there, in this process.
     """
     options = with_fields(options, fields)
     method = options.method or "rtn"
@@ -513,7 +525,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
         plan = distributed.plan([_pieces(reader, adapter, g, method) for g in groups])
         mine = plan[world.rank]
         with encoder, QuantizeProgress(options.progress, sum(p.weight for p in mine), len(groups)) as bar:
-            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar)
+            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar, tuned)
             for part in mine:
                 _quantize_part(job, writer, groups[part.index], part)
             distributed.barrier("encoding")

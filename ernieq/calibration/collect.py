@@ -38,7 +38,7 @@ from ernieq.progress import progress_bar
 from ernieq.calibration.calibset import CalibrationSet
 from ernieq.calibration.hooks import CalibrationError, Collector
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
-from ernieq.calibration.sequential import SequentialPlan, quantized_layer
+from ernieq.calibration.sequential import SequentialPlan, encode_layer, quantized_layer
 from ernieq.calibration.stats import begin_stats, load_stats, save_stats
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,19 @@ def _collected(collector: Collector, info: dict) -> CalibrationSet:
     )
 
 
+def _tuned_layer(model, i, stats_of, plan: SequentialPlan, inputs, targets, on_step):
+    """Layer i encoded by GPTQ, then tuned against the unquantized layer's outputs (``tune.py``); what
+    it keeps goes to ``plan.sink``, and the layer returned holds it."""
+    from ernieq.calibration.tune import tune_layer
+
+    encoded = encode_layer(model, i, stats_of, plan)
+    layer = model.load_layer(i, {name: e.decoded() for name, e in encoded.items()})
+    kept, weights, report = tune_layer(model, i, layer, encoded, inputs, targets, plan.tune, on_step)
+    if plan.sink is not None:
+        plan.sink(i, {name: q.to(HOST) for name, q in kept.items()}, report)
+    return model.load_layer(i, weights)
+
+
 def _run(model, token_ids, collector, store, batch, progress, start, info, sequential=None) -> CalibrationSet:
     """The pass itself: every layer over every batch, hooks on, the store flushed after each layer."""
     n_seq = token_ids.shape[0]
@@ -152,12 +165,20 @@ def _run(model, token_ids, collector, store, batch, progress, start, info, seque
             if store is not None:
                 store.flush()  # layer i's sites to their file; only their names stay in memory
 
-        def adjust(i, layer):
+        tuning = sequential is not None and sequential.tune is not None
+        if tuning:
+            tune_task = bar.add_task("tuning", total=model.num_layers * max(sequential.tune.steps, 1))
+
+        def adjust(i, layer, inputs=None, targets=None):
             bar.update(task, description=f"quantizing layer {i + 1}/{model.num_layers} (sequential)")
-            return quantized_layer(model, i, _collected(collector, info).stats, sequential)
+            if not tuning:
+                return quantized_layer(model, i, _collected(collector, info).stats, sequential)
+            bar.update(tune_task, description=f"tuning layer {i + 1}/{model.num_layers}")
+            return _tuned_layer(model, i, _collected(collector, info).stats, sequential, inputs, targets,
+                                lambda: bar.advance(tune_task))
 
         run_layers(model, token_ids, batch_size=batch, observe=observe, adjust=adjust if sequential else None,
-                   on_batch=lambda: bar.advance(task))
+                   on_batch=lambda: bar.advance(task), targets=sequential.tune.target if tuning else None)
     seconds = time.perf_counter() - start
     cset = _collected(collector, {**info, "seconds": round(seconds, 2)})
     if store is not None and distributed.world().main:

@@ -218,12 +218,14 @@ def gptq_encode_experts(
     act_order: bool = False,
     names: Sequence[str] | None = None,
     budget: int | None = None,
+    rounder: type | None = None,
 ) -> list[QuantizedTensor]:
     """GPTQ-encode E weights ``weights`` [E, N, K] (or E tensors [N, K]), expert e with ``stats[e]``.
 
     Options as ``gptq.gptq_encode``; an expert without a usable Hessian is rounded to
     nearest by the codec, as there. ``budget``: bytes of one chunk of experts
-    (``experts_per_chunk``; default ``chunk_budget`` of the weights' device).
+    (``experts_per_chunk``; default ``chunk_budget`` of the weights' device). ``rounder``: an expert
+    rounder class instead of the codec's (block-output tuning's ccq2 rounder with fixed scales).
     Returns E QuantizedTensors, in order.
     """
     e_all = len(weights)
@@ -235,7 +237,7 @@ def gptq_encode_experts(
     shapes = {tuple(w.shape) for w in weights}
     if len(shapes) != 1:
         raise CodecError(f"{names[0]}: experts batched together must share one shape, got {sorted(shapes)}")
-    cls = expert_rounder_class(codec)
+    cls = rounder or expert_rounder_class(codec)
     if cls is None:  # a codec with per-column rounding only: the reference, expert by expert
         return [gptq_encode(codec, weights[e], stats[e], damp=damp, block_size=block_size, act_order=act_order,
                             name=names[e]) for e in range(e_all)]

@@ -273,9 +273,10 @@ def run_layers(
     *,
     batch_size: int,
     observe: Callable[[int, nn.Module], object] | None = None,
-    adjust: Callable[[int, nn.Module], nn.Module] | None = None,
+    adjust: Callable[..., nn.Module] | None = None,
     on_output: Callable[[int, torch.Tensor], None] | None = None,
     on_batch: Callable[[], None] | None = None,
+    targets: str | None = None,
 ) -> torch.Tensor:
     """Run every decoder layer over ``token_ids`` [n_seq, L], one layer in memory at a time.
 
@@ -284,13 +285,20 @@ def run_layers(
     weights) computes layer i's output in a second pass, which is what layer i + 1 then sees.
     on_output(i, hidden [n_seq, L, H]): called with layer i's output.
     on_batch(): called after every batch of every layer's first pass (progress).
+    targets: adjust is called as ``adjust(i, layer, inputs, targets)`` with layer i's inputs
+    [n_seq, L, H] (the adjusted stream's) and outputs of the layer as loaded [n_seq, L, H]
+    (block-output tuning's target): on those same inputs (``"local"``: the first pass's outputs,
+    kept), or on the unquantized model's own hidden states (``"model"``: that stream is carried
+    beside the adjusted one, each layer as loaded on the outputs of the one before).
     Returns the last layer's output [n_seq, L, H] (before the final norm), where the hidden
     states were kept (``hidden_store``).
     """
     copies = 2 if adjust is not None else 1  # the second pass builds the next states beside the old
+    copies += 2 if targets == "model" else 1 if targets == "local" else 0  # the unquantized stream or the targets
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
     store = hidden_store(model.device, copies * token_ids.numel() * model.config.get_text_config().hidden_size * itemsize)
     hidden = model.embed(token_ids, batch_size, store)
+    plain = list(hidden) if targets == "model" else None  # the unquantized model's states
 
     def forward(i: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         h = h.to(model.device)  # a batch of offloaded states comes to the device for the layer
@@ -301,14 +309,23 @@ def run_layers(
         layer = model.load_layer(i).eval()
         try:
             ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
+            first = []
             with ctx, torch.no_grad():
                 for j, h in enumerate(hidden):
                     out = forward(i, layer, h)
                     if adjust is None:
                         hidden[j] = out
+                    elif targets == "local":
+                        first.append(out)
                     if on_batch is not None:
                         on_batch()
-            if adjust is not None:
+            if targets is not None:
+                if targets == "model":
+                    with torch.no_grad():
+                        first = plain = [forward(layer, h) for h in plain]  # the unquantized layer's outputs
+                layer = adjust(i, layer, torch.cat(hidden), torch.cat(first)).eval()
+                del first
+            elif adjust is not None:
                 layer = adjust(i, layer).eval()
                 with torch.no_grad():
                     hidden = [forward(i, layer, h) for h in hidden]

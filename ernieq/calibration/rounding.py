@@ -52,9 +52,12 @@ def _gptq(codec: Codec, weight: torch.Tensor, stats: CalibrationStats | None, na
 
 
 # How a weight is rounded: the codec's own encoder, or GPTQ's error feedback through it.
-METHODS: dict[str, Callable[..., QuantizedTensor]] = {"rtn": _round_to_nearest, "gptq": _gptq, "awq": _round_to_nearest}
+# ``tune``: GPTQ, then block-output tuning (``tune.py``) during the sequential calibration pass; a weight
+# tuning left no result for is GPTQ's.
+METHODS: dict[str, Callable[..., QuantizedTensor]] = {"rtn": _round_to_nearest, "gptq": _gptq, "awq": _round_to_nearest,
+                                                      "tune": _gptq}
 # Methods that encode several weights of one shape at once (others go weight by weight).
-BATCHED_METHODS: dict[str, Callable[..., list[QuantizedTensor]]] = {"gptq": _gptq_experts}
+BATCHED_METHODS: dict[str, Callable[..., list[QuantizedTensor]]] = {"gptq": _gptq_experts, "tune": _gptq_experts}
 
 
 def rotate_stats(stats: CalibrationStats | None, rotation: Rotation) -> CalibrationStats | None:

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ernieq.calibration.layerwise import LayerwiseModel
-from ernieq.calibration.rounding import encode_weight
-from ernieq.codecs import CalibrationStats, decode, get_codec
-from ernieq.transforms import make_rotation
+from ernieq.calibration.rounding import encode_weight, rotate_stats
+from ernieq.codecs import CalibrationStats, QuantizedTensor, decode, get_codec
+from ernieq.transforms import Rotation, make_rotation
 from ernieq.model.adapters import TensorInfo
 from ernieq.model.moe import linear_weights
 
@@ -31,20 +31,43 @@ Chooser = Callable[[str, TensorInfo], tuple[tuple[str, dict] | None, bool]]
 
 @dataclass(frozen=True)
 class SequentialPlan:
-    """What the quantization will do, for the calibration to simulate: the codec choice and the method."""
+    """What the quantization will do, for the calibration to simulate: the codec choice and the method.
+    ``tune``: block-output tuning after GPTQ (``ernieq.calibration.tune.TuneSettings``), whose results go
+    to ``sink(layer, {name: QuantizedTensor})``."""
 
     choose: Chooser
     method: str
     rotation_seed: int = 0
+    tune: object | None = None
+    sink: Callable[[int, dict], None] | None = None
 
 
-def quantized_layer(
+@dataclass(frozen=True)
+class Encoded:
+    """One weight of a layer as the plan encodes it.
+
+    q: the codec's result; weight: float32 [N, K] the weight the codec encoded (W R when rotated),
+    on the layer's device; rotation: R or None; stats: the statistics the codec saw (turned by R).
+    """
+
+    q: QuantizedTensor
+    weight: torch.Tensor
+    rotation: Rotation | None
+    stats: CalibrationStats | None
+
+    def decoded(self, q: QuantizedTensor | None = None) -> torch.Tensor:
+        """W_hat [N, K] of ``q`` (default: this weight's own) in the model's frame: ``W_hat R^T`` when rotated."""
+        w_hat = decode(q or self.q).float().to(self.weight.device)  # [N, K]
+        return self.rotation.to(w_hat.device).apply_t(w_hat) if self.rotation is not None else w_hat
+
+
+def encode_layer(
     model: LayerwiseModel, i: int, stats_of: Callable[[str], CalibrationStats | None], plan: SequentialPlan
-) -> nn.Module:
-    """Decoder layer i reloaded with every weight the plan quantizes replaced by its decoded value."""
+) -> dict[str, Encoded]:
+    """Every weight of decoder layer i the plan quantizes, encoded as ``ernieq quantize`` will encode it."""
     lt = model.layer_tensors(i)
     tensors = {t.name: model.reader.get(t.name) for t in lt.infos if t.is_linear_weight}
-    replaced: dict[str, torch.Tensor] = {}
+    out: dict[str, Encoded] = {}
     for name, info, weight in linear_weights(lt.infos, tensors, model.adapter):
         choice, rotate = plan.choose(name, info)
         if choice is None:
@@ -52,7 +75,19 @@ def quantized_layer(
         codec_name, kwargs = choice
         rotation = make_rotation(weight.shape[1], plan.rotation_seed) if rotate else None
         weight = weight.to(model.device, torch.float32)  # encoded where the layer runs
-        q = encode_weight(get_codec(codec_name, **kwargs), weight, stats_of(name), name, plan.method, rotation)
-        w_hat = decode(q).float()  # [N, K]
-        replaced[name] = rotation.to(w_hat.device).apply_t(w_hat) if rotation is not None else w_hat  # W_hat R R^T
-    return model.load_layer(i, replaced)
+        stats = stats_of(name)
+        q = encode_weight(get_codec(codec_name, **kwargs), weight, stats, name, plan.method, rotation)
+        stats = stats.to(weight.device) if stats is not None else None
+        if rotation is not None:
+            rotation = rotation.to(weight.device)
+            weight, stats = rotation.apply(weight), rotate_stats(stats, rotation)  # what the codec saw
+        out[name] = Encoded(q, weight, rotation, stats)
+    return out
+
+
+def quantized_layer(
+    model: LayerwiseModel, i: int, stats_of: Callable[[str], CalibrationStats | None], plan: SequentialPlan
+) -> nn.Module:
+    """Decoder layer i reloaded with every weight the plan quantizes replaced by its decoded value."""
+    encoded = encode_layer(model, i, stats_of, plan)
+    return model.load_layer(i, {name: e.decoded() for name, e in encoded.items()})  # W_hat R R^T

@@ -1,0 +1,351 @@
+"""Block-output tuning after GPTQ: each decoder layer's stored quantities tuned against its real output.
+
+Shape legend: T tokens, E experts, A active experts per token, K input features, N output features,
+S calibration sequences, L sequence length, H hidden size.
+
+Per decoder layer (driven by the sequential calibration pass, ``collect.py``), with X [S, L, H] the
+layer's inputs in the quantized model (the outputs of the already quantized, tuned layers before it)
+and Y [S, L, H] the target: the unquantized layer's outputs on the same X (``target="local"``, the
+default), or on the unquantized model's own hidden states (``"model"``, AutoRound's, which also asks
+the layer to undo the error the earlier layers left):
+
+1. every weight starts at its GPTQ result; a *tuner* (``tune_weights.py``) exposes what its codec
+   stores and nothing else (integer grids: per-weight rounding offsets, group scales, zero points;
+   ccq2: local and super scales). Only the codecs in ``settings.codecs`` are tuned (wint4 and
+   ccq2: wint8's GPTQ error is already small); when every tuned weight sits in the MLP/MoE block,
+   only that block runs (``_Block``: the attention's output is fixed, computed once);
+2. ``steps`` signed-gradient steps (AutoRound) on ``mean ||block(X_b; W_hat) - Y_b||^2`` over a
+   random batch of training sequences each; the step size falls linearly to 0. A routed expert's
+   contribution enters the output weighted by its routing weight, so each expert's error counts on
+   the tokens routed to it, in proportion to their weight;
+3. on held-out sequences (never stepped on), per routed expert: the held-out output loss with only
+   that expert swapped into GPTQ's layer, tuned or (ccq2) with its tuned scales and the bytes chosen
+   again by GPTQ at those scales (``tune_weights.rebyte``). The swap changes the output only on the
+   tokens routed to the expert, by their routing weights: the expert's own, routing-weighted loss.
+   The expert takes the candidate that lowers it most, else keeps GPTQ's result (so does an expert
+   no held-out token reached);
+4. the layer's held-out output loss for GPTQ's weights, everything tuned, the per-expert choice with
+   the other weights at GPTQ, and with them tuned; the least wins (GPTQ on ties), so a layer is never
+   worse than its GPTQ start on held-out tokens.
+
+What a layer keeps is a set of QuantizedTensors the format stores as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ernieq.calibration.layerwise import LayerwiseModel
+from ernieq.calibration.sequential import Encoded
+from ernieq.calibration.tune_weights import can_tune, make_tuner, rebyte
+from ernieq.codecs import QuantizedTensor, decode
+from ernieq.errors import ErnieqError
+
+log = logging.getLogger(__name__)
+
+GPTQ, TUNED, REBYTE = "gptq", "tuned", "rebyte"
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# wint8's GPTQ error is already small (~1e-4 of the weight's energy): tuning it costs the backward pass
+# through attention (in the --bits 2 recipe) and buys nothing measurable.
+TUNED_CODECS = ("wint4", "ccq2")
+MLP, MLP_NORM = "mlp", "post_attention_layernorm"  # the decoder layer's MLP/MoE block and the norm before it
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """steps: signed-gradient steps per layer; lr: the rounding offsets' first step (None: 1 / steps,
+    AutoRound's; other parameter kinds step in proportion, ``tune_weights.REL_LR``); batch_seqs:
+    calibration sequences per step; holdout: the share of sequences held out for the checks (at least
+    one when there are two or more); seed: the batches' order; codecs: the codecs whose weights are
+    tuned (the others keep GPTQ's result); target: ``"local"``, the unquantized layer's outputs on
+    the same inputs X, or ``"model"``, its outputs on the unquantized model's own hidden states
+    (AutoRound's, which also asks the layer to undo the earlier layers' error); round_weights: integer
+    grids (wint4) also tune per-weight rounding offsets and zero points (AutoRound); off, their codes
+    stay GPTQ's and only the group scales move (on the demo, 20 steps of offsets overfit: the
+    held-out loss rose where scales alone lowered it, see the README)."""
+
+    steps: int = 20
+    lr: float | None = None
+    batch_seqs: int = 2
+    holdout: float = 0.125
+    seed: int = 0
+    codecs: tuple[str, ...] = TUNED_CODECS
+    target: str = "local"
+    round_weights: bool = False
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_seqs < 1 or not 0 < self.holdout < 1 or (self.lr is not None and self.lr <= 0) \
+                or self.target not in ("local", "model"):
+            raise ErnieqError(f"tuning settings out of range: {self}")
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.steps, 1)
+
+
+@dataclass
+class LayerReport:
+    """What tuning did to one layer: held-out output losses, the choice, experts by candidate."""
+
+    layer: int
+    loss_gptq: float
+    loss_kept: float
+    kept: str  # "gptq", "tuned" or "experts" (tuned experts, other weights at GPTQ)
+    experts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class _LayerParams:
+    """Where each checkpoint weight of decoder layer i sits among the layer module's parameters, and
+    the parameter dict ``torch.func.functional_call`` takes for a set of weights (model frame)."""
+
+    def __init__(self, model: LayerwiseModel, i: int, layer: nn.Module, names):
+        lt = model.layer_tensors(i)
+        prefix = model.layer_prefix(i) + "."
+        self.layer = layer
+        self.plain: dict[str, str] = {}  # checkpoint name -> parameter name (relative to the layer)
+        self.routed: dict[str, tuple[int, str]] = {}  # per-expert name -> (expert, projection)
+        self.experts_path = None
+        if lt.experts is not None:
+            self.experts_path = model.adapter.to_hf_name(lt.experts.prefix)[len(prefix):]
+            for e in range(lt.experts.num_experts):
+                for proj in PROJECTIONS:
+                    self.routed[lt.experts.canonical_name(e, proj)] = (e, proj)
+        for name in names:
+            if name not in self.routed:
+                self.plain[name] = model.adapter.to_hf_name(name)[len(prefix):]
+        own = dict(layer.named_parameters())
+        self.base = {k: v.detach() for k, v in own.items()}
+
+    def relative(self, name: str) -> str:
+        """The layer-relative parameter a checkpoint weight lives in (routed experts: the fused ones' module)."""
+        return self.experts_path if name in self.routed else self.plain[name]
+
+    def experts_module(self) -> nn.Module | None:
+        return self.layer.get_submodule(self.experts_path) if self.experts_path else None
+
+    def params(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The layer's parameters with ``weights`` (checkpoint name -> [N, K]) in place; fused experts
+        (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) rebuilt where one of theirs is given."""
+        out = {self.plain[n]: w for n, w in weights.items() if n in self.plain}
+        mine = {self.routed[n]: w for n, w in weights.items() if n in self.routed}
+        if mine:
+            gate_up = self.base[f"{self.experts_path}.gate_up_proj"]  # [E, 2I, H]
+            down = self.base[f"{self.experts_path}.down_proj"]  # [E, H, I]
+            inter = gate_up.shape[1] // 2
+            rows = []
+            for e in range(gate_up.shape[0]):
+                gate = mine.get((e, "gate_proj"), gate_up[e, :inter])
+                up = mine.get((e, "up_proj"), gate_up[e, inter:])
+                rows.append(torch.cat([gate, up]))  # [gate | up]  [2I, H]
+            out[f"{self.experts_path}.gate_up_proj"] = torch.stack(rows)
+            out[f"{self.experts_path}.down_proj"] = torch.stack(
+                [mine.get((e, "down_proj"), down[e]) for e in range(down.shape[0])])
+        return out
+
+
+def _forward(model: LayerwiseModel, layer: nn.Module, params: dict, h: torch.Tensor) -> torch.Tensor:
+    """Layer output [B, L, H] for inputs h [B, L, H] with ``params`` in place of the layer's own."""
+    out = torch.func.functional_call(layer, params, (h,), model.layer_inputs(h), strict=False)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Block:
+    """What the tuning runs: the whole decoder layer on its inputs X [S, L, H], or, when every tuned
+    weight sits in the MLP/MoE block, only that block on its fixed inputs (attention keeps GPTQ's
+    weights, so the residual h = X + attn(X) [S, L, H] and the normed z = norm(h) are computed once):
+    ``out = h + mlp(z)``. The short form is used only where it reproduces the layer's output."""
+
+    def __init__(self, model: LayerwiseModel, layer: nn.Module, inputs: torch.Tensor, tuned: list[str],
+                 device: torch.device, batch: int):
+        self.model, self.layer, self.device = model, layer, device
+        self.inputs: tuple[torch.Tensor, ...] = (inputs,)
+        self.mlp_only = False
+        if tuned and all(name.startswith(MLP + ".") for name in tuned) and hasattr(layer, MLP_NORM) \
+                and hasattr(layer, MLP):
+            self._to_mlp(inputs, batch)
+
+    def _to_mlp(self, inputs: torch.Tensor, batch: int) -> None:
+        seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+        hook = getattr(self.layer, MLP_NORM).register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+        full = []
+        try:
+            with torch.no_grad():
+                for x in _batches(inputs, batch):
+                    full.append(_forward(self.model, self.layer, {}, x.to(self.device)).to(inputs.device))
+        finally:
+            hook.remove()
+        if len(seen) != len(full):
+            return
+        h = torch.cat([a.to(inputs.device) for a, _ in seen])  # [S, L, H]
+        z = torch.cat([b.to(inputs.device) for _, b in seen])
+        with torch.no_grad():
+            short = self.forward({}, (h[:batch].to(self.device), z[:batch].to(self.device)), mlp_only=True)
+        if torch.allclose(short.to(inputs.device), full[0], rtol=1e-5, atol=1e-5 * float(full[0].abs().max())):
+            self.inputs, self.mlp_only = (h, z), True
+
+    def forward(self, params: dict, x: tuple[torch.Tensor, ...], mlp_only: bool | None = None) -> torch.Tensor:
+        """The block's output [B, L, H] with ``params`` (names relative to the layer) for inputs ``x``."""
+        if not (self.mlp_only if mlp_only is None else mlp_only):
+            return _forward(self.model, self.layer, params, x[0])
+        h, z = x
+        inner = {k[len(MLP) + 1 :]: v for k, v in params.items() if k.startswith(MLP + ".")}  # attention: fixed
+        return h + torch.func.functional_call(getattr(self.layer, MLP), inner, (z,), strict=False)  # h + mlp(z)
+
+    def take(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, ...]:
+        return tuple(t[idx].to(self.device) for t in self.inputs)
+
+
+def _batches(x: torch.Tensor, size: int):
+    return [x[j : j + size] for j in range(0, x.shape[0], size)]
+
+
+def tune_layer(
+    model: LayerwiseModel,
+    i: int,
+    layer: nn.Module,
+    encoded: dict[str, Encoded],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    settings: TuneSettings,
+    on_step: Callable[[], None] | None = None,
+) -> tuple[dict[str, QuantizedTensor], dict[str, torch.Tensor], LayerReport]:
+    """Tune decoder layer i (``layer``: the module, holding GPTQ's weights) from GPTQ's results
+    ``encoded``, on inputs X and targets Y [S, L, H] (see the module docstring).
+
+    Returns the QuantizedTensors kept (by checkpoint name, on the layer's device), their decoded
+    weights in the model's frame, and the report.
+    """
+    start = time.perf_counter()
+    device = next(iter(encoded.values())).weight.device if encoded else inputs.device
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    slots = _LayerParams(model, i, layer, encoded)
+    gptq_q = {n: e.q for n, e in encoded.items()}
+    gptq_w = {n: e.decoded() for n, e in encoded.items()}
+    tuners = {n: make_tuner(e.q, e.weight, settings.round_weights) for n, e in encoded.items()
+              if e.q.codec in settings.codecs and can_tune(e.q.codec)}
+    if not tuners or settings.steps == 0:
+        for _ in range(settings.steps):
+            if on_step is not None:
+                on_step()
+        log.info("layer %d: nothing to tune; GPTQ's result kept", i)
+        return gptq_q, gptq_w, LayerReport(i, math.nan, math.nan, "gptq", {}, time.perf_counter() - start)
+    block = _Block(model, layer, inputs, [slots.relative(n) for n in tuners], device, settings.batch_seqs)
+    s = inputs.shape[0]
+    n_hold = max(1, round(s * settings.holdout)) if s > 1 else 0
+    if not n_hold:
+        log.warning("layer %d: one calibration sequence; tuning is checked on the tokens it was tuned on", i)
+    train = torch.arange(s - n_hold) if n_hold else torch.arange(s)
+    hold = torch.arange(s - n_hold, s) if n_hold else torch.arange(s)
+
+    def held_out_loss(weights: dict[str, torch.Tensor]) -> float:
+        params = slots.params(weights)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for idx in _batches(hold, settings.batch_seqs):
+                y = targets[idx].to(device)
+                total += float((block.forward(params, block.take(idx)) - y).double().square().sum())
+                count += y.numel()
+        return total / max(count, 1)
+
+    gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
+    curve = []
+    for t in range(settings.steps):
+        idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]
+        y = targets[idx].to(device)
+        with torch.enable_grad():
+            weights = {n: _model_frame(encoded[n], tu.weight()) for n, tu in tuners.items()}
+            loss = (block.forward(slots.params(weights), block.take(idx)) - y).square().mean()
+            loss.backward()
+        curve.append(loss.item())
+        lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
+        for tu in tuners.values():
+            tu.step(lr)
+        if on_step is not None:
+            on_step()
+
+    k = max(1, len(curve) // 4)
+    log.debug("layer %d: training loss %.4g (first quarter) -> %.4g (last quarter)", i, sum(curve[:k]) / k,
+              sum(curve[-k:]) / k)
+    tuned_q = {n: tu.result() for n, tu in tuners.items()}
+    tuned_q = {n: q for n, q in tuned_q.items() if _finite(q)}
+    candidates = {GPTQ: gptq_q, TUNED: tuned_q}
+    decoded = {GPTQ: gptq_w, TUNED: {n: encoded[n].decoded(q) for n, q in tuned_q.items()}}
+    for n, q in tuned_q.items():  # ccq2 with tuned scales: the bytes chosen again by GPTQ at those scales
+        if q.codec == "ccq2":
+            e = encoded[n]
+            fresh = rebyte(q, e.weight, e.stats, act_order=e.rotation is None, name=n)
+            if _finite(fresh):
+                candidates.setdefault(REBYTE, {})[n] = fresh
+                decoded.setdefault(REBYTE, {})[n] = e.decoded(fresh)
+    loss_gptq = held_out_loss(gptq_w)
+    per_expert = _choose_experts(slots, encoded, decoded, held_out_loss, loss_gptq)
+
+    routed = set(slots.routed)
+
+    def pick(experts: bool, others: bool) -> tuple[dict, dict]:
+        """Routed experts at their choice (or GPTQ), the other weights tuned (or GPTQ)."""
+        kinds = {n: (per_expert.get(n, GPTQ) if experts else GPTQ) if n in routed else (TUNED if others else GPTQ)
+                 for n in encoded}
+        kinds = {n: k if n in decoded.get(k, {}) else GPTQ for n, k in kinds.items()}
+        return {n: candidates[k][n] for n, k in kinds.items()}, {n: decoded[k][n] for n, k in kinds.items()}
+
+    everything = {n: TUNED if n in decoded[TUNED] else GPTQ for n in encoded}
+    options = [("gptq", gptq_q, gptq_w),
+               ("tuned", {n: candidates[k][n] for n, k in everything.items()},
+                {n: decoded[k][n] for n, k in everything.items()}),
+               ("experts", *pick(True, False)), ("mixed", *pick(True, True))]
+    losses = [loss_gptq] + [held_out_loss(w) for _, _, w in options[1:]]
+    log.debug("layer %d: held-out output loss by option %s", i, dict(zip([o[0] for o in options], losses)))
+    best = min(range(len(options)), key=lambda j: (losses[j], j))  # GPTQ first on ties
+    kind, kept_q, kept_w = options[best]
+    if kind == "tuned":
+        per_expert = {n: TUNED for n in routed if n in decoded[TUNED]}
+    counts: dict[str, int] = {}
+    for e in sorted({slots.routed[n][0] for n in encoded if n in routed}):
+        first = next(n for n in encoded if n in routed and slots.routed[n][0] == e)
+        c = per_expert.get(first, GPTQ) if kind != "gptq" else GPTQ
+        counts[c] = counts.get(c, 0) + 1
+    report = LayerReport(i, losses[0], losses[best], kind, counts, time.perf_counter() - start)
+    log.info("layer %d tuned%s: held-out output loss %.4g (GPTQ) -> %.4g (%s); experts %s; %.1f s", i,
+             " (MLP block)" if block.mlp_only else "", losses[0], losses[best], kind, counts or "-", report.seconds)
+    return kept_q, kept_w, report
+
+
+def _model_frame(e: Encoded, w_hat: torch.Tensor) -> torch.Tensor:
+    """A weight in the codec's frame [N, K] turned back to the model's (W_hat R^T when rotated)."""
+    return e.rotation.apply_t(w_hat) if e.rotation is not None else w_hat
+
+
+def _finite(q: QuantizedTensor) -> bool:
+    return bool(torch.isfinite(decode(q)).all())
+
+
+def _choose_experts(slots: _LayerParams, encoded, decoded, loss_of, loss_gptq: float) -> dict[str, str]:
+    """Per routed expert (all its projections together): the candidate (tuned, or ccq2's tuned scales with
+    fresh bytes) whose swap into GPTQ's layer lowers the held-out output loss most, else GPTQ. The swap
+    changes the output only on the tokens routed to the expert, each by its routing weight: the
+    expert's own loss, routing-weighted. An expert no held-out token reached keeps GPTQ's result.
+    Returns checkpoint name -> candidate."""
+    by_expert: dict[int, list[str]] = {}
+    for n in encoded:
+        if n in slots.routed:
+            by_expert.setdefault(slots.routed[n][0], []).append(n)
+    chosen: dict[str, str] = {}
+    for _, names in sorted(by_expert.items()):
+        best, best_loss = GPTQ, loss_gptq
+        for kind in (TUNED, REBYTE):
+            if all(n in decoded.get(kind, {}) for n in names):
+                loss = loss_of({**decoded[GPTQ], **{n: decoded[kind][n] for n in names}})
+                if loss < best_loss:
+                    best, best_loss = kind, loss
+        chosen.update({n: best for n in names})
+    return chosen

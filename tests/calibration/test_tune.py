@@ -1,0 +1,197 @@
+"""Block-output tuning: tuners move only what the format stores; a tuned layer is never worse than GPTQ."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ernieq.calibration import collect_stats
+from ernieq.calibration.rounding import encode_weight
+from ernieq.calibration.sequential import SequentialPlan
+from ernieq.calibration.tune import TuneSettings
+from ernieq.calibration.tune_weights import make_tuner, rebyte
+from ernieq.calibration.tuned_store import TunedStore
+from ernieq.codecs import CalibrationStats, decode, get_codec
+from ernieq.model.adapters import TensorClass
+from tests.tiny import TINY_ERNIE, write_tiny_ernie
+
+CODECS = [
+    ("wint4", {"group_size": 32, "symmetric": True, "scale_dtype": "float16"}),
+    ("wint4", {"group_size": 32, "symmetric": False}),
+    ("wint4", {"group_size": None, "symmetric": True}),
+    ("wint8", {}),
+    ("ccq2", {}),
+]
+
+
+def _weight_and_stats(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * 0.05
+    x = torch.randn(512, k, generator=g) * (1 + torch.rand(k, generator=g) * 3)  # uneven input channels
+    return w, CalibrationStats(hessian=x.T @ x / x.shape[0], tokens=x.shape[0])
+
+
+def _perturb(tuner, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for kind, p in tuner.kinds.items():
+            p.add_((torch.rand(p.shape, generator=g) - 0.5) * (1.0 if kind in ("offset", "nibble", "zero") else 0.2))
+    tuner.clamp()
+
+
+@pytest.mark.parametrize("codec,params", CODECS)
+@pytest.mark.parametrize("k", [128, 96])  # 96: a last group that is not full (ccq2: padded quads and groups)
+def test_tuned_weights_are_exactly_what_the_format_stores(codec, params, k):
+    w, stats = _weight_and_stats(48, k)
+    c = get_codec(codec, **params)
+    q = encode_weight(c, w, stats, "w", "gptq")
+    tuner = make_tuner(q, w)
+    start = tuner.weight().detach()
+    same = (start == decode(q)).float().mean().item()
+    # starts at GPTQ's result: exactly for ccq2 (bytes kept), else wherever GPTQ rounded to floor or ceil
+    assert same == 1.0 if codec == "ccq2" else same > 0.97
+    _perturb(tuner)
+    out = tuner.result()
+    assert out.codec == q.codec and out.params == q.params and out.shape == q.shape
+    assert {key: (t.dtype, t.shape) for key, t in out.tensors.items()} == \
+           {key: (t.dtype, t.shape) for key, t in q.tensors.items()}
+    assert torch.equal(decode(out), tuner.weight().detach())  # decode checks the layout, too
+    assert not torch.equal(decode(out), decode(q))
+
+
+def test_gradients_reach_every_tuned_quantity():
+    w, stats = _weight_and_stats(16, 64)
+    for codec, params in CODECS:
+        tuner = make_tuner(encode_weight(get_codec(codec, **params), w, stats, "w", "gptq"), w)
+        (tuner.weight() * torch.randn_like(w)).sum().backward()
+        for kind, p in tuner.kinds.items():
+            assert p.grad is not None, (codec, kind)
+            # a zero point shifts the grid's range: only weights at its ends feel it (none here)
+            assert kind == "zero" or p.grad.abs().sum() > 0, (codec, kind)
+
+
+def test_rounding_offsets_stay_between_floor_and_ceiling():
+    w, stats = _weight_and_stats(16, 64)
+    q = encode_weight(get_codec("wint4", group_size=32), w, stats, "w", "gptq")
+    tuner = make_tuner(q, w)
+    torch.manual_seed(0)
+    for _ in range(30):  # far more than a run's worth of large steps
+        (tuner.weight() * torch.randn_like(w)).sum().backward()
+        tuner.step(0.2)
+    scale = tuner.kinds["scale"]
+    s = (tuner.s0 * (1 + scale)).to(torch.float32).repeat_interleave(32, 1)
+    u = w / s.detach()
+    value = decode(tuner.result()) / s.detach()
+    at_ends = (value.round() == -8) | (value.round() == 7)  # clamped to the grid
+    inside = (value >= torch.floor(u) - 1e-4) & (value <= torch.ceil(u) + 1e-4)
+    assert (inside | at_ends).all() and inside.float().mean() > 0.9
+
+
+def test_rebyte_keeps_the_tuned_scales_and_lowers_the_error_of_stale_bytes():
+    w, stats = _weight_and_stats(32, 128)
+    q = encode_weight(get_codec("ccq2"), w, stats, "w", "gptq")
+    tuner = make_tuner(q, w)
+    with torch.no_grad():
+        tuner.kinds["super"].fill_(0.15)  # scales moved, bytes not: stale
+    stale = tuner.result()
+    fresh = rebyte(stale, w, stats, act_order=True, name="w")
+    for key in ("weight_scale", "super_scales", "code_scale", "code_zp"):
+        assert torch.equal(fresh.tensors[key], stale.tensors[key])
+
+    def err(x):
+        d = decode(x) - w
+        return torch.einsum("nk,kl,nl->", d, stats.hessian, d).item()  # tr(dW H dW^T)
+
+    assert err(fresh) < err(stale)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return write_tiny_ernie(tmp_path_factory.mktemp("tune") / "m")
+
+
+def _choose(name, info):
+    if info.cls is TensorClass.ROUTED_EXPERT:
+        return ("ccq2", {}), False
+    return ("wint4", {"group_size": 32, "symmetric": False}), False
+
+
+@pytest.mark.parametrize("steps", [0, 25])
+def test_a_tuned_layer_is_never_worse_than_gptq_on_held_out_tokens(tiny, tmp_path, steps):
+    ids = torch.randint(0, TINY_ERNIE["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(0))
+    store = TunedStore(tmp_path / "tuned")
+    plan = SequentialPlan(_choose, "gptq", tune=TuneSettings(steps=steps, lr=0.05), sink=store)
+    collect_stats(tiny, ids, progress=False, sequential=plan)
+    reports = store.reports
+    assert [r["layer"] for r in reports] == [0, 1, 2]
+    if steps == 0:  # nothing moved: every layer keeps GPTQ's result, unchecked
+        assert all(r["kept"] == "gptq" and math.isnan(r["loss_gptq"]) for r in reports)
+    else:
+        for r in reports:
+            assert r["loss_kept"] <= r["loss_gptq"]
+            assert (r["kept"] == "gptq") == (r["loss_kept"] == r["loss_gptq"])
+    name = "model.layers.1.mlp.experts.0.down_proj.weight"
+    q = store.get(name)
+    assert q is not None and q.codec == "ccq2" and torch.isfinite(decode(q)).all()
+
+
+@pytest.fixture(scope="module")
+def tiny128(tmp_path_factory):
+    """A tiny ERNIE MoE whose K and N are multiples of 128 (what FastDeploy's wint2 takes), with a tokenizer."""
+    from tests.tiny import write_char_tokenizer
+
+    path = write_tiny_ernie(tmp_path_factory.mktemp("tune128") / "m", hidden_size=128, intermediate_size=128,
+                            moe_intermediate_size=128, head_dim=32)
+    write_char_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["native", "fastdeploy"])
+def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys, fmt):
+    """``ernieq quantize --method tune`` with the 2-bit recipe (wint8, wint4 and ccq2 experts), then the
+    checkpoint published and verified: it holds only what its format stores."""
+    import json
+
+    from ernieq import api
+    from tests.test_cli import run
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 60)
+    q = tmp_path / "q"
+    code, _, err = run(monkeypatch, capsys, "quantize", tiny128, "--out", q, "--bits", "2", "--method", "tune",
+                       "--calib-data", text, "--calib-tokens", "512", "--calib-seq-len", "32", "--tune-steps", "5",
+                       "--w4-moe-layers", "1", "--format", fmt)
+    assert code == 0, err
+    assert not list(tmp_path.glob(".q.ernieq-*")), "the tuning and calibration folders are removed"
+    if fmt == "fastdeploy":
+        assert any(q.glob("*.safetensors")) or any(q.glob("rank0/*.safetensors"))
+        return
+    config = json.loads((q / "config.json").read_text())
+    assert config["quantization_config"]["method"] == "tune"
+    pub = api.publish(q, tmp_path / "pub")
+    code, out, err = run(monkeypatch, capsys, "verify", pub, "--no-smoke")
+    assert code == 0, err + out
+    r = api.verify(pub, max_ppl=float("inf"), device="cpu")  # a random tiny model is no language model
+    assert r.smoke_ppl > 1.0 and r.modules > 0
+
+
+def test_method_tune_needs_calibration_text(tiny, tmp_path):
+    from ernieq import api
+    from ernieq.errors import ErnieqError
+
+    with pytest.raises(ErnieqError, match="--method tune .* needs --calib-data"):
+        api.quantize(tiny, tmp_path / "q", bits=4, method="tune", progress=False)
+
+
+def test_without_rounding_offsets_the_codes_stay_and_only_the_scales_move():
+    w, stats = _weight_and_stats(32, 96)
+    q = encode_weight(get_codec("wint4", group_size=32, symmetric=False), w, stats, "w", "gptq")
+    tuner = make_tuner(q, w, round_weights=False)
+    assert set(tuner.kinds) == {"scale"}
+    _perturb(tuner)
+    out = tuner.result()
+    assert torch.equal(out.tensors["qweight"], q.tensors["qweight"]) and torch.equal(out.tensors["zero"], q.tensors["zero"])
+    assert not torch.equal(out.tensors["scale"], q.tensors["scale"])
+    assert torch.equal(decode(out), tuner.weight().detach())
