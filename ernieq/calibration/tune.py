@@ -151,9 +151,9 @@ class _LayerParams:
         return out
 
 
-def _forward(model: LayerwiseModel, layer: nn.Module, params: dict, h: torch.Tensor) -> torch.Tensor:
+def _forward(model: LayerwiseModel, i: int, layer: nn.Module, params: dict, h: torch.Tensor) -> torch.Tensor:
     """Layer output [B, L, H] for inputs h [B, L, H] with ``params`` in place of the layer's own."""
-    out = torch.func.functional_call(layer, params, (h,), model.layer_inputs(h), strict=False)
+    out = torch.func.functional_call(layer, params, (h,), model.layer_inputs(i, h), strict=False)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -163,9 +163,9 @@ class _Block:
     weights, so the residual h = X + attn(X) [S, L, H] and the normed z = norm(h) are computed once):
     ``out = h + mlp(z)``. The short form is used only where it reproduces the layer's output."""
 
-    def __init__(self, model: LayerwiseModel, layer: nn.Module, inputs: torch.Tensor, tuned: list[str],
+    def __init__(self, model: LayerwiseModel, i: int, layer: nn.Module, inputs: torch.Tensor, tuned: list[str],
                  device: torch.device, batch: int):
-        self.model, self.layer, self.device = model, layer, device
+        self.model, self.i, self.layer, self.device = model, i, layer, device
         self.inputs: tuple[torch.Tensor, ...] = (inputs,)
         self.mlp_only = False
         if tuned and all(name.startswith(MLP + ".") for name in tuned) and hasattr(layer, MLP_NORM) \
@@ -179,7 +179,7 @@ class _Block:
         try:
             with torch.no_grad():
                 for x in _batches(inputs, batch):
-                    full.append(_forward(self.model, self.layer, {}, x.to(self.device)).to(inputs.device))
+                    full.append(_forward(self.model, self.i, self.layer, {}, x.to(self.device)).to(inputs.device))
         finally:
             hook.remove()
         if len(seen) != len(full):
@@ -194,7 +194,7 @@ class _Block:
     def forward(self, params: dict, x: tuple[torch.Tensor, ...], mlp_only: bool | None = None) -> torch.Tensor:
         """The block's output [B, L, H] with ``params`` (names relative to the layer) for inputs ``x``."""
         if not (self.mlp_only if mlp_only is None else mlp_only):
-            return _forward(self.model, self.layer, params, x[0])
+            return _forward(self.model, self.i, self.layer, params, x[0])
         h, z = x
         inner = {k[len(MLP) + 1 :]: v for k, v in params.items() if k.startswith(MLP + ".")}  # attention: fixed
         return h + torch.func.functional_call(getattr(self.layer, MLP), inner, (z,), strict=False)  # h + mlp(z)
@@ -238,7 +238,7 @@ def tune_layer(
                 on_step()
         log.info("layer %d: nothing to tune; GPTQ's result kept", i)
         return gptq_q, gptq_w, LayerReport(i, math.nan, math.nan, "gptq", {}, time.perf_counter() - start)
-    block = _Block(model, layer, inputs, [slots.relative(n) for n in tuners], device, settings.batch_seqs)
+    block = _Block(model, i, layer, inputs, [slots.relative(n) for n in tuners], device, settings.batch_seqs)
     s = inputs.shape[0]
     n_hold = max(1, round(s * settings.holdout)) if s > 1 else 0
     if not n_hold:
