@@ -175,7 +175,7 @@ def test_every_command_takes_device_and_dtype(monkeypatch, capsys, command):
     assert code == 0
     assert "--device" in out and "auto|cpu|cuda|cuda:N" in out and "--dtype" in out
     assert ("--decode-cache" in out) == (command in ("eval", "report", "generate", "verify", "bench"))
-    assert ("--stream / --no-stream" in out) == (command in ("eval", "report", "generate", "verify"))
+    assert ("--stream / --no-stream" in out) == (command in ("eval", "report", "generate", "verify", "bench"))
 
 
 @pytest.mark.parametrize("option, value, message", [("--dtype", "int8", "'int8' is not one of"),
