@@ -57,7 +57,10 @@ class Encoded:
 
     def decoded(self, q: QuantizedTensor | None = None) -> torch.Tensor:
         """W_hat [N, K] of ``q`` (default: this weight's own) in the model's frame: ``W_hat R^T`` when rotated."""
-        w_hat = decode(q or self.q).float().to(self.weight.device)  # [N, K]
+        return self.model_frame(decode(q or self.q).float().to(self.weight.device))  # [N, K]
+
+    def model_frame(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """A weight [N, K] in the codec's frame turned back to the model's (``W_hat R^T`` when rotated)."""
         return self.rotation.to(w_hat.device).apply_t(w_hat) if self.rotation is not None else w_hat
 
 

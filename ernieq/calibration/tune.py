@@ -262,7 +262,7 @@ def tune_layer(
         idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]
         y = targets[idx].to(device)
         with torch.enable_grad():
-            weights = {n: _model_frame(encoded[n], tu.weight()) for n, tu in tuners.items()}
+            weights = {n: encoded[n].model_frame(tu.weight()) for n, tu in tuners.items()}
             loss = (block.forward(slots.params(weights), block.take(idx)) - y).square().mean()
             loss.backward()
         curve.append(loss.item())
@@ -318,11 +318,6 @@ def tune_layer(
     log.info("layer %d tuned%s: held-out output loss %.4g (GPTQ) -> %.4g (%s); experts %s; %.1f s", i,
              " (MLP block)" if block.mlp_only else "", losses[0], losses[best], kind, counts or "-", report.seconds)
     return kept_q, kept_w, report
-
-
-def _model_frame(e: Encoded, w_hat: torch.Tensor) -> torch.Tensor:
-    """A weight in the codec's frame [N, K] turned back to the model's (W_hat R^T when rotated)."""
-    return e.rotation.apply_t(w_hat) if e.rotation is not None else w_hat
 
 
 def _finite(q: QuantizedTensor) -> bool:

@@ -44,6 +44,7 @@ import torch
 
 from ernieq.calibration.gptq_experts import gptq_encode_experts
 from ernieq.codecs import CalibrationStats, CodecError, QuantizedTensor, get_codec
+from ernieq.codecs.base import register_in
 from ernieq.codecs.ccq2 import (
     SUPER_SCALE_DTYPES,
     pack_local_scales,
@@ -65,14 +66,7 @@ _TUNERS: dict[str, Callable] = {}
 
 def register_tuner(codec_name: str):
     """Decorator: ``fn(q: QuantizedTensor, w [N, K], round_weights) -> tuner`` for ``codec_name``'s weights."""
-
-    def wrap(fn):
-        if codec_name in _TUNERS:
-            raise ValueError(f"tuner for {codec_name!r} registered twice")
-        _TUNERS[codec_name] = fn
-        return fn
-
-    return wrap
+    return register_in(_TUNERS, codec_name, "tuner")
 
 
 def can_tune(codec_name: str) -> bool:
