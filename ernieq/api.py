@@ -226,18 +226,20 @@ def evaluate_tasks(
 ) -> TaskEvalResult:
     """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
     ``model`` as :func:`load` loads it on ``device`` in ``dtype`` (see ``ernieq.eval.tasks``). Unknown
-    tasks and data that cannot be had offline fail before the model loads. ``json_path``: the result as JSON, with
+    tasks and data that cannot be had offline fail before the model loads, and a model that would stream (see
+    :func:`load`) before either. ``json_path``: the result as JSON, with
     ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
     from ernieq.eval.tasks import TaskSuite, run_tasks
     from ernieq.provenance import now_iso, provenance
-    from ernieq.runtime.stream import no_tasks_when_streamed
+    from ernieq.runtime.stream import no_tasks_when_streamed, stream_plan
 
     started = now_iso()
     placement = Placement.resolve(device, dtype)
+    path = resolve_model(model)
+    no_tasks_when_streamed(stream_plan(path, placement, stream, is_quantized(path)))
     suite = TaskSuite(tuple(tasks), tuple(include_paths))
-    net, tokenizer = load(model, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
+    net, tokenizer = load(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
                           stream=stream)
-    no_tasks_when_streamed(net)
     start = time.perf_counter()
     scores = run_tasks(net, tokenizer, suite, device=placement.device, limit=limit, num_fewshot=num_fewshot,
                        batch_size=batch_size)

@@ -221,7 +221,7 @@ def build_report(
     for label, path in paths.items():
         models[label], tokenizers[label] = load(path)
         if suite is not None:
-            no_tasks_when_streamed(models[label])
+            no_tasks_when_streamed(models[label].stream_plan)
     corpora = []
     for source in data:
         ids = tokenize_text(tokenizers[BASELINE], load_text(source, split="eval"))

@@ -209,8 +209,8 @@ class StreamedLM:
                             max((u.held_bytes for u in uses), default=0))
 
 
-def no_tasks_when_streamed(net) -> None:
-    """lm-evaluation-harness drives a resident transformers model: a one-line error for a streamed one."""
-    if isinstance(net, StreamedLM):
-        raise ErnieqError(f"lm-eval tasks need the whole model resident, and this one streams ({net.stream_plan.describe()}); "
+def no_tasks_when_streamed(plan: StreamPlan) -> None:
+    """lm-evaluation-harness drives a resident transformers model: a one-line error for a model whose plan streams."""
+    if plan.streamed:
+        raise ErnieqError(f"lm-eval tasks need the whole model resident, and this one streams ({plan.describe()}); "
                           f"use --no-stream where it fits, or perplexity (--data) alone")
