@@ -9,6 +9,13 @@ Block-output tuning (``--method tune``) against GPTQ with the same sequential ca
     python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw \
         --settings unquantized,w2-fd-tune,w2-tune,w4-tune,w2-fd-seq --out benchmarks/results/demo_tune.json
 
+Measured mixed precision (``--target-bits``) against the fixed ``--bits 2`` recipe, from saved statistics
+(``ernieq calibrate demo --data demo --out STATS``)::
+
+    python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw --calib STATS \
+        --settings unquantized,w2-gptq,w2-w4x6-gptq,w2-mix2.5,w2-fd-gptq,w2-fd-mix2.5 \
+        --out benchmarks/results/demo_mixed.json
+
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
 protocol), tokens scored, bits per weight over the quantized classes, the
 evaluation's wall time and its ratio to the unquantized model's, and the sha256
@@ -35,6 +42,7 @@ from ernieq import api
 from ernieq.model.checkpoint import weights_sha256
 from ernieq.provenance import git_commit
 
+SAVED = "--calib"  # stands for the statistics folder given by --calib
 SETTINGS = {
     "dense-source": None,  # the dense SmolLM2 the demo MoE is made from (a Llama checkpoint)
     "unquantized": None,
@@ -57,6 +65,13 @@ SETTINGS = {
     "w2-tune": {"bits": 2, "method": "tune", "calib_data": "demo"},
     "w2-fd-seq": {"bits": 2, "method": "gptq", "sequential": True, "calib_data": "demo", "rotate": False},
     "w2-fd-tune": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False},
+    # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
+    # FastDeploy's share), the same rule with more wint4 layers, and --target-bits' measured choice
+    "w2-gptq": {"bits": 2, "calib": SAVED},
+    "w2-w4x6-gptq": {"bits": 2, "w4_moe_layers": 6, "calib": SAVED},
+    "w2-mix2.5": {"bits": 2, "target_bits": 2.5, "calib": SAVED},
+    "w2-fd-gptq": {"bits": 2, "rotate": False, "calib": SAVED},
+    "w2-fd-mix2.5": {"bits": 2, "rotate": False, "target_bits": 2.5, "calib": SAVED},
 }
 
 
@@ -73,13 +88,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--settings", default="unquantized,w8,fp8-w8a8,fp8-weight-only,w4")
     parser.add_argument("--out", type=Path, default=None, help="Write the rows as JSON here.")
+    parser.add_argument("--calib", type=Path, default=None, help="Saved statistics for the settings that take them.")
     args = parser.parse_args()
+    saved = [n for n in args.settings.split(",") if SAVED in (SETTINGS[n] or {}).values()]
+    if saved and args.calib is None:
+        parser.error(f"--settings {','.join(saved)} need --calib (ernieq calibrate demo --data demo --out STATS)")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
-            options = SETTINGS[name]
-            model, bpw, qseconds, tuned = args.model, 32.0, 0.0, None  # the demo checkpoints are float32
+            options = {k: args.calib if v == SAVED else v for k, v in (SETTINGS[name] or {}).items()} or None
+            model, bpw, routed, qseconds, tuned = args.model, 32.0, 32.0, 0.0, None  # the demo checkpoints are float32
             if name == "dense-source":
                 from ernieq.demo.cache import cache_root
                 from ernieq.demo.source import DENSE_CACHE_NAME, load_dense_source
@@ -91,7 +110,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 result = api.quantize(args.model, model, progress=False, **options)
                 qseconds = time.perf_counter() - t0
-                bpw = result.to_json()["bits_per_weight_quantized"]
+                summary = result.to_json()
+                bpw = summary["bits_per_weight_quantized"]
+                routed = summary["classes"].get("routed_experts", {}).get("bits_per_weight", 0.0)
                 if result.tune_reports:  # per layer: GPTQ's result kept, or the tuned one
                     tuned = {"layers": len(result.tune_reports),
                              "kept": {k: sum(r["kept"] == k for r in result.tune_reports)
@@ -100,6 +121,7 @@ def main() -> None:
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,
+                         "routed_expert_bits_per_weight": routed,
                          "quantize_seconds": qseconds, "peak_rss_bytes": _peak_rss(), "tuning": tuned,
                          "eval_seconds": r.seconds, "total_seconds": time.perf_counter() - start,
                          "runtime": r.runtime, "weights_sha256": weights_sha256(api.resolve_model(model))})
@@ -112,13 +134,14 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
     header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "
               f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
-    lines = [header, "| setting | bits/weight (quantized classes) | perplexity | vs unquantized | tokens | eval time | "
+    lines = [header, "| setting | bits/weight (quantized classes) | routed experts | perplexity | vs unquantized | tokens | eval time | "
                      "time vs unquantized | quantize time | peak RSS so far |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         rel = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.2f} %" if base else "n/a"
         trel = f"{r['eval_seconds'] / base['eval_seconds']:.2f}x" if base else "n/a"
-        lines.append(f"| {r['setting']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {rel} | {r['tokens']:,} | "
+        lines.append(f"| {r['setting']} | {r['bits_per_weight']:.3f} | {r.get('routed_expert_bits_per_weight', 0):.3f} | "
+                     f"{r['ppl']:.3f} | {rel} | {r['tokens']:,} | "
                      f"{r['eval_seconds']:.1f} s | {trel} | {r['quantize_seconds']:.0f} s | "
                      f"{r['peak_rss_bytes'] / 2**30:.2f} GiB |")
     print("\n".join(lines))

@@ -268,7 +268,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
-    ``tune_steps``, ``tune_lr``); the summary's ``tune_reports`` say what each layer kept.
+    ``tune_steps``, ``tune_lr``); the summary's ``tune_reports`` say what each layer kept. ``target_bits``:
+    the routed experts' codecs mixed per MoE layer by measured sensitivity (``ernieq.calibration.mixed``);
+    the summary's ``mix`` holds the measurements and the choice, the checkpoint's recipe the rules.
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
@@ -302,6 +304,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         raise ErnieqError("--method tune runs in one process (not yet under torchrun)")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
+    if o.target_bits is not None and (o.sequential or o.method == "tune"):
+        raise ErnieqError("--target-bits chooses the codecs from statistics collected first; a sequential pass "
+                          "(--sequential, --method tune) needs them chosen before it starts (not combined yet)")
     check_plan(source, config)
     stats, calib_dir, tuned = None, None, None
     if o.calib is not None:
@@ -323,11 +328,18 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
     if o.method != "rtn" and stats is None:
         raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
+    mix = None
+    if o.target_bits is not None:
+        from ernieq.calibration.mixed import mixed_config, plan_mix
+
+        mix = plan_mix(source, config, stats, o.target_bits, placement.device, o.progress)
+        config = mixed_config(config, mix)
     base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:
         if o.format == NATIVE_FORMAT:
             summary = run_quantize(source, out, config, o, calib=stats, base_model=base, tuned=tuned)
             summary.tune_reports = tuned.reports if tuned is not None else []
+            summary.mix = mix
             return summary
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
@@ -336,6 +348,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats,
                                    base_model=base, tuned=tuned)
             summary.tune_reports = tuned.reports if tuned is not None else []
+            summary.mix = mix
             if main:
                 export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:

@@ -361,6 +361,10 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
               help="--method tune: signed-gradient steps per decoder layer.")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--method tune: the rounding offsets' first step (falls linearly to 0) [default: 1 / steps].")
+@click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
+              help="Mix the codecs the recipe gives routed experts (--bits 2: wint4 and ccq2) per MoE layer by "
+                   "measured sensitivity (round-to-nearest output error on the statistics) to at most B bits per "
+                   "routed expert weight, scales counted. Needs --calib-data or --calib.")
 @click.option("--rotate/--no-rotate", default=None,
               help="Store the wint4 and ccq2 weights turned by orthogonal input rotations that ernieq's runtime "
                    "applies (incoherence: outliers spread over all inputs). Default: on for --format native, "
@@ -382,7 +386,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
              sym: bool,
              w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None, calib: Path | None,
              calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None, tune_steps: int,
-             tune_lr: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool, device: str,
+             tune_lr: float | None, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool, device: str,
              dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
@@ -399,7 +403,8 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
-                              sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr, format=fmt, tp=tp, overwrite=overwrite, workers=workers,
+                              sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr, target_bits=target_bits,
+                              format=fmt, tp=tp, overwrite=overwrite, workers=workers,
                               device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()
@@ -417,6 +422,17 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
     for reason, row in data["kept"].items():
         kept.add_row(reason, f"{row['tensors']:,}", f"{row['params']:,}", "\n".join(row["names"]))
     console.print(kept)
+    if summary.mix is not None:
+        mix = summary.mix.to_json()
+        table = Table(title=f"--target-bits {mix['target_bits']:g}: routed experts per MoE layer "
+                            f"({mix['bits_per_weight']:.3f} bits per weight)")
+        table.add_column("layer", justify="right")
+        table.add_column("codec")
+        for cand in mix["candidates"]:
+            table.add_column(f"error {cand}", justify="right")
+        for row in mix["layers"]:
+            table.add_row(str(row["layer"]), row["chosen"], *(f"{e:.4g}" for e in row["error"]))
+        console.print(table)
     console.print(
         f"{data['bits_per_weight_all']:.3f} bits per weight over all weights, "
         f"{data['bits_per_weight_quantized']:.3f} over the quantized classes; "

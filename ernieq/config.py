@@ -182,7 +182,9 @@ class QuantizeOptions:
     collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
     quantized layers before it; method "tune" adds block-output tuning to that pass
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
-    None: 1 / tune_steps). tp: the fastdeploy format's split for that many GPUs. workers:
+    None: 1 / tune_steps). target_bits: the routed experts' codecs mixed per MoE layer, among those the
+    recipe gives them, by measured sensitivity to that many bits per routed expert weight
+    (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
     rotations and encoding run (``ernieq.device``: auto, cpu, cuda, cuda:N); dtype: the calibration
     pass's compute dtype (the weights are always rounded in float32).
@@ -206,6 +208,7 @@ class QuantizeOptions:
     sequential: bool = False
     tune_steps: int = 20
     tune_lr: float | None = None
+    target_bits: float | None = None
     format: str = NATIVE_FORMAT
     tp: int = 1
     overwrite: bool = False
