@@ -45,7 +45,7 @@ from torch import nn
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.sequential import Encoded
 from ernieq.calibration.tune_weights import can_tune, make_tuner, rebyte
-from ernieq.codecs import QuantizedTensor, decode
+from ernieq.codecs import QuantizedTensor
 from ernieq.errors import ErnieqError
 
 log = logging.getLogger(__name__)
@@ -275,17 +275,14 @@ def tune_layer(
     k = max(1, len(curve) // 4)
     log.debug("layer %d: training loss %.4g (first quarter) -> %.4g (last quarter)", i, sum(curve[:k]) / k,
               sum(curve[-k:]) / k)
-    tuned_q = {n: tu.result() for n, tu in tuners.items()}
-    tuned_q = {n: q for n, q in tuned_q.items() if _finite(q)}
-    candidates = {GPTQ: gptq_q, TUNED: tuned_q}
-    decoded = {GPTQ: gptq_w, TUNED: {n: encoded[n].decoded(q) for n, q in tuned_q.items()}}
-    for n, q in tuned_q.items():  # ccq2 with tuned scales: the bytes chosen again by GPTQ at those scales
-        if q.codec == "ccq2":
-            e = encoded[n]
-            fresh = rebyte(q, e.weight, e.stats, act_order=e.rotation is None, name=n)
-            if _finite(fresh):
-                candidates.setdefault(REBYTE, {})[n] = fresh
-                decoded.setdefault(REBYTE, {})[n] = e.decoded(fresh)
+    candidates: dict[str, dict[str, QuantizedTensor]] = {GPTQ: gptq_q}
+    decoded: dict[str, dict[str, torch.Tensor]] = {GPTQ: gptq_w}
+    for n, tu in tuners.items():
+        e = encoded[n]
+        _offer(candidates, decoded, TUNED, n, tu.result(), e)
+        if n in candidates[TUNED] and e.q.codec == "ccq2":  # tuned scales: the bytes chosen again by GPTQ at them
+            fresh = rebyte(candidates[TUNED][n], e.weight, e.stats, act_order=e.rotation is None, name=n)
+            _offer(candidates, decoded, REBYTE, n, fresh, e)
     loss_gptq = held_out_loss(gptq_w)
     per_expert = _choose_experts(slots, encoded, decoded, held_out_loss, loss_gptq)
 
@@ -320,8 +317,14 @@ def tune_layer(
     return kept_q, kept_w, report
 
 
-def _finite(q: QuantizedTensor) -> bool:
-    return bool(torch.isfinite(decode(q)).all())
+def _offer(candidates: dict, decoded: dict, kind: str, name: str, q: QuantizedTensor, e: Encoded) -> None:
+    """Add ``q`` as weight ``name``'s candidate ``kind`` with its weight in the model's frame (decoded once),
+    unless that weight is not finite."""
+    candidates.setdefault(kind, {})
+    decoded.setdefault(kind, {})
+    w = e.decoded(q)
+    if bool(torch.isfinite(w).all()):
+        candidates[kind][name], decoded[kind][name] = q, w
 
 
 def _choose_experts(slots: _LayerParams, encoded, decoded, loss_of, loss_gptq: float) -> dict[str, str]:
