@@ -3,7 +3,8 @@
 # 2 bits (GPTQ with the calibration statistics, online rotations: ernieq's best measured setting),
 # write the accuracy report against the unquantized model (WikiText-2, first $WINDOWS windows of
 # 2048 tokens; the statistics give the output error and the expert table; lm-evaluation-harness on
-# ernieq's offline task wikitext2_lastword, first $TASK_LIMIT examples, for every model), publish a
+# ernieq's offline task wikitext2_lastword, first $TASK_LIMIT examples in batches of $TASK_BATCH, for
+# every model), publish a
 # hub-ready folder, verify it, and print where the report is. Beside the native checkpoint it writes
 # the same recipe in FastDeploy's 2-bit (wint2) layout, without rotations (the format cannot carry
 # them), and the report scores it too (read back through ernieq's runtime, nothing re-encoded).
@@ -19,6 +20,7 @@ WINDOWS="${WINDOWS:-12}"
 OUT="${OUT:-runs/demo}"
 CALIB_TOKENS="${CALIB_TOKENS:-32768}"
 TASK_LIMIT="${TASK_LIMIT:-100}"
+TASK_BATCH="${TASK_BATCH:-16}"
 on=(--device "${DEVICE:-auto}" --dtype "${DTYPE:-auto}")
 mkdir -p "$OUT"
 ernieq=.venv/bin/ernieq
@@ -32,7 +34,7 @@ for bits in ${COMPARE_BITS:-}; do
   compare+=(--compare "$OUT/w$bits")
 done
 $ernieq report "$OUT/w2" --baseline demo --data wikitext2 --max-windows "$WINDOWS" --calib "$OUT/calib" \
-  --tasks wikitext2_lastword --limit "$TASK_LIMIT" ${compare[@]+"${compare[@]}"} --out "$OUT/report" "${on[@]}"
+  --tasks wikitext2_lastword --limit "$TASK_LIMIT" --batch-size "$TASK_BATCH" ${compare[@]+"${compare[@]}"} --out "$OUT/report" "${on[@]}"
 $ernieq publish "$OUT/w2" --report "$OUT/report" --name ernieq-demo-w2 --out "$OUT/ernieq-demo-w2" --overwrite
 $ernieq verify "$OUT/ernieq-demo-w2" "${on[@]}"
 $ernieq generate "$OUT/w2" --prompt "The capital of France is" --max-new-tokens 16 "${on[@]}"
