@@ -300,8 +300,6 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                           f"input rotations (use --no-rotate)")
     if o.method == "tune" and o.calib_data is None:
         raise ErnieqError("--method tune tunes each layer during a calibration pass: it needs --calib-data SRC")
-    if o.method == "tune" and world().size > 1:
-        raise ErnieqError("--method tune runs in one process (not yet under torchrun)")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     if o.target_bits is not None and (o.sequential or o.method == "tune"):
@@ -320,7 +318,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
             from ernieq.calibration.tune import TuneSettings
             from ernieq.calibration.tuned_store import TunedStore
 
-            tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned")
+            tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
             plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr), sink=tuned)
         stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
                           all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
@@ -359,7 +357,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         if calib_dir is not None and main:
             shutil.rmtree(calib_dir, ignore_errors=True)
         if tuned is not None and main:
-            shutil.rmtree(tuned.folder, ignore_errors=True)
+            shutil.rmtree(tuned.folder.parent, ignore_errors=True)
 
 
 def _format_options(fmt: str, tp: int) -> dict:

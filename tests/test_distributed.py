@@ -49,14 +49,15 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _torchrun(*args, kill: str | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node 2 -m ernieq --quiet ARGS`` (a free port: tests may run side by side)."""
+def _torchrun(*args, kill: str | None = None, verbose: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m ernieq --quiet ARGS`` (a free port: tests may run side by side);
+    verbose: ``-v`` instead of ``--quiet`` (debug lines on stderr; torchrun takes ``--log`` for its own)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("ERNIEQ_TEST_KILL_AT", None)
     if kill:
         env["ERNIEQ_TEST_KILL_AT"] = kill
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ernieq",
-           "--quiet", *map(str, args)]
+           "-v" if verbose else "--quiet", *map(str, args)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -158,3 +159,17 @@ def test_one_process_collectives_do_nothing():
     distributed.all_reduce([t])
     distributed.barrier("nothing to wait for")
     assert torch.equal(t, torch.ones(3)) and distributed.world() == World()
+
+
+def test_tuning_on_two_ranks_takes_the_same_steps_on_every_rank(tiny, tmp_path):
+    """Each rank tunes on its share of the sequences with the gradients and held-out losses summed over both;
+    after each layer the ranks compare hashes of what they keep (a difference is an error)."""
+    done = _torchrun("quantize", tiny, "--out", tmp_path / "q", *QUANTIZE, "--method", "tune",
+                     "--calib-data", tiny.parent / "calib.txt", "--calib-tokens", "512", "--calib-seq-len", "64",
+                     "--tune-steps", "3", verbose=True)
+    assert done.returncode == 0, done.stderr
+    tuned = re.findall(r"layer (\d+): what it keeps hashes to \w+", done.stderr)
+    assert tuned == ["1", "2"]  # the MoE layers (layer 0 is wint8 only: nothing to tune); compared on both ranks
+    assert not (tmp_path / ".q.ernieq-tuned").exists()
+    assert api.evaluate(tmp_path / "q", str(tiny.parent / "calib.txt"), seq_len=64, max_windows=1,
+                        progress=False).ppl > 0

@@ -29,10 +29,16 @@ the layer to undo the error the earlier layers left):
    worse than its GPTQ start on held-out tokens.
 
 What a layer keeps is a set of QuantizedTensors the format stores as they are.
+
+Under torchrun (data-parallel calibration, ``ernieq.distributed``) each rank holds its share of the
+sequences and splits it into training and held-out sequences the same way; every step's gradients
+and every held-out loss are summed over the ranks, so each rank takes the same steps and the same
+choices and keeps the same tensors (not those of one process, whose batches differ).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -42,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ernieq import distributed
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.sequential import Encoded
 from ernieq.calibration.tune_weights import can_tune, make_tuner, rebyte
@@ -248,13 +255,14 @@ def tune_layer(
 
     def held_out_loss(weights: dict[str, torch.Tensor]) -> float:
         params = slots.params(weights)
-        total, count = 0.0, 0
+        sums = torch.zeros(2, dtype=torch.float64)  # squared error, elements: over every rank's held-out share
         with torch.no_grad():
             for idx in _batches(hold, settings.batch_seqs):
                 y = targets[idx].to(device)
-                total += float((block.forward(params, block.take(idx)) - y).double().square().sum())
-                count += y.numel()
-        return total / max(count, 1)
+                sums[0] += float((block.forward(params, block.take(idx)) - y).double().square().sum())
+                sums[1] += y.numel()
+        distributed.all_reduce([sums], what="summing held-out losses")
+        return float(sums[0] / sums[1].clamp(min=1))
 
     gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + i)
     curve = []
@@ -265,6 +273,12 @@ def tune_layer(
             weights = {n: encoded[n].model_frame(tu.weight()) for n, tu in tuners.items()}
             loss = (block.forward(slots.params(weights), block.take(idx)) - y).square().mean()
             loss.backward()
+        if distributed.world().size > 1:  # one step, the same on every rank: the same tensors in the same order
+            params = [p for tu in tuners.values() for p in tu.parameters()]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.all_reduce([p.grad for p in params], what="summing tuning gradients")
         curve.append(loss.item())
         lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
         for tu in tuners.values():
@@ -312,9 +326,33 @@ def tune_layer(
         c = per_expert.get(first, GPTQ) if kind != "gptq" else GPTQ
         counts[c] = counts.get(c, 0) + 1
     report = LayerReport(i, losses[0], losses[best], kind, counts, time.perf_counter() - start)
+    _same_on_every_rank(i, _digest(kept_q))
     log.info("layer %d tuned%s: held-out output loss %.4g (GPTQ) -> %.4g (%s); experts %s; %.1f s", i,
              " (MLP block)" if block.mlp_only else "", losses[0], losses[best], kind, counts or "-", report.seconds)
     return kept_q, kept_w, report
+
+
+def _digest(tensors: dict[str, QuantizedTensor]) -> str:
+    """sha256 (first 16 hex digits) of the stored bytes of ``tensors``, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        for key, t in sorted(tensors[name].tensors.items()):
+            h.update(f"{name}{key}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _same_on_every_rank(i: int, digest: str) -> None:
+    """Fail unless every rank keeps the same tensors for layer i (``digest``: their :func:`_digest`)."""
+    log.debug("layer %d: what it keeps hashes to %s", i, digest)
+    if distributed.world().size == 1:
+        return
+    value = int(digest[:15], 16)  # < 2^60: an int64
+    low, high = torch.tensor([value]), torch.tensor([value])
+    distributed.all_reduce([low], op="min", what="comparing tuned layers")
+    distributed.all_reduce([high], op="max", what="comparing tuned layers")
+    if low.item() != high.item():
+        raise ErnieqError(f"tuning layer {i}: the ranks kept different tensors; their steps diverged")
 
 
 def _offer(candidates: dict, decoded: dict, kind: str, name: str, q: QuantizedTensor, e: Encoded) -> None:
