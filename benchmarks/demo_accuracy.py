@@ -71,7 +71,7 @@ SETTINGS = {
     "w2-w4x6-gptq": {"bits": 2, "w4_moe_layers": 6, "calib": SAVED},
     "w2-mix2.5": {"bits": 2, "target_bits": 2.5, "calib": SAVED},
     "w2-fd-gptq": {"bits": 2, "rotate": False, "calib": SAVED},
-    "w2-fd-mix2.5": {"bits": 2, "rotate": False, "target_bits": 2.5, "calib": SAVED},
+    "w2-fd-mix2.5": {"bits": 2, "format": "fastdeploy", "target_bits": 2.5, "calib": SAVED},  # exported, read back
 }
 
 
