@@ -208,16 +208,30 @@ ernieq("hqq-w2-g64", "HQQ", swap={"ccq2": HQQ_W2}, requires=("hqq",), bits=2, me
 ernieq("gptq-int2-g64", "GPTQ", swap={"ccq2": INT2_G64_FP16}, bits=2)
 
 
-# llm-compressor needs its own environment (BENCHMARKS.md says how): $ERNIEQ_LLMC_PYTHON names its python
-LLMC_PYTHON_ENV = "ERNIEQ_LLMC_PYTHON"
+# peers that need their own environment (BENCHMARKS.md says how); an environment variable names its python,
+# the child quantizes and evaluates by itself and writes the row
+LLMC_PYTHON_ENV = "ERNIEQ_LLMC_PYTHON"  # llm-compressor
+AUTOROUND_PYTHON_ENV = "ERNIEQ_AUTOROUND_PYTHON"  # AutoRound
 
 
-def _llmc_command(a, result: Path) -> list[str]:
-    argv = [os.environ[LLMC_PYTHON_ENV], str(Path(__file__).resolve().parent / "llmc_peer.py"), "--model", a.model,
-            "--data", str(a.data), "--seq-len", str(a.seq_len), "--calib-data", a.calib_data,
-            "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", str(a.calib_seq_len), "--out", str(result)]
-    return argv + ([] if a.max_windows is None else ["--max-windows", str(a.max_windows)])
+def _external(python_env: str, script: str, *extra: str) -> Callable[[object, Path], list[str]]:
+    """The command line of ``benchmarks/<script>`` under ``$python_env``, given peers.py's options ``a``."""
+
+    def command(a, result: Path) -> list[str]:
+        argv = [os.environ[python_env], str(Path(__file__).resolve().parent / script), *extra, "--model", a.model,
+                "--data", str(a.data), "--seq-len", str(a.seq_len), "--calib-data", a.calib_data,
+                "--calib-tokens", str(a.calib_tokens), "--calib-seq-len", str(a.calib_seq_len), "--out", str(result)]
+        return argv + ([] if a.max_windows is None else ["--max-windows", str(a.max_windows)])
+
+    return command
 
 
 register(Setting("llmcompressor-w4a16", "GPTQ (llm-compressor)", requires_env=(LLMC_PYTHON_ENV,),
-                 external=_llmc_command))
+                 external=_external(LLMC_PYTHON_ENV, "llmc_peer.py")))
+# AutoRound's SignRound (benchmarks/autoround_peer.py): "-w4": every linear as --bits 4, 4-bit g64 symmetric;
+# "-w2": the ccq2 experts of --bits 2 at 2-bit g64 asymmetric, the other tensors as the --bits 2 recipe, rounded
+# to nearest by ernieq (as in hqq-w2-g64)
+register(Setting("autoround-w4-g64", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
+                 external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", "4")))
+register(Setting("autoround-w2-g64", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
+                 external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", "2")))
