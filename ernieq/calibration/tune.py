@@ -270,7 +270,7 @@ def tune_layer(
         idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]
         y = targets[idx].to(device)
         with torch.enable_grad():
-            weights = {n: encoded[n].model_frame(tu.weight()) for n, tu in tuners.items()}
+            weights = {n: encoded[n].model_frame(tu.weight(), dense=True) for n, tu in tuners.items()}
             loss = (block.forward(slots.params(weights), block.take(idx)) - y).square().mean()
             loss.backward()
         if distributed.world().size > 1:  # one step, the same on every rank: the same tensors in the same order
