@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import CodecBase, CodecError, QuantizedTensor, check_weight, register_codec
 
 NBITS = (2, 4)
 
@@ -78,10 +78,7 @@ def _hqq_quantize(w: torch.Tensor, nbits: int, group_size: int) -> tuple[torch.T
 
 
 @register_codec("hqq", HqqConfig)
-class HqqCodec:
-    def __init__(self, config: HqqConfig):
-        self.config = config
-
+class HqqCodec(CodecBase):
     def encode(self, weight, stats=None, *, name="weight") -> QuantizedTensor:
         """weight: [N, K] with K a multiple of G (HQQ groups the flattened weight). stats: unused."""
         w = check_weight(weight, name)  # [N, K]

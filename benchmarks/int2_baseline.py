@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernieq.codecs.base import CodecError, QuantizedTensor, check_weight, register_codec
+from ernieq.codecs.base import CodecBase, CodecError, QuantizedTensor, check_weight, register_codec
 
 LEVELS = 3  # 4 codes, 3 steps
 CODES_PER_BYTE = 4
@@ -55,10 +55,7 @@ def _unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 @register_codec("int2g64", Int2Config)
-class Int2Codec:
-    def __init__(self, config: Int2Config):
-        self.config = config
-
+class Int2Codec(CodecBase):
     def grid(self, wg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """wg: [N, n_groups, G]. Returns scale (float16) and zero (float32, integer-valued unless
         fp16_zero, then the float16 value) [N, n_groups], exactly as stored."""

@@ -76,6 +76,38 @@ def test_hqq_codec_decodes_what_hqq_dequantizes(nbits):
     assert ((decode(q) - w).norm() / w.norm()).item() < (0.15 if nbits == 4 else 0.6)
 
 
+@pytest.mark.parametrize("codec", ["int2g64", "hqq"])
+def test_peer_codecs_run_in_ernieqs_runtime(codec, tmp_path):
+    """A checkpoint with a peer codec's experts loads and computes through ernieq's runtime (as peers.py
+    evaluates it): the runtime asks every codec how it rounds activations (``CodecBase``)."""
+    if codec == "hqq" and not hqq_available():
+        pytest.skip("hqq is a benchmark-only dependency (pip install hqq)")
+    from ernieq import api
+    from ernieq.runtime.loader import load_quantized
+    from tests.tiny import write_tiny_ernie
+
+    src = write_tiny_ernie(tmp_path / "src")
+    override = r"experts\.\d+\.(gate|up)_proj=" + codec + (":nbits=2,group_size=64" if codec == "hqq" else "")
+    api.quantize(src, tmp_path / "q", bits=4, group_size=32, overrides=(override,), progress=False, workers=1)
+    ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = load_quantized(tmp_path / "q")(input_ids=ids).logits
+    assert logits.shape == (1, 16, 96) and torch.isfinite(logits).all()
+
+
+def test_a_codec_must_derive_from_codec_base():
+    from dataclasses import dataclass
+
+    from ernieq.codecs.base import register_codec
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    with pytest.raises(TypeError, match="must derive from ernieq.codecs.base.CodecBase"):
+        register_codec("not-a-codec", Config)(type("Plain", (), {}))
+
+
 def test_swapped_recipe_changes_only_the_swapped_codec(demo_routed_dir):
     from ernieq.recipes import preset as recipe
     from ernieq.model.adapters import adapter_for, stream_groups

@@ -152,6 +152,8 @@ def register_codec(name: str, config_cls: type):
     """Class decorator: register a codec class under ``name`` with its config dataclass."""
 
     def wrap(cls):
+        if not issubclass(cls, CodecBase):  # what the runtime and GPTQ ask of every codec lives there
+            raise TypeError(f"codec {name!r}: {cls.__name__} must derive from ernieq.codecs.base.CodecBase")
         register_in(_REGISTRY, name, "codec")((cls, config_cls))
         cls.name = name
         return cls
