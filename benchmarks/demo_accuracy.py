@@ -94,6 +94,7 @@ def main() -> None:
     if saved and args.calib is None:
         parser.error(f"--settings {','.join(saved)} need --calib (ernieq calibrate demo --data demo --out STATS)")
 
+    args.commit = git_commit(short=True)  # once, before this run writes its own result file into the tree
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.settings.split(","):
@@ -132,7 +133,7 @@ def main() -> None:
 def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     """Print the table of ``rows`` and write them (with the table) to ``args.out``."""
     base = next((r for r in rows if r["setting"] == "unquantized"), None)
-    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {git_commit(short=True)}, "
+    header = (f"Measured {date.today()} on {platform.machine()} CPU ({platform.node()}), commit {args.commit}, "
               f"`{args.model}` on `{Path(args.data).name}`, {args.max_windows} windows of {args.seq_len} tokens:\n")
     lines = [header, "| setting | bits/weight (quantized classes) | routed experts | perplexity | vs unquantized | tokens | eval time | "
                      "time vs unquantized | quantize time | peak RSS so far |",
