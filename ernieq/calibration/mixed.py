@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -117,7 +118,7 @@ def measure(source, config: QuantConfig, calib, candidates: list[CodecChoice], d
             progress: bool = True) -> list[LayerCosts]:
     """LayerCosts of every MoE layer of the checkpoint at ``source`` (one tensor group at a time)."""
     reader = CheckpointReader(source)
-    adapter = adapter_for(reader.config, str(source))
+    adapter = adapter_for(reader.config, str(Path(source) / "config.json"))
     groups = [g for g in iter_groups(reader, adapter) if any(t.cls is ROUTED for t in g.tensors)]
     costs: dict[int, LayerCosts] = {}
     with progress_bar(progress) as bar:
