@@ -330,7 +330,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     if o.target_bits is not None:
         from ernieq.calibration.mixed import mixed_config, plan_mix
 
-        mix = plan_mix(source, config, stats, o.target_bits, placement.device, o.progress)
+        # FastDeploy runs wint4 experts only in the MoE layers before its wint2 ones (quant_end_layer)
+        mix = plan_mix(source, config, stats, o.target_bits, placement.device, o.progress,
+                       wider_first=o.format == "fastdeploy")
         config = mixed_config(config, mix)
     base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:

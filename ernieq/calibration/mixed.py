@@ -18,20 +18,24 @@ of the trace. Round to nearest stands in for the final rounding (GPTQ), which it
 The choice is per MoE layer (the runtime's fused expert kernels and FastDeploy's w4w2 layout take
 one codec for all experts of a layer): every layer starts at its cheapest candidate, then the
 upgrade (layer, codec) with the most error removed per stored bit is taken while the average over
-all routed expert weights stays within B bits (scales counted). The result is a recipe: one rule
-per codec naming its layers, in front of the recipe's own rules.
+all routed expert weights stays within B bits (scales counted). For ``--format fastdeploy`` the
+wider codecs must lead (wint4 only in the first MoE layers): then the least-error split within B
+is taken. The result is a recipe: one rule per codec naming its layers, in front of the recipe's
+own rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ernieq.calibration.rounding import encode_weight
+from ernieq.calibration.rounding import rotate_stats
 from ernieq.codecs import decode, get_codec
 from ernieq.config import CodecChoice, QuantConfig, Rule
 from ernieq.errors import ErnieqError
@@ -40,7 +44,7 @@ from ernieq.model.checkpoint import CheckpointReader
 from ernieq.model.moe import linear_weights
 from ernieq.model.tensor_info import TensorClass
 from ernieq.progress import progress_bar
-from ernieq.transforms import make_rotation
+from ernieq.transforms import Rotation, make_rotation
 
 log = logging.getLogger(__name__)
 
@@ -95,28 +99,39 @@ def _rows(n: int) -> torch.Tensor:
     return torch.linspace(0, n - 1, min(n, SAMPLE_ROWS)).round().long().unique()
 
 
+def turn(stats, k: int, rotate: bool, device: torch.device):
+    """Statistics of a weight with K inputs in the codec's frame, on ``device``: Hessian R^T H R when rotated."""
+    stats = stats.to(device) if stats is not None else None
+    return rotate_stats(stats, _rotation(k).to(device)) if rotate else stats
+
+
 def weight_cost(weight: torch.Tensor, stats, choice: CodecChoice, rotate: bool, name: str) -> tuple[float, float]:
     """(stored bits, tokens * tr(D H D^T)) of ``weight`` [N, K] rounded to nearest by ``choice``, measured
-    on sampled rows and scaled to N. Without a Hessian (or tokens) the error is 0."""
+    on sampled rows and scaled to N; ``stats``: the weight's statistics as :func:`turn` gives them. Rotated,
+    D and H are both in the codec's frame (W R, R^T H R): the same trace, as R is orthogonal. Without a
+    Hessian (or tokens) the error is 0."""
     n, k = weight.shape
     rows = _rows(n)
     sample = weight[rows].float().contiguous()  # [r, K]
-    rotation = make_rotation(k).to(weight.device) if rotate else None
-    q = encode_weight(get_codec(choice.codec, **choice.kwargs), sample, stats, name, "rtn", rotation)
-    w_hat = decode(q).float().to(weight.device)
-    if rotation is not None:
-        w_hat = rotation.apply_t(w_hat, dense=True)  # back to the model's frame
+    if rotate:
+        sample = _rotation(k).to(weight.device).apply(sample)
+    q = get_codec(choice.codec, **choice.kwargs).encode(sample, stats, name=name)  # round to nearest
     scale = n / rows.numel()
     if stats is None or stats.hessian is None or stats.tokens <= 0:
         return 8.0 * q.nbytes * scale, 0.0
-    d = sample - w_hat  # [r, K]
-    h = stats.hessian.to(weight.device, torch.float32)
-    return 8.0 * q.nbytes * scale, float(stats.tokens * scale * ((d @ h) * d).sum())
+    d = sample - decode(q).float().to(weight.device)  # [r, K]
+    return 8.0 * q.nbytes * scale, float(stats.tokens * scale * ((d @ stats.hessian.float()) * d).sum())
+
+
+@functools.cache
+def _rotation(k: int) -> Rotation:
+    return make_rotation(k)
 
 
 def measure(source, config: QuantConfig, calib, candidates: list[CodecChoice], device: torch.device,
             progress: bool = True) -> list[LayerCosts]:
-    """LayerCosts of every MoE layer of the checkpoint at ``source`` (one tensor group at a time)."""
+    """LayerCosts of every MoE layer of the checkpoint at ``source`` (one tensor group at a time; the
+    statistics of one input site turned once for the weights and candidates that read it)."""
     reader = CheckpointReader(source)
     adapter = adapter_for(reader.config, str(Path(source) / "config.json"))
     groups = [g for g in iter_groups(reader, adapter) if any(t.cls is ROUTED for t in g.tensors)]
@@ -124,27 +139,33 @@ def measure(source, config: QuantConfig, calib, candidates: list[CodecChoice], d
     with progress_bar(progress) as bar:
         task = bar.add_task("sensitivity", total=len(groups))
         for group in groups:
-            tensors = group.load(reader)
+            tensors, frames = group.load(reader), {}
             for name, info, weight in linear_weights(group.tensors, tensors, adapter):
                 if info.cls is not ROUTED:
                     continue
                 row = costs.setdefault(info.layer, LayerCosts(info.layer, bits=[0.0] * len(candidates),
                                                               error=[0.0] * len(candidates)))
                 row.weights += weight.numel()
-                stats = calib.stats(name)
+                weight, k = weight.to(device), weight.shape[1]
                 for j, choice in enumerate(candidates):
-                    bits, err = weight_cost(weight.to(device), stats, choice, config.rotates(choice), name)
+                    rotate = config.rotates(choice)
+                    key = (calib.site_of(name) or name, k, rotate)
+                    if key not in frames:
+                        frames[key] = turn(calib.stats(name), k, rotate, device)
+                    bits, err = weight_cost(weight, frames[key], choice, rotate, name)
                     row.bits[j] += bits
                     row.error[j] += err
-            del tensors
+            del tensors, frames
             reader.release()
             bar.advance(task)
     return [costs[layer] for layer in sorted(costs)]
 
 
-def choose(layers: list[LayerCosts], target_bits: float) -> dict[int, int]:
+def choose(layers: list[LayerCosts], target_bits: float, wider_first: bool = False) -> dict[int, int]:
     """Per layer a candidate index: the cheapest everywhere, then the upgrades that remove the most error per
-    stored bit while the average stays within ``target_bits`` per routed expert weight."""
+    stored bit while the average stays within ``target_bits`` per routed expert weight. ``wider_first``: the
+    codecs' widths never grow with the layer index (FastDeploy's w4w2: wint4 only in the leading MoE layers);
+    then every such split is measured and the one with the least error within the budget taken."""
     total = sum(c.weights for c in layers)
     chosen = {c.layer: min(range(len(c.bits)), key=lambda j: (c.bits[j], c.error[j])) for c in layers}
     used = sum(c.bits[chosen[c.layer]] for c in layers)
@@ -152,6 +173,8 @@ def choose(layers: list[LayerCosts], target_bits: float) -> dict[int, int]:
     if used > budget * (1 + 1e-9):
         raise ErnieqError(f"--target-bits {target_bits}: the cheapest codecs already store "
                           f"{used / total:.3f} bits per routed expert weight")
+    if wider_first:
+        return _choose_split(layers, budget)
     while True:
         best = None  # (error removed per bit, layer, index)
         for c in layers:
@@ -165,6 +188,22 @@ def choose(layers: list[LayerCosts], target_bits: float) -> dict[int, int]:
         _, c, j = best
         used += c.bits[j] - c.bits[chosen[c.layer]]
         chosen[c.layer] = j
+
+
+def _choose_split(layers: list[LayerCosts], budget: float) -> dict[int, int]:
+    """The least-error choice within ``budget`` bits whose codecs go from the widest (first layers) to the
+    cheapest (last): one cut between each two candidates, every placement tried (layers ordered by index)."""
+    widest = sorted(range(len(layers[0].bits)), key=lambda j: -sum(c.bits[j] for c in layers))
+    best: tuple[float, dict[int, int]] | None = None
+    for cuts in itertools.combinations_with_replacement(range(len(layers) + 1), len(widest) - 1):
+        bounds = (0, *cuts, len(layers))
+        pick = {c.layer: widest[i] for i in range(len(widest)) for c in layers[bounds[i]:bounds[i + 1]]}
+        if sum(c.bits[pick[c.layer]] for c in layers) <= budget:
+            error = sum(c.error[pick[c.layer]] for c in layers)
+            if best is None or error < best[0]:
+                best = (error, pick)
+    assert best is not None, "the all-cheapest choice fits: checked by choose"
+    return best[1]
 
 
 def mixed_config(config: QuantConfig, plan: MixPlan) -> QuantConfig:
@@ -185,8 +224,8 @@ def mixed_config(config: QuantConfig, plan: MixPlan) -> QuantConfig:
 
 
 def plan_mix(source, config: QuantConfig, calib, target_bits: float, device: torch.device,
-             progress: bool = True) -> MixPlan:
-    """Measure and choose (see the module's docstring); the choice is logged layer by layer."""
+             progress: bool = True, wider_first: bool = False) -> MixPlan:
+    """Measure and choose (see the module's docstring and :func:`choose`); the choice is logged layer by layer."""
     candidates = expert_candidates(config)
     if len(candidates) < 2:
         raise ErnieqError(f"--target-bits mixes the codecs a recipe gives routed experts; recipe {config.name!r} "
@@ -197,7 +236,7 @@ def plan_mix(source, config: QuantConfig, calib, target_bits: float, device: tor
     layers = measure(source, config, calib, candidates, device, progress)
     if not layers:
         raise ErnieqError(f"--target-bits: {source} has no routed experts to mix")
-    plan = MixPlan(target_bits, candidates, layers, choose(layers, target_bits))
+    plan = MixPlan(target_bits, candidates, layers, choose(layers, target_bits, wider_first))
     for c in layers:
         log.info("target-bits: layer %d -> %s (errors %s)", c.layer, candidates[plan.chosen[c.layer]].describe(),
                  ", ".join(f"{cand.codec} {e:.4g}" for cand, e in zip(candidates, c.error)))
