@@ -13,7 +13,7 @@ Measured mixed precision (``--target-bits``) against the fixed ``--bits 2`` reci
 (``ernieq calibrate demo --data demo --out STATS``)::
 
     python benchmarks/demo_accuracy.py --data ../shared/data/wikitext-2-raw/wiki.test.raw --calib STATS \
-        --settings unquantized,w2-gptq,w2-w4x6-gptq,w2-mix2.5,w2-fd-gptq,w2-fd-mix2.5 \
+        --settings unquantized,w2-gptq,w2-w4x6-gptq,w2-mix2.5,w2-mix2.54,w2-fd-gptq,w2-fd-mix2.5 \
         --out benchmarks/results/demo_mixed.json
 
 Every row is measured in this one run on this machine: perplexity (GPTQ/AWQ
@@ -70,6 +70,7 @@ SETTINGS = {
     "w2-gptq": {"bits": 2, "calib": SAVED},
     "w2-w4x6-gptq": {"bits": 2, "w4_moe_layers": 6, "calib": SAVED},
     "w2-mix2.5": {"bits": 2, "target_bits": 2.5, "calib": SAVED},
+    "w2-mix2.54": {"bits": 2, "target_bits": 2.54, "calib": SAVED},  # the fixed recipe's 2.536 routed expert bits
     "w2-fd-gptq": {"bits": 2, "rotate": False, "calib": SAVED},
     "w2-fd-mix2.5": {"bits": 2, "format": "fastdeploy", "target_bits": 2.5, "calib": SAVED},  # exported, read back
 }
