@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ernieq.errors import ErnieqError
+from ernieq.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +235,25 @@ def run_tasks(model, tokenizer, suite: TaskSuite, *, device, limit: int | None =
     lm_eval = require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
+    class CountedLM(HFLM):
+        """lm-eval's HFLM, counting its forward passes on ernieq's bar (lm-eval's own tqdm writes no
+        line to a pipe until it ends, and one pass can take a minute on a busy CPU)."""
+
+        def _model_call(self, *args, **kwargs):
+            out = super()._model_call(*args, **kwargs)
+            bar.advance(counter)
+            return out
+
+        def _model_generate(self, *args, **kwargs):
+            out = super()._model_generate(*args, **kwargs)
+            bar.advance(counter)
+            return out
+
     objects = suite.tasks()
-    with _lm_eval_settings():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=str(device))
+    with _lm_eval_settings(), progress_bar() as bar:
+        counter = bar.add_task(f"lm-eval: forward passes of up to {batch_size} requests", total=None)
+        lm = CountedLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                       device=str(device))
         results = lm_eval.simple_evaluate(model=lm, tasks=objects, num_fewshot=num_fewshot, limit=limit,
                                           batch_size=batch_size, device=str(device), log_samples=True,
                                           bootstrap_iters=bootstrap_iters, task_manager=suite.manager)

@@ -8,6 +8,7 @@ import builtins
 import hashlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -137,6 +138,8 @@ def test_a_task_yaml_over_local_data(demo_routed_dir, offline_cache, tmp_path, m
         code, _, err = run_cli(monkeypatch, capsys, "eval", demo_routed_dir, "--tasks", *how, "--json", out,
                                "--device", "cpu")
         assert code == 0, err
+        passes = re.findall(r"lm-eval: forward passes of up to 1 requests: (\d+), ", err)  # a plain line in a pipe
+        assert passes and int(passes[-1]) >= len(examples), err
         got = _metrics(json.loads(out.read_text()), "my_next_token")
         assert got["acc"]["samples"] == len(examples)
         assert got["acc"]["value"] == sum(greedy) / len(greedy)
