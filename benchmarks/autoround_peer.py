@@ -38,13 +38,13 @@ for the tensors ernieq rounds.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from peer_script import load_for_peer, peer_parser, peer_perplexity
 
 GROUP_SIZE = 64  # the G of ernieq's --bits 4 and of the other peers
 SCHEMES = {  # --bits -> AutoRound's scheme for the linears it rounds
@@ -191,31 +191,15 @@ def expert_layers(names: list[str]) -> list[int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = peer_parser(__doc__)
     p.add_argument("--bits", type=int, choices=sorted(SCHEMES), required=True)
-    p.add_argument("--model", default="demo")
-    p.add_argument("--data", required=True)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--calib-data", default="demo")
-    p.add_argument("--calib-tokens", type=int, default=64 * 512)
-    p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--iters", type=int, default=200, help="SignRound steps per decoder layer (AutoRound's default).")
     p.add_argument("--device", default="cpu", help="AutoRound's device_map.")
-    p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
 
     from auto_round.modeling.fused_moe.moe_experts_interface import prepare_model_for_moe_quantization
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ernieq import api
-    from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.text import load_text
-
-    path = api.resolve_model(a.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    calib = api.calibration_tokens(path, a.calib_data, a.calib_tokens, a.calib_seq_len)  # [n_seq, seq_len]
+    path, tokenizer, model, calib = load_for_peer(a)
     with torch.no_grad():
         fused_logits = model(calib[:1]).logits  # [1, seq_len, V]
     start = time.perf_counter()
@@ -232,17 +216,12 @@ def main() -> None:
     by_codec = {f"autoround int{a.bits} g{GROUP_SIZE} ({scale_dtype} scale)": (stored, weights),
                 **round_rest_with_ernieq(model, plan.ernieq)}
     quantize_seconds = time.perf_counter() - start
-    ids = tokenize_text(tokenizer, load_text(a.data, split="eval"))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        r = perplexity(model.eval(), ids, seq_len=a.seq_len, max_windows=a.max_windows, progress=False)
+    evaluated = peer_perplexity(model, tokenizer, a)
     total_bits, total_weights = (sum(x) for x in zip(*by_codec.values()))
     row = {"quantized": describe(plan, a.bits, expert_layers(plan.autoround)),
            "bits_by_codec": {codec: b / n for codec, (b, n) in by_codec.items()},
-           "ppl": r.ppl, "tokens": r.tokens, "windows": r.windows, "seq_len": r.seq_len,
            "bits_per_weight": total_bits / total_weights, "quantized_weights": total_weights,
-           "autoround_weights": weights, "quantize_seconds": quantize_seconds,
-           "eval_seconds": time.perf_counter() - start}
+           "autoround_weights": weights, "quantize_seconds": quantize_seconds, **evaluated}
     a.out.write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row))
 

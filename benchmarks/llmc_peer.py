@@ -16,12 +16,11 @@ weights, i.e. dequantized values).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from peer_script import load_for_peer, peer_parser, peer_perplexity
 
 GROUP_SIZE = 64  # the G of ernieq's --bits 4 and of the other peers (W4A16's preset has 128)
 # scheme W4A16 (int4 weights, symmetric, per group; activations unquantized) with G = 64
@@ -51,31 +50,14 @@ def scale_dtype(model: torch.nn.Module) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="demo")
-    p.add_argument("--data", required=True)
-    p.add_argument("--max-windows", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--calib-data", default="demo")
-    p.add_argument("--calib-tokens", type=int, default=64 * 512)
-    p.add_argument("--calib-seq-len", type=int, default=512)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args()
+    a = peer_parser(__doc__).parse_args()
 
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modeling.moe.linearize import linearize_moe
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ernieq import api
-    from ernieq.eval.perplexity import perplexity, tokenize_text
-    from ernieq.text import load_text
-
-    path = api.resolve_model(a.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    calib = api.calibration_tokens(path, a.calib_data, a.calib_tokens, a.calib_seq_len)  # [n_seq, seq_len]
+    _, tokenizer, model, calib = load_for_peer(a)
     dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     start = time.perf_counter()
     linearize_moe(model)
@@ -87,14 +69,10 @@ def main() -> None:
     bpw, n = quantized_bits(model)
     if n == 0:
         raise RuntimeError("llm-compressor quantized no linear layer")
-    ids = tokenize_text(tokenizer, load_text(a.data, split="eval"))
-    start = time.perf_counter()
-    with torch.inference_mode():
-        r = perplexity(model.eval(), ids, seq_len=a.seq_len, max_windows=a.max_windows, progress=False)
     row = {"quantized": "every linear of the decoder layers, routed experts linearised (router gates and lm_head "
                         f"kept): int{WEIGHTS['num_bits']} g{GROUP_SIZE} symmetric, GPTQ",
-           "bits_by_codec": {f"int4 g{GROUP_SIZE} ({scale_dtype(model)} scale)": bpw}, "ppl": r.ppl, "tokens": r.tokens, "windows": r.windows, "seq_len": r.seq_len, "bits_per_weight": bpw,
-           "quantized_weights": n, "quantize_seconds": quantize_seconds, "eval_seconds": time.perf_counter() - start}
+           "bits_by_codec": {f"int4 g{GROUP_SIZE} ({scale_dtype(model)} scale)": bpw}, "bits_per_weight": bpw,
+           "quantized_weights": n, "quantize_seconds": quantize_seconds, **peer_perplexity(model, tokenizer, a)}
     a.out.write_text(json.dumps(row, indent=2) + "\n")
     print(json.dumps(row))
 
