@@ -226,8 +226,8 @@ def evaluate_tasks(
 ) -> TaskEvalResult:
     """lm-evaluation-harness tasks (names, or task YAML files; ``include_paths``: more task folders) on
     ``model`` as :func:`load` loads it on ``device`` in ``dtype`` (see ``ernieq.eval.tasks``). Unknown
-    tasks and data that cannot be had offline fail before the model is even looked for, and a model that would
-    stream (see :func:`load`) before its weights load. ``json_path``: the result as JSON, with
+    tasks fail before the model is looked for, a model that would stream (see :func:`load`) before any task
+    data loads, and data that cannot be had offline before the model loads. ``json_path``: the result as JSON, with
     ``perplexity`` under that key when given (``ernieq eval --data ... --tasks ...``)."""
     from ernieq.eval.tasks import TaskSuite, run_tasks
     from ernieq.provenance import now_iso, provenance
@@ -235,9 +235,10 @@ def evaluate_tasks(
 
     started = now_iso()
     placement = Placement.resolve(device, dtype)
-    suite = TaskSuite(tuple(tasks), tuple(include_paths))
+    suite = TaskSuite(tuple(tasks), tuple(include_paths))  # names checked
     path = resolve_model(model)
     no_tasks_when_streamed(stream_plan(path, placement, stream, is_quantized(path)))
+    suite.load()  # the tasks' data, before the model
     net, tokenizer = load(path, device=placement.device, dtype=placement.dtype, decode_cache=decode_cache,
                           stream=stream)
     start = time.perf_counter()

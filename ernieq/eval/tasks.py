@@ -105,15 +105,16 @@ class TaskOptions:
     batch_size: int = 1
 
     def suite(self) -> TaskSuite:
-        return TaskSuite(self.names, self.include_paths)
+        return TaskSuite(self.names, self.include_paths).load()
 
 
 class TaskSuite:
     """The tasks ``names`` resolved once: an lm-eval TaskManager over ernieq's offline tasks, the
     folders ``include_paths`` and, only when a name needs them, lm-eval's built-in tasks.
 
-    Building a suite loads every task and its data, so that an unknown name or data that cannot
-    be had offline fails before any model is loaded.
+    Building a suite checks every name (an unknown one fails at once, before any model is looked for);
+    :meth:`load` then loads every task and its data, so that data that cannot be had offline fails
+    before any model is loaded.
     """
 
     def __init__(self, names: tuple[str, ...], include_paths: tuple[str | Path, ...] = ()):
@@ -134,8 +135,16 @@ class TaskSuite:
         if any(n not in manager.all_tasks and not _is_task_file(n) for n in names):
             log.info("indexing lm-eval's built-in tasks")
             manager = TaskManager(include_path=paths, include_defaults=True)
+        for name in names:
+            if name not in manager.all_tasks and not _is_task_file(name):
+                raise _unknown(name)
         self.manager = manager
+        self._ready: list | None = None
+
+    def load(self) -> TaskSuite:
+        """Every task and its data loaded now (a TaskError for data that cannot be had offline)."""
         self._ready = self._load()
+        return self
 
     def tasks(self) -> list:
         """lm-eval Task and Group objects for one run: those loaded first, then fresh ones (a run
@@ -158,14 +167,18 @@ class TaskSuite:
         try:
             return self.manager.load([name])
         except KeyError:
-            raise TaskError(f"task {name!r}: not an lm-eval task, group or tag, nor a task YAML file "
-                            f"(ernieq's offline tasks: {', '.join(offline_task_names())})") from None
+            raise _unknown(name) from None
         except ConnectionError as err:  # what datasets raises for a hub data set it cannot fetch
             raise TaskError(f"task {name!r}: its data is not in the local Hugging Face cache and the hub cannot "
                             f"be reached ({_one_line(err)}); run it once with network access to cache it, or give "
                             f"a task YAML over local files (--tasks FILE.yaml)") from None
         except (OSError, ValueError, TypeError) as err:  # a bad YAML, a missing data file, a bad config
             raise TaskError(f"task {name!r}: {type(err).__name__}: {_one_line(err)}") from None
+
+
+def _unknown(name: str) -> TaskError:
+    return TaskError(f"task {name!r}: not an lm-eval task, group or tag, nor a task YAML file "
+                     f"(ernieq's offline tasks: {', '.join(offline_task_names())})")
 
 
 def offline_task_names() -> list[str]:

@@ -175,7 +175,7 @@ def _one_line_error(monkeypatch, capsys, *args) -> str:
     return lines[0]
 
 
-def test_a_hub_task_offline_and_not_cached_is_one_line(tmp_path, monkeypatch, capsys):
+def test_a_hub_task_offline_and_not_cached_is_one_line(demo_routed_dir, tmp_path, monkeypatch, capsys):
     import datasets
     import huggingface_hub
 
@@ -184,7 +184,7 @@ def test_a_hub_task_offline_and_not_cached_is_one_line(tmp_path, monkeypatch, ca
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))  # nothing cached
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    line = _one_line_error(monkeypatch, capsys, "eval", "no-model-needed", "--tasks", "lambada_openai")
+    line = _one_line_error(monkeypatch, capsys, "eval", demo_routed_dir, "--tasks", "lambada_openai", "--device", "cpu")
     assert "lambada_openai" in line and "hub" in line and "cache" in line
 
 
