@@ -22,6 +22,10 @@ all routed expert weights stays within B bits (scales counted). For ``--format f
 wider codecs must lead (wint4 only in the first MoE layers): then the least-error split within B
 is taken. The result is a recipe: one rule per codec naming its layers, in front of the recipe's
 own rules.
+
+Known limit: the error is local. On the demo it grows 116-fold with depth, while the KL each layer
+causes at the model's output is largest in the first and last MoE layers, so this choice loses to
+the fixed "first layers at wint4" rule there (README; ``benchmarks/layer_sensitivity.py``).
 """
 
 from __future__ import annotations
