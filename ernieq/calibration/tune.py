@@ -240,7 +240,7 @@ def tune_layer(
     tuners = {n: make_tuner(e.q, e.weight, settings.round_weights) for n, e in encoded.items()
               if e.q.codec in settings.codecs and can_tune(e.q.codec)}
     if not tuners or settings.steps == 0:
-        for _ in range(settings.steps):
+        for _ in range(max(settings.steps, 1)):  # the bar counts max(steps, 1) per layer
             if on_step is not None:
                 on_step()
         log.info("layer %d: nothing to tune; GPTQ's result kept", i)
