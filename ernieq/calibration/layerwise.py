@@ -322,11 +322,12 @@ def run_layers(
             if targets is not None:
                 if targets == "model":
                     with torch.no_grad():
-                        first = plain = [forward(layer, h) for h in plain]  # the unquantized layer's outputs
+                        first = plain = [forward(i, layer, h) for h in plain]  # the unquantized layer's outputs
                 layer = adjust(i, layer, torch.cat(hidden), torch.cat(first)).eval()
                 del first
             elif adjust is not None:
                 layer = adjust(i, layer).eval()
+            if adjust is not None:  # the next layer's inputs: this one's outputs, as adjusted
                 with torch.no_grad():
                     hidden = [forward(i, layer, h) for h in hidden]
         finally:

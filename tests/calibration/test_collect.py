@@ -93,6 +93,37 @@ def test_layer_by_layer_hidden_states_equal_the_full_model(tiny, layout):
         torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("targets", [None, "local", "model"])
+def test_an_adjusting_pass_feeds_each_layer_the_adjusted_outputs_of_the_one_before(tiny, targets):
+    """With an adjust that keeps each layer as it is, every layer's inputs, outputs and targets are the
+    full model's (the tuning pass once fed every layer the embeddings: its inputs were never advanced)."""
+    model = tiny_ernie_model()
+    want_in, want_out = {}, {}
+    def record(i):
+        def hook(mod, args, out):
+            want_in[i], want_out[i] = args[0], out
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(record(i))
+    ids = _ids()
+    with torch.no_grad():
+        model(ids)
+    seen, got = {}, {}
+
+    def adjust(i, layer, inputs=None, target=None):
+        seen[i] = (inputs, target)
+        return layer
+
+    run_layers(LayerwiseModel(tiny["fused"]), ids, batch_size=2, adjust=adjust, targets=targets,
+               on_output=lambda i, h: got.__setitem__(i, h))
+    for i in range(TINY_ERNIE["num_hidden_layers"]):
+        torch.testing.assert_close(got[i], want_out[i], rtol=1e-5, atol=1e-5)
+        if targets is not None:
+            torch.testing.assert_close(seen[i][0], want_in[i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(seen[i][1], want_out[i], rtol=1e-5, atol=1e-5)
+
+
 def test_counts_sum_to_tokens_times_top_k(cset):
     moe_layers = range(TINY_ERNIE["moe_layer_start_index"], TINY_ERNIE["num_hidden_layers"])
     assert sorted(cset.routers) == list(moe_layers)
