@@ -65,6 +65,9 @@ SETTINGS = {
     "w2-tune": {"bits": 2, "method": "tune", "calib_data": "demo"},
     "w2-fd-seq": {"bits": 2, "method": "gptq", "sequential": True, "calib_data": "demo", "rotate": False},
     "w2-fd-tune": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False},
+    # the same with the integer grids' per-weight rounding tuned too (--tune-rounding), or more steps
+    "w4-tune-round": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_rounding": True},
+    "w2-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 40},
     # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
     # FastDeploy's share), the same rule with more wint4 layers, and --target-bits' measured choice
     "w2-gptq": {"bits": 2, "calib": SAVED},
@@ -90,6 +93,9 @@ def main() -> None:
     parser.add_argument("--settings", default="unquantized,w8,fp8-w8a8,fp8-weight-only,w4")
     parser.add_argument("--out", type=Path, default=None, help="Write the rows as JSON here.")
     parser.add_argument("--calib", type=Path, default=None, help="Saved statistics for the settings that take them.")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="Keep each quantized checkpoint in KEEP/SETTING (for `ernieq report`), not in a "
+                             "temporary folder.")
     args = parser.parse_args()
     saved = [n for n in args.settings.split(",") if SAVED in (SETTINGS[n] or {}).values()]
     if saved and args.calib is None:
@@ -98,6 +104,7 @@ def main() -> None:
     args.commit = git_commit(short=True)  # once, before this run writes its own result file into the tree
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
         for name in args.settings.split(","):
             options = {k: args.calib if v == SAVED else v for k, v in (SETTINGS[name] or {}).items()} or None
             model, bpw, routed, qseconds, tuned = args.model, 32.0, 32.0, 0.0, None  # the demo checkpoints are float32
@@ -108,7 +115,7 @@ def main() -> None:
                 load_dense_source()  # makes sure the float32 copy is cached
                 model = cache_root() / DENSE_CACHE_NAME
             elif options is not None:
-                model = Path(tmp) / name
+                model = folder / name
                 t0 = time.perf_counter()
                 result = api.quantize(args.model, model, progress=False, **options)
                 qseconds = time.perf_counter() - t0

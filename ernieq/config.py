@@ -182,7 +182,8 @@ class QuantizeOptions:
     collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
     quantized layers before it; method "tune" adds block-output tuning to that pass
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
-    None: 1 / tune_steps). target_bits: the routed experts' codecs mixed per MoE layer, among those the
+    None: 1 / tune_steps; tune_rounding: the integer grids' per-weight rounding offsets tuned too, not
+    only their scales). target_bits: the routed experts' codecs mixed per MoE layer, among those the
     recipe gives them, by measured sensitivity to that many bits per routed expert weight
     (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
@@ -208,6 +209,7 @@ class QuantizeOptions:
     sequential: bool = False
     tune_steps: int = 20
     tune_lr: float | None = None
+    tune_rounding: bool = False
     target_bits: float | None = None
     format: str = NATIVE_FORMAT
     tp: int = 1

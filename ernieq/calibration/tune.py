@@ -75,8 +75,9 @@ class TuneSettings:
     the same inputs X, or ``"model"``, its outputs on the unquantized model's own hidden states
     (AutoRound's, which also asks the layer to undo the earlier layers' error); round_weights: integer
     grids (wint4) also tune per-weight rounding offsets and zero points (AutoRound); off, their codes
-    stay GPTQ's and only the group scales move (on the demo, 20 steps of offsets overfit: the
-    held-out loss rose where scales alone lowered it, see the README)."""
+    stay GPTQ's and only the group scales move (``--tune-rounding`` turns it on; the default is off
+    from a demo comparison made before commit d61f5eb, whose pass tuned every layer on the embeddings,
+    so that comparison does not stand: see demo_tune_variants.json)."""
 
     steps: int = 20
     lr: float | None = None
