@@ -707,12 +707,21 @@ def main() -> None:
                           highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except ErnieqError as err:
-        distributed.ending()
-        world = distributed.world()
-        rank = f"{world}: " if world.size > 1 and not isinstance(err, distributed.DistributedError) else ""
-        err_console.print(f"[bold red]error:[/bold red] {escape(rank + _one_line(str(err)))}", highlight=False,
-                          soft_wrap=True)
-        sys.exit(1)
+        _fail(err)
+    except Exception:
+        if distributed.stopped() is None:
+            raise
+        _fail(distributed.stopped())  # the launcher's SIGTERM came out of a library call as that library's error
+
+
+def _fail(err: ErnieqError) -> None:
+    """``err`` as one line on stderr (naming this rank under torchrun), then exit code 1."""
+    distributed.ending()
+    world = distributed.world()
+    rank = f"{world}: " if world.size > 1 and not isinstance(err, distributed.DistributedError) else ""
+    err_console.print(f"[bold red]error:[/bold red] {escape(rank + _one_line(str(err)))}", highlight=False,
+                      soft_wrap=True)
+    sys.exit(1)
 
 
 def _one_line(message: str) -> str:

@@ -63,6 +63,7 @@ class World:
 
 _world = World()
 _device = torch.device("cpu")  # where collectives run: this rank's GPU under NCCL, else the CPU
+_stop: DistributedError | None = None  # set by the launcher's SIGTERM (``_stopped``)
 
 
 def world() -> World:
@@ -109,9 +110,17 @@ def init(required: bool = False) -> World:
 
 def _stopped(signum, frame) -> None:
     """SIGTERM: the launcher ends the job because another rank ended; say so in one line, keep the work."""
+    global _stop
     ending()
-    raise DistributedError(f"{_world}: stopped by the launcher: another rank ended (the launcher's report names "
-                           f"it); the same command resumes")
+    _stop = DistributedError(f"{_world}: stopped by the launcher: another rank ended (the launcher's report names "
+                             f"it); the same command resumes")
+    raise _stop
+
+
+def stopped() -> DistributedError | None:
+    """The launcher's stop, once it came. Raised inside a library call (safetensors reading a tensor), it
+    can come out as that library's own error, with this one lost: the entry point reports this instead."""
+    return _stop
 
 
 def ending() -> None:

@@ -113,6 +113,32 @@ def test_a_killed_rank_stops_the_job_and_the_same_command_resumes(tiny, one_proc
     assert _files(tmp_path / "q") == reference
 
 
+def test_the_launchers_stop_inside_a_library_call_is_one_line(monkeypatch, capsys):
+    """torchrun's SIGTERM, raised inside a library call, can come out as that library's own error (CI saw
+    safetensors' ValueError in place of ours): the entry point still reports the stop in one line; any
+    other error is not hidden."""
+    from ernieq import cli
+
+    library_error = "could not determine the shape of object type 'torch.storage.UntypedStorage'"
+
+    def interrupted(**kwargs):
+        try:
+            distributed._stopped(15, None)
+        except distributed.DistributedError:
+            raise ValueError(library_error) from None
+
+    monkeypatch.setattr(distributed, "_stop", None)
+    monkeypatch.setattr(cli.cli, "main", lambda **kwargs: (_ for _ in ()).throw(ValueError(library_error)))
+    with pytest.raises(ValueError, match="could not determine"):  # no stop: the error is not ours to hide
+        cli.main()
+    monkeypatch.setattr(cli.cli, "main", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and "stopped by the launcher: another rank ended" in lines[0]
+
+
 def test_distributed_flag_without_torchrun_is_one_line(tiny, tmp_path, monkeypatch, capsys):
     for name in distributed.ENV:
         monkeypatch.delenv(name, raising=False)
