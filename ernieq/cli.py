@@ -709,9 +709,9 @@ def main() -> None:
     except ErnieqError as err:
         _fail(err)
     except Exception:
-        if distributed.stopped() is None:
+        if (stop := distributed.stopped()) is None:
             raise
-        _fail(distributed.stopped())  # the launcher's SIGTERM came out of a library call as that library's error
+        _fail(stop)  # the launcher's SIGTERM came out of a library call as that library's error
 
 
 def _fail(err: ErnieqError) -> None:

@@ -74,10 +74,10 @@ class TuneSettings:
     tuned (the others keep GPTQ's result); target: ``"local"``, the unquantized layer's outputs on
     the same inputs X, or ``"model"``, its outputs on the unquantized model's own hidden states
     (AutoRound's, which also asks the layer to undo the earlier layers' error); round_weights: integer
-    grids (wint4) also tune per-weight rounding offsets and zero points (AutoRound); off, their codes
-    stay GPTQ's and only the group scales move (``--tune-rounding`` turns it on; the default is off
-    from a demo comparison made before commit d61f5eb, whose pass tuned every layer on the embeddings,
-    so that comparison does not stand: see demo_tune_variants.json)."""
+    grids (wint4, wint8) also tune per-weight rounding offsets and zero points (AutoRound); off, their
+    codes stay GPTQ's and only the group scales move (``--tune-rounding`` turns it on; off by default:
+    on the demo it made ``--bits 4`` worse, 27.132 against 26.774 with scales alone,
+    benchmarks/results/demo_tune_variants.json)."""
 
     steps: int = 20
     lr: float | None = None
