@@ -65,9 +65,11 @@ SETTINGS = {
     "w2-tune": {"bits": 2, "method": "tune", "calib_data": "demo"},
     "w2-fd-seq": {"bits": 2, "method": "gptq", "sequential": True, "calib_data": "demo", "rotate": False},
     "w2-fd-tune": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False},
-    # the same with the integer grids' per-weight rounding tuned too (--tune-rounding), or more steps
+    # the same with the integer grids' per-weight rounding tuned too (--tune-rounding), more steps, or the
+    # unquantized model's hidden states as each layer's target (--tune-target model)
     "w4-tune-round": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_rounding": True},
     "w2-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 40},
+    "w2-tune-model": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_target": "model"},
     # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
     # FastDeploy's share), the same rule with more wint4 layers, and --target-bits' measured choice
     "w2-gptq": {"bits": 2, "calib": SAVED},

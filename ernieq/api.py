@@ -269,7 +269,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
-    ``tune_steps``, ``tune_lr``, ``tune_rounding``); the summary's ``tune_reports`` say what each layer
+    ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_target``); the summary's ``tune_reports`` say what each layer
     kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
     (``ernieq.calibration.mixed``); the summary's ``mix`` holds the measurements and the choice, the
     checkpoint's recipe the rules.
@@ -322,7 +322,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
 
             tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
             plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr,
-                                                                round_weights=o.tune_rounding), sink=tuned)
+                                                                round_weights=o.tune_rounding,
+                                                                target=o.tune_target), sink=tuned)
         stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
                           all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
                           device=placement.device, dtype=placement.dtype)

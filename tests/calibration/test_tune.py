@@ -151,7 +151,8 @@ def tiny128(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["native", "fastdeploy"])
 def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys, fmt):
     """``ernieq quantize --method tune`` with the 2-bit recipe (wint8, wint4 and ccq2 experts; native: with
-    ``--tune-rounding``), then the checkpoint published and verified: it holds only what its format stores."""
+    ``--tune-rounding``; fastdeploy: against the unquantized model's hidden states), then the checkpoint
+    published and verified: it holds only what its format stores."""
     import json
 
     from ernieq import api
@@ -162,7 +163,7 @@ def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys,
     q = tmp_path / "q"
     code, _, err = run(monkeypatch, capsys, "quantize", tiny128, "--out", q, "--bits", "2", "--method", "tune",
                        "--calib-data", text, "--calib-tokens", "512", "--calib-seq-len", "32", "--tune-steps", "5",
-                       "--w4-moe-layers", "1", "--format", fmt, *(["--tune-rounding"] if fmt == "native" else []))
+                       "--w4-moe-layers", "1", "--format", fmt, *(["--tune-rounding"] if fmt == "native" else ["--tune-target", "model"]))
     assert code == 0, err
     assert not list(tmp_path.glob(".q.ernieq-*")), "the tuning and calibration folders are removed"
     if fmt == "fastdeploy":
