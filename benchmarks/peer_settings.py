@@ -230,8 +230,9 @@ register(Setting("llmcompressor-w4a16", "GPTQ (llm-compressor)", requires_env=(L
                  external=_external(LLMC_PYTHON_ENV, "llmc_peer.py")))
 # AutoRound's SignRound (benchmarks/autoround_peer.py): "-w4": every linear as --bits 4, 4-bit g64 symmetric;
 # "-w2": the ccq2 experts of --bits 2 at 2-bit g64 asymmetric, the other tensors as the --bits 2 recipe, rounded
-# to nearest by ernieq (as in hqq-w2-g64)
-register(Setting("autoround-w4-g64", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
-                 external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", "4")))
-register(Setting("autoround-w2-g64", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
-                 external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", "2")))
+# to nearest by ernieq (as in hqq-w2-g64); "-i20": 20 SignRound steps per layer (ernieq's --tune-steps default)
+# instead of AutoRound's 200
+for _bits in (4, 2):
+    for _suffix, _iters in (("", ()), ("-i20", ("--iters", "20"))):
+        register(Setting(f"autoround-w{_bits}-g64{_suffix}", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
+                         external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", str(_bits), *_iters)))

@@ -36,6 +36,7 @@ SUMMARY = {
     "hqq-w4-g64": ("`--bits 4`'s tensors, HQQ 4-bit g64 (peer)", "HQQ"),
     "llmcompressor-w4a16": ("`--bits 4`'s tensors, llm-compressor W4A16 g64 (peer)", "GPTQ"),
     "autoround-w4-g64": ("`--bits 4`'s tensors, AutoRound 4-bit g64 (peer)", "SignRound"),
+    "autoround-w4-g64-i20": ("`--bits 4`'s tensors, AutoRound 4-bit g64, 20 steps (peer)", "SignRound"),
     "ernieq-w2-rtn": ("`--bits 2`", "RTN"),
     "ernieq-w2-awq": ("`--bits 2`", "AWQ"),
     "ernieq-w2-gptq": ("`--bits 2`", "GPTQ (FastDeploy-exportable)"),
@@ -44,6 +45,7 @@ SUMMARY = {
     "gptq-int2-g64": ("`--bits 2`'s ccq2 tensors on a plain 2-bit g64 grid, 2.5 bits (peer baseline)", "GPTQ"),
     "hqq-w2-g64": ("`--bits 2`'s ccq2 tensors, HQQ 2-bit g64 (peer)", "HQQ"),
     "autoround-w2-g64": ("`--bits 2`'s ccq2 tensors, AutoRound 2-bit g64 (peer)", "SignRound"),
+    "autoround-w2-g64-i20": ("`--bits 2`'s ccq2 tensors, AutoRound 2-bit g64, 20 steps (peer)", "SignRound"),
     "ernieq-w2-experts-at-w4": ("`--bits 2` with those experts at wint4 g128 instead (a bound check)", "GPTQ + rotations"),
 }
 

@@ -153,8 +153,9 @@ def test_peers_script_runs_a_setting_in_a_child(tmp_path, demo_routed_dir, wikit
     assert "old table" not in text and "| ernieq-w4-rtn | RTN |" in text
 
 
-@pytest.mark.parametrize("name, bits", [("autoround-w4-g64", "4"), ("autoround-w2-g64", "2")])
-def test_autoround_settings_run_in_their_own_environment(monkeypatch, tmp_path, name, bits):
+@pytest.mark.parametrize("name, bits, iters", [("autoround-w4-g64", "4", {}), ("autoround-w2-g64", "2", {}),
+                                               ("autoround-w2-g64-i20", "2", {"--iters": "20"})])
+def test_autoround_settings_run_in_their_own_environment(monkeypatch, tmp_path, name, bits, iters):
     setting = peer_settings.SETTINGS[name]
     monkeypatch.delenv(peer_settings.AUTOROUND_PYTHON_ENV, raising=False)
     assert setting.build is None and setting.missing() == ["$ERNIEQ_AUTOROUND_PYTHON"]
@@ -166,7 +167,7 @@ def test_autoround_settings_run_in_their_own_environment(monkeypatch, tmp_path, 
     argv = setting.external(a, tmp_path / "row.json")
     assert argv[:2] == ["/venv/bin/python", str(BENCH / "autoround_peer.py")]
     options = dict(zip(argv[2::2], argv[3::2]))
-    assert options == {"--bits": bits, "--model": "m", "--data": "d.txt", "--seq-len": "2048", "--calib-data": "demo",
+    assert options == {"--bits": bits, **iters, "--model": "m", "--data": "d.txt", "--seq-len": "2048", "--calib-data": "demo",
                        "--calib-tokens": "64", "--calib-seq-len": "512", "--out": str(tmp_path / "row.json"),
                        "--max-windows": "3"}
 
