@@ -70,6 +70,7 @@ SETTINGS = {
     "w4-tune-round": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_rounding": True},
     "w2-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 40},
     "w2-tune-s200": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 200},
+    "w2-fd-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_steps": 40},
     "w2-tune-model": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_target": "model"},
     # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
     # FastDeploy's share), the same rule with more wint4 layers, and --target-bits' measured choice
