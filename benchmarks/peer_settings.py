@@ -234,5 +234,6 @@ register(Setting("llmcompressor-w4a16", "GPTQ (llm-compressor)", requires_env=(L
 # instead of AutoRound's 200
 for _bits in (4, 2):
     for _suffix, _iters in (("", ()), ("-i20", ("--iters", "20"))):
-        register(Setting(f"autoround-w{_bits}-g64{_suffix}", "SignRound (AutoRound)", requires_env=(AUTOROUND_PYTHON_ENV,),
+        register(Setting(f"autoround-w{_bits}-g64{_suffix}", "SignRound (AutoRound)",
+                         requires_env=(AUTOROUND_PYTHON_ENV,),
                          external=_external(AUTOROUND_PYTHON_ENV, "autoround_peer.py", "--bits", str(_bits), *_iters)))

@@ -269,8 +269,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
-    ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_target``); the summary's ``tune_reports`` say what each layer
-    kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
+    ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_target``); the summary's ``tune_reports`` say
+    what each layer kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
     (``ernieq.calibration.mixed``); the summary's ``mix`` holds the measurements and the choice, the
     checkpoint's recipe the rules.
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank

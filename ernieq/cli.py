@@ -394,9 +394,9 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
              sym: bool, w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None,
              calib: Path | None, calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None,
-             tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_target: str, target_bits: float | None,
-             rotate: bool | None, sequential: bool, fmt: str, tp: int, workers: int | None, overwrite: bool,
-             device: str, dtype: str) -> None:
+             tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_target: str,
+             target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
+             workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
     A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
@@ -413,8 +413,8 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr,
-                              tune_rounding=tune_rounding, tune_target=tune_target, target_bits=target_bits, format=fmt, tp=tp,
-                              overwrite=overwrite, workers=workers, device=device, dtype=dtype)
+                              tune_rounding=tune_rounding, tune_target=tune_target, target_bits=target_bits,
+                              format=fmt, tp=tp, overwrite=overwrite, workers=workers, device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()
     table = Table(title=f"{out} ({summary.recipe})")

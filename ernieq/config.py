@@ -184,8 +184,8 @@ class QuantizeOptions:
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
     None: 1 / tune_steps; tune_rounding: the integer grids' per-weight rounding offsets tuned too, not
     only their scales; tune_target: ``"local"`` or ``"model"``, the unquantized layer's outputs on the
-    quantized model's inputs or on the unquantized model's own). target_bits: the routed experts' codecs mixed per MoE layer, among those the
-    recipe gives them, by measured sensitivity to that many bits per routed expert weight
+    quantized model's inputs or on the unquantized model's own). target_bits: the routed experts'
+    codecs mixed per MoE layer, among those the recipe gives them, by measured sensitivity to that many bits per routed expert weight
     (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
     rotations and encoding run (``ernieq.device``: auto, cpu, cuda, cuda:N); dtype: the calibration

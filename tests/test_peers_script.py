@@ -167,8 +167,8 @@ def test_autoround_settings_run_in_their_own_environment(monkeypatch, tmp_path, 
     argv = setting.external(a, tmp_path / "row.json")
     assert argv[:2] == ["/venv/bin/python", str(BENCH / "autoround_peer.py")]
     options = dict(zip(argv[2::2], argv[3::2]))
-    assert options == {"--bits": bits, **iters, "--model": "m", "--data": "d.txt", "--seq-len": "2048", "--calib-data": "demo",
-                       "--calib-tokens": "64", "--calib-seq-len": "512", "--out": str(tmp_path / "row.json"),
+    assert options == {"--bits": bits, **iters, "--model": "m", "--data": "d.txt", "--seq-len": "2048",
+                       "--calib-data": "demo", "--calib-tokens": "64", "--calib-seq-len": "512", "--out": str(tmp_path / "row.json"),
                        "--max-windows": "3"}
 
 

@@ -163,7 +163,8 @@ def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys,
     q = tmp_path / "q"
     code, _, err = run(monkeypatch, capsys, "quantize", tiny128, "--out", q, "--bits", "2", "--method", "tune",
                        "--calib-data", text, "--calib-tokens", "512", "--calib-seq-len", "32", "--tune-steps", "5",
-                       "--w4-moe-layers", "1", "--format", fmt, *(["--tune-rounding"] if fmt == "native" else ["--tune-target", "model"]))
+                       "--w4-moe-layers", "1", "--format", fmt,
+                       *(["--tune-rounding"] if fmt == "native" else ["--tune-target", "model"]))
     assert code == 0, err
     assert not list(tmp_path.glob(".q.ernieq-*")), "the tuning and calibration folders are removed"
     if fmt == "fastdeploy":
