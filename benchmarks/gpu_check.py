@@ -6,7 +6,8 @@
 Steps, most important first; a step that would start after ``--budget-s`` seconds is recorded as skipped
 (and the check fails), so a slow step never loses what the earlier ones measured:
 
-1. ``tests``: the kernel, runtime and device tests, with the Triton kernels compiled for the GPU.
+1. ``tests``: the kernel, runtime and device tests, with the Triton kernels compiled for the GPU, and
+   ``--method tune`` on the GPU.
 2. ``accuracy``: the demo quantized on the GPU (round to nearest: the kernels are what is checked, not the
    rounding) at ``--bits 8``, ``--bits 4``, ``--bits 2`` and ``--fp8`` (W8A8), each evaluated through the
    Triton kernels and through the reference path on the same windows of wikitext-2: perplexities within
@@ -82,7 +83,8 @@ class Plan:
     synthetic_experts: int
 
 
-GPU = Plan(dry=False, tests=("tests/kernels", "tests/runtime", "tests/test_device.py"), seq_len=2048, windows=4,
+GPU = Plan(dry=False, tests=("tests/kernels", "tests/runtime", "tests/test_device.py",
+                             "tests/calibration/test_tune.py::test_method_tune_runs_on_cuda"), seq_len=2048, windows=4,
            kernel_models=("21b", "300b"), kernel_m=None, batches=(1, 8, 32), prompt_len=512, new_tokens=64,
            synthetic_experts=64)
 DRY = Plan(dry=True, tests=("tests/kernels/test_moe_align.py",), seq_len=32, windows=1, kernel_models=("21b",),

@@ -179,6 +179,21 @@ def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys,
     assert r.smoke_ppl > 1.0 and r.modules > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("target", ["local", "model"])
+def test_method_tune_runs_on_cuda(tiny128, tmp_path, target):
+    """``--method tune --device cuda`` (calibration, GPTQ and tuning on the GPU), with either target."""
+    from ernieq import api
+
+    text = tmp_path / "calib.txt"
+    text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 60)
+    summary = api.quantize(tiny128, tmp_path / "q", bits=2, method="tune", calib_data=str(text), calib_tokens=512,
+                           calib_seq_len=32, tune_steps=3, w4_moe_layers=1, tune_target=target, device="cuda",
+                           progress=False)
+    assert [r["layer"] for r in summary.tune_reports] == [0, 1, 2]
+    assert all(r["loss_kept"] <= r["loss_gptq"] for r in summary.tune_reports if not math.isnan(r["loss_gptq"]))
+
+
 def test_method_tune_needs_calibration_text(tiny, tmp_path):
     from ernieq import api
     from ernieq.errors import ErnieqError
