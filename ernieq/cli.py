@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ernieq import api, distributed
-from ernieq.config import W4_GROUP_SIZE, QuantizeOptions
+from ernieq.config import TUNE_TARGETS, W4_GROUP_SIZE, QuantizeOptions
 from ernieq.device import DTYPE_CHOICES, describe, resolve_device
 from ernieq.errors import ErnieqError
 from ernieq.formats.registry import format_names
@@ -366,7 +366,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 @click.option("--tune-rounding", is_flag=True,
               help="--method tune: the integer grids (wint4, wint8) also tune each weight's rounding (AutoRound's "
                    "offsets, so codes may change), not only their group scales.")
-@click.option("--tune-target", type=click.Choice(["local", "model"]), default="local", show_default=True,
+@click.option("--tune-target", type=click.Choice(TUNE_TARGETS), default=TUNE_TARGETS[0], show_default=True,
               help="--method tune: each layer matches the unquantized layer's outputs on the quantized model's own "
                    "inputs (local), or the unquantized model's hidden states (model, AutoRound's: the layer also "
                    "makes up for the error the earlier layers left; one more copy of the calibration states).")

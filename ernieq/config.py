@@ -30,6 +30,9 @@ KEEP = "none"  # an override's codec name that leaves the weight as it is
 ROTATED_CODECS = ("ccq2", "wint4")
 
 
+TUNE_TARGETS = ("local", "model")  # --method tune: what each layer is tuned against (ernieq.calibration.tune)
+
+
 @dataclass(frozen=True)
 class CodecChoice:
     """A codec name and its parameters (a tuple of items, so that it is hashable)."""

@@ -53,6 +53,7 @@ from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.sequential import Encoded
 from ernieq.calibration.tune_weights import can_tune, make_tuner, rebyte
 from ernieq.codecs import QuantizedTensor
+from ernieq.config import TUNE_TARGETS
 from ernieq.errors import ErnieqError
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class TuneSettings:
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_seqs < 1 or not 0 < self.holdout < 1 or (self.lr is not None and self.lr <= 0) \
-                or self.target not in ("local", "model"):
+                or self.target not in TUNE_TARGETS:
             raise ErnieqError(f"tuning settings out of range: {self}")
 
     @property

@@ -148,8 +148,16 @@ def tiny128(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def text(tmp_path):
+    """A calibration text file."""
+    path = tmp_path / "calib.txt"
+    path.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 60)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["native", "fastdeploy"])
-def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys, fmt):
+def test_quantize_method_tune_end_to_end(tiny128, text, tmp_path, monkeypatch, capsys, fmt):
     """``ernieq quantize --method tune`` with the 2-bit recipe (wint8, wint4 and ccq2 experts; native: with
     ``--tune-rounding``; fastdeploy: against the unquantized model's hidden states), then the checkpoint
     published and verified: it holds only what its format stores."""
@@ -158,8 +166,6 @@ def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys,
     from ernieq import api
     from tests.test_cli import run
 
-    text = tmp_path / "calib.txt"
-    text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 60)
     q = tmp_path / "q"
     code, _, err = run(monkeypatch, capsys, "quantize", tiny128, "--out", q, "--bits", "2", "--method", "tune",
                        "--calib-data", text, "--calib-tokens", "512", "--calib-seq-len", "32", "--tune-steps", "5",
@@ -181,12 +187,10 @@ def test_quantize_method_tune_end_to_end(tiny128, tmp_path, monkeypatch, capsys,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
 @pytest.mark.parametrize("target", ["local", "model"])
-def test_method_tune_runs_on_cuda(tiny128, tmp_path, target):
+def test_method_tune_runs_on_cuda(tiny128, text, tmp_path, target):
     """``--method tune --device cuda`` (calibration, GPTQ and tuning on the GPU), with either target."""
     from ernieq import api
 
-    text = tmp_path / "calib.txt"
-    text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 60)
     summary = api.quantize(tiny128, tmp_path / "q", bits=2, method="tune", calib_data=str(text), calib_tokens=512,
                            calib_seq_len=32, tune_steps=3, w4_moe_layers=1, tune_target=target, device="cuda",
                            progress=False)
