@@ -70,6 +70,7 @@ SETTINGS = {
     "w4-tune-round": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_rounding": True},
     "w2-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 40},
     "w2-tune-s200": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_steps": 200},
+    "w4-tune-s40": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_steps": 40},
     "w2-fd-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_steps": 40},
     "w2-tune-model": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_target": "model"},
     # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
@@ -77,8 +78,14 @@ SETTINGS = {
     "w2-gptq": {"bits": 2, "calib": SAVED},
     "w2-w4x6-gptq": {"bits": 2, "w4_moe_layers": 6, "calib": SAVED},
     "w2-mix2.5": {"bits": 2, "target_bits": 2.5, "calib": SAVED},
+    # the three wint4 layers an end-to-end measure ranks first (layers 1, 2 and the last, 29: the largest KL per
+    # layer at the model's output, benchmarks/results/demo_layer_sensitivity.json) in place of the recipe's 1-3
+    "w2-w4-l29-gptq": {"bits": 2, "w4_moe_layers": 2, "calib": SAVED,
+                      "overrides": (r"layers\.29\.mlp\.experts\.=wint4:group_size=none,symmetric=true,clip=false",)},
     "w2-mix2.54": {"bits": 2, "target_bits": 2.54, "calib": SAVED},  # the fixed recipe's 2.536 routed expert bits
     "w2-fd-gptq": {"bits": 2, "rotate": False, "calib": SAVED},
+    # --target-bits with block-output tuning: the mix chosen on a first pass, then the tuned sequential one
+    "w2-mix2.54-tune": {"bits": 2, "method": "tune", "calib_data": "demo", "target_bits": 2.54},
     "w2-fd-mix2.5": {"bits": 2, "format": "fastdeploy", "target_bits": 2.5, "calib": SAVED},  # exported, read back
 }
 

@@ -18,7 +18,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.device import Placement
-from ernieq.distributed import world
+from ernieq.distributed import barrier, world
 from ernieq.errors import ErnieqError
 from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
@@ -271,22 +271,22 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
     ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_target``); the summary's ``tune_reports`` say
     what each layer kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
-    (``ernieq.calibration.mixed``); the summary's ``mix`` holds the measurements and the choice, the
-    checkpoint's recipe the rules.
+    (``ernieq.calibration.mixed``; with ``sequential`` or ``method="tune"`` chosen first, on one pass over the
+    unquantized model); the summary's ``mix`` holds the measurements and the choice, the checkpoint's recipe
+    the rules.
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
     folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
     Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
     the checkpoint's bytes do not depend on the number of ranks.
     """
-    from ernieq.formats.registry import check_options, export_checkpoint
+    from ernieq.formats.registry import check_options
     from ernieq.plan import check_plan
-    from ernieq.quantize import recipe_for, run_quantize, sequential_plan
+    from ernieq.quantize import recipe_for, sequential_plan
 
     o = with_fields(options, fields)
     placement = Placement.resolve(o.device, o.dtype)  # a device that is not there fails before any work
     out = Path(out)
     source = resolve_model(model)
-    main = world().main  # under torchrun, rank 0 alone writes what is written once (see ernieq.distributed)
     if o.calib_data is not None and o.calib is not None:
         raise ErnieqError("give --calib-data (collect now) or --calib (reuse saved statistics), not both")
     format_options = _format_options(o.format, o.tp)
@@ -304,66 +304,85 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         raise ErnieqError("--method tune tunes each layer during a calibration pass: it needs --calib-data SRC")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
-    if o.target_bits is not None and (o.sequential or o.method == "tune"):
-        raise ErnieqError("--target-bits chooses the codecs from statistics collected first; a sequential pass "
-                          "(--sequential, --method tune) needs them chosen before it starts (not combined yet)")
     check_plan(source, config)
-    stats, calib_dir, tuned = None, None, None
-    if o.calib is not None:
-        from ernieq.calibration import load_stats
-
-        stats = load_stats(o.calib)
-    elif o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
+    sequential = o.sequential or o.method == "tune"
+    stats, calib_dir, tuned, mix = None, None, None, None
+    if o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
         calib_dir = out.parent / f".{out.name}.ernieq-calib"
-        plan = sequential_plan(source, config, o.method or "gptq") if o.sequential or o.method == "tune" else None
-        if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
-            from ernieq.calibration.tune import TuneSettings
-            from ernieq.calibration.tuned_store import TunedStore
 
-            tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
-            plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr,
-                                                                round_weights=o.tune_rounding,
-                                                                target=o.tune_target), sink=tuned)
-        stats = calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
-                          all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
-                          device=placement.device, dtype=placement.dtype)
-    o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
-    if o.method != "rtn" and stats is None:
-        raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
-    mix = None
-    if o.target_bits is not None:
-        from ernieq.calibration.mixed import mixed_config, plan_mix
+    def collect(plan=None):
+        return calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
+                         all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
+                         device=placement.device, dtype=placement.dtype)
 
-        # FastDeploy runs wint4 experts only in the MoE layers before its wint2 ones (quant_end_layer)
-        mix = plan_mix(source, config, stats, o.target_bits, placement.device, o.progress,
-                       wider_first=o.format == "fastdeploy")
-        config = mixed_config(config, mix)
-    base = str(model) if str(model) == DEMO_NAME or parse_hub_id(str(model)) else str(source.resolve())
     try:
-        if o.format == NATIVE_FORMAT:
-            summary = run_quantize(source, out, config, o, calib=stats, base_model=base, tuned=tuned)
-            summary.tune_reports = tuned.reports if tuned is not None else []
-            summary.mix = mix
-            return summary
+        if o.calib is not None:
+            from ernieq.calibration import load_stats
+
+            stats = load_stats(o.calib)
+        elif o.calib_data is not None and (not sequential or o.target_bits is not None):
+            # the unquantized model's statistics: what the encoding uses, or (sequential) what the mix is chosen by
+            stats = collect()
+        if o.target_bits is not None:
+            from ernieq.calibration.mixed import mixed_config, plan_mix
+
+            # FastDeploy runs wint4 experts only in the MoE layers before its wint2 ones (quant_end_layer)
+            mix = plan_mix(source, config, stats, o.target_bits, placement.device, o.progress,
+                           wider_first=o.format == "fastdeploy")
+            config = mixed_config(config, mix)
+        if sequential:  # each layer calibrated on the quantized (and with tune: tuned) layers before it
+            if stats is not None:  # the mix's statistics, done with once every rank has read them
+                barrier("choosing the codecs")
+                if world().main:
+                    shutil.rmtree(calib_dir, ignore_errors=True)
+                barrier("starting the sequential pass")
+            plan = sequential_plan(source, config, o.method or "gptq")
+            if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
+                from ernieq.calibration.tune import TuneSettings
+                from ernieq.calibration.tuned_store import TunedStore
+
+                tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
+                plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr,
+                                                                    round_weights=o.tune_rounding,
+                                                                    target=o.tune_target), sink=tuned)
+            stats = collect(plan)
+        o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
+        if o.method != "rtn" and stats is None:
+            raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
+        return _write_quantized(source, out, config, o, stats, tuned, mix, str(model), format_options)
+    finally:
+        if calib_dir is not None and world().main:
+            shutil.rmtree(calib_dir, ignore_errors=True)
+        if tuned is not None and world().main:
+            shutil.rmtree(tuned.folder.parent, ignore_errors=True)
+
+
+def _write_quantized(source: Path, out: Path, config, o: QuantizeOptions, stats, tuned, mix, model: str,
+                     format_options: dict) -> "QuantizeSummary":  # noqa: F821
+    """The quantization itself once the recipe and statistics are settled: the native checkpoint at OUT, or
+    converted to ``o.format`` from a native one written beside it."""
+    from ernieq.formats.registry import export_checkpoint
+    from ernieq.quantize import run_quantize
+
+    base = model if model == DEMO_NAME or parse_hub_id(model) else str(source.resolve())
+    main = world().main  # under torchrun, rank 0 alone writes what is written once (see ernieq.distributed)
+    if o.format == NATIVE_FORMAT:
+        summary = run_quantize(source, out, config, o, calib=stats, base_model=base, tuned=tuned)
+    else:
         if out.exists() and any(out.iterdir()) and not o.overwrite:
             raise ErnieqError(f"{out}: output folder exists and is not empty (use --overwrite to replace it)")
         native = out.parent / f".{out.name}.ernieq-native"
         try:
             summary = run_quantize(source, native, config, dataclasses.replace(o, overwrite=True), calib=stats,
                                    base_model=base, tuned=tuned)
-            summary.tune_reports = tuned.reports if tuned is not None else []
-            summary.mix = mix
             if main:
                 export_checkpoint(native, out, o.format, overwrite=o.overwrite, options=format_options)
         finally:
             if main:
                 shutil.rmtree(native, ignore_errors=True)
-        return summary
-    finally:
-        if calib_dir is not None and main:
-            shutil.rmtree(calib_dir, ignore_errors=True)
-        if tuned is not None and main:
-            shutil.rmtree(tuned.folder.parent, ignore_errors=True)
+    summary.tune_reports = tuned.reports if tuned is not None else []
+    summary.mix = mix
+    return summary
 
 
 def _format_options(fmt: str, tp: int) -> dict:

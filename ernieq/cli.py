@@ -373,7 +373,8 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
               help="Mix the codecs the recipe gives routed experts (--bits 2: wint4 and ccq2) per MoE layer by "
                    "measured sensitivity (round-to-nearest output error on the statistics) to at most B bits per "
-                   "routed expert weight, scales counted. Needs --calib-data or --calib.")
+                   "routed expert weight, scales counted. Needs --calib-data or --calib; with --sequential or "
+                   "--method tune it is chosen first, on a pass over the unquantized model.")
 @click.option("--rotate/--no-rotate", default=None,
               help="Store the wint4 and ccq2 weights turned by orthogonal input rotations that ernieq's runtime "
                    "applies (incoherence: outliers spread over all inputs). Default: on for --format native, "

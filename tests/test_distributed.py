@@ -187,15 +187,17 @@ def test_one_process_collectives_do_nothing():
     assert torch.equal(t, torch.ones(3)) and distributed.world() == World()
 
 
-@pytest.mark.parametrize("target", ["local", "model"])
-def test_tuning_on_two_ranks_takes_the_same_steps_on_every_rank(tiny, tmp_path, target):
+@pytest.mark.parametrize("target, mix", [("local", ()), ("model", ("--target-bits", "4.3"))])
+def test_tuning_on_two_ranks_takes_the_same_steps_on_every_rank(tiny, tmp_path, target, mix):
     """Each rank tunes on its share of the sequences with the gradients and held-out losses summed over both;
     after each layer the ranks compare hashes of what they keep (a difference is an error); with either target
-    (``model``: each rank also carries the unquantized model's states for its share)."""
+    (``model``: each rank also carries the unquantized model's states for its share), and with --target-bits
+    (the mix chosen on both ranks from a first pass's statistics before the tuned pass)."""
     done = _torchrun("quantize", tiny, "--out", tmp_path / "q", *QUANTIZE, "--method", "tune",
                      "--calib-data", tiny.parent / "calib.txt", "--calib-tokens", "512", "--calib-seq-len", "64",
-                     "--tune-steps", "3", "--tune-target", target, verbose=True)
+                     "--tune-steps", "3", "--tune-target", target, *mix, verbose=True)
     assert done.returncode == 0, done.stderr
+    assert ("--target-bits 4.3: routed experts per MoE layer" in done.stdout) == bool(mix)
     tuned = re.findall(r"layer (\d+): what it keeps hashes to \w+", done.stderr)
     assert tuned == ["1", "2"]  # the MoE layers (layer 0 is wint8 only: nothing to tune); compared on both ranks
     assert not (tmp_path / ".q.ernieq-tuned").exists()

@@ -16,7 +16,7 @@ from ernieq.config import CodecChoice
 from ernieq.errors import ErnieqError
 from ernieq.formats.native import NativeReader
 from ernieq.transforms import make_rotation
-from tests.tiny import write_tiny_ernie
+from tests.tiny import write_char_tokenizer, write_tiny_ernie
 
 WINT4 = CodecChoice("wint4", (("group_size", None), ("symmetric", True)))
 CCQ2 = CodecChoice("ccq2")
@@ -26,6 +26,7 @@ CCQ2 = CodecChoice("ccq2")
 def tiny_calibrated(tmp_path_factory):
     root = tmp_path_factory.mktemp("mixed")
     src = write_tiny_ernie(root / "src", num_hidden_layers=4)  # MoE layers 1, 2, 3
+    write_char_tokenizer(src)  # for the tests that calibrate on text
     ids = torch.randint(0, 96, (4, 32), generator=torch.Generator().manual_seed(1))
     save_stats(collect_stats(src, ids, progress=False), root / "calib")
     return src, root / "calib"
@@ -108,9 +109,23 @@ def test_target_bits_needs_statistics_and_a_recipe_with_two_expert_codecs(tiny_c
         api.quantize(src, tmp_path / "a", bits=2, target_bits=3.0, progress=False, workers=1)
     with pytest.raises(ErnieqError, match="gives them 0"):
         api.quantize(src, tmp_path / "b", bits=4, calib=calib, target_bits=3.0, progress=False, workers=1)
-    with pytest.raises(ErnieqError, match="not combined yet"):
-        api.quantize(src, tmp_path / "c", bits=2, calib_data="demo", sequential=True, target_bits=3.0,
-                     progress=False, workers=1)
+
+
+@pytest.mark.parametrize("method", ["gptq", "tune"])
+def test_target_bits_chooses_before_a_sequential_pass(tiny_calibrated, tmp_path, method):
+    """With --sequential or --method tune the mix is chosen on the unquantized model's statistics first; the
+    sequential pass then quantizes (and tunes) each layer by the mixed recipe."""
+    src, _ = tiny_calibrated
+    summary = api.quantize(src, tmp_path / "q", bits=2, calib_data="demo", calib_tokens=256, calib_seq_len=64,
+                           method=method, sequential=True, target_bits=4.3, tune_steps=2, progress=False, workers=1)
+    chosen = {row["layer"]: row["chosen"].split(":")[0] for row in summary.mix.to_json()["layers"]}
+    assert set(chosen.values()) == {"wint4", "ccq2"}, chosen
+    reader = NativeReader(tmp_path / "q")
+    for base, q in ((b, reader.quantized(b)) for b in reader.modules if ".experts." in b):
+        assert q.codec == chosen[int(base.split(".layers.")[1].split(".")[0])], base
+    if method == "tune":
+        assert [r["layer"] for r in summary.tune_reports] == [0, 1, 2, 3]  # every layer tuned (or kept at GPTQ)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no statistics or tuning left
 
 
 def test_quantize_cli_prints_the_choice_per_layer(tiny_calibrated, tmp_path):
