@@ -130,8 +130,13 @@ class ExpertGroup:
         return weight
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[int, str, torch.Tensor]]:
-        """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors."""
-        yield from self.layout.weights(self.params(tensors, (WEIGHT,)))
+        """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors: views of the
+        stored tensors (per-expert pieces are not stacked into the module's parameters first, which would
+        hold a second copy of the layer's experts)."""
+        weight = self.expert_weights(tensors.__getitem__)
+        for e in range(self.num_experts):
+            for proj in PROJECTIONS:
+                yield e, proj, weight(e, proj)
 
     def shapes(self) -> Iterator[tuple[int, str, tuple[int, int]]]:
         """(expert, projection, shape (N, K)) for every expert, as :meth:`weights` hands them out (the layout

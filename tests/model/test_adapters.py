@@ -127,7 +127,10 @@ def test_both_expert_layouts_give_the_same_per_expert_weights(tmp_path):
         (group,) = [g for g in iter_groups(reader) if g.key == "layers.1.mlp"]
         experts = ExpertGroup.from_infos(group.tensors, adapter_for(TINY_ERNIE))
         assert experts.num_experts == E
-        views.append({(e, proj): w for e, proj, w in experts.weights(group.load(reader))})
+        loaded = group.load(reader)
+        views.append({(e, proj): w for e, proj, w in experts.weights(loaded)})
+        stored = {t.untyped_storage().data_ptr() for t in loaded.values()}
+        assert all(w.untyped_storage().data_ptr() in stored for w in views[-1].values())  # views: no second copy
         weight = experts.expert_weights(reader.get)  # one expert's tensors at a time: the same weights
         assert all(torch.equal(weight(e, proj), w) for (e, proj), w in views[-1].items())
     assert views[0].keys() == views[1].keys()
