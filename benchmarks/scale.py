@@ -27,6 +27,9 @@ records:
 - wall seconds, and seconds per layer from the run's ``--log`` file (each group's
   encode-and-write time, summed per decoder layer).
 
+With ``--nproc N`` quantize runs under ``torchrun --nproc-per-node N`` (gloo on the CPU): the peak RSS is
+then the largest rank's (or worker's), the tree PSS all ranks' together, the seconds per layer rank-seconds.
+
 Settings: ``w2`` = ``--bits 2`` (the FastDeploy recipe: wint4 experts in the first
 ceil(4n/51) MoE layers, ccq2 after), ``w2-ccq2`` = ``--bits 2 --w4-moe-layers 0``
 (ccq2 experts in every MoE layer), ``w4`` = ``--bits 4``, ``w8`` = ``--bits 8``.
@@ -287,11 +290,12 @@ def run_measured(cmd: list[str]) -> dict:
     return {"wall_s": time.perf_counter() - start, "maxrss_kib": usage.ru_maxrss, "tree_pss_kib": peak["pss"]}
 
 
-_GROUP_LINE = re.compile(r"(layers\.(\d+)\.\w+|embeddings|head): (\d+) weights in ([\d.]+) s")
+_GROUP_LINE = re.compile(r"(layers\.(\d+)\.\w+|embeddings|head)(?: \(\d+, \d+\))?: (\d+) weights in ([\d.]+) s")
 
 
 def seconds_per_layer(log_file: Path) -> dict[int, float]:
-    """Decoder layer → seconds its groups took, from the quantize log (``ernieq.quantize`` debug lines)."""
+    """Decoder layer → seconds its groups took, from the quantize log (``ernieq.quantize`` debug lines; under
+    torchrun every rank's lines, a cut group's parts included: rank-seconds)."""
     per_layer: dict[int, float] = defaultdict(float)
     for m in _GROUP_LINE.finditer(log_file.read_text()):
         if m.group(2) is not None:
@@ -300,8 +304,9 @@ def seconds_per_layer(log_file: Path) -> dict[int, float]:
 
 
 def quantize(ckpt: Path, setting: str, out: Path, log_file: Path, workers: int | None, first_moe: int,
-             calib: Path | None = None) -> dict:
-    cmd = [sys.executable, "-m", "ernieq.cli", "--quiet", "--log", str(log_file), "quantize", str(ckpt),
+             calib: Path | None = None, nproc: int = 1) -> dict:
+    launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launcher, "-m", "ernieq.cli", "--quiet", "--log-file", str(log_file), "quantize", str(ckpt),
            "--out", str(out), "--overwrite", *SETTINGS[setting]]
     if calib is not None:
         cmd += ["--calib", str(calib), "--method", "gptq"]
@@ -322,12 +327,12 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [f"- machine: {meta['machine']}; torch {meta['torch']}; {meta['date']}; commit {meta['commit']}",
              f"- command: `{meta['command']}`",
              f"- load average (1 min) before / after: {meta['load_before']:.1f} / {meta['load_after']:.1f}", "",
-             "| layers | experts | setting | workers | peak RSS (largest process) | peak PSS (process tree) | wall s "
-             "| s per MoE layer (mean) | output |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "| layers | experts | setting | ranks | workers | peak RSS (largest process) | peak PSS (process tree) "
+             "| wall s | s per MoE layer (mean) | output |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         per = f"{r['moe_layer_s_mean']:.1f}" if r["moe_layer_s_mean"] is not None else "n/a"
-        lines.append(f"| {r['layers']} | {r['experts']} | {r['setting']} | {r['workers']} | "
+        lines.append(f"| {r['layers']} | {r['experts']} | {r['setting']} | {r.get('nproc', 1)} | {r['workers']} | "
                      f"{r['maxrss_kib'] / 2**20:.2f} GiB | {r['tree_pss_kib'] / 2**20:.2f} GiB | {r['wall_s']:.0f} | "
                      f"{per} | {r['out_bytes'] / 2**30:.2f} GiB |")
     by_key = {(r["layers"], r["setting"], r["workers"]): r for r in rows}
@@ -358,6 +363,9 @@ def main() -> None:
     parser.add_argument("--workers", default="default", help="comma list of --workers values ('default': not given)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ernieq-scale"), help="checkpoints and outputs")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints (outputs are always deleted)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="run quantize under torchrun with this many processes (gloo on the CPU): the largest "
+                             "process is then the largest rank, the tree PSS all ranks together")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     args = parser.parse_args()
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
@@ -377,10 +385,10 @@ def main() -> None:
         for setting in settings:
             for w in workers:
                 out, log_file = args.workdir / "q", args.workdir / "quantize.log"
-                row = quantize(ckpt, setting, out, log_file, w, cfg["moe_layer_start_index"], calib)
+                row = quantize(ckpt, setting, out, log_file, w, cfg["moe_layer_start_index"], calib, args.nproc)
                 shutil.rmtree(out)
                 row.update({"model": args.model, "gptq": args.gptq, "layers": layers, "experts": args.experts,
-                            "setting": setting,
+                            "setting": setting, "nproc": args.nproc,
                             "workers": w if w is not None else len(os.sched_getaffinity(0))})
                 rows.append(row)
                 print(f"{layers} layers {setting} workers {row['workers']}: peak RSS {row['maxrss_kib'] / 2**20:.2f} "

@@ -36,8 +36,9 @@ def _human_bytes(n: float) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; only warnings and errors on the terminal.")
-@click.option("--log", "log_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Also write the full log (debug level, with times) to this file.")
+@click.option("--log-file", "--log", "log_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also write the full log (debug level, with times) to this file (under torchrun spell it "
+                   "--log-file: torchrun reads --log as its own option).")
 def cli(verbose: bool, quiet: bool, log_file: Path | None) -> None:
     """ernieq: quantize Mixture-of-Experts language models (ERNIE 4.5 first) and prove what was kept.
 

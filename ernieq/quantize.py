@@ -26,6 +26,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -179,7 +180,7 @@ class _Job:
         return f"{group.key}.k{k}", make_rotation(k)
 
 
-def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
+def _awq(job: _Job, group: TensorGroup, tensors: Mapping[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
     """AWQ's scales searched and folded into the group (``ernieq.calibration.awq``): the new weights
     list, the group's other tensors (norms, router) and the statistics of every scaled weight."""
     from ernieq.calibration.awq import Member, apply_awq, group_folds
@@ -206,7 +207,7 @@ def _awq(job: _Job, group: TensorGroup, tensors: dict[str, torch.Tensor], weight
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
 
 
-def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str, torch.Tensor],
+def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: Mapping[str, torch.Tensor],
                    keep=None) -> tuple[GroupTensors, dict, dict]:
     """Encode group ``index``'s linear weights; returns what to store, its summary rows by class and
     what it keeps as it is ({reason: [(name, weights)]}).
@@ -214,8 +215,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: dict[str,
     out = GroupTensors()
     rows: dict[str, ClassSummary] = {}
     kept: dict[str, list] = {}  # reason -> [(name, weights)] of what stays as it is
-    weights = [w for w in linear_weights(group.tensors, tensors, job.adapter)  # routed experts under per-expert names
-               if keep is None or keep(w[1])]
+    weights = list(linear_weights(group.tensors, tensors, job.adapter, keep))  # routed experts under per-expert names
     stats = {}
     if job.method == "awq":
         weights, tensors, stats = _awq(job, group, tensors, weights)
@@ -473,7 +473,7 @@ def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: di
         log.debug("%s %s: written by an earlier run", group.key, "" if part.whole else span)
         return
     t0 = time.perf_counter()
-    tensors = group.load(job.reader)
+    tensors = group.load(job.reader, lazy=True)  # a part reads only its own experts
     if part.whole:
         stored, rows, kept = quantize_group(job, part.index, group, tensors)
         writer.write_group(part.index, group.key, stored, {"classes": rows, "kept": kept})

@@ -93,9 +93,11 @@ def test_calibrate_on_two_ranks_matches_one_process(tiny, one_process, tmp_path)
 def test_quantize_on_two_ranks_gives_the_same_bytes(tiny, one_process, tmp_path):
     stats, reference = one_process
     assert any(not p.whole for rank in plan(_pieces(tiny), 2) for p in rank)  # groups are cut and joined here
-    done = _torchrun("quantize", tiny, "--out", tmp_path / "q", *QUANTIZE, "--calib", stats)
+    log = tmp_path / "q.log"  # --log-file: the spelling torchrun leaves to ernieq
+    done = _torchrun("--log-file", log, "quantize", tiny, "--out", tmp_path / "q", *QUANTIZE, "--calib", stats)
     assert done.returncode == 0, done.stderr
     assert _files(tmp_path / "q") == reference
+    assert re.search(r"layers\.\d+\.mlp \(\d+, \d+\): \d+ weights in", log.read_text())  # a part, in the shared log
 
 
 def test_a_killed_rank_stops_the_job_and_the_same_command_resumes(tiny, one_process, tmp_path):

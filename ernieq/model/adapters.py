@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -364,15 +364,36 @@ class TensorGroup:
     layer: int | None
     tensors: tuple[TensorInfo, ...]
 
-    def load(self, reader: CheckpointReader) -> dict[str, torch.Tensor]:
-        """The group's tensors; a NaN or Inf in any of them fails here, naming file and tensor."""
-        tensors = {t.name: reader.get(t.name) for t in self.tensors}
-        for name, t in tensors.items():
+    def load(self, reader: CheckpointReader, lazy: bool = False) -> Mapping[str, torch.Tensor]:
+        """The group's tensors; a NaN or Inf in any of them fails when it is read, naming file and tensor.
+        ``lazy``: each is read when first asked for (a rank quantizing a few experts of a layer reads only those)."""
+        tensors = LazyTensors(reader, tuple(t.name for t in self.tensors))
+        return tensors if lazy else dict(tensors)
+
+
+class LazyTensors(Mapping):
+    """Named tensors of a checkpoint, each read (and checked for NaN and Inf) the first time it is asked for."""
+
+    def __init__(self, reader: CheckpointReader, names: tuple[str, ...]):
+        self._reader, self._names, self._read = reader, names, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._read:
+            if name not in self._names:
+                raise KeyError(name)
+            t = self._reader.get(name)
             bad = non_finite_count(t)
             if bad:
-                raise CheckpointError(f"{reader.file_of(name)}: tensor {name!r} has {bad} non-finite "
+                raise CheckpointError(f"{self._reader.file_of(name)}: tensor {name!r} has {bad} non-finite "
                                       f"value(s) (NaN or Inf)")
-        return tensors
+            self._read[name] = t
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def non_finite_count(t: torch.Tensor) -> int:

@@ -11,7 +11,7 @@ layout (``expert_layout.py``).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -129,12 +129,13 @@ class ExpertGroup:
 
         return weight
 
-    def weights(self, tensors: dict[str, torch.Tensor]) -> Iterator[tuple[int, str, torch.Tensor]]:
-        """(expert, projection, weight [N, K]) for every expert, from the loaded group tensors: views of the
-        stored tensors (per-expert pieces are not stacked into the module's parameters first, which would
-        hold a second copy of the layer's experts)."""
+    def weights(self, tensors: Mapping[str, torch.Tensor], experts: Iterable[int] | None = None
+                ) -> Iterator[tuple[int, str, torch.Tensor]]:
+        """(expert, projection, weight [N, K]) for every expert (or those of ``experts``), from the group's
+        tensors: views of the stored tensors (per-expert pieces are not stacked into the module's parameters
+        first, which would hold a second copy of the layer's experts); only those experts' tensors are read."""
         weight = self.expert_weights(tensors.__getitem__)
-        for e in range(self.num_experts):
+        for e in range(self.num_experts) if experts is None else experts:
             for proj in PROJECTIONS:
                 yield e, proj, weight(e, proj)
 
@@ -148,16 +149,21 @@ class ExpertGroup:
             yield e, "down_proj", (lay.hidden, lay.inter)
 
 
-def linear_weights(infos: tuple[TensorInfo, ...], tensors: dict[str, torch.Tensor],
-                   adapter: Adapter) -> Iterator[tuple[str, TensorInfo, torch.Tensor]]:
-    """(name, info, weight [N, K]) of the linear weights among ``infos``; routed experts under their
-    canonical per-expert names (whichever layout the checkpoint uses), after the other weights."""
+def linear_weights(infos: tuple[TensorInfo, ...], tensors: Mapping[str, torch.Tensor], adapter: Adapter,
+                   keep: Callable[[TensorInfo], bool] | None = None) -> Iterator[tuple[str, TensorInfo, torch.Tensor]]:
+    """(name, info, weight [N, K]) of the linear weights among ``infos`` (those ``keep(info)`` takes, and only
+    theirs are read from ``tensors``); routed experts under their canonical per-expert names (whichever layout
+    the checkpoint uses), after the other weights."""
+    keep = keep or (lambda info: True)
     experts = ExpertGroup.from_infos(infos, adapter)
     for info in infos:
-        if info.is_linear_weight and not (info.cls is TensorClass.ROUTED_EXPERT and adapter.fused_expert(info.name)):
+        if (info.is_linear_weight and keep(info)
+                and not (info.cls is TensorClass.ROUTED_EXPERT and adapter.fused_expert(info.name))):
             yield info.name, info, tensors[info.name]
     if experts is not None:
-        for e, proj, weight in experts.weights(tensors):
+        mine = [e for e in range(experts.num_experts)
+                if keep(adapter.classify(experts.canonical_name(e, PROJECTIONS[0])))]
+        for e, proj, weight in experts.weights(tensors, mine):
             name = experts.canonical_name(e, proj)
             yield name, adapter.classify(name), weight
 

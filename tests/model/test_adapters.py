@@ -8,7 +8,7 @@ import torch
 
 from ernieq.model.adapters import WEIGHT, TensorClass, adapter_for, iter_groups
 from ernieq.model.checkpoint import CheckpointError, CheckpointReader, CheckpointWriter
-from ernieq.model.moe import ExpertGroup
+from ernieq.model.moe import ExpertGroup, linear_weights
 from tests.archs import ARCHS, tiny_config, write_tiny_arch
 from tests.tiny import TINY_ERNIE
 
@@ -137,6 +137,31 @@ def test_both_expert_layouts_give_the_same_per_expert_weights(tmp_path):
     for key in views[0]:
         assert torch.equal(views[0][key], views[1][key]), key
     assert torch.equal(views[0][(2, "up_proj")], up[2])
+
+
+def test_a_part_of_a_group_reads_only_its_experts(tmp_path):
+    """What a rank quantizing experts 1 and 2 of a layer reads (ernieq.quantize's lazy load and keep): their
+    tensors where experts are stored apart, the one fused tensor otherwise, and never the rest of the group."""
+    E, H, I = 4, 64, 32
+    p = "model.layers.1.mlp"
+    rest = {f"{p}.gate.weight": torch.randn(E, H), f"{p}.shared_experts.up_proj.weight": torch.randn(I, H)}
+    per_expert = {f"{p}.experts.{e}.{proj}.weight": torch.randn(H, I) if proj == "down_proj" else torch.randn(I, H)
+                  for e in range(E) for proj in ("gate_proj", "up_proj", "down_proj")}
+    fused = {f"{p}.experts.gate_up_proj": torch.randn(E, 2 * I, H), f"{p}.experts.down_proj": torch.randn(E, H, I)}
+    adapter = adapter_for(TINY_ERNIE)
+    for sub, experts, want in (("a", per_expert, {n for n in per_expert if ".experts.1." in n or ".experts.2." in n}),
+                               ("b", fused, set(fused))):
+        reader = _checkpoint(tmp_path / sub, TINY_ERNIE, {**rest, **experts})
+        (group,) = [g for g in iter_groups(reader) if g.key == "layers.1.mlp"]
+        read = []
+        get = reader.get
+        reader.get = lambda name: read.append(name) or get(name)
+        tensors = group.load(reader, lazy=True)
+        assert read == [] and set(tensors) == {t.name for t in group.tensors}
+        got = list(linear_weights(group.tensors, tensors, adapter, keep=lambda info: info.expert in (1, 2)))
+        assert sorted({info.expert for _, info, _ in got}) == [1, 2] and len(got) == 6
+        assert set(read) == want, sub
+        assert sub == "b" or all(torch.equal(w, per_expert[n]) for n, _, w in got)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if ARCHS[a].moe and a != "list_moe"])
