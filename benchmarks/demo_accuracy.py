@@ -76,6 +76,10 @@ SETTINGS = {
                           "tune_steps": 40},
     "w2-fd-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_steps": 40},
     "w2-tune-model": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_target": "model"},
+    # the same with the batches in another order (--tune-seed): how much a result owes to the seed
+    "w4-tune-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_seed": 1},
+    "w4-tune-model-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",
+                            "tune_seed": 1},
     # from the statistics given by --calib (GPTQ): the fixed recipe (wint4 experts in the first MoE layers,
     # FastDeploy's share), the same rule with more wint4 layers, and --target-bits' measured choice
     "w2-gptq": {"bits": 2, "calib": SAVED},

@@ -269,7 +269,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     native format, which alone can carry them). ``sequential``: calibrate each
     layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
-    ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_target``); the summary's ``tune_reports`` say
+    ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_seed``, ``tune_target``); the summary's ``tune_reports`` say
     what each layer kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
     (``ernieq.calibration.mixed``; with ``sequential`` or ``method="tune"`` chosen first, on one pass over the
     unquantized model); the summary's ``mix`` holds the measurements and the choice, the checkpoint's recipe
@@ -343,7 +343,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
 
                 tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
                 plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr,
-                                                                    round_weights=o.tune_rounding,
+                                                                    round_weights=o.tune_rounding, seed=o.tune_seed,
                                                                     target=o.tune_target), sink=tuned)
             stats = collect(plan)
         o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))

@@ -367,6 +367,9 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 @click.option("--tune-rounding", is_flag=True,
               help="--method tune: the integer grids (wint4, wint8) also tune each weight's rounding (AutoRound's "
                    "offsets, so codes may change), not only their group scales.")
+@click.option("--tune-seed", type=int, default=0, show_default=True,
+              help="--method tune: the seed of the order the calibration sequences are stepped on (to see how much "
+                   "a result owes to it).")
 @click.option("--tune-target", type=click.Choice(TUNE_TARGETS), default=TUNE_TARGETS[0], show_default=True,
               help="--method tune: each layer matches the unquantized layer's outputs on the quantized model's own "
                    "inputs (local), or the unquantized model's hidden states (model, AutoRound's: the layer also "
@@ -396,8 +399,8 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
              sym: bool, w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None,
              calib: Path | None, calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None,
-             tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_target: str,
-             target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
+             tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_seed: int,
+             tune_target: str, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
              workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
@@ -415,7 +418,8 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr,
-                              tune_rounding=tune_rounding, tune_target=tune_target, target_bits=target_bits,
+                              tune_rounding=tune_rounding, tune_seed=tune_seed, tune_target=tune_target,
+                              target_bits=target_bits,
                               format=fmt, tp=tp, overwrite=overwrite, workers=workers, device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)
     data = summary.to_json()

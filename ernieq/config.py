@@ -186,7 +186,7 @@ class QuantizeOptions:
     quantized layers before it; method "tune" adds block-output tuning to that pass
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
     None: 1 / tune_steps; tune_rounding: the integer grids' per-weight rounding offsets tuned too, not
-    only their scales; tune_target: ``"local"`` or ``"model"``, the unquantized layer's outputs on the
+    only their scales; tune_seed: the order of the tuning batches; tune_target: ``"local"`` or ``"model"``, the unquantized layer's outputs on the
     quantized model's inputs or on the unquantized model's own). target_bits: the routed experts'
     codecs mixed per MoE layer, among those the recipe gives them, by measured sensitivity to that many bits per routed expert weight
     (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
@@ -214,6 +214,7 @@ class QuantizeOptions:
     tune_steps: int = 20
     tune_lr: float | None = None
     tune_rounding: bool = False
+    tune_seed: int = 0
     tune_target: str = "local"
     target_bits: float | None = None
     format: str = NATIVE_FORMAT

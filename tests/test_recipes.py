@@ -197,6 +197,11 @@ BAD = {
     "a bad layer range": ("rules: [{layers: 5-2, codec: wint8}]\n", ("rules[0].layers", "ends before")),
     "a share in decoder layers": ("rules: [{layers: {first: 1/2}, codec: wint8}]\n", ("rules[0].layers",)),
     "a parameter nobody declared": ("rules: [{codec: wint4, params: {group_size: $g}}]\n", ("$g",)),
+    "tuning settings without method tune": ("method: gptq\ntune: {steps: 5}\nrules: [{codec: wint8}]\n",
+                                            ("tune", "applies to method: tune")),
+    "an unknown tuning key": ("method: tune\ntune: {step: 5}\nrules: [{codec: wint8}]\n", ("tune.step", "unknown key")),
+    "a bad tuning target": ("method: tune\ntune: {target: global}\nrules: [{codec: wint8}]\n", ("tune.target",)),
+    "a negative step count": ("method: tune\ntune: {steps: -1}\nrules: [{codec: wint8}]\n", ("tune.steps",)),
 }
 
 
@@ -266,3 +271,43 @@ def test_what_a_recipe_states_fills_what_the_command_leaves_open(tmp_path):
     config, o = configure(given, num_moe_layers=2)
     assert (o.rotate, o.method, o.calib_data, o.sequential) == (True, "rtn", None, False)  # the command wins
     assert config.recipe == "r-rot"
+
+
+def test_a_recipe_states_its_tuning_and_the_command_wins_where_it_sets_one(tmp_path):
+    from ernieq.config import QuantizeOptions
+    from ernieq.recipes import configure
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("ernieq_recipe: 1\nname: r\nmethod: tune\ntune: {steps: 7, lr: 0.1, rounding: true, seed: 3, "
+                      "target: model}\ncalibration: {data: demo}\nrules: [{codec: wint8}]\n")
+    _, o = configure(QuantizeOptions(recipe=str(recipe)), num_moe_layers=2)
+    assert (o.method, o.tune_steps, o.tune_lr, o.tune_rounding, o.tune_seed, o.tune_target) == \
+           ("tune", 7, 0.1, True, 3, "model")
+    _, o = configure(QuantizeOptions(recipe=str(recipe), tune_steps=40, tune_seed=5), num_moe_layers=2)
+    assert (o.tune_steps, o.tune_seed, o.tune_target) == (40, 5, "model")
+    _, o = configure(QuantizeOptions(recipe=str(recipe), method="gptq"), num_moe_layers=2)
+    assert (o.method, o.tune_steps) == ("gptq", 20)  # another method: the recipe's tuning does not apply
+
+
+def test_a_tuned_checkpoint_records_its_tuning_and_its_recipe_makes_it_again(tmp_path, monkeypatch, capsys):
+    """The recipe a ``--method tune`` checkpoint stores (what its model card says makes it again) states the
+    tuning settings, reads back as a recipe, and makes the same bytes."""
+    from tests.tiny import write_char_tokenizer, write_tiny_ernie
+
+    model = write_tiny_ernie(tmp_path / "m")
+    write_char_tokenizer(model)
+    text = tmp_path / "calib.txt"
+    text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 20)
+    code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "a", "--bits", "4",
+                           "--method", "tune", "--calib-data", text, "--calib-tokens", "128", "--calib-seq-len", "32",
+                           "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model")
+    assert code == 0, err
+    printed = _inspect_recipe(monkeypatch, capsys, tmp_path / "a")
+    spec = yaml.safe_load(printed)
+    assert spec["method"] == "tune"
+    assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model"}
+    (tmp_path / "printed.yaml").write_text(printed)
+    code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "b", "--recipe",
+                           tmp_path / "printed.yaml")
+    assert code == 0, err
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")

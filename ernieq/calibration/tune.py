@@ -340,7 +340,7 @@ def _digest(tensors: dict[str, QuantizedTensor]) -> str:
     for name in sorted(tensors):
         for key, t in sorted(tensors[name].tensors.items()):
             h.update(f"{name}{key}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # [N, 1]: any stride
     return h.hexdigest()[:16]
 
 

@@ -110,7 +110,8 @@ def configure(options: QuantizeOptions, num_moe_layers: int,
     """The recipe of a quantize run and its options completed from the recipe.
 
     ``options.recipe`` (a file or a shipped name) or else the ``--bits`` preset. What the options leave
-    open (rotate None, method None, no calibration given) the recipe file decides where it says so;
+    open (rotate None, method None, no calibration given, a ``--tune-*`` setting at its default) the recipe
+    file decides where it says so;
     rotate then defaults to ``default_rotate``.
     """
     if options.recipe is None:
@@ -124,6 +125,12 @@ def configure(options: QuantizeOptions, num_moe_layers: int,
         fill.update(calib_data=cal.data, all_experts=options.all_experts or cal.all_experts,
                     sequential=options.sequential or cal.sequential)
         fill.update({k: v for k, v in (("calib_tokens", cal.tokens), ("calib_seq_len", cal.seq_len)) if v})
+    if recipe.tune is not None and fill["method"] == "tune":  # where the command leaves a --tune-* at its default
+        defaults = QuantizeOptions()
+        for field, value in dataclasses.asdict(recipe.tune).items():
+            name = f"tune_{field}"
+            if value is not None and getattr(options, name) == getattr(defaults, name):
+                fill[name] = value
     options = dataclasses.replace(options, **fill)
     return _config(recipe.name, recipe, options.overrides, options.rotate), options
 
@@ -160,6 +167,9 @@ def recipe_spec(config: QuantConfig, options: QuantizeOptions) -> dict:
         spec["description"] = config.description
     spec["rotate"] = bool(config.rotate)
     spec["method"] = options.method or "rtn"
+    if spec["method"] == "tune":
+        spec["tune"] = {"steps": options.tune_steps, "lr": options.tune_lr, "rounding": options.tune_rounding,
+                        "seed": options.tune_seed, "target": options.tune_target}
     if options.calib_data is not None:
         spec["calibration"] = {"data": options.calib_data, "tokens": options.calib_tokens,
                                "seq_len": options.calib_seq_len, "all_experts": options.all_experts,

@@ -7,7 +7,13 @@ r"""Recipe files: the YAML schema (version 1), read strictly into rules and the 
     description: ...                 # optional, for people
     parameters: {w4_layers: 3}       # optional: named values; "$w4_layers" anywhere in rules stands for one
     rotate: auto                     # optional: auto (on for the native format), true or false
-    method: gptq                     # optional: rtn, gptq or awq (default: gptq with statistics, else rtn)
+    method: gptq                     # optional: rtn, gptq, awq or tune (default: gptq with statistics, else rtn)
+    tune:                            # optional, with method tune: block-output tuning's settings
+      steps: 20                      #   signed-gradient steps per decoder layer
+      lr: null                       #   the first step (null: 1 / steps)
+      rounding: false                #   integer grids tune each weight's rounding too
+      seed: 0                        #   the order of the tuning batches
+      target: local                  #   local or model
     calibration:                     # optional: collect statistics first, unless the command gives some
       data: demo                     #   a text source (ernieq.text)
       tokens: 32768                  #   optional, default 64 x 512
@@ -38,16 +44,17 @@ from pathlib import Path
 
 import yaml
 
-from ernieq.config import KEEP, CodecChoice, Rule, Span, validate
+from ernieq.config import KEEP, TUNE_TARGETS, CodecChoice, Rule, Span, validate
 from ernieq.errors import ErnieqError
 from ernieq.model.adapters import LINEAR_CLASSES, TensorClass
 
 SCHEMA_KEY = "ernieq_recipe"
 SCHEMA_VERSION = 1
-TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method", "calibration", "rules")
+TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method", "tune", "calibration", "rules")
 RULE_KEYS = ("codec", "params", "classes", "pattern", "layers", "moe_layers", "optional")
 CALIBRATION_KEYS = ("data", "tokens", "seq_len", "all_experts", "sequential")
-METHODS = ("rtn", "gptq", "awq")
+TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target")
+METHODS = ("rtn", "gptq", "awq", "tune")
 ROTATE_AUTO = "auto"
 _REFERENCE = re.compile(r"^\$([A-Za-z_]\w*)$")
 _SPAN = re.compile(r"^(\d+)(?:-(\d*))?$")
@@ -69,6 +76,18 @@ class Calibration:
 
 
 @dataclass(frozen=True)
+class Tune:
+    """Block-output tuning's settings a recipe states (None: left to the command); ``quantize``'s
+    ``--tune-*`` options."""
+
+    steps: int | None = None
+    lr: float | None = None
+    rounding: bool | None = None
+    seed: int | None = None
+    target: str | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A recipe file read: its rules and what else it states (None: left to the command)."""
 
@@ -78,6 +97,7 @@ class Recipe:
     rotate: bool | None = None
     method: str | None = None
     calibration: Calibration | None = None
+    tune: Tune | None = None
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -259,6 +279,29 @@ def _calibration(data, where: str) -> Calibration | None:
     return Calibration(source, _count(data, "tokens", where), _count(data, "seq_len", where), **flags)
 
 
+def _tune(data, method: str | None, where: str) -> Tune | None:
+    if data is None:
+        return None
+    if method != "tune":
+        _fail(where, "tune", f"applies to method: tune, not {method or 'the default method'}")
+    _typed(data, dict, where, "tune", f"a mapping with any of {', '.join(TUNE_KEYS)}")
+    _check_keys(data, TUNE_KEYS, where, "tune.")
+    steps, seed, lr = data.get("steps"), data.get("seed"), data.get("lr")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
+        _fail(where, "tune.steps", f"expected a non-negative integer, got {steps!r}")
+    if seed is not None:
+        _typed(seed, int, where, "tune.seed", "an integer")
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        _fail(where, "tune.lr", f"expected a positive number or null, got {lr!r}")
+    rounding = data.get("rounding")
+    if rounding is not None:
+        _typed(rounding, bool, where, "tune.rounding", "true or false")
+    target = data.get("target")
+    if target is not None and target not in TUNE_TARGETS:
+        _fail(where, "tune.target", f"expected one of {', '.join(TUNE_TARGETS)}, got {target!r}")
+    return Tune(steps, None if lr is None else float(lr), rounding, seed, target)
+
+
 def parse_recipe(data: dict, where: str, parameters: dict | None = None, num_moe_layers: int = 0) -> Recipe:
     """A recipe from its parsed YAML (``where`` names it in errors); see the module docstring."""
     _check_keys(data, TOP_KEYS, where, "")
@@ -292,4 +335,5 @@ def parse_recipe(data: dict, where: str, parameters: dict | None = None, num_moe
         rotate=None if rotate == ROTATE_AUTO else rotate,
         method=method,
         calibration=_calibration(data.get("calibration"), where),
+        tune=_tune(data.get("tune"), method, where),
     )
