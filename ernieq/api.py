@@ -18,7 +18,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.device import Placement
-from ernieq.distributed import barrier, world
+from ernieq.distributed import DistributedError, world
 from ernieq.errors import ErnieqError
 from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
@@ -275,7 +275,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     unquantized model); the summary's ``mix`` holds the measurements and the choice, the checkpoint's recipe
     the rules.
     ``tp`` (``options.tp``): the fastdeploy format split for that many GPUs (FastDeploy's per-rank
-    folders). A killed run resumes when run again with the same arguments (see ``ernieq.quantize``).
+    folders). A killed run resumes when run again with the same arguments: the calibration pass after its
+    last finished layer (``ernieq.calibration.resume``; tuning included), the writing after its last
+    finished tensor group (``ernieq.quantize``).
     Under torchrun calibration is data-parallel and encoding weight-parallel (``ernieq.distributed``);
     the checkpoint's bytes do not depend on the number of ranks.
     """
@@ -306,14 +308,21 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     check_plan(source, config)
     sequential = o.sequential or o.method == "tune"
-    stats, calib_dir, tuned, mix = None, None, None, None
-    if o.calib_data is not None:  # streamed to a folder beside OUT: memory follows one layer, not the model
-        calib_dir = out.parent / f".{out.name}.ernieq-calib"
+    stats, tuned, mix = None, None, None
+    # statistics stream to folders beside OUT (memory follows one layer, not the model), where a killed run
+    # resumes: the unquantized model's, and the sequential pass's (its own, so that neither restarts the other)
+    calib_dir, sequential_dir, tuned_dir = (out.parent / f".{out.name}.ernieq-{what}"
+                                            for what in ("calib", "sequential", "tuned"))
 
     def collect(plan=None):
         return calibrate(source, o.calib_data, tokens=o.calib_tokens, seq_len=o.calib_seq_len,
-                         all_experts=o.all_experts, out=calib_dir, progress=o.progress, sequential=plan,
-                         device=placement.device, dtype=placement.dtype)
+                         all_experts=o.all_experts, out=sequential_dir if plan else calib_dir, progress=o.progress,
+                         sequential=plan, device=placement.device, dtype=placement.dtype)
+
+    def discard() -> None:
+        if world().main:
+            for folder in (calib_dir, sequential_dir, tuned_dir):
+                shutil.rmtree(folder, ignore_errors=True)
 
     try:
         if o.calib is not None:
@@ -331,17 +340,12 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                            wider_first=o.format == "fastdeploy")
             config = mixed_config(config, mix)
         if sequential:  # each layer calibrated on the quantized (and with tune: tuned) layers before it
-            if stats is not None:  # the mix's statistics, done with once every rank has read them
-                barrier("choosing the codecs")
-                if world().main:
-                    shutil.rmtree(calib_dir, ignore_errors=True)
-                barrier("starting the sequential pass")
             plan = sequential_plan(source, config, o.method or "gptq")
             if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
                 from ernieq.calibration.tune import TuneSettings
                 from ernieq.calibration.tuned_store import TunedStore
 
-                tuned = TunedStore(out.parent / f".{out.name}.ernieq-tuned" / f"rank-{world().rank}")  # every rank its own
+                tuned = TunedStore(tuned_dir / f"rank-{world().rank}")  # every rank its own
                 plan = dataclasses.replace(plan, tune=TuneSettings(steps=o.tune_steps, lr=o.tune_lr,
                                                                     round_weights=o.tune_rounding, seed=o.tune_seed,
                                                                     target=o.tune_target), sink=tuned)
@@ -349,12 +353,13 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
         if o.method != "rtn" and stats is None:
             raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
-        return _write_quantized(source, out, config, o, stats, tuned, mix, str(model), format_options)
-    finally:
-        if calib_dir is not None and world().main:
-            shutil.rmtree(calib_dir, ignore_errors=True)
-        if tuned is not None and world().main:
-            shutil.rmtree(tuned.folder.parent, ignore_errors=True)
+        summary = _write_quantized(source, out, config, o, stats, tuned, mix, str(model), format_options)
+    except ErnieqError as err:
+        if not isinstance(err, DistributedError):  # bad input: nothing worth resuming (a lost rank keeps the work)
+            discard()
+        raise
+    discard()  # every rank is done with the folders: quantize ends on a barrier
+    return summary
 
 
 def _write_quantized(source: Path, out: Path, config, o: QuantizeOptions, stats, tuned, mix, model: str,

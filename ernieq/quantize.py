@@ -462,7 +462,7 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
         choice = config.choose(name, info, ordinals.get(info.layer))
         return (None if choice is None else (choice.codec, choice.kwargs)), config.rotates(choice)
 
-    return SequentialPlan(choose, method)
+    return SequentialPlan(choose, method, key=repr(config))
 
 
 def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: distributed.Part) -> None:

@@ -14,6 +14,11 @@ written to their own file as soon as the layer is done and dropped from memory
 (``stats.py``), the summary goes last, and the returned set reads its tensors
 back lazily. Peak memory then follows the largest layer, not the model.
 
+With ``out=DIR`` the pass also resumes: after each decoder layer it saves the hidden states the next
+layer needs beside the statistics (``resume.py``), and the same call started again after a kill
+continues after the last layer saved, with the same bytes as a run never stopped; a pass that
+finished is read back instead of run again.
+
 Under torchrun the pass is data-parallel (``ernieq.distributed``): each rank runs its
 share of the sequences through every layer, the layer's sums are added over the
 ranks before they are normalised (``LayerHooks._finish``), so every rank holds the
@@ -35,11 +40,13 @@ from ernieq.device import HOST, TORCH_KERNELS, Placement, dtype_name
 from ernieq import distributed
 from ernieq.progress import progress_bar
 
+from ernieq.calibration import resume
 from ernieq.calibration.calibset import CalibrationSet
 from ernieq.calibration.hooks import CalibrationError, Collector
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
 from ernieq.calibration.sequential import SequentialPlan, encode_layer, quantized_layer
-from ernieq.calibration.stats import begin_stats, load_stats, save_stats
+from ernieq.calibration.stats import begin_stats, from_summary, load_stats, save_stats, summary_of
+from ernieq.errors import ErnieqError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +83,8 @@ def collect_stats(
     token_ids: int [n_seq, seq_len], the calibration text (never the evaluation text).
     all_experts: also collect all-token statistics for every routed expert (see module doc).
     batch_tokens: about how many tokens go through a layer per forward call.
-    out: a folder to stream the statistics into, layer by layer (see module doc); complete on return.
+    out: a folder to stream the statistics into, layer by layer, and to resume from (see module doc);
+    complete on return.
     info: extra entries for the set's ``info`` (e.g. the calibration data's name).
     sequential: quantize each layer as the plan says once its statistics are in, so that the next
     layer is calibrated on the quantized layer's outputs (``sequential.py``).
@@ -92,19 +100,42 @@ def collect_stats(
         raise CalibrationError(f"{n_seq} calibration sequences for {world.size} ranks: give at least one per rank")
     batch = max(1, batch_tokens // seq_len)
     collector = Collector(model, all_experts)
-    store = None
+    store, checkpoint, saved = None, None, None
+    sink = sequential.sink if sequential is not None else None
     if out is not None:
         fresh = not Path(out).exists()
-        # finished sites go to the store, which writes them per layer (rank 0), or keeps the last layer's
-        store = collector.sites = begin_stats(out) if world.main else _LastLayer()
+        checkpoint = resume.PassCheckpoint(out, resume.fingerprint(
+            model_path, token_ids, batch=batch, all_experts=all_experts, device=device.type, dtype=str(dtype),
+            plan=sequential.describe() if sequential is not None else None, info=info))
+        saved = checkpoint.load()
+        if saved is not None and saved.done:
+            log.info("%s: calibrated by an earlier run with the same inputs and settings; read back", out)
+            if sink is not None:
+                sink.restore(model.num_layers)
+            return load_stats(out)
+        if saved is not None:
+            log.info("%s: resuming the calibration pass at layer %d of %d", out, saved.next_layer + 1,
+                     model.num_layers)
+            restored = from_summary(Path(out), saved.state, Path(out) / resume.STATE_NAME)
+            _restore(collector, restored)
+            store = collector.sites = restored.sites if world.main else _LastLayer()
+        else:  # finished sites go to the store, which writes them per layer (rank 0), or keeps the last layer's
+            store = collector.sites = begin_stats(out) if world.main else _LastLayer()
+            if world.main:
+                resume.clear(out)
+    if sink is not None:
+        sink.restore(saved.next_layer if saved is not None else 0)
     try:
         cset = _run(model, token_ids[distributed.share(n_seq)], collector, store, batch, progress, start, {
             "model": str(model_path), "n_seq": n_seq, "seq_len": seq_len, "tokens": n_seq * seq_len,
             "all_experts": all_experts, "sequential": sequential is not None,
-            "runtime": Placement(device, dtype).record(TORCH_KERNELS), **(info or {})}, sequential)
-    except BaseException:
-        if store is not None and fresh and world.main:  # a folder this call made holds nothing worth keeping
-            shutil.rmtree(out, ignore_errors=True)
+            "runtime": Placement(device, dtype).record(TORCH_KERNELS), **(info or {})}, sequential, checkpoint, saved)
+    except BaseException as err:
+        if isinstance(err, ErnieqError) and not isinstance(err, distributed.DistributedError):
+            if store is not None and fresh and world.main:  # bad input: a folder this call made holds nothing
+                shutil.rmtree(out, ignore_errors=True)
+        elif checkpoint is not None and world.main:
+            log.warning("stopped; the layers finished so far are kept in %s: the same command resumes from there", out)
         raise
     if out is not None and world.size > 1:
         distributed.barrier("writing the statistics")
@@ -122,6 +153,12 @@ class _LastLayer(dict):
         for site in self._flushed:
             del self[site]
         self._flushed = tuple(self)
+
+
+def _restore(collector: Collector, cset: CalibrationSet) -> None:
+    """The collector as an earlier run left it after its last saved layer (its statistics: ``cset``)."""
+    collector.routes, collector.all_token_routes = cset.routes, cset.all_token_routes
+    collector.expert_of, collector.experts, collector.routers = cset.expert_of, cset.experts, cset.routers
 
 
 def _collected(collector: Collector, info: dict) -> CalibrationSet:
@@ -150,12 +187,17 @@ def _tuned_layer(model, i, stats_of, plan: SequentialPlan, inputs, targets, on_s
     return model.load_layer(i, weights)
 
 
-def _run(model, token_ids, collector, store, batch, progress, start, info, sequential=None) -> CalibrationSet:
-    """The pass itself: every layer over every batch, hooks on, the store flushed after each layer."""
+def _run(model, token_ids, collector, store, batch, progress, start, info, sequential=None, checkpoint=None,
+         saved=None) -> CalibrationSet:
+    """The pass itself: every layer over every batch, hooks on, the store flushed after each layer;
+    ``checkpoint`` saves each finished layer, ``saved`` is where an earlier run stopped."""
     n_seq = token_ids.shape[0]
     n_batches = -(-n_seq // batch)
+    first = saved.next_layer if saved is not None else 0
+    main = distributed.world().main
     with progress_bar(progress) as bar:
-        task = bar.add_task("calibrating", total=model.num_layers * n_batches)
+        # layers an earlier run finished leave the totals, so that the ETA counts only this run's work
+        task = bar.add_task("calibrating", total=(model.num_layers - first) * n_batches)
 
         @contextlib.contextmanager
         def observe(i, layer):
@@ -167,7 +209,7 @@ def _run(model, token_ids, collector, store, batch, progress, start, info, seque
 
         tuning = sequential is not None and sequential.tune is not None
         if tuning:
-            tune_task = bar.add_task("tuning", total=model.num_layers * max(sequential.tune.steps, 1))
+            tune_task = bar.add_task("tuning", total=(model.num_layers - first) * max(sequential.tune.steps, 1))
 
         def adjust(i, layer, inputs=None, targets=None):
             bar.update(task, description=f"quantizing layer {i + 1}/{model.num_layers} (sequential)")
@@ -177,12 +219,20 @@ def _run(model, token_ids, collector, store, batch, progress, start, info, seque
             return _tuned_layer(model, i, _collected(collector, info).stats, sequential, inputs, targets,
                                 lambda: bar.advance(tune_task))
 
+        def save(i, hidden, plain):
+            state = summary_of(_collected(collector, info), store) if main else {}
+            checkpoint.save(i, state, hidden, plain)
+
         run_layers(model, token_ids, batch_size=batch, observe=observe, adjust=adjust if sequential else None,
-                   on_batch=lambda: bar.advance(task), targets=sequential.tune.target if tuning else None)
+                   on_batch=lambda: bar.advance(task), targets=sequential.tune.target if tuning else None,
+                   resume_from=(first, saved.hidden, saved.plain) if saved is not None else None,
+                   on_layer=save if checkpoint is not None else None)
     seconds = time.perf_counter() - start
     cset = _collected(collector, {**info, "seconds": round(seconds, 2)})
-    if store is not None and distributed.world().main:
+    if store is not None and main:
         save_stats(cset, store.folder)
+    if checkpoint is not None:
+        checkpoint.finish(model.num_layers - 1, {})
     cold = cset.cold_experts()
     log.info("calibrated %s on %d tokens in %.1f s on %s in %s; %d of %d routed experts cold", info["model"],
              info["tokens"], seconds, model.device, dtype_name(model.dtype), len(cold), len(cset.experts))

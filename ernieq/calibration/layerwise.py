@@ -277,6 +277,8 @@ def run_layers(
     on_output: Callable[[int, torch.Tensor], None] | None = None,
     on_batch: Callable[[], None] | None = None,
     targets: str | None = None,
+    resume_from: tuple[int, list[torch.Tensor], list[torch.Tensor] | None] | None = None,
+    on_layer: Callable[[int, list[torch.Tensor], list[torch.Tensor] | None], None] | None = None,
 ) -> torch.Tensor:
     """Run every decoder layer over ``token_ids`` [n_seq, L], one layer in memory at a time.
 
@@ -290,6 +292,9 @@ def run_layers(
     (block-output tuning's target): on those same inputs (``"local"``: the first pass's outputs,
     kept), or on the unquantized model's own hidden states (``"model"``: that stream is carried
     beside the adjusted one, each layer as loaded on the outputs of the one before).
+    on_layer(i, hidden, plain): called once layer i is done with the batches [B, L, H] layer i + 1
+    will see, and (``"model"``) the unquantized stream's; resume_from: (first layer, hidden, plain)
+    as on_layer gave them for the layer before it, to run from there (``resume.py``).
     Returns the last layer's output [n_seq, L, H] (before the final norm), where the hidden
     states were kept (``hidden_store``).
     """
@@ -297,15 +302,22 @@ def run_layers(
     copies += 2 if targets == "model" else 1 if targets == "local" else 0  # the unquantized stream or the targets
     itemsize = torch.empty(0, dtype=model.dtype).element_size()
     store = hidden_store(model.device, copies * token_ids.numel() * model.config.get_text_config().hidden_size * itemsize)
-    hidden = model.embed(token_ids, batch_size, store)
-    plain = list(hidden) if targets == "model" else None  # the unquantized model's states
+    if resume_from is None:
+        first_layer, hidden = 0, model.embed(token_ids, batch_size, store)
+        plain = list(hidden) if targets == "model" else None  # the unquantized model's states
+    else:
+        first_layer, hidden, plain = resume_from
+        hidden = [h.to(store) for h in hidden]
+        plain = [h.to(store) for h in plain] if plain is not None else None
+        if len(hidden) != len(token_ids.split(batch_size)) or (plain is None) != (targets != "model"):
+            raise ValueError("the saved hidden states do not match the batches of this pass")
 
     def forward(i: int, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         h = h.to(model.device)  # a batch of offloaded states comes to the device for the layer
         out = layer(h, **model.layer_inputs(i, h))
         return (out[0] if isinstance(out, tuple) else out).to(store)  # [B, L, H]
 
-    for i in range(model.num_layers):
+    for i in range(first_layer, model.num_layers):
         layer = model.load_layer(i).eval()
         try:
             ctx = observe(i, layer) if observe is not None else contextlib.nullcontext()
@@ -334,4 +346,6 @@ def run_layers(
             model.release_layer(i)
         if on_output is not None:
             on_output(i, torch.cat(hidden))
+        if on_layer is not None:
+            on_layer(i, hidden, plain)
     return torch.cat(hidden)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ernieq.calibration.layerwise import LayerwiseModel
+from ernieq.calibration.tuned_store import TunedStore
 from ernieq.calibration.rounding import encode_weight, rotate_stats
 from ernieq.codecs import CalibrationStats, QuantizedTensor, decode, get_codec
 from ernieq.transforms import Rotation, make_rotation
@@ -33,13 +34,19 @@ Chooser = Callable[[str, TensorInfo], tuple[tuple[str, dict] | None, bool]]
 class SequentialPlan:
     """What the quantization will do, for the calibration to simulate: the codec choice and the method.
     ``tune``: block-output tuning after GPTQ (``ernieq.calibration.tune.TuneSettings``), whose results go
-    to ``sink(layer, {name: QuantizedTensor})``."""
+    to ``sink`` (a ``tuned_store.TunedStore``). ``key``: what ``choose`` is made from (the recipe's repr),
+    part of a resumed pass's fingerprint (``resume.py``)."""
 
     choose: Chooser
     method: str
     rotation_seed: int = 0
     tune: object | None = None
-    sink: Callable[[int, dict], None] | None = None
+    sink: TunedStore | None = None
+    key: str = ""
+
+    def describe(self) -> dict:
+        """What makes the pass's bytes (``choose`` by its ``key``)."""
+        return {"method": self.method, "rotation_seed": self.rotation_seed, "key": self.key, "tune": repr(self.tune)}
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from ernieq.model.checkpoint import CheckpointError, read_json
 TENSORS_NAME = "stats.safetensors"  # the single file of the first layout (read only)
 SUMMARY_NAME = "summary.json"
 
-__all__ = ["SUMMARY_NAME", "StatsError", "begin_stats", "load_stats", "save_stats"]
+__all__ = ["SUMMARY_NAME", "StatsError", "begin_stats", "from_summary", "load_stats", "save_stats"]
 
 
 def begin_stats(out_dir: str | os.PathLike) -> SiteStore:
@@ -71,7 +71,7 @@ def save_stats(cset: CalibrationSet, out_dir: str | os.PathLike) -> Path:
                 store[site] = s.load() if isinstance(s, LazySiteStats) else s
             store.flush()
     store.flush()
-    summary = {**cset.summary(), "run_id": store.run_id, "files": store.file_of()}
+    summary = summary_of(cset, store)
     tmp = out / f".{SUMMARY_NAME}.tmp"
     try:
         tmp.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -80,6 +80,11 @@ def save_stats(cset: CalibrationSet, out_dir: str | os.PathLike) -> Path:
         tmp.unlink(missing_ok=True)
         raise StatsError(f"{out / SUMMARY_NAME}: cannot write ({err.strerror or err})") from None
     return out
+
+
+def summary_of(cset: CalibrationSet, store: SiteStore) -> dict:
+    """What summary.json holds for ``cset``, whose written sites are in ``store``."""
+    return {**cset.summary(), "run_id": store.run_id, "files": store.file_of()}
 
 
 def _same_folder(a: Path, b: Path) -> bool:
@@ -96,14 +101,21 @@ def load_stats(path: str | os.PathLike) -> CalibrationSet:
         summary = read_json(summary_path)  # a JSON object, or one line naming the file
     except CheckpointError as err:
         raise StatsError(str(err)) from None
+    return from_summary(folder, summary, summary_path)
+
+
+def from_summary(folder: Path, summary: dict, where: Path) -> CalibrationSet:
+    """The :class:`CalibrationSet` of ``folder`` that ``summary`` describes (``where``: the file it came from,
+    for messages), its files checked and no tensor read; sites added later go to the next file (a pass
+    that resumes, ``resume.py``)."""
     if summary.get("version") != SUMMARY_VERSION:
-        raise StatsError(f"{summary_path}: version {summary.get('version')!r}, ernieq reads {SUMMARY_VERSION}")
-    _check_summary(summary, summary_path)
+        raise StatsError(f"{where}: version {summary.get('version')!r}, ernieq reads {SUMMARY_VERSION}")
+    _check_summary(summary, where)
     sites = summary["sites"]
     files = summary.get("files", {site: TENSORS_NAME for site in sites})  # the first layout: one file
     missing = sorted(set(sites) - set(files))
     if missing:
-        raise StatsError(f"{summary_path}: no file listed for site {missing[0]!r}")
+        raise StatsError(f"{where}: no file listed for site {missing[0]!r}")
     store = SiteStore(folder, summary["run_id"])
     for name in sorted(set(files.values())):
         if not (folder / name).is_file():
@@ -112,7 +124,7 @@ def load_stats(path: str | os.PathLike) -> CalibrationSet:
     try:
         return _from_summary(summary, store)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise StatsError(f"{summary_path}: malformed summary ({type(err).__name__}: {err})") from None
+        raise StatsError(f"{where}: malformed summary ({type(err).__name__}: {err})") from None
 
 
 def _check_summary(summary: dict, where: Path) -> None:

@@ -2,13 +2,16 @@
 
 One safetensors file per decoder layer in ``folder`` (``layer-0003.safetensors``): tensor
 ``{weight name}::{stored tensor}``, and in the metadata, per weight name, the QuantizedTensor's
-codec, shape and params as JSON. Memory follows one layer: ``get`` reads one weight back.
+codec, shape and params as JSON, and the layer's tuning report (``__report__``). Memory follows one
+layer: ``get`` reads one weight back. A calibration pass that resumes (``resume.py``) takes back the
+layers an earlier run finished (:meth:`TunedStore.restore`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,6 +21,8 @@ from safetensors.torch import save_file
 from ernieq.codecs import QuantizedTensor
 
 SEP = "::"
+REPORT_KEY = "__report__"
+FILE_RE = re.compile(r"layer-(\d{4,})\.safetensors")
 
 
 class TunedStore:
@@ -35,11 +40,32 @@ class TunedStore:
         flat = {f"{name}{SEP}{key}": t.contiguous() for name, q in tensors.items() for key, t in q.tensors.items()}
         meta = {name: json.dumps({"codec": q.codec, "shape": list(q.shape), "params": q.params})
                 for name, q in tensors.items()}
-        save_file(flat, str(path), metadata=meta)
-        for name in tensors:
-            self._file_of[name] = path
         if report is not None:
-            self.reports.append(asdict(report))
+            meta[REPORT_KEY] = json.dumps(asdict(report))
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(flat, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        self._add(path, meta)
+
+    def _add(self, path: Path, meta: dict[str, str]) -> None:
+        for name in meta:
+            if name != REPORT_KEY:
+                self._file_of[name] = path
+        if REPORT_KEY in meta:
+            self.reports.append(json.loads(meta[REPORT_KEY]))
+
+    def restore(self, layers: int) -> None:
+        """Hold exactly the first ``layers`` decoder layers' files (those an earlier run finished, read back);
+        any other file goes."""
+        self._file_of.clear()
+        self.reports.clear()
+        for path in sorted(self.folder.glob("layer-*.safetensors")):
+            match = FILE_RE.fullmatch(path.name)
+            if match is None or int(match.group(1)) >= layers:
+                path.unlink()
+                continue
+            with safe_open(str(path), framework="pt") as f:
+                self._add(path, f.metadata() or {})
 
     def __call__(self, layer: int, tensors: dict[str, QuantizedTensor], report=None) -> None:
         self.put(layer, tensors, report)
