@@ -18,7 +18,7 @@ import torch
 
 from ernieq.config import NATIVE_FORMAT, QuantizeOptions, with_fields
 from ernieq.device import Placement
-from ernieq.distributed import DistributedError, world
+from ernieq.distributed import DistributedError, barrier, world
 from ernieq.errors import ErnieqError
 from ernieq.model.hub import hub_snapshot, parse_hub_id
 from ernieq.model.summary import CheckpointSummary
@@ -340,6 +340,11 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                            wider_first=o.format == "fastdeploy")
             config = mixed_config(config, mix)
         if sequential:  # each layer calibrated on the quantized (and with tune: tuned) layers before it
+            if stats is not None:  # the mix's statistics (a model's Hessians: up to a TB), done with once read
+                barrier("choosing the codecs")  # a rerun measures the mix again, then resumes the pass below
+                if world().main:
+                    shutil.rmtree(calib_dir, ignore_errors=True)
+                barrier("starting the sequential pass")
             plan = sequential_plan(source, config, o.method or "gptq")
             if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
                 from ernieq.calibration.tune import TuneSettings

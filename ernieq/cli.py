@@ -404,8 +404,9 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
              workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
-    A run that was killed leaves .OUT.ernieq-tmp beside OUT: the same command resumes from the tensor groups
-    already written and gives the same bytes. --device: where calibration, GPTQ/AWQ, rotations and encoding
+    A run that was killed leaves .OUT.ernieq-tmp (and, with --calib-data, the calibration pass's folders) beside
+    OUT: the same command resumes from the tensor groups already written, and a calibration, sequential or tuning
+    pass from its last finished decoder layer, and gives the same bytes. --device: where calibration, GPTQ/AWQ, rotations and encoding
     run; --dtype: the calibration pass's compute dtype (weights are rounded in float32)."""
     ctx = click.get_current_context()
     given = [p for p in PRESET_OPTIONS if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]
@@ -470,7 +471,9 @@ def calibrate(model: str, data: str, tokens: int, seq_len: int, all_experts: boo
               dtype: str) -> None:
     """Run MODEL over calibration text layer by layer and save per-layer, per-expert statistics.
 
-    Each decoder layer runs on --device, one layer's weights there at a time (statistics in float32)."""
+    Each decoder layer runs on --device, one layer's weights there at a time (statistics in float32). A run that
+    was killed resumes after its last finished layer when the same command is run again (the hidden states
+    the next layer needs are saved in OUT); a finished one is read back."""
     cset = api.calibrate(model, data, tokens=tokens, seq_len=seq_len, all_experts=all_experts, out=out,
                          device=device, dtype=dtype)
     cold = cset.cold_experts()

@@ -160,3 +160,19 @@ def test_a_rank_killed_mid_pass_resumes_to_the_same_bytes_on_two_ranks(tiny, tmp
     assert done.returncode == 0, done.stderr
     assert "resuming the calibration pass at layer 2 of 3" in done.stderr
     assert _files(tmp_path / "q") == _files(tmp_path / "ref")
+
+
+def test_a_killed_tuning_pass_with_a_measured_mix_resumes_to_the_same_bytes(tiny, tmp_path, caplog):
+    """--target-bits: a first pass over the unquantized model chooses the mix, its statistics go before the
+    sequential pass; killed in that pass, the rerun measures the mix again and resumes the pass."""
+    mix = {"target_bits": 4.3}
+    _tune(tiny, tmp_path / "ref", **mix)
+    out = tmp_path / "q"
+    # arrivals 1-3: the mix's pass; 4 and 5: layers 0 and 1 of the sequential pass
+    _killed(["quantize", tiny, "--out", out, "--calib-data", _data(tiny), *TUNE, "--target-bits", "4.3"],
+            "calibration-layer:5")
+    assert not (tmp_path / ".q.ernieq-calib").exists()  # the mix's statistics went before the sequential pass
+    with caplog.at_level(logging.INFO, logger="ernieq"):
+        _tune(tiny, out, **mix)
+    assert "resuming the calibration pass at layer 3 of 3" in caplog.text
+    assert _files(out) == _files(tmp_path / "ref")
