@@ -270,7 +270,8 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
     layer on the outputs of the quantized layers before it (needs ``calib_data``). ``method="tune"``:
     GPTQ, then block-output tuning of each layer in that same sequential pass (``ernieq.calibration.tune``;
     ``tune_steps``, ``tune_lr``, ``tune_rounding``, ``tune_seed``, ``tune_target``); the summary's ``tune_reports`` say
-    what each layer kept. ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
+    what each layer kept. ``tune_model_steps``: then every layer's scales tuned together against the unquantized
+    model's output distribution (``ernieq.calibration.tune_model``; the summary's ``model_tune``). ``target_bits``: the routed experts' codecs mixed per MoE layer by measured sensitivity
     (``ernieq.calibration.mixed``; with ``sequential`` or ``method="tune"`` chosen first, on one pass over the
     unquantized model); the summary's ``mix`` holds the measurements and the choice, the checkpoint's recipe
     the rules.
@@ -308,7 +309,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     check_plan(source, config)
     sequential = o.sequential or o.method == "tune"
-    stats, tuned, mix = None, None, None
+    stats, tuned, mix, model_tune = None, None, None, None
     # statistics stream to folders beside OUT (memory follows one layer, not the model), where a killed run
     # resumes: the unquantized model's, and the sequential pass's (its own, so that neither restarts the other)
     calib_dir, sequential_dir, tuned_dir = (out.parent / f".{out.name}.ernieq-{what}"
@@ -355,10 +356,18 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                                                                     round_weights=o.tune_rounding, seed=o.tune_seed,
                                                                     target=o.tune_target), sink=tuned)
             stats = collect(plan)
+            if tuned is not None and o.tune_model_steps > 0:  # then every layer's scales together, end to end
+                from ernieq.calibration.tune_model import ModelTuneSettings, tune_model
+
+                tuned, model_tune = tune_model(
+                    source, tuned, plan, calibration_tokens(source, o.calib_data, o.calib_tokens, o.calib_seq_len),
+                    ModelTuneSettings(steps=o.tune_model_steps, seed=o.tune_seed), placement.device,
+                    tuned_dir / f"model-rank-{world().rank}", stats.sites.run_id, o.progress)
         o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
         if o.method != "rtn" and stats is None:
             raise ErnieqError(f"--method {o.method} needs calibration statistics (--calib-data SRC or --calib DIR)")
         summary = _write_quantized(source, out, config, o, stats, tuned, mix, str(model), format_options)
+        summary.model_tune = asdict(model_tune) if model_tune is not None else None
     except ErnieqError as err:
         if not isinstance(err, DistributedError):  # bad input: nothing worth resuming (a lost rank keeps the work)
             discard()

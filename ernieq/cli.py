@@ -374,6 +374,10 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
               help="--method tune: each layer matches the unquantized layer's outputs on the quantized model's own "
                    "inputs (local), or the unquantized model's hidden states (model, AutoRound's: the layer also "
                    "makes up for the error the earlier layers left; one more copy of the calibration states).")
+@click.option("--tune-model-steps", type=click.IntRange(min=0), default=20, show_default=True,
+              help="--method tune: after the layers, steps of every layer's stored scales tuned together against the "
+                   "unquantized model's output distribution (KL on the calibration tokens; kept only where it lowers "
+                   "the KL on held-out ones); 0: none.")
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
               help="Mix the codecs the recipe gives routed experts (--bits 2: wint4 and ccq2) per MoE layer by "
                    "measured sensitivity (round-to-nearest output error on the statistics) to at most B bits per "
@@ -400,7 +404,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
              sym: bool, w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None,
              calib: Path | None, calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None,
              tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_seed: int,
-             tune_target: str, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
+             tune_target: str, tune_model_steps: int, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
              workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
@@ -420,6 +424,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr,
                               tune_rounding=tune_rounding, tune_seed=tune_seed, tune_target=tune_target,
+                              tune_model_steps=tune_model_steps,
                               target_bits=target_bits,
                               format=fmt, tp=tp, overwrite=overwrite, workers=workers, device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)

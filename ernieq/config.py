@@ -187,7 +187,8 @@ class QuantizeOptions:
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
     None: 1 / tune_steps; tune_rounding: the integer grids' per-weight rounding offsets tuned too, not
     only their scales; tune_seed: the order of the tuning batches; tune_target: ``"local"`` or ``"model"``, the unquantized layer's outputs on the
-    quantized model's inputs or on the unquantized model's own). target_bits: the routed experts'
+    quantized model's inputs or on the unquantized model's own; tune_model_steps: then every layer's scales tuned
+    together against the unquantized model's output distribution, ``ernieq.calibration.tune_model``, 0: not). target_bits: the routed experts'
     codecs mixed per MoE layer, among those the recipe gives them, by measured sensitivity to that many bits per routed expert weight
     (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,
@@ -216,6 +217,7 @@ class QuantizeOptions:
     tune_rounding: bool = False
     tune_seed: int = 0
     tune_target: str = "local"
+    tune_model_steps: int = 20
     target_bits: float | None = None
     format: str = NATIVE_FORMAT
     tp: int = 1

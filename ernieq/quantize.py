@@ -92,6 +92,7 @@ class QuantizeSummary:
     seconds: float = 0.0
     runtime: dict = field(default_factory=dict)  # where it ran (``Placement.record``)
     tune_reports: list = field(default_factory=list)  # --method tune: per layer, what tuning kept (not written)
+    model_tune: dict | None = None  # --tune-model-steps: the end-to-end tuning's report (None: not run, or read back)
     mix: object | None = None  # --target-bits: the MixPlan (``ernieq.calibration.mixed``; its rules are in the recipe)
 
     def total(self, quantized_only: bool = False) -> tuple[int, int, int]:

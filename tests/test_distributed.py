@@ -202,6 +202,8 @@ def test_tuning_on_two_ranks_takes_the_same_steps_on_every_rank(tiny, tmp_path, 
     assert ("--target-bits 4.3: routed experts per MoE layer" in done.stdout) == bool(mix)
     tuned = re.findall(r"layer (\d+): what it keeps hashes to \w+", done.stderr)
     assert tuned == ["1", "2"]  # the MoE layers (layer 0 is wint8 only: nothing to tune); compared on both ranks
+    assert re.search(r"model tuning: held-out KL \S+ -> \S+ \((tuned|start) kept\)", done.stderr)  # summed over ranks
+    assert "the model: what it keeps hashes to" in done.stderr  # and compared
     assert not (tmp_path / ".q.ernieq-tuned").exists()
     assert api.evaluate(tmp_path / "q", str(tiny.parent / "calib.txt"), seq_len=64, max_windows=1,
                         progress=False).ppl > 0

@@ -202,6 +202,8 @@ BAD = {
     "an unknown tuning key": ("method: tune\ntune: {step: 5}\nrules: [{codec: wint8}]\n", ("tune.step", "unknown key")),
     "a bad tuning target": ("method: tune\ntune: {target: global}\nrules: [{codec: wint8}]\n", ("tune.target",)),
     "a negative step count": ("method: tune\ntune: {steps: -1}\nrules: [{codec: wint8}]\n", ("tune.steps",)),
+    "a fractional model step count": ("method: tune\ntune: {model_steps: 2.5}\nrules: [{codec: wint8}]\n",
+                                      ("tune.model_steps",)),
 }
 
 
@@ -279,10 +281,10 @@ def test_a_recipe_states_its_tuning_and_the_command_wins_where_it_sets_one(tmp_p
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("ernieq_recipe: 1\nname: r\nmethod: tune\ntune: {steps: 7, lr: 0.1, rounding: true, seed: 3, "
-                      "target: model}\ncalibration: {data: demo}\nrules: [{codec: wint8}]\n")
+                      "target: model, model_steps: 0}\ncalibration: {data: demo}\nrules: [{codec: wint8}]\n")
     _, o = configure(QuantizeOptions(recipe=str(recipe)), num_moe_layers=2)
-    assert (o.method, o.tune_steps, o.tune_lr, o.tune_rounding, o.tune_seed, o.tune_target) == \
-           ("tune", 7, 0.1, True, 3, "model")
+    assert (o.method, o.tune_steps, o.tune_lr, o.tune_rounding, o.tune_seed, o.tune_target, o.tune_model_steps) == \
+           ("tune", 7, 0.1, True, 3, "model", 0)
     _, o = configure(QuantizeOptions(recipe=str(recipe), tune_steps=40, tune_seed=5), num_moe_layers=2)
     assert (o.tune_steps, o.tune_seed, o.tune_target) == (40, 5, "model")
     _, o = configure(QuantizeOptions(recipe=str(recipe), method="gptq"), num_moe_layers=2)
@@ -300,12 +302,12 @@ def test_a_tuned_checkpoint_records_its_tuning_and_its_recipe_makes_it_again(tmp
     text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 20)
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "a", "--bits", "4",
                            "--method", "tune", "--calib-data", text, "--calib-tokens", "128", "--calib-seq-len", "32",
-                           "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model")
+                           "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model", "--tune-model-steps", "4")
     assert code == 0, err
     printed = _inspect_recipe(monkeypatch, capsys, tmp_path / "a")
     spec = yaml.safe_load(printed)
     assert spec["method"] == "tune"
-    assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model"}
+    assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model", "model_steps": 4}
     (tmp_path / "printed.yaml").write_text(printed)
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "b", "--recipe",
                            tmp_path / "printed.yaml")

@@ -328,7 +328,7 @@ def tune_layer(
         c = per_expert.get(first, GPTQ) if kind != "gptq" else GPTQ
         counts[c] = counts.get(c, 0) + 1
     report = LayerReport(i, losses[0], losses[best], kind, counts, time.perf_counter() - start)
-    _same_on_every_rank(i, _digest(kept_q))
+    same_on_every_rank(f"layer {i}", _digest(kept_q))
     log.info("layer %d tuned%s: held-out output loss %.4g (GPTQ) -> %.4g (%s); experts %s; %.1f s", i,
              " (MLP block)" if block.mlp_only else "", losses[0], losses[best], kind, counts or "-", report.seconds)
     return kept_q, kept_w, report
@@ -344,17 +344,17 @@ def _digest(tensors: dict[str, QuantizedTensor]) -> str:
     return h.hexdigest()[:16]
 
 
-def _same_on_every_rank(i: int, digest: str) -> None:
-    """Fail unless every rank keeps the same tensors for layer i (``digest``: their :func:`_digest`)."""
-    log.debug("layer %d: what it keeps hashes to %s", i, digest)
+def same_on_every_rank(what: str, digest: str) -> None:
+    """Fail unless every rank keeps the same tensors for ``what`` (``digest``: their :func:`_digest`)."""
+    log.debug("%s: what it keeps hashes to %s", what, digest)
     if distributed.world().size == 1:
         return
-    value = int(digest[:15], 16)  # < 2^60: an int64
+    value = int(digest[:15], 16) if digest != "-" else -1  # < 2^60: an int64
     low, high = torch.tensor([value]), torch.tensor([value])
-    distributed.all_reduce([low], op="min", what="comparing tuned layers")
-    distributed.all_reduce([high], op="max", what="comparing tuned layers")
+    distributed.all_reduce([low], op="min", what=f"comparing what tuning kept for {what}")
+    distributed.all_reduce([high], op="max", what=f"comparing what tuning kept for {what}")
     if low.item() != high.item():
-        raise ErnieqError(f"tuning layer {i}: the ranks kept different tensors; their steps diverged")
+        raise ErnieqError(f"tuning {what}: the ranks kept different tensors; their steps diverged")
 
 
 def _offer(candidates: dict, decoded: dict, kind: str, name: str, q: QuantizedTensor, e: Encoded) -> None:

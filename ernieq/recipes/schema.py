@@ -14,6 +14,7 @@ r"""Recipe files: the YAML schema (version 1), read strictly into rules and the 
       rounding: false                #   integer grids tune each weight's rounding too
       seed: 0                        #   the order of the tuning batches
       target: local                  #   local or model
+      model_steps: 20                #   then steps of every layer's scales together, end to end (0: none)
     calibration:                     # optional: collect statistics first, unless the command gives some
       data: demo                     #   a text source (ernieq.text)
       tokens: 32768                  #   optional, default 64 x 512
@@ -53,7 +54,7 @@ SCHEMA_VERSION = 1
 TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method", "tune", "calibration", "rules")
 RULE_KEYS = ("codec", "params", "classes", "pattern", "layers", "moe_layers", "optional")
 CALIBRATION_KEYS = ("data", "tokens", "seq_len", "all_experts", "sequential")
-TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target")
+TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target", "model_steps")
 METHODS = ("rtn", "gptq", "awq", "tune")
 ROTATE_AUTO = "auto"
 _REFERENCE = re.compile(r"^\$([A-Za-z_]\w*)$")
@@ -85,6 +86,7 @@ class Tune:
     rounding: bool | None = None
     seed: int | None = None
     target: str | None = None
+    model_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -287,8 +289,10 @@ def _tune(data, method: str | None, where: str) -> Tune | None:
     _typed(data, dict, where, "tune", f"a mapping with any of {', '.join(TUNE_KEYS)}")
     _check_keys(data, TUNE_KEYS, where, "tune.")
     steps, seed, lr = data.get("steps"), data.get("seed"), data.get("lr")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 0):
-        _fail(where, "tune.steps", f"expected a non-negative integer, got {steps!r}")
+    for key in ("steps", "model_steps"):
+        n = data.get(key)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            _fail(where, f"tune.{key}", f"expected a non-negative integer, got {n!r}")
     if seed is not None:
         _typed(seed, int, where, "tune.seed", "an integer")
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
@@ -299,7 +303,7 @@ def _tune(data, method: str | None, where: str) -> Tune | None:
     target = data.get("target")
     if target is not None and target not in TUNE_TARGETS:
         _fail(where, "tune.target", f"expected one of {', '.join(TUNE_TARGETS)}, got {target!r}")
-    return Tune(steps, None if lr is None else float(lr), rounding, seed, target)
+    return Tune(steps, None if lr is None else float(lr), rounding, seed, target, data.get("model_steps"))
 
 
 def parse_recipe(data: dict, where: str, parameters: dict | None = None, num_moe_layers: int = 0) -> Recipe:

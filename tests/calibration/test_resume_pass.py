@@ -1,5 +1,6 @@
 """A killed calibration pass resumes after its last finished layer: ``calibrate --out`` to the same statistics,
-``quantize --method tune`` (GPTQ and tuning in the pass) to the same bytes, in one process and on two ranks."""
+``quantize --method tune`` (GPTQ and tuning in the pass, then the model's scales tuned end to end) to the same
+bytes, in one process and on two ranks."""
 
 from __future__ import annotations
 
@@ -85,6 +86,7 @@ def test_a_killed_tuning_pass_resumes_to_the_same_bytes(tiny, tuned_reference, t
         summary = _tune(tiny, out)
     if resumes_at is None:
         assert "calibrated by an earlier run with the same inputs and settings; read back" in caplog.text
+        assert "model tuning: read back what an earlier run kept" in caplog.text  # --tune-model-steps: not run again
     else:
         assert f"resuming the calibration pass at layer {resumes_at} of 3" in caplog.text
     assert _files(out) == reference

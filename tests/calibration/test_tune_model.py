@@ -1,0 +1,86 @@
+"""End-to-end tuning of the stored scales: the layer-by-layer gradient is the whole graph's; tuned scales are
+kept only where they lower the held-out KL; a rerun of the same pass reads back what was kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ernieq.calibration import collect_stats
+from ernieq.calibration.layerwise import LayerwiseModel
+from ernieq.calibration.sequential import SequentialPlan
+from ernieq.calibration.tune import TuneSettings
+from ernieq.calibration.tune_model import ModelTuneSettings, _gradients, _kl, _Layer, tune_model
+from ernieq.calibration.tuned_store import TunedStore
+from ernieq.codecs import decode
+from ernieq.model.adapters import TensorClass
+from tests.tiny import TINY_ERNIE, write_tiny_ernie
+
+
+def _choose(name, info):
+    if info.cls is TensorClass.ROUTED_EXPERT:
+        return ("ccq2", {}), True  # rotated, as the native --bits 2 recipe stores them
+    return ("wint4", {"group_size": 32, "symmetric": False}), False
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    """A tiny ERNIE MoE, its calibration tokens, and block tuning's results for it."""
+    root = tmp_path_factory.mktemp("tune_model")
+    src = write_tiny_ernie(root / "m")
+    ids = torch.randint(0, TINY_ERNIE["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(0))
+    store = TunedStore(root / "tuned")
+    plan = SequentialPlan(_choose, "gptq", tune=TuneSettings(steps=2), sink=store)
+    collect_stats(src, ids, progress=False, sequential=plan)
+    return src, ids, store, plan
+
+
+def test_the_layer_by_layer_gradient_is_the_whole_graphs(tuned):
+    src, ids, store, plan = tuned
+    model = LayerwiseModel(src)
+    model.load_outer()
+    layers = [_Layer(model, i, store, plan) for i in range(model.num_layers)]
+    params = [p for layer in layers for tu in layer.tuners.values() for p in tu.parameters()]
+    assert params and any(n.endswith("down_proj.weight") for layer in layers for n in layer.tuners)
+    batch = ids[:2]
+    teacher = torch.randn(*batch.shape, TINY_ERNIE["vocab_size"], generator=torch.Generator().manual_seed(1))
+    loss = _gradients(model, layers, batch, teacher)
+    ours = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    with torch.enable_grad():  # every layer in one graph
+        h = model.enter(batch)[0]
+        for layer in layers:
+            h = layer.run(h, grad=True)
+        whole = _kl(model.logits(model.leave(h)), teacher) / batch.numel()
+        whole.backward()
+    assert loss == pytest.approx(whole.item(), rel=1e-6)
+    assert sum(float(g.abs().sum()) for g in ours) > 0
+    for g, p in zip(ours, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-12)
+
+
+# a small step on sequences that repeat one (the held-out ones are the training ones: the KL falls), and a step
+# too large for the scales (it rises)
+@pytest.mark.parametrize("lr, repeat, choice", [(0.005, True, "tuned"), (2.0, False, "start")])
+def test_tuned_scales_are_kept_only_where_they_lower_the_held_out_kl(tuned, tmp_path, lr, repeat, choice):
+    src, ids, store, plan = tuned
+    if repeat:
+        ids = ids[:1].repeat(ids.shape[0], 1)
+    settings = ModelTuneSettings(steps=8, lr=lr, batch_seqs=2)
+    kept, report = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-1", False)
+    assert report is not None and report.kl_start > 0
+    assert (report.kept == "tuned") == (report.kl_tuned < report.kl_start)
+    assert report.kept == choice
+    names = list(store._file_of)
+    if report.kept == "tuned":
+        assert kept is not store
+        assert any(not torch.equal(decode(kept.get(n)), decode(store.get(n))) for n in names)
+    else:
+        assert kept is store
+    assert kept.reports == store.reports  # block tuning's reports, layer by layer
+    again, none = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-1", False)
+    assert none is None  # read back, not run again
+    assert all(torch.equal(decode(again.get(n)), decode(kept.get(n))) for n in names)
+    _, other = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-2", False)
+    assert other is not None  # another pass's results: tuned again
