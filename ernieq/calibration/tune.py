@@ -275,12 +275,7 @@ def tune_layer(
             weights = {n: encoded[n].model_frame(tu.weight(), dense=True) for n, tu in tuners.items()}
             loss = (block.forward(slots.params(weights), block.take(idx)) - y).square().mean()
             loss.backward()
-        if distributed.world().size > 1:  # one step, the same on every rank: the same tensors in the same order
-            params = [p for tu in tuners.values() for p in tu.parameters()]
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            distributed.all_reduce([p.grad for p in params], what="summing tuning gradients")
+        sum_gradients([p for tu in tuners.values() for p in tu.parameters()])
         curve.append(loss.item())
         lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
         for tu in tuners.values():
@@ -342,6 +337,17 @@ def _digest(tensors: dict[str, QuantizedTensor]) -> str:
             h.update(f"{name}{key}".encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # [N, 1]: any stride
     return h.hexdigest()[:16]
+
+
+def sum_gradients(params: list[torch.Tensor]) -> None:
+    """Sum the gradients of ``params`` over the ranks (none: zeros), so that every rank takes the same step:
+    the same tensors in the same order on each."""
+    if distributed.world().size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    distributed.all_reduce([p.grad for p in params], what="summing tuning gradients")
 
 
 def same_on_every_rank(what: str, digest: str) -> None:

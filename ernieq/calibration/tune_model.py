@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from ernieq import distributed
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
 from ernieq.calibration.sequential import SequentialPlan
-from ernieq.calibration.tune import TUNED, TUNED_CODECS, _digest, _forward, _LayerParams, same_on_every_rank
+from ernieq.calibration.tune import (TUNED, TUNED_CODECS, _digest, _forward, _LayerParams, same_on_every_rank,
+                                    sum_gradients)
 from ernieq.calibration.tune_weights import make_tuner
 from ernieq.calibration.tuned_store import TunedStore
 from ernieq.codecs import QuantizedTensor, decode
@@ -232,11 +233,7 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
         for t in range(settings.steps):
             idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]
             loss = _gradients(model, layers, token_ids[idx], teacher(idx))
-            if distributed.world().size > 1:  # one step, the same on every rank
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                distributed.all_reduce([p.grad for p in params], what="summing model tuning gradients")
+            sum_gradients(params)  # under torchrun: one step, the same on every rank
             lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
             for layer in layers:
                 for tu in layer.tuners.values():
