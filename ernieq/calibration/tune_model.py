@@ -166,8 +166,8 @@ def tune_model(source, store: TunedStore, plan: SequentialPlan, token_ids: torch
     mark = folder / DONE_NAME
     key = {"settings": repr(settings), "run_id": run_id}
     out = TunedStore(folder)
-    if mark.is_file() and json.loads(mark.read_text()).get("key") == key:
-        done = json.loads(mark.read_text())
+    done = json.loads(mark.read_text()) if mark.is_file() else {}
+    if done.get("key") == key:
         log.info("model tuning: read back what an earlier run kept (%s)", done["kept"])
         if done["kept"] != TUNED:
             return store, None
