@@ -22,8 +22,11 @@ the layer to undo the error the earlier layers left):
    that expert swapped into GPTQ's layer, tuned or (ccq2) with its tuned scales and the bytes chosen
    again by GPTQ at those scales (``tune_weights.rebyte``). The swap changes the output only on the
    tokens routed to the expert, by their routing weights: the expert's own, routing-weighted loss.
-   The expert takes the candidate that lowers it most, else keeps GPTQ's result (so does an expert
-   no held-out token reached);
+   It is computed from one forward of GPTQ's layer (``_ExpertSwap``: the loss moves by
+   ``sum 2 r.d + |d|^2`` over the expert's tokens, r the output's error, d the swap's routing-weighted
+   change), checked once per layer against a whole forward; the cost does not grow with the number of
+   experts. The expert takes the candidate that lowers it most, else keeps GPTQ's result (so does an
+   expert no held-out token reached);
 4. the layer's held-out output loss for GPTQ's weights, everything tuned, the per-expert choice with
    the other weights at GPTQ, and with them tuned; the least wins (GPTQ on ties), so a layer is never
    worse than its GPTQ start on held-out tokens.
@@ -55,6 +58,7 @@ from ernieq.calibration.tune_weights import can_tune, make_tuner, rebyte
 from ernieq.codecs import QuantizedTensor
 from ernieq.config import TUNE_TARGETS
 from ernieq.errors import ErnieqError
+from ernieq.model.expert_layout import gate_function
 
 log = logging.getLogger(__name__)
 
@@ -294,8 +298,9 @@ def tune_layer(
         if n in candidates[TUNED] and e.q.codec == "ccq2":  # tuned scales: the bytes chosen again by GPTQ at them
             fresh = rebyte(candidates[TUNED][n], e.weight, e.stats, act_order=e.rotation is None, name=n)
             _offer(candidates, decoded, REBYTE, n, fresh, e)
-    loss_gptq = held_out_loss(gptq_w)
-    per_expert = _choose_experts(slots, encoded, decoded, held_out_loss, loss_gptq)
+    swap = _ExpertSwap(i, slots, block, hold, targets, gptq_w, settings.batch_seqs)
+    loss_gptq = swap.loss_gptq
+    per_expert = _choose_experts(slots, encoded, decoded, swap.checked(held_out_loss, decoded), loss_gptq)
 
     routed = set(slots.routed)
 
@@ -373,11 +378,94 @@ def _offer(candidates: dict, decoded: dict, kind: str, name: str, q: QuantizedTe
         candidates[kind][name], decoded[kind][name] = q, w
 
 
-def _choose_experts(slots: _LayerParams, encoded, decoded, loss_of, loss_gptq: float) -> dict[str, str]:
+class _ExpertSwap:
+    """The held-out output loss of GPTQ's layer (``loss_gptq``) and, from that one forward, the loss with one
+    routed expert's weights swapped. The experts module adds ``w_te f_e(x_t)`` to the output of each token t
+    routed to expert e (routing weight w_te), so a swap to f'_e moves token t's output by
+    ``d_t = w_te (f'_e(x_t) - f_e(x_t))`` and the summed squared error by ``2 r_t.d_t + |d_t|^2``, r_t the
+    output's error under GPTQ: T_e tokens of one expert's work per swap, not a forward of the whole layer.
+    The experts' inputs, choices and routing weights are what the experts module is called with."""
+
+    def __init__(self, i: int, slots: _LayerParams, block: _Block, hold: torch.Tensor, targets: torch.Tensor,
+                 gptq_w: dict[str, torch.Tensor], batch: int):
+        self.i, self.slots = i, slots
+        self.calls: list[tuple[torch.Tensor, ...]] = []  # (x [T, H], experts [T, A], weights [T, A], r [T, H])
+        module = slots.experts_module()
+        seen: list[tuple] = []
+        hook = module.register_forward_hook(lambda m, args, out: seen.append(args)) if module is not None else None
+        sums = torch.zeros(2, dtype=torch.float64)  # squared error, elements: over every rank's held-out share
+        try:
+            with torch.no_grad():
+                params = slots.params(gptq_w)
+                for idx in _batches(hold, batch):
+                    err = block.forward(params, block.take(idx)) - targets[idx].to(block.device)
+                    sums[0] += float(err.double().square().sum())
+                    sums[1] += err.numel()
+                    if len(seen) == len(self.calls) + 1 and len(seen[-1]) == 3:
+                        x, experts, weights = seen[-1]
+                        self.calls.append((x, experts, weights, err.reshape(-1, err.shape[-1])))
+        finally:
+            if hook is not None:
+                hook.remove()
+        usable = torch.tensor([float(len(self.calls) == len(seen) == len(_batches(hold, batch)))])  # the experts call
+        distributed.all_reduce([sums], what="summing held-out losses")
+        distributed.all_reduce([usable], op="min", what="checking the experts' calls")  # every rank alike
+        self.usable = bool(usable.item())
+        self.elements = float(sums[1].clamp(min=1))
+        self.loss_gptq = float(sums[0]) / self.elements
+
+    def _output(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """One expert's output [T, H] for rows x [T, H], its weights ``w`` by projection (as ``_LayerParams``
+        stacks them: [gate | up] then the module's own gate function)."""
+        gate_up = torch.cat([w["gate_proj"], w["up_proj"]])  # [2I, H]
+        return gate_function(self.slots.experts_module())(x @ gate_up.T) @ w["down_proj"].T
+
+    def loss(self, expert: int, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
+        """The held-out loss with expert ``expert``'s weights (by projection) ``old`` swapped for ``new``."""
+        delta = torch.zeros(1, dtype=torch.float64)
+        with torch.no_grad():
+            for x, experts, weights, r in self.calls:
+                tok, slot = torch.where(experts == expert)  # [T_e]
+                if tok.numel():
+                    xe = x[tok]
+                    d = (self._output(new, xe) - self._output(old, xe)) * weights[tok, slot, None]  # [T_e, H]
+                    delta += float((2 * r[tok] * d + d * d).double().sum())
+        distributed.all_reduce([delta], what="summing held-out losses")
+        return self.loss_gptq + float(delta) / self.elements
+
+    def checked(self, full: Callable[[dict[str, torch.Tensor]], float], decoded: dict) -> Callable:
+        """The loss of a swap, ``fn(names, kind)``: this measure where it matches one whole forward (``full``)
+        on the first expert with a candidate, else ``full`` for every swap."""
+
+        def by_forward(names, kind):
+            return full({**decoded[GPTQ], **{n: decoded[kind][n] for n in names}})
+
+        def by_swap(names, kind):
+            if len(names) != len(PROJECTIONS):  # an expert not encoded whole
+                return by_forward(names, kind)
+            expert = self.slots.routed[names[0]][0]
+            by_proj = {kind_: {self.slots.routed[n][1]: decoded[kind_][n] for n in names} for kind_ in (kind, GPTQ)}
+            return self.loss(expert, by_proj[kind], by_proj[GPTQ])
+
+        by_expert: dict[int, list[str]] = {}
+        for n, (e, _) in self.slots.routed.items():
+            by_expert.setdefault(e, []).append(n)
+        first = next((names for names in by_expert.values() if all(n in decoded.get(TUNED, {}) for n in names)), None)
+        if not self.usable or first is None:
+            return by_forward
+        want = by_forward(first, TUNED)
+        got = by_swap(first, TUNED)
+        if abs(got - want) > 1e-3 * abs(want - self.loss_gptq) + 1e-6 * abs(want):  # float32 noise
+            log.warning("layer %d: the one-expert swap measures %.6g where a whole forward gives %.6g; every swap "
+                        "is measured by a whole forward", self.i, got, want)
+            return by_forward
+        return by_swap
+
+
+def _choose_experts(slots: _LayerParams, encoded, decoded, swapped_loss, loss_gptq: float) -> dict[str, str]:
     """Per routed expert (all its projections together): the candidate (tuned, or ccq2's tuned scales with
-    fresh bytes) whose swap into GPTQ's layer lowers the held-out output loss most, else GPTQ. The swap
-    changes the output only on the tokens routed to the expert, each by its routing weight: the
-    expert's own loss, routing-weighted. An expert no held-out token reached keeps GPTQ's result.
+    fresh bytes) whose swap into GPTQ's layer lowers the held-out output loss most (``swapped_loss(names,
+    kind)``), else GPTQ. An expert no held-out token reached keeps GPTQ's result.
     Returns checkpoint name -> candidate."""
     by_expert: dict[int, list[str]] = {}
     for n in encoded:
@@ -388,7 +476,7 @@ def _choose_experts(slots: _LayerParams, encoded, decoded, loss_of, loss_gptq: f
         best, best_loss = GPTQ, loss_gptq
         for kind in (TUNED, REBYTE):
             if all(n in decoded.get(kind, {}) for n in names):
-                loss = loss_of({**decoded[GPTQ], **{n: decoded[kind][n] for n in names}})
+                loss = swapped_loss(names, kind)
                 if loss < best_loss:
                     best, best_loss = kind, loss
         chosen.update({n: best for n in names})

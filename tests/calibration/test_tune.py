@@ -10,6 +10,7 @@ import torch
 from ernieq.calibration import collect_stats
 from ernieq.calibration.rounding import encode_weight
 from ernieq.calibration.sequential import SequentialPlan
+from ernieq.calibration import tune
 from ernieq.calibration.tune import TuneSettings
 from ernieq.calibration.tune_weights import make_tuner, rebyte
 from ernieq.calibration.tuned_store import TunedStore
@@ -135,6 +136,35 @@ def test_a_tuned_layer_is_never_worse_than_gptq_on_held_out_tokens(tiny, tmp_pat
     name = "model.layers.1.mlp.experts.0.down_proj.weight"
     q = store.get(name)
     assert q is not None and q.codec == "ccq2" and torch.isfinite(decode(q)).all()
+
+
+def test_one_expert_swaps_measure_what_a_whole_forward_does(tiny, tmp_path, monkeypatch):
+    """The per-expert choice's losses, from one forward of GPTQ's layer, equal those of a whole forward of the
+    layer with the expert swapped, for every expert and candidate."""
+    compared = []
+    real = tune._ExpertSwap.checked
+
+    def spy(self, full, decoded):
+        fn = real(self, full, decoded)
+        assert fn.__name__ == ("by_swap" if self.slots.routed else "by_forward")  # it held against its check
+
+        def both(names, kind):
+            got = fn(names, kind)
+            compared.append((got, full({**decoded[tune.GPTQ], **{n: decoded[kind][n] for n in names}}),
+                             self.loss_gptq))
+            return got
+
+        return both
+
+    monkeypatch.setattr(tune._ExpertSwap, "checked", spy)
+    ids = torch.randint(0, TINY_ERNIE["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(0))
+    plan = SequentialPlan(_choose, "gptq", tune=TuneSettings(steps=5, lr=0.05), sink=TunedStore(tmp_path / "t"))
+    collect_stats(tiny, ids, progress=False, sequential=plan)
+    assert len(compared) >= 2 * TINY_ERNIE["moe_num_experts"]  # two MoE layers, a candidate or two per expert
+    for got, want, gptq in compared:
+        assert got == pytest.approx(want, rel=1e-5)
+        assert abs(got - want) <= 1e-3 * abs(want - gptq) + 1e-6 * want
+    assert sum(abs(want - gptq) > 1e-4 * gptq for _, want, gptq in compared) >= len(compared) // 2  # swaps that move it
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from ernieq.calibration import collect_stats
 from ernieq.calibration.layerwise import LayerwiseModel
 from ernieq.calibration.sequential import SequentialPlan
 from ernieq.calibration.tune import TuneSettings
-from ernieq.calibration.tune_model import ModelTuneSettings, _gradients, _kl, _Layer, tune_model
+import ernieq.calibration.tune_model as e2e
+from ernieq.calibration.tune_model import ModelTuneSettings, _gradients, _graph_bytes, _kl, _Layer, tune_model
 from ernieq.calibration.tuned_store import TunedStore
 from ernieq.codecs import decode
 from ernieq.model.adapters import TensorClass
@@ -35,7 +36,8 @@ def tuned(tmp_path_factory):
     return src, ids, store, plan
 
 
-def test_the_layer_by_layer_gradient_is_the_whole_graphs(tuned):
+@pytest.mark.parametrize("whole_graph", [False, True])
+def test_the_layer_by_layer_gradient_is_the_whole_graphs(tuned, whole_graph):
     src, ids, store, plan = tuned
     model = LayerwiseModel(src)
     model.load_outer()
@@ -44,7 +46,7 @@ def test_the_layer_by_layer_gradient_is_the_whole_graphs(tuned):
     assert params and any(n.endswith("down_proj.weight") for layer in layers for n in layer.tuners)
     batch = ids[:2]
     teacher = torch.randn(*batch.shape, TINY_ERNIE["vocab_size"], generator=torch.Generator().manual_seed(1))
-    loss = _gradients(model, layers, batch, teacher)
+    loss = _gradients(model, layers, batch, teacher, whole_graph)
     ours = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None
@@ -58,6 +60,30 @@ def test_the_layer_by_layer_gradient_is_the_whole_graphs(tuned):
     assert sum(float(g.abs().sum()) for g in ours) > 0
     for g, p in zip(ours, params):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6 * float(p.grad.abs().max()) + 1e-12)
+
+
+def test_the_whole_graph_is_kept_only_where_it_fits(tuned, tmp_path, monkeypatch, caplog):
+    """The kept graph and the layer-by-layer backward tune to the same scales; which one runs follows the
+    measured size of one layer's graph."""
+    src, ids, store, plan = tuned
+    model = LayerwiseModel(src)
+    model.load_outer()
+    layer = _Layer(model, 1, store, plan)
+    assert layer.tuners and _graph_bytes(layer, model.enter(ids[:2])[0]) > 0
+    ids = ids[:1].repeat(ids.shape[0], 1)  # held-out sequences as the training ones: the KL falls, tuned is kept
+    settings = ModelTuneSettings(steps=3, lr=0.005, batch_seqs=2)
+    results, default = {}, e2e.GRAPH_SHARE
+    for share in (default, 0.0):
+        monkeypatch.setattr(e2e, "GRAPH_SHARE", share)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="ernieq.calibration.tune_model"):
+            kept, _ = tune_model(src, store, plan, ids, settings, torch.device("cpu"),
+                               tmp_path / str(share), "run-1", False)
+        assert ("kept for each step" in caplog.text) == (share > 0)
+        assert kept is not store
+        results[share] = {n: decode(kept.get(n)) for n in store._file_of}
+    for n, w in results[0.0].items():
+        torch.testing.assert_close(results[default][n], w, rtol=0, atol=0)
 
 
 # a small step on sequences that repeat one (the held-out ones are the training ones: the KL falls), and a step
