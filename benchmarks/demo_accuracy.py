@@ -144,7 +144,8 @@ def main() -> None:
                     tuned = {"layers": len(result.tune_reports),
                              "kept": {k: sum(r["kept"] == k for r in result.tune_reports)
                                       for k in ("gptq", "tuned", "experts")},
-                             "tune_seconds": round(sum(r["seconds"] for r in result.tune_reports), 1)}
+                             "tune_seconds": round(sum(r["seconds"] for r in result.tune_reports), 1),
+                             "model": result.model_tune}  # the end-to-end step: held-out KL, what it kept
             start = time.perf_counter()
             r = api.evaluate(model, args.data, seq_len=args.seq_len, max_windows=args.max_windows, progress=False)
             rows.append({"setting": name, "ppl": r.ppl, "tokens": r.tokens, "bits_per_weight": bpw,

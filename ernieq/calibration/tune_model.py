@@ -21,7 +21,7 @@ training sequences:
    and hands the gradient of its input down; the tuners' gradients accumulate. Where every layer's
    graph fits in ``GRAPH_SHARE`` of the device's available memory (what autograd saves for one layer,
    measured once, times the layers), step 1 runs with gradients and keeps the whole graph instead: the
-   same gradient without running the layers twice (about a fifth of the step on the demo);
+   same gradient without running each layer twice;
 4. one signed-gradient step for every tuner, the step size (2 / steps at first) falling linearly to 0.
 
 Then the KL on held-out sequences (never stepped on) for the scales before and after: the tuned ones
@@ -181,10 +181,7 @@ def _graph_bytes(layer: _Layer, h: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer.run(h.detach().requires_grad_(), grad=True)
-    for tu in layer.tuners.values():
-        for p in tu.parameters():
-            p.grad = None
+        layer.run(h.detach().requires_grad_(), grad=True)  # no backward: the graph goes with the output
     return sum(saved.values())
 
 

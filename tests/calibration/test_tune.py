@@ -162,8 +162,7 @@ def test_one_expert_swaps_measure_what_a_whole_forward_does(tiny, tmp_path, monk
     collect_stats(tiny, ids, progress=False, sequential=plan)
     assert len(compared) >= 2 * TINY_ERNIE["moe_num_experts"]  # two MoE layers, a candidate or two per expert
     for got, want, gptq in compared:
-        assert got == pytest.approx(want, rel=1e-5)
-        assert abs(got - want) <= 1e-3 * abs(want - gptq) + 1e-6 * want
+        assert abs(got - want) <= 1e-3 * abs(want - gptq) + 1e-5 * want
     assert sum(abs(want - gptq) > 1e-4 * gptq for _, want, gptq in compared) >= len(compared) // 2  # swaps that move it
 
 
