@@ -76,6 +76,9 @@ SETTINGS = {
                           "tune_steps": 40},
     "w2-fd-tune-s40": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_steps": 40},
     "w2-tune-model": {"bits": 2, "method": "tune", "calib_data": "demo", "tune_target": "model"},
+    # the FastDeploy-exportable checkpoint with more end-to-end steps (--tune-model-steps 28; the step size falls
+    # with the steps, so the scales travel as far in smaller steps)
+    "w2-fd-tune-m28": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_model_steps": 28},
     # the same with the batches in another order (--tune-seed): how much a result owes to the seed
     "w4-tune-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_seed": 1},
     "w4-tune-model-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",

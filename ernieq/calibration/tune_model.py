@@ -9,8 +9,8 @@ wint4's group scales — with every quantized layer in place, so each scale answ
 the output. The decoder layers are loaded one at a time, as in the calibration pass; what stays in
 memory is every layer's input for the step's B sequences, the teacher's final states and the tuners,
 which hold each tuned weight's codes as float32 (4 bytes per weight: 0.4 GB for the demo, about 80 GB
-for ERNIE-4.5-21B-A3B, so models of that size need a GPU with room for them). Per step, on B
-training sequences:
+for ERNIE-4.5-21B-A3B, so models of that size need a GPU with room for them), and, where the whole
+graph is kept (step 3), what autograd saves for every layer. Per step, on B training sequences:
 
 1. forward without gradients through the quantized model (each weight decoded from its tuner),
    keeping each layer's input [B, L, H];
