@@ -259,14 +259,18 @@ def tune_layer(
     train = torch.arange(s - n_hold) if n_hold else torch.arange(s)
     hold = torch.arange(s - n_hold, s) if n_hold else torch.arange(s)
 
-    def held_out_loss(weights: dict[str, torch.Tensor]) -> float:
+    def held_out_loss(weights: dict[str, torch.Tensor], on_error: Callable[[torch.Tensor], None] | None = None
+                      ) -> float:
+        """The mean squared output error on the held-out sequences; ``on_error``: called with each batch's error."""
         params = slots.params(weights)
         sums = torch.zeros(2, dtype=torch.float64)  # squared error, elements: over every rank's held-out share
         with torch.no_grad():
             for idx in _batches(hold, settings.batch_seqs):
-                y = targets[idx].to(device)
-                sums[0] += float((block.forward(params, block.take(idx)) - y).double().square().sum())
-                sums[1] += y.numel()
+                err = block.forward(params, block.take(idx)) - targets[idx].to(device)  # [B, L, H]
+                sums[0] += float(err.double().square().sum())
+                sums[1] += err.numel()
+                if on_error is not None:
+                    on_error(err)
         distributed.all_reduce([sums], what="summing held-out losses")
         return float(sums[0] / sums[1].clamp(min=1))
 
@@ -298,7 +302,7 @@ def tune_layer(
         if n in candidates[TUNED] and e.q.codec == "ccq2":  # tuned scales: the bytes chosen again by GPTQ at them
             fresh = rebyte(candidates[TUNED][n], e.weight, e.stats, act_order=e.rotation is None, name=n)
             _offer(candidates, decoded, REBYTE, n, fresh, e)
-    swap = _ExpertSwap(i, slots, block, hold, targets, gptq_w, settings.batch_seqs)
+    swap = _ExpertSwap(i, slots, held_out_loss, gptq_w)
     loss_gptq = swap.loss_gptq
     per_expert = _choose_experts(slots, encoded, decoded, swap.checked(held_out_loss, decoded), loss_gptq)
 
@@ -386,80 +390,71 @@ class _ExpertSwap:
     output's error under GPTQ: T_e tokens of one expert's work per swap, not a forward of the whole layer.
     The experts' inputs, choices and routing weights are what the experts module is called with."""
 
-    def __init__(self, i: int, slots: _LayerParams, block: _Block, hold: torch.Tensor, targets: torch.Tensor,
-                 gptq_w: dict[str, torch.Tensor], batch: int):
+    def __init__(self, i: int, slots: _LayerParams, held_out_loss: Callable, gptq_w: dict[str, torch.Tensor]):
         self.i, self.slots = i, slots
         self.calls: list[tuple[torch.Tensor, ...]] = []  # (x [T, H], experts [T, A], weights [T, A], r [T, H])
         module = slots.experts_module()
+        self.gate_fn = gate_function(module) if module is not None else None
         seen: list[tuple] = []
+        errors: list[torch.Tensor] = []
         hook = module.register_forward_hook(lambda m, args, out: seen.append(args)) if module is not None else None
-        sums = torch.zeros(2, dtype=torch.float64)  # squared error, elements: over every rank's held-out share
         try:
-            with torch.no_grad():
-                params = slots.params(gptq_w)
-                for idx in _batches(hold, batch):
-                    err = block.forward(params, block.take(idx)) - targets[idx].to(block.device)
-                    sums[0] += float(err.double().square().sum())
-                    sums[1] += err.numel()
-                    if len(seen) == len(self.calls) + 1 and len(seen[-1]) == 3:
-                        x, experts, weights = seen[-1]
-                        self.calls.append((x, experts, weights, err.reshape(-1, err.shape[-1])))
+            self.loss_gptq = held_out_loss(gptq_w, errors.append)
         finally:
             if hook is not None:
                 hook.remove()
-        usable = torch.tensor([float(len(self.calls) == len(seen) == len(_batches(hold, batch)))])  # the experts call
-        distributed.all_reduce([sums], what="summing held-out losses")
-        distributed.all_reduce([usable], op="min", what="checking the experts' calls")  # every rank alike
-        self.usable = bool(usable.item())
-        self.elements = float(sums[1].clamp(min=1))
-        self.loss_gptq = float(sums[0]) / self.elements
+        usable = len(seen) == len(errors) and all(len(args) == 3 for args in seen)  # one experts call per batch
+        if usable:
+            self.calls = [(*args, err.reshape(-1, err.shape[-1])) for args, err in zip(seen, errors)]
+        flag = torch.tensor([float(usable)])
+        distributed.all_reduce([flag], op="min", what="checking the experts' calls")  # every rank alike
+        self.usable = bool(flag.item())
 
     def _output(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """One expert's output [T, H] for rows x [T, H], its weights ``w`` by projection (as ``_LayerParams``
         stacks them: [gate | up] then the module's own gate function)."""
         gate_up = torch.cat([w["gate_proj"], w["up_proj"]])  # [2I, H]
-        return gate_function(self.slots.experts_module())(x @ gate_up.T) @ w["down_proj"].T
+        return self.gate_fn(x @ gate_up.T) @ w["down_proj"].T
 
     def loss(self, expert: int, new: dict[str, torch.Tensor], old: dict[str, torch.Tensor]) -> float:
         """The held-out loss with expert ``expert``'s weights (by projection) ``old`` swapped for ``new``."""
-        delta = torch.zeros(1, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64)  # change of the squared error, elements: over every rank's share
         with torch.no_grad():
             for x, experts, weights, r in self.calls:
+                sums[1] += r.numel()
                 tok, slot = torch.where(experts == expert)  # [T_e]
                 if tok.numel():
                     xe = x[tok]
                     d = (self._output(new, xe) - self._output(old, xe)) * weights[tok, slot, None]  # [T_e, H]
-                    delta += float((2 * r[tok] * d + d * d).double().sum())
-        distributed.all_reduce([delta], what="summing held-out losses")
-        return self.loss_gptq + float(delta) / self.elements
+                    sums[0] += float((2 * r[tok] * d + d * d).double().sum())
+        distributed.all_reduce([sums], what="summing held-out losses")
+        return self.loss_gptq + float(sums[0] / sums[1].clamp(min=1))
 
     def checked(self, full: Callable[[dict[str, torch.Tensor]], float], decoded: dict) -> Callable:
-        """The loss of a swap, ``fn(names, kind)``: this measure where it matches one whole forward (``full``)
-        on the first expert with a candidate, else ``full`` for every swap."""
+        """The loss of a swap, ``fn(names, kind)``: this measure, checked on the first swap against one whole
+        forward (``full``); where they differ, ``full`` for that swap and every later one."""
+        state = {"checked": not self.usable, "trusted": self.usable}
 
         def by_forward(names, kind):
             return full({**decoded[GPTQ], **{n: decoded[kind][n] for n in names}})
 
-        def by_swap(names, kind):
-            if len(names) != len(PROJECTIONS):  # an expert not encoded whole
+        def swapped(names, kind):
+            if not state["trusted"] or len(names) != len(PROJECTIONS):  # (an expert not encoded whole)
                 return by_forward(names, kind)
             expert = self.slots.routed[names[0]][0]
             by_proj = {kind_: {self.slots.routed[n][1]: decoded[kind_][n] for n in names} for kind_ in (kind, GPTQ)}
-            return self.loss(expert, by_proj[kind], by_proj[GPTQ])
+            got = self.loss(expert, by_proj[kind], by_proj[GPTQ])
+            if not state["checked"]:
+                state["checked"] = True
+                want = by_forward(names, kind)
+                if abs(got - want) > 1e-3 * abs(want - self.loss_gptq) + 1e-5 * abs(want):  # float32 noise: ~2e-6
+                    log.warning("layer %d: the one-expert swap measures %.6g where a whole forward gives %.6g; "
+                                "every swap is measured by a whole forward", self.i, got, want)
+                    state["trusted"] = False
+                    return want
+            return got
 
-        by_expert: dict[int, list[str]] = {}
-        for n, (e, _) in self.slots.routed.items():
-            by_expert.setdefault(e, []).append(n)
-        first = next((names for names in by_expert.values() if all(n in decoded.get(TUNED, {}) for n in names)), None)
-        if not self.usable or first is None:
-            return by_forward
-        want = by_forward(first, TUNED)
-        got = by_swap(first, TUNED)
-        if abs(got - want) > 1e-3 * abs(want - self.loss_gptq) + 1e-5 * abs(want):  # float32 noise: ~2e-6
-            log.warning("layer %d: the one-expert swap measures %.6g where a whole forward gives %.6g; every swap "
-                        "is measured by a whole forward", self.i, got, want)
-            return by_forward
-        return by_swap
+        return swapped
 
 
 def _choose_experts(slots: _LayerParams, encoded, decoded, swapped_loss, loss_gptq: float) -> dict[str, str]:
