@@ -357,8 +357,8 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
                    "the statistics and folded into the norms and up projections, then round-to-nearest); or tune: "
                    "GPTQ, then each layer's stored scales and rounding tuned against the unquantized layer's "
                    "outputs, keeping GPTQ's result where held-out tokens say tuning did not help (sequential; "
-                   "needs --calib-data; the demo on 2 cores: 13 minutes against 4 for gptq, before "
-                   "--tune-model-steps; measurements in the README). "
+                   "needs --calib-data; the demo on 2 cores: about 18 minutes with the end-to-end steps, against 4 "
+                   "for gptq; measurements in the README). "
                    "Default: gptq with statistics, rtn without.")
 @click.option("--tune-steps", type=click.IntRange(min=0), default=20, show_default=True,
               help="--method tune: signed-gradient steps per decoder layer.")
