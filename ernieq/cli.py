@@ -410,7 +410,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
 
     A run that was killed leaves .OUT.ernieq-tmp (and, with --calib-data, the calibration pass's folders) beside
     OUT: the same command resumes from the tensor groups already written, and a calibration, sequential or tuning
-    pass from its last finished decoder layer, and gives the same bytes. --device: where calibration, GPTQ/AWQ, rotations and encoding
+    pass from its last finished decoder layer (the end-to-end tuning from its last step), and gives the same bytes. --device: where calibration, GPTQ/AWQ, rotations and encoding
     run; --dtype: the calibration pass's compute dtype (weights are rounded in float32)."""
     ctx = click.get_current_context()
     given = [p for p in PRESET_OPTIONS if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]

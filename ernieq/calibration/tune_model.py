@@ -26,6 +26,10 @@ graph is kept (step 3), what autograd saves for every layer. Per step, on B trai
 
 Then the KL on held-out sequences (never stepped on) for the scales before and after: the tuned ones
 are kept only when they lower it, so the pass never leaves the model worse on held-out tokens.
+
+After every step the tuners' parameters (the scales' factors: at most 4 bytes per 64 weights, a 64th of
+the codes the tuners hold) go to the pass's folder; a killed run resumes after the last step every rank
+saved, drawing the same batches, so it ends with the same bytes as one never stopped.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ernieq import distributed
 from ernieq.calibration.layerwise import LayerwiseModel, run_layers
@@ -49,12 +55,14 @@ from ernieq.calibration.tune_weights import make_tuner
 from ernieq.calibration.tuned_store import TunedStore
 from ernieq.codecs import QuantizedTensor, decode
 from ernieq.device import available_memory
+from ernieq.killpoints import kill_point
 from ernieq.model.moe import linear_weight_shapes
 from ernieq.progress import progress_bar
 from ernieq.transforms import make_rotation
 
 log = logging.getLogger(__name__)
 DONE_NAME = "done.json"
+STEP_GLOB = "step-*.safetensors"  # the tuners' parameters after a step (step-000012: after 12)
 GRAPH_SHARE = 0.5  # of the device's available memory that the whole model's autograd graph may fill
 
 
@@ -208,7 +216,7 @@ def tune_model(source, store: TunedStore, plan: SequentialPlan, token_ids: torch
         return out, None
     mark.unlink(missing_ok=True)
     out.restore(0)
-    report, layers = _tune(source, store, plan, token_ids, settings, device, progress)
+    report, layers = _tune(source, store, plan, token_ids, settings, device, folder, key, progress)
     if report.kept == TUNED:
         for layer in layers:
             out.put(layer.i, layer.results())
@@ -218,11 +226,50 @@ def tune_model(source, store: TunedStore, plan: SequentialPlan, token_ids: torch
     tmp = mark.with_name(mark.name + ".tmp")
     tmp.write_text(json.dumps({"key": key, "kept": report.kept, "report": asdict(report)}))
     os.replace(tmp, mark)
+    for path in folder.glob(STEP_GLOB):  # done: the steps' parameters are not needed again
+        path.unlink()
     return (out if report.kept == TUNED else store), report
 
 
+def _save_step(folder: Path, key: dict, step: int, kl_start: float, params: list[torch.Tensor]) -> None:
+    """``params`` after ``step`` steps and the start's held-out KL, written atomically. The save before it
+    stays (under torchrun a rank killed mid-save is one save behind the others); older ones go."""
+    path = folder / f"step-{step:06d}.safetensors"
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({str(j): p.detach().cpu().contiguous() for j, p in enumerate(params)}, str(tmp),
+              metadata={"key": json.dumps(key), "kl_start": repr(kl_start)})
+    os.replace(tmp, path)
+    for old in sorted(folder.glob(STEP_GLOB))[:-2]:
+        old.unlink()
+    kill_point("model-tuning-step")
+
+
+def _resume(folder: Path, key: dict, params: list[torch.Tensor]) -> tuple[int, float | None]:
+    """The steps an earlier run with ``key`` finished on every rank, their parameters loaded into ``params``,
+    and the start's held-out KL it measured; (0, None) with none. Saves of another run go."""
+    saved = {}
+    for path in folder.glob(STEP_GLOB):
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("key", "null")) != key:
+                path.unlink()
+                continue
+        saved[int(path.stem.split("-")[1])] = path
+    step = torch.tensor([float(max(saved, default=0))])
+    distributed.all_reduce([step], op="min", what="agreeing on the step to resume after")
+    here = torch.tensor([float(int(step.item()) in saved)])
+    distributed.all_reduce([here], op="min", what="agreeing on the step to resume after")
+    if not here.item():
+        return 0, None
+    step = int(step.item())
+    with safe_open(str(saved[step]), framework="pt") as f, torch.no_grad():
+        for j, p in enumerate(params):
+            p.copy_(f.get_tensor(str(j)))
+        kl_start = float(f.metadata()["kl_start"])
+    return step, kl_start
+
+
 def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tensor, settings: ModelTuneSettings,
-          device: torch.device, progress: bool) -> tuple[ModelTuneReport, list[_Layer]]:
+          device: torch.device, folder: Path, key: dict, progress: bool) -> tuple[ModelTuneReport, list[_Layer]]:
     start = time.perf_counter()
     model = LayerwiseModel(source, torch.float32, device)
     s = token_ids.shape[0]
@@ -257,7 +304,11 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
         distributed.all_reduce([sums], what="summing held-out KL")
         return float(sums[0] / sums[1].clamp(min=1))
 
-    kl_start = held_out()
+    done, kl_start = _resume(folder, key, params)
+    if kl_start is None:
+        kl_start = held_out()
+    else:
+        log.info("model tuning: resuming after step %d of %d (saved by an earlier run)", done, settings.steps)
     tuned_layers = [layer for layer in layers if layer.tuners]
     whole_graph = False
     if tuned_layers and train.numel():
@@ -271,7 +322,10 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
     with progress_bar(progress) as bar:
         task = bar.add_task("tuning the model", total=settings.steps)
         for t in range(settings.steps):
-            idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]
+            idx = train[torch.randperm(train.numel(), generator=gen)[: settings.batch_seqs]]  # drawn as before
+            if t < done:
+                bar.advance(task)
+                continue
             loss = _gradients(model, layers, token_ids[idx], teacher(idx), whole_graph)
             sum_gradients(params)  # under torchrun: one step, the same on every rank
             lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
@@ -279,6 +333,7 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
                 for tu in layer.tuners.values():
                     tu.step(lr)
             log.debug("model tuning step %d: KL %.5f", t, loss)
+            _save_step(folder, key, t + 1, kl_start, params)
             bar.advance(task)
     kl_tuned = held_out()
     kept = TUNED if kl_tuned < kl_start else "start"

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -68,27 +69,29 @@ def tuned_reference(tiny, tmp_path_factory) -> tuple[dict[str, bytes], list[dict
     return _files(out), summary.tune_reports
 
 
-# where the run is killed, and the layer (1-based) the rerun starts the pass at (None: the pass is read back)
+READ_BACK = "calibrated by an earlier run with the same inputs and settings; read back"
+# where the run is killed, and what the rerun says it takes back
 KILLS = [
-    ("calibration-layer:2", 3),  # layers 0 and 1 saved
-    ("calibration-states:2", 2),  # layer 1's hidden states written, its mark not: layer 0 is what is saved
-    ("index:1", None),  # the pass done, the checkpoint being written
+    ("calibration-layer:2", ["resuming the calibration pass at layer 3 of 3"]),  # layers 0 and 1 saved
+    # layer 1's hidden states written, its mark not: layer 0 is what is saved
+    ("calibration-states:2", ["resuming the calibration pass at layer 2 of 3"]),
+    # the pass done, the end-to-end step after 2 of its 20 steps
+    ("model-tuning-step:2", [READ_BACK, "model tuning: resuming after step 2 of 20"]),
+    # the pass and the end-to-end step done (not run again), the checkpoint being written
+    ("index:1", [READ_BACK, "model tuning: read back what an earlier run kept"]),
 ]
 
 
-@pytest.mark.parametrize("point, resumes_at", KILLS, ids=[k[0] for k in KILLS])
-def test_a_killed_tuning_pass_resumes_to_the_same_bytes(tiny, tuned_reference, tmp_path, caplog, point, resumes_at):
+@pytest.mark.parametrize("point, says", KILLS, ids=[k[0] for k in KILLS])
+def test_a_killed_tuning_pass_resumes_to_the_same_bytes(tiny, tuned_reference, tmp_path, caplog, point, says):
     reference, reports = tuned_reference
     out = tmp_path / "q"
     _killed(["quantize", tiny, "--out", out, "--calib-data", _data(tiny), *TUNE], point)
     assert not out.exists() and (tmp_path / ".q.ernieq-sequential" / resume.STATE_NAME).is_file()
     with caplog.at_level(logging.INFO, logger="ernieq"):
         summary = _tune(tiny, out)
-    if resumes_at is None:
-        assert "calibrated by an earlier run with the same inputs and settings; read back" in caplog.text
-        assert "model tuning: read back what an earlier run kept" in caplog.text  # --tune-model-steps: not run again
-    else:
-        assert f"resuming the calibration pass at layer {resumes_at} of 3" in caplog.text
+    for line in says:
+        assert line in caplog.text
     assert _files(out) == reference
     assert _without_time(summary.tune_reports) == _without_time(reports)  # layers tuned before the kill: as they did
     assert not any(p.name.startswith(".q.") for p in tmp_path.iterdir())  # nothing left beside OUT
@@ -150,7 +153,8 @@ def test_a_leftover_of_other_inputs_starts_the_pass_over(tiny, tmp_path, monkeyp
 
 def test_a_rank_killed_mid_pass_resumes_to_the_same_bytes_on_two_ranks(tiny, tmp_path):
     """Rank 1 dies after writing its states of layer 1, before rank 0 marks the layer: the rerun resumes
-    from layer 0's states, which the other parity kept, and writes what an uninterrupted 2-rank run writes."""
+    from layer 0's states, which the other parity kept, and writes what an uninterrupted 2-rank run writes;
+    the same after rank 1 dies in the end-to-end step."""
     args = ["quantize", tiny, "--calib-data", _data(tiny), *TUNE]
     done = _torchrun(*args, "--out", tmp_path / "ref")
     assert done.returncode == 0, done.stderr
@@ -162,6 +166,13 @@ def test_a_rank_killed_mid_pass_resumes_to_the_same_bytes_on_two_ranks(tiny, tmp
     assert done.returncode == 0, done.stderr
     assert "resuming the calibration pass at layer 2 of 3" in done.stderr
     assert _files(tmp_path / "q") == _files(tmp_path / "ref")
+    # rank 1 dies after saving the end-to-end step's second step; rank 0 saved it too, or only the first
+    killed = _torchrun(*args, "--out", tmp_path / "q2", kill="model-tuning-step:2@1")
+    assert killed.returncode != 0 and not (tmp_path / "q2").exists()
+    done = _torchrun(*args, "--out", tmp_path / "q2", verbose=True)
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"model tuning: resuming after step [12] of 20", done.stderr)
+    assert _files(tmp_path / "q2") == _files(tmp_path / "ref")
 
 
 def test_a_killed_tuning_pass_with_a_measured_mix_resumes_to_the_same_bytes(tiny, tmp_path, caplog):

@@ -110,3 +110,30 @@ def test_tuned_scales_are_kept_only_where_they_lower_the_held_out_kl(tuned, tmp_
     assert all(torch.equal(decode(again.get(n)), decode(kept.get(n))) for n in names)
     _, other = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-2", False)
     assert other is not None  # another pass's results: tuned again
+
+
+def test_a_stopped_run_resumes_after_its_last_step_to_the_same_scales(tuned, tmp_path, monkeypatch, caplog):
+    """Stopped after its third step, the rerun takes back the saved scales, draws the same batches and ends
+    where an uninterrupted run does; a finished run leaves no step behind."""
+    src, ids, store, plan = tuned
+    ids = ids[:1].repeat(ids.shape[0], 1)  # the held-out KL falls: the tuned scales are what is kept
+    settings = ModelTuneSettings(steps=5, lr=0.005, batch_seqs=2)
+    whole, _ = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "whole", "run-1", False)
+    saves = []
+
+    def stop(point):
+        saves.append(point)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(e2e, "kill_point", stop)
+    with pytest.raises(KeyboardInterrupt):
+        tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-1", False)
+    assert len(list((tmp_path / "m").glob(e2e.STEP_GLOB))) == 2  # steps 2 and 3
+    with caplog.at_level("INFO", logger="ernieq.calibration.tune_model"):
+        kept, report = tune_model(src, store, plan, ids, settings, torch.device("cpu"), tmp_path / "m", "run-1",
+                                  False)
+    assert "resuming after step 3 of 5" in caplog.text and report.kept == "tuned"
+    assert all(torch.equal(decode(kept.get(n)), decode(whole.get(n))) for n in store._file_of)
+    assert any(not torch.equal(decode(kept.get(n)), decode(store.get(n))) for n in store._file_of)
+    assert not list((tmp_path / "m").glob(e2e.STEP_GLOB))
