@@ -244,9 +244,9 @@ def _save_step(folder: Path, key: dict, step: int, kl_start: float, params: list
     kill_point("model-tuning-step")
 
 
-def _resume(folder: Path, key: dict, params: list[torch.Tensor]) -> tuple[int, float | None]:
-    """The steps an earlier run with ``key`` finished on every rank, their parameters loaded into ``params``,
-    and the start's held-out KL it measured; (0, None) with none. Saves of another run go."""
+def _resume(folder: Path, key: dict, steps: int, params: list[torch.Tensor]) -> tuple[int, float | None]:
+    """The last of the ``steps`` that every rank saved in a run with ``key``, its parameters loaded into
+    ``params``, and the start's held-out KL that run measured; (0, None) with none. Saves of another run go."""
     saved = {}
     for path in folder.glob(STEP_GLOB):
         with safe_open(str(path), framework="pt") as f:
@@ -254,13 +254,13 @@ def _resume(folder: Path, key: dict, params: list[torch.Tensor]) -> tuple[int, f
                 path.unlink()
                 continue
         saved[int(path.stem.split("-")[1])] = path
-    step = torch.tensor([float(max(saved, default=0))])
-    distributed.all_reduce([step], op="min", what="agreeing on the step to resume after")
-    here = torch.tensor([float(int(step.item()) in saved)])
-    distributed.all_reduce([here], op="min", what="agreeing on the step to resume after")
-    if not here.item():
+    have = torch.zeros(steps + 1)  # have[t]: this rank saved step t (t = 0: nothing to load)
+    have[[t for t in saved if t <= steps]] = 1
+    have[0] = 1
+    distributed.all_reduce([have], op="min", what="agreeing on the step to resume after")
+    step = int(have.nonzero().max())
+    if step == 0:
         return 0, None
-    step = int(step.item())
     with safe_open(str(saved[step]), framework="pt") as f, torch.no_grad():
         for j, p in enumerate(params):
             p.copy_(f.get_tensor(str(j)))
@@ -304,7 +304,7 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
         distributed.all_reduce([sums], what="summing held-out KL")
         return float(sums[0] / sums[1].clamp(min=1))
 
-    done, kl_start = _resume(folder, key, params)
+    done, kl_start = _resume(folder, key, settings.steps, params)
     if kl_start is None:
         kl_start = held_out()
     else:
