@@ -79,6 +79,11 @@ SETTINGS = {
     # the FastDeploy-exportable checkpoint with more end-to-end steps (--tune-model-steps 28; the step size falls
     # with the steps, so the scales travel as far in smaller steps)
     "w2-fd-tune-m28": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "tune_model_steps": 28},
+    # AWQ's scales folded into the norms and up projections before GPTQ (--awq), then tuned as above
+    "w2-fd-tune-awq": {"bits": 2, "method": "tune", "calib_data": "demo", "rotate": False, "awq": True},
+    "w2-tune-awq": {"bits": 2, "method": "tune", "calib_data": "demo", "awq": True},
+    "w4-tune-awq": {"bits": 4, "method": "tune", "calib_data": "demo", "awq": True},
+    "w2-fd-gptq-awq": {"bits": 2, "rotate": False, "calib": SAVED, "awq": True},
     # the same with the batches in another order (--tune-seed): how much a result owes to the seed
     "w4-tune-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_seed": 1},
     "w4-tune-model-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",

@@ -305,6 +305,9 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                           f"input rotations (use --no-rotate)")
     if o.method == "tune" and o.calib_data is None:
         raise ErnieqError("--method tune tunes each layer during a calibration pass: it needs --calib-data SRC")
+    if o.awq and o.method in ("rtn", "awq"):
+        raise ErnieqError(f"--awq folds AWQ's scales in before GPTQ (--method gptq or tune); --method {o.method} "
+                          f"{'rounds to nearest after them' if o.method == 'awq' else 'has no statistics to search them on'}")
     if o.sequential and o.calib_data is None:
         raise ErnieqError("--sequential calibrates while it quantizes: it needs --calib-data SRC")
     check_plan(source, config)
@@ -346,7 +349,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
                 if world().main:
                     shutil.rmtree(calib_dir, ignore_errors=True)
                 barrier("starting the sequential pass")
-            plan = sequential_plan(source, config, o.method or "gptq")
+            plan = sequential_plan(source, config, o.method or "gptq", o.awq)
             if o.method == "tune":  # GPTQ, then each layer tuned in the same pass; results beside OUT until written
                 from ernieq.calibration.tune import TuneSettings
                 from ernieq.calibration.tuned_store import TunedStore

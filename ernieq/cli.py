@@ -360,6 +360,10 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
                    "needs --calib-data; the demo on 2 cores: about 18 minutes with the end-to-end steps, against 4 "
                    "for gptq; measurements in the README). "
                    "Default: gptq with statistics, rtn without.")
+@click.option("--awq", is_flag=True,
+              help="With gptq or tune: AWQ's per-input-channel scales searched on each layer's statistics and "
+                   "folded into the norms and up projections (an exact fold every format stores) before GPTQ; "
+                   "helps most without rotations (--format fastdeploy; measurements in the README).")
 @click.option("--tune-steps", type=click.IntRange(min=0), default=20, show_default=True,
               help="--method tune: signed-gradient steps per decoder layer.")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
@@ -403,7 +407,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp8_activations: str, group_size: str,
              sym: bool, w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None,
              calib: Path | None, calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None,
-             tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_seed: int,
+             awq: bool, tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_seed: int,
              tune_target: str, tune_model_steps: int, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
              workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
@@ -420,7 +424,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
     group = None if group_size == "channel" else int(group_size)
     options = QuantizeOptions(recipe=recipe, bits=int(bits), fp8=fp8, fp8_activations=fp8_activations,
                               group_size=group, symmetric=sym, w4_moe_layers=w4_moe_layers,
-                              overrides=overrides, rotate=rotate, method=method, calib_data=calib_data, calib=calib,
+                              overrides=overrides, rotate=rotate, method=method, awq=awq, calib_data=calib_data, calib=calib,
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr,
                               tune_rounding=tune_rounding, tune_seed=tune_seed, tune_target=tune_target,

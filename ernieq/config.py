@@ -181,7 +181,8 @@ class QuantizeOptions:
     fp8_activations: with fp8, ``"dynamic"`` (W8A8: activations quantized per token and 128-channel
     group at run time, as the hf-fp8 and compressed-tensors exports declare) or ``"none"``
     (weight-only). rotate None means the recipe's choice, else on for the native format, which alone
-    can carry rotations. method None: GPTQ with statistics, round to nearest without. calib_data
+    can carry rotations. method None: GPTQ with statistics, round to nearest without; awq: with GPTQ
+    (method gptq or tune), AWQ's per-input-channel scales searched and folded in first. calib_data
     collects statistics first, calib reuses saved ones; sequential calibrates each layer on the
     quantized layers before it; method "tune" adds block-output tuning to that pass
     (``ernieq.calibration.tune``: tune_steps signed-gradient steps per layer, first step tune_lr,
@@ -206,6 +207,7 @@ class QuantizeOptions:
     overrides: tuple[str, ...] = ()
     rotate: bool | None = None
     method: str | None = None
+    awq: bool = False
     calib_data: str | None = None
     calib: str | Path | None = None
     calib_tokens: int = 64 * 512

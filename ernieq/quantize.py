@@ -164,7 +164,8 @@ class _Job:
     method: str
     encoder: Encoder
     bar: QuantizeProgress
-    tuned: object | None = None  # block-output tuning's results: ``get(name) -> QuantizedTensor | None``
+    tuned: object | None = None  # block-output tuning's results: ``get(name) -> QuantizedTensor | None``, ``get_plain``
+    awq: bool = False  # AWQ's scales searched and folded into each group first (done in the pass when tuned)
 
     def stats(self, name: str) -> CalibrationStats | None:
         return self.calib.stats(name) if self.calib is not None else None
@@ -184,7 +185,7 @@ class _Job:
 def _awq(job: _Job, group: TensorGroup, tensors: Mapping[str, torch.Tensor], weights: list) -> tuple[list, dict, dict]:
     """AWQ's scales searched and folded into the group (``ernieq.calibration.awq``): the new weights
     list, the group's other tensors (norms, router) and the statistics of every scaled weight."""
-    from ernieq.calibration.awq import Member, apply_awq, group_folds
+    from ernieq.calibration.awq import awq_group
 
     infos = {name: info for name, info, _ in weights}
     device = job.encoder.device  # the search runs there; the results come back to host memory
@@ -195,14 +196,11 @@ def _awq(job: _Job, group: TensorGroup, tensors: Mapping[str, torch.Tensor], wei
         s = job.stats(name)
         return s.to(device) if s is not None else None
 
-    def member(name: str, weight: torch.Tensor):
+    def codec(name: str):
         choice = job.config.choose(name, infos[name], job.ordinals.get(infos[name].layer)) if name in infos else None
-        return None if choice is None else Member(name, weight, codec_of(choice), stats(name))
+        return None if choice is None else codec_of(choice)
 
-    folds, reasons = group_folds(job.adapter, group.layer, list(named)) if group.layer is not None else ([], [])
-    for reason in reasons:
-        log.info("awq: %s: left unscaled: %s", group.key, reason)
-    named, scaled = apply_awq(named, folds, member, stats)
+    named, scaled = awq_group(job.adapter, group.layer, named, codec, stats, group.key)
     named = {name: t.to(HOST) for name, t in named.items()}
     scaled = {name: s.to(HOST) if s is not None else None for name, s in scaled.items()}
     return [(name, info, named[name]) for name, info, _ in weights], named, scaled
@@ -218,8 +216,14 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: Mapping[s
     kept: dict[str, list] = {}  # reason -> [(name, weights)] of what stays as it is
     weights = list(linear_weights(group.tensors, tensors, job.adapter, keep))  # routed experts under per-expert names
     stats = {}
-    if job.method == "awq":
+    if job.awq and job.tuned is None:
         weights, tensors, stats = _awq(job, group, tensors, weights)
+
+    def as_is(name: str, t: torch.Tensor) -> torch.Tensor:
+        """A tensor stored as it is: the value the tuning pass left for it (AWQ's fold), else its own."""
+        new = job.tuned.get_plain(name) if job.tuned is not None else None
+        return t if new is None else new.to(t.dtype)
+
     todo = []  # (name, info, weight, choice) of the weights to encode, in order
     for name, info, weight in weights:
         row = rows.setdefault(info.cls.value, ClassSummary())
@@ -227,7 +231,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: Mapping[s
         row.bytes_before += _nbytes(weight)
         choice = job.config.choose(name, info, job.ordinals.get(info.layer))
         if choice is None:
-            out.add_plain(name, weight)
+            out.add_plain(name, as_is(name, weight))
             row.bytes_after += _nbytes(weight)
             kept.setdefault(kept_reason(info), []).append((name, weight.numel()))
             job.bar.weights_done(weight.numel())
@@ -283,7 +287,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: Mapping[s
     for info in group.tensors:
         if info.is_linear_weight or (keep is not None and not keep(info)):
             continue
-        t = tensors[info.name]
+        t = as_is(info.name, tensors[info.name])
         row = rows.setdefault(info.cls.value, ClassSummary())
         row.weights += t.numel()
         row.bytes_before += _nbytes(t)
@@ -294,7 +298,7 @@ def quantize_group(job: _Job, index: int, group: TensorGroup, tensors: Mapping[s
     return out, {k: asdict(v) for k, v in sorted(rows.items())}, kept
 
 
-def _pieces(reader: CheckpointReader, adapter: Adapter, group: TensorGroup, method: str) -> list[int]:
+def _pieces(reader: CheckpointReader, adapter: Adapter, group: TensorGroup, awq: bool) -> list[int]:
     """The group's weight counts where a plan may cut it: everything but its routed experts, then each
     routed expert; one piece with AWQ, whose scales are searched over the whole group."""
     total = _group_weights(reader, group)
@@ -302,7 +306,7 @@ def _pieces(reader: CheckpointReader, adapter: Adapter, group: TensorGroup, meth
     for _, info, shape in linear_weight_shapes(reader, group.tensors, adapter):
         if info.cls is TensorClass.ROUTED_EXPERT:
             experts[info.expert] = experts.get(info.expert, 0) + shape[0] * shape[1]
-    if method == "awq" or not experts:
+    if awq or not experts:
         return [total]
     return [total - sum(experts.values()), *(experts[e] for e in sorted(experts))]
 
@@ -368,10 +372,10 @@ def _calibration_info(calib) -> dict | None:
     return {k: v for k, v in calib.info.items() if k not in ("seconds", "runtime")}
 
 
-def fingerprint(source: Path, config: QuantConfig, method: str, calib, device: torch.device,
+def fingerprint(source: Path, config: QuantConfig, method: str, awq: bool, calib, device: torch.device,
                 groups: list[TensorGroup]) -> dict:
     """What makes a run's bytes: ernieq's version, the source files (name, size, mtime), the recipe,
-    the method, the calibration, the encoding device and the groups. A leftover folder resumes only
+    the method (and AWQ's fold), the calibration, the encoding device and the groups. A leftover folder resumes only
     when this matches exactly."""
     files = sorted(p for p in source.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     return json.loads(json.dumps({
@@ -380,6 +384,7 @@ def fingerprint(source: Path, config: QuantConfig, method: str, calib, device: t
         "source": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         "recipe": repr(config),
         "method": method,
+        "awq": awq,
         "calibration": _calibration_info(calib),
         "device": device.type,
         "groups": [g.key for g in groups],
@@ -448,8 +453,9 @@ def recipe_for(source: Path, options: QuantizeOptions, default_rotate: bool = Fa
     return configure(options, len(_ordinals(source)), default_rotate)
 
 
-def sequential_plan(source: Path, config: QuantConfig, method: str):
-    """What sequential calibration must simulate: this config's codec choices (and rotations) and the method."""
+def sequential_plan(source: Path, config: QuantConfig, method: str, awq: bool = False):
+    """What sequential calibration must simulate: this config's codec choices (and rotations), the method, and
+    (``awq``) AWQ's fold before GPTQ."""
     from ernieq.calibration.sequential import SequentialPlan
 
     check_method(method)
@@ -463,7 +469,7 @@ def sequential_plan(source: Path, config: QuantConfig, method: str):
         choice = config.choose(name, info, ordinals.get(info.layer))
         return (None if choice is None else (choice.codec, choice.kwargs)), config.rotates(choice)
 
-    return SequentialPlan(choose, method, key=repr(config))
+    return SequentialPlan(choose, method, key=repr(config), awq=awq)
 
 
 def _quantize_part(job: _Job, writer: NativeWriter, group: TensorGroup, part: distributed.Part) -> None:
@@ -504,6 +510,7 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     options = with_fields(options, fields)
     method = options.method or "rtn"
     check_method(method)
+    awq = method == "awq" or options.awq
     source, out = Path(source), Path(out)
     reader = CheckpointReader(source)
     adapter = adapter_for(reader.config, str(source / "config.json"))
@@ -521,13 +528,13 @@ def run_quantize(source: Path, out: Path, config: QuantConfig | None = None, opt
     try:
         writer = distributed.main_first(lambda: NativeWriter(
             tmp, reader.config, config.recipe, len(groups),
-            fingerprint(source, config, method, calib, encoder.device, groups)), "opening the output folder")
+            fingerprint(source, config, method, awq, calib, encoder.device, groups)), "opening the output folder")
         if writer.resumed and world.main:
             log.info("resuming the run left in %s", tmp)
-        plan = distributed.plan([_pieces(reader, adapter, g, method) for g in groups])
+        plan = distributed.plan([_pieces(reader, adapter, g, awq and tuned is None) for g in groups])
         mine = plan[world.rank]
         with encoder, QuantizeProgress(options.progress, sum(p.weight for p in mine), len(groups)) as bar:
-            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar, tuned)
+            job = _Job(reader, adapter, config, ordinals, calib, method, encoder, bar, tuned, awq)
             for part in mine:
                 _quantize_part(job, writer, groups[part.index], part)
             distributed.barrier("encoding")

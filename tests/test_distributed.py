@@ -68,7 +68,7 @@ def _pieces(tiny: Path) -> list[list[int]]:
 
     reader = CheckpointReader(tiny)
     adapter = adapter_for(reader.config, "tiny")
-    return [_pieces(reader, adapter, g, "gptq") for g in iter_groups(reader, adapter)]
+    return [_pieces(reader, adapter, g, False) for g in iter_groups(reader, adapter)]
 
 
 def test_calibrate_on_two_ranks_matches_one_process(tiny, one_process, tmp_path):

@@ -204,6 +204,9 @@ BAD = {
     "a negative step count": ("method: tune\ntune: {steps: -1}\nrules: [{codec: wint8}]\n", ("tune.steps",)),
     "a fractional model step count": ("method: tune\ntune: {model_steps: 2.5}\nrules: [{codec: wint8}]\n",
                                       ("tune.model_steps",)),
+    "AWQ before GPTQ with round to nearest": ("method: rtn\nawq: true\nrules: [{codec: wint8}]\n",
+                                              ("awq", "not with method rtn")),
+    "AWQ not true or false": ("method: gptq\nawq: yes please\nrules: [{codec: wint8}]\n", ("awq", "true or false")),
 }
 
 
@@ -292,7 +295,7 @@ def test_a_recipe_states_its_tuning_and_the_command_wins_where_it_sets_one(tmp_p
 
 
 def test_a_tuned_checkpoint_records_its_tuning_and_its_recipe_makes_it_again(tmp_path, monkeypatch, capsys):
-    """The recipe a ``--method tune`` checkpoint stores (what its model card says makes it again) states the
+    """The recipe a ``--method tune --awq`` checkpoint stores (what its model card says makes it again) states the
     tuning settings, reads back as a recipe, and makes the same bytes."""
     from tests.tiny import write_char_tokenizer, write_tiny_ernie
 
@@ -302,11 +305,12 @@ def test_a_tuned_checkpoint_records_its_tuning_and_its_recipe_makes_it_again(tmp
     text.write_text("Calibration text about rivers, mountains, cities and the people who live there. " * 20)
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "a", "--bits", "4",
                            "--method", "tune", "--calib-data", text, "--calib-tokens", "128", "--calib-seq-len", "32",
-                           "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model", "--tune-model-steps", "4")
+                           "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model", "--tune-model-steps", "4",
+                           "--awq")
     assert code == 0, err
     printed = _inspect_recipe(monkeypatch, capsys, tmp_path / "a")
     spec = yaml.safe_load(printed)
-    assert spec["method"] == "tune"
+    assert spec["method"] == "tune" and spec["awq"] is True
     assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model", "model_steps": 4}
     (tmp_path / "printed.yaml").write_text(printed)
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "b", "--recipe",

@@ -108,7 +108,7 @@ def test_fingerprint_is_the_same_in_every_process(tiny):
             "from ernieq.model.adapters import adapter_for, iter_groups; "
             "from ernieq.model.checkpoint import CheckpointReader; from ernieq.config import QuantizeOptions; from ernieq.quantize import fingerprint, recipe_for; "
             "src = Path(sys.argv[1]); r = CheckpointReader(src); g = list(iter_groups(r, adapter_for(r.config, 'c'))); "
-            "print(json.dumps(fingerprint(src, recipe_for(src, QuantizeOptions(bits=2, rotate=True))[0], 'gptq', None, torch.device('cpu'), g)))")
+            "print(json.dumps(fingerprint(src, recipe_for(src, QuantizeOptions(bits=2, rotate=True))[0], 'gptq', False, None, torch.device('cpu'), g)))")
     prints = {subprocess.run([sys.executable, "-c", code, str(tiny)], capture_output=True, text=True, check=True,
                              env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(REPO)}).stdout
               for seed in range(4)}

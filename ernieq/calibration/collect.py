@@ -175,16 +175,18 @@ def _collected(collector: Collector, info: dict) -> CalibrationSet:
 
 
 def _tuned_layer(model, i, stats_of, plan: SequentialPlan, inputs, targets, on_step):
-    """Layer i encoded by GPTQ, then tuned against the unquantized layer's outputs (``tune.py``); what
-    it keeps goes to ``plan.sink``, and the layer returned holds it."""
+    """Layer i encoded by GPTQ (after AWQ's fold with ``plan.awq``), then tuned against the unquantized layer's
+    outputs (``tune.py``); what it keeps, and the tensors the fold changed, go to ``plan.sink``, and the layer
+    returned holds them."""
     from ernieq.calibration.tune import tune_layer
 
-    encoded = encode_layer(model, i, stats_of, plan)
-    layer = model.load_layer(i, {name: e.decoded() for name, e in encoded.items()})
+    encoded, plain = encode_layer(model, i, stats_of, plan)
+    layer = model.load_layer(i, {**plain, **{name: e.decoded() for name, e in encoded.items()}})
     kept, weights, report = tune_layer(model, i, layer, encoded, inputs, targets, plan.tune, on_step)
     if plan.sink is not None:
-        plan.sink(i, {name: q.to(HOST) for name, q in kept.items()}, report)
-    return model.load_layer(i, weights)
+        plan.sink(i, {name: q.to(HOST) for name, q in kept.items()}, report,
+                  {name: t.to(HOST) for name, t in plain.items()})
+    return model.load_layer(i, {**plain, **weights})
 
 
 def _run(model, token_ids, collector, store, batch, progress, start, info, sequential=None, checkpoint=None,

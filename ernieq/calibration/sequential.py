@@ -35,18 +35,21 @@ class SequentialPlan:
     """What the quantization will do, for the calibration to simulate: the codec choice and the method.
     ``tune``: block-output tuning after GPTQ (``ernieq.calibration.tune.TuneSettings``), whose results go
     to ``sink`` (a ``tuned_store.TunedStore``). ``key``: what ``choose`` is made from (the recipe's repr),
-    part of a resumed pass's fingerprint (``resume.py``)."""
+    part of a resumed pass's fingerprint (``resume.py``). ``awq``: AWQ's scales searched on each layer's
+    statistics and folded into its norms and up projections before the weights are encoded (``awq.py``)."""
 
     choose: Chooser
     method: str
     rotation_seed: int = 0
+    awq: bool = False
     tune: object | None = None
     sink: TunedStore | None = None
     key: str = ""
 
     def describe(self) -> dict:
         """What makes the pass's bytes (``choose`` by its ``key``)."""
-        return {"method": self.method, "rotation_seed": self.rotation_seed, "key": self.key, "tune": repr(self.tune)}
+        return {"method": self.method, "rotation_seed": self.rotation_seed, "key": self.key, "tune": repr(self.tune),
+                "awq": self.awq}
 
 
 @dataclass(frozen=True)
@@ -74,31 +77,54 @@ class Encoded:
 
 def encode_layer(
     model: LayerwiseModel, i: int, stats_of: Callable[[str], CalibrationStats | None], plan: SequentialPlan
-) -> dict[str, Encoded]:
-    """Every weight of decoder layer i the plan quantizes, encoded as ``ernieq quantize`` will encode it."""
+) -> tuple[dict[str, Encoded], dict[str, torch.Tensor]]:
+    """Every weight of decoder layer i the plan quantizes, encoded as ``ernieq quantize`` will encode it, and
+    (``plan.awq``) the tensors stored as they are that AWQ's fold changed (norms, the router), by name."""
     lt = model.layer_tensors(i)
-    tensors = {t.name: model.reader.get(t.name) for t in lt.infos if t.is_linear_weight}
+    tensors = {t.name: model.reader.get(t.name) for t in lt.infos}
+    weights = {name: (info, weight.to(model.device, torch.float32))  # encoded where the layer runs
+               for name, info, weight in linear_weights(lt.infos, tensors, model.adapter)}
+    choices = {name: plan.choose(name, info) for name, (info, _) in weights.items()}
+    plain: dict[str, torch.Tensor] = {}
+    stats = {}
+    if plan.awq:
+        from ernieq.calibration.awq import awq_group
+
+        named = {**{name: w for name, (_, w) in weights.items()},
+                 **{t.name: tensors[t.name].to(model.device) for t in lt.infos if not t.is_linear_weight}}
+
+        def codec(name: str):
+            choice = choices[name][0] if name in choices else None
+            return None if choice is None else get_codec(choice[0], **choice[1])
+
+        def stats_on_device(name: str) -> CalibrationStats | None:
+            s = stats_of(name)
+            return s.to(model.device) if s is not None else None
+
+        folded, stats = awq_group(model.adapter, i, named, codec, stats_on_device, f"layer {i}")
+        weights = {name: (info, folded[name]) for name, (info, _) in weights.items()}
+        plain = {name: t for name, t in folded.items() if t is not named[name] and choices.get(name, (None,))[0] is None}
     out: dict[str, Encoded] = {}
-    for name, info, weight in linear_weights(lt.infos, tensors, model.adapter):
-        choice, rotate = plan.choose(name, info)
+    for name, (info, weight) in weights.items():
+        choice, rotate = choices[name]
         if choice is None:
             continue
         codec_name, kwargs = choice
         rotation = make_rotation(weight.shape[1], plan.rotation_seed) if rotate else None
-        weight = weight.to(model.device, torch.float32)  # encoded where the layer runs
-        stats = stats_of(name)
-        q = encode_weight(get_codec(codec_name, **kwargs), weight, stats, name, plan.method, rotation)
-        stats = stats.to(weight.device) if stats is not None else None
+        s = stats[name] if name in stats else stats_of(name)
+        q = encode_weight(get_codec(codec_name, **kwargs), weight, s, name, plan.method, rotation)
+        s = s.to(weight.device) if s is not None else None
         if rotation is not None:
             rotation = rotation.to(weight.device)
-            weight, stats = rotation.apply(weight), rotate_stats(stats, rotation)  # what the codec saw
-        out[name] = Encoded(q, weight, rotation, stats)
-    return out
+            weight, s = rotation.apply(weight), rotate_stats(s, rotation)  # what the codec saw
+        out[name] = Encoded(q, weight, rotation, s)
+    return out, plain
 
 
 def quantized_layer(
     model: LayerwiseModel, i: int, stats_of: Callable[[str], CalibrationStats | None], plan: SequentialPlan
 ) -> nn.Module:
-    """Decoder layer i reloaded with every weight the plan quantizes replaced by its decoded value."""
-    encoded = encode_layer(model, i, stats_of, plan)
-    return model.load_layer(i, {name: e.decoded() for name, e in encoded.items()})  # W_hat R R^T
+    """Decoder layer i reloaded with every weight the plan quantizes replaced by its decoded value (and the
+    tensors AWQ's fold changed by their new values)."""
+    encoded, plain = encode_layer(model, i, stats_of, plan)
+    return model.load_layer(i, {**plain, **{name: e.decoded() for name, e in encoded.items()}})  # W_hat R R^T

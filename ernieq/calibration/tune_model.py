@@ -107,6 +107,7 @@ class _Layer:
             if q is not None:
                 self.q[name] = q
                 self.rotation[name] = shape[1] if plan.choose(name, info)[1] else None
+        self.plain = {t.name: p for t in lt.infos if (p := store.get_plain(t.name)) is not None}  # AWQ's fold
         self.seed = plan.rotation_seed
         self.tuners = {n: make_tuner(q.to(model.device), torch.empty(q.shape, device="meta"), False)
                        for n, q in self.q.items() if q.codec in TUNED_CODECS}
@@ -123,7 +124,8 @@ class _Layer:
             tuned = {n: self._frame(n, tu.weight()) for n, tu in tuners.items()}
             fixed = {n: self._frame(n, decode(q).float().to(self.model.device)) for n, q in self.q.items()
                      if n not in tuners}
-            layer = self.model.load_layer(self.i, {**fixed, **{n: w.detach() for n, w in tuned.items()}}).eval()
+            layer = self.model.load_layer(self.i, {**self.plain, **fixed, **{n: w.detach() for n, w in tuned.items()}})
+            layer.eval()
             try:
                 for p in layer.parameters():
                     p.requires_grad_(False)
@@ -219,7 +221,7 @@ def tune_model(source, store: TunedStore, plan: SequentialPlan, token_ids: torch
     report, layers = _tune(source, store, plan, token_ids, settings, device, folder, key, progress)
     if report.kept == TUNED:
         for layer in layers:
-            out.put(layer.i, layer.results())
+            out.put(layer.i, layer.results(), plain=layer.plain)
     out.reports = store.reports
     digest = _digest({n: q for layer in layers for n, q in layer.results().items()}) if report.kept == TUNED else "-"
     same_on_every_rank("the model", digest)

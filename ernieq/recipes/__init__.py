@@ -119,7 +119,7 @@ def configure(options: QuantizeOptions, num_moe_layers: int,
         return preset(options, num_moe_layers), options
     recipe = load_recipe(options.recipe, num_moe_layers=num_moe_layers)
     fill: dict = {"rotate": next(r for r in (options.rotate, recipe.rotate, default_rotate) if r is not None),
-                  "method": options.method or recipe.method}
+                  "method": options.method or recipe.method, "awq": options.awq or recipe.awq}
     cal = recipe.calibration
     if cal is not None and options.calib_data is None and options.calib is None:
         fill.update(calib_data=cal.data, all_experts=options.all_experts or cal.all_experts,
@@ -167,6 +167,8 @@ def recipe_spec(config: QuantConfig, options: QuantizeOptions) -> dict:
         spec["description"] = config.description
     spec["rotate"] = bool(config.rotate)
     spec["method"] = options.method or "rtn"
+    if options.awq:
+        spec["awq"] = True
     if spec["method"] == "tune":
         spec["tune"] = {"steps": options.tune_steps, "lr": options.tune_lr, "rounding": options.tune_rounding,
                         "seed": options.tune_seed, "target": options.tune_target,

@@ -8,6 +8,7 @@ r"""Recipe files: the YAML schema (version 1), read strictly into rules and the 
     parameters: {w4_layers: 3}       # optional: named values; "$w4_layers" anywhere in rules stands for one
     rotate: auto                     # optional: auto (on for the native format), true or false
     method: gptq                     # optional: rtn, gptq, awq or tune (default: gptq with statistics, else rtn)
+    awq: false                       # optional, with gptq or tune: AWQ's scales folded in before GPTQ
     tune:                            # optional, with method tune: block-output tuning's settings
       steps: 20                      #   signed-gradient steps per decoder layer
       lr: null                       #   the first step (null: 1 / steps)
@@ -51,7 +52,8 @@ from ernieq.model.adapters import LINEAR_CLASSES, TensorClass
 
 SCHEMA_KEY = "ernieq_recipe"
 SCHEMA_VERSION = 1
-TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method", "tune", "calibration", "rules")
+TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method", "awq", "tune", "calibration",
+            "rules")
 RULE_KEYS = ("codec", "params", "classes", "pattern", "layers", "moe_layers", "optional")
 CALIBRATION_KEYS = ("data", "tokens", "seq_len", "all_experts", "sequential")
 TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target", "model_steps")
@@ -98,6 +100,7 @@ class Recipe:
     description: str = ""
     rotate: bool | None = None
     method: str | None = None
+    awq: bool = False
     calibration: Calibration | None = None
     tune: Tune | None = None
 
@@ -332,12 +335,17 @@ def parse_recipe(data: dict, where: str, parameters: dict | None = None, num_moe
     method = data.get("method")
     if method is not None and method not in METHODS:
         _fail(where, "method", f"expected one of {', '.join(METHODS)}, got {method!r}")
+    awq = data.get("awq", False)
+    _typed(awq, bool, where, "awq", "true or false")
+    if awq and method in ("rtn", "awq"):
+        _fail(where, "awq", f"folds AWQ's scales in before GPTQ (method gptq or tune), not with method {method}")
     return Recipe(
         name=name,
         rules=tuple(parse_rule(r, where, f"rules[{i}]", num_moe_layers) for i, r in enumerate(rules)),
         description=description.strip(),
         rotate=None if rotate == ROTATE_AUTO else rotate,
         method=method,
+        awq=awq,
         calibration=_calibration(data.get("calibration"), where),
         tune=_tune(data.get("tune"), method, where),
     )

@@ -40,6 +40,22 @@ def test_search_finds_a_scale_that_beats_plain_rounding():
     assert abs(output_error(m, s) - float(direct)) < 1e-3 * float(direct)
 
 
+def test_the_coarse_to_fine_search_finds_the_grids_best_alpha(monkeypatch):
+    """9 errors instead of the grid's 20, and the same alpha as trying every one (the error is unimodal here)."""
+    from ernieq.calibration import awq
+
+    gen = torch.Generator().manual_seed(3)
+    x = _inputs(128, 512, gen)
+    codec = get_codec("wint4", group_size=32, symmetric=True)
+    members = [Member(f"w{i}", torch.randn(64, 128, generator=gen), codec, _stats(x)) for i in range(2)]
+    every = search_scale(members, coarse=1)  # coarse 1: every alpha of the grid
+    calls = []
+    monkeypatch.setattr(awq, "output_error", lambda member, s: calls.append(s) or output_error(member, s))
+    s = search_scale(members)
+    assert len(calls) == 9 * len(members)
+    assert s is not None and every is not None and torch.equal(s, every)
+
+
 def test_no_statistics_means_no_scale():
     codec = get_codec("wint4", group_size=32, symmetric=True)
     assert search_scale([Member("w", torch.randn(8, 64), codec, None)]) is None

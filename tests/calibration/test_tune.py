@@ -190,7 +190,7 @@ def text(tmp_path):
 @pytest.mark.parametrize("fmt", ["native", "fastdeploy"])
 def test_quantize_method_tune_end_to_end(tiny128, text, tmp_path, monkeypatch, capsys, fmt):
     """``ernieq quantize --method tune`` with the 2-bit recipe (wint8, wint4 and ccq2 experts; native: with
-    ``--tune-rounding``; fastdeploy: against the unquantized model's hidden states), then the checkpoint
+    ``--tune-rounding``; fastdeploy: against the unquantized model's hidden states, with ``--awq``), then the checkpoint
     published and verified: it holds only what its format stores."""
     import json
 
@@ -201,7 +201,7 @@ def test_quantize_method_tune_end_to_end(tiny128, text, tmp_path, monkeypatch, c
     code, _, err = run(monkeypatch, capsys, "quantize", tiny128, "--out", q, "--bits", "2", "--method", "tune",
                        "--calib-data", text, "--calib-tokens", "512", "--calib-seq-len", "32", "--tune-steps", "5",
                        "--w4-moe-layers", "1", "--format", fmt,
-                       *(["--tune-rounding"] if fmt == "native" else ["--tune-target", "model"]))
+                       *(["--tune-rounding"] if fmt == "native" else ["--tune-target", "model", "--awq"]))
     assert code == 0, err
     assert not list(tmp_path.glob(".q.ernieq-*")), "the tuning and calibration folders are removed"
     if fmt == "fastdeploy":
@@ -214,6 +214,32 @@ def test_quantize_method_tune_end_to_end(tiny128, text, tmp_path, monkeypatch, c
     assert code == 0, err + out
     r = api.verify(pub, max_ppl=float("inf"), device="cpu")  # a random tiny model is no language model
     assert r.smoke_ppl > 1.0 and r.modules > 0
+
+
+def test_awq_in_the_pass_writes_what_quantize_folds_from_the_same_statistics(tiny128, text, tmp_path):
+    """``--awq``: the tuning pass folds AWQ's scales before GPTQ and keeps the norms and router it changed;
+    with no tuning steps its checkpoint is the bytes ``--sequential --method gptq --awq`` writes, which
+    searches and folds them again in quantize from the pass's saved statistics. The folds changed the
+    norms, which the checkpoint stores as they are (that the fold keeps the function: ``test_awq.py``)."""
+    from safetensors.torch import load_file
+
+    from ernieq import api
+
+    def tensors(q):
+        return {k: v for f in sorted(q.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    common = dict(bits=4, awq=True, calib_data=str(text), calib_tokens=512, calib_seq_len=32,
+                  rotate=False, progress=False)
+    api.quantize(tiny128, tmp_path / "tuned", method="tune", tune_steps=0, tune_model_steps=0, **common)
+    api.quantize(tiny128, tmp_path / "gptq", method="gptq", sequential=True, **common)
+    api.quantize(tiny128, tmp_path / "plain", method="gptq", sequential=True,
+                 **{**common, "awq": False})
+    tuned, gptq, plain = (tensors(tmp_path / n) for n in ("tuned", "gptq", "plain"))
+    assert tuned.keys() == gptq.keys() == plain.keys()
+    for k in tuned:
+        assert torch.equal(tuned[k], gptq[k]), k
+    norms = [k for k in tuned if k.endswith("post_attention_layernorm.weight")]
+    assert any(not torch.equal(tuned[k], plain[k]) for k in norms)  # folded, and stored so
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh runs it)")
@@ -235,6 +261,15 @@ def test_method_tune_needs_calibration_text(tiny, tmp_path):
 
     with pytest.raises(ErnieqError, match="--method tune .* needs --calib-data"):
         api.quantize(tiny, tmp_path / "q", bits=4, method="tune", progress=False)
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_awq_before_gptq_needs_gptq(tiny, tmp_path, method):
+    from ernieq import api
+    from ernieq.errors import ErnieqError
+
+    with pytest.raises(ErnieqError, match=f"--awq folds AWQ's scales in before GPTQ .*--method {method}"):
+        api.quantize(tiny, tmp_path / "q", bits=4, method=method, awq=True, progress=False)
 
 
 def test_without_rounding_offsets_the_codes_stay_and_only_the_scales_move():
