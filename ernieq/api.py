@@ -364,7 +364,7 @@ def quantize(model: str | Path, out: str | Path, config: "QuantConfig | None" = 
 
                 tuned, model_tune = tune_model(
                     source, tuned, plan, calibration_tokens(source, o.calib_data, o.calib_tokens, o.calib_seq_len),
-                    ModelTuneSettings(steps=o.tune_model_steps, seed=o.tune_seed), placement.device,
+                    ModelTuneSettings(steps=o.tune_model_steps, lr=o.tune_model_lr, seed=o.tune_seed), placement.device,
                     tuned_dir / f"model-rank-{world().rank}", stats.sites.run_id, o.progress)
         o = dataclasses.replace(o, method=o.method or ("gptq" if stats is not None else "rtn"))
         if o.method != "rtn" and stats is None:

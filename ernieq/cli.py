@@ -382,6 +382,9 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
               help="--method tune: after the layers, steps of every layer's stored scales tuned together against the "
                    "unquantized model's output distribution (KL on the calibration tokens; kept only where it lowers "
                    "the KL on held-out ones); 0: none.")
+@click.option("--tune-model-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="--method tune: the end-to-end steps' first step (falls linearly to 0) [default: 2 / "
+                   "--tune-model-steps].")
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
               help="Mix the codecs the recipe gives routed experts (--bits 2: wint4 and ccq2) per MoE layer by "
                    "measured sensitivity (round-to-nearest output error on the statistics) to at most B bits per "
@@ -408,7 +411,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
              sym: bool, w4_moe_layers: int | None, overrides: tuple[str, ...], calib_data: str | None,
              calib: Path | None, calib_tokens: int, calib_seq_len: int, all_experts: bool, method: str | None,
              awq: bool, tune_steps: int, tune_lr: float | None, tune_rounding: bool, tune_seed: int,
-             tune_target: str, tune_model_steps: int, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
+             tune_target: str, tune_model_steps: int, tune_model_lr: float | None, target_bits: float | None, rotate: bool | None, sequential: bool, fmt: str, tp: int,
              workers: int | None, overwrite: bool, device: str, dtype: str) -> None:
     """Quantize MODEL's linear weights and write the checkpoint to OUT.
 
@@ -428,7 +431,7 @@ def quantize(model: str, out: Path, recipe: str | None, bits: str, fp8: bool, fp
                               calib_tokens=calib_tokens, calib_seq_len=calib_seq_len, all_experts=all_experts,
                               sequential=sequential, tune_steps=tune_steps, tune_lr=tune_lr,
                               tune_rounding=tune_rounding, tune_seed=tune_seed, tune_target=tune_target,
-                              tune_model_steps=tune_model_steps,
+                              tune_model_steps=tune_model_steps, tune_model_lr=tune_model_lr,
                               target_bits=target_bits,
                               format=fmt, tp=tp, overwrite=overwrite, workers=workers, device=device, dtype=dtype)
     summary = api.quantize(model, out, options=options)

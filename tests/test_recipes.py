@@ -204,6 +204,8 @@ BAD = {
     "a negative step count": ("method: tune\ntune: {steps: -1}\nrules: [{codec: wint8}]\n", ("tune.steps",)),
     "a fractional model step count": ("method: tune\ntune: {model_steps: 2.5}\nrules: [{codec: wint8}]\n",
                                       ("tune.model_steps",)),
+    "a negative model step size": ("method: tune\ntune: {model_lr: -0.1}\nrules: [{codec: wint8}]\n",
+                                   ("tune.model_lr", "positive number")),
     "AWQ before GPTQ with round to nearest": ("method: rtn\nawq: true\nrules: [{codec: wint8}]\n",
                                               ("awq", "not with method rtn")),
     "AWQ not true or false": ("method: gptq\nawq: yes please\nrules: [{codec: wint8}]\n", ("awq", "true or false")),
@@ -284,10 +286,10 @@ def test_a_recipe_states_its_tuning_and_the_command_wins_where_it_sets_one(tmp_p
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("ernieq_recipe: 1\nname: r\nmethod: tune\ntune: {steps: 7, lr: 0.1, rounding: true, seed: 3, "
-                      "target: model, model_steps: 0}\ncalibration: {data: demo}\nrules: [{codec: wint8}]\n")
+                      "target: model, model_steps: 0, model_lr: 0.01}\ncalibration: {data: demo}\nrules: [{codec: wint8}]\n")
     _, o = configure(QuantizeOptions(recipe=str(recipe)), num_moe_layers=2)
-    assert (o.method, o.tune_steps, o.tune_lr, o.tune_rounding, o.tune_seed, o.tune_target, o.tune_model_steps) == \
-           ("tune", 7, 0.1, True, 3, "model", 0)
+    assert (o.method, o.tune_steps, o.tune_lr, o.tune_rounding, o.tune_seed, o.tune_target, o.tune_model_steps,
+            o.tune_model_lr) == ("tune", 7, 0.1, True, 3, "model", 0, 0.01)
     _, o = configure(QuantizeOptions(recipe=str(recipe), tune_steps=40, tune_seed=5), num_moe_layers=2)
     assert (o.tune_steps, o.tune_seed, o.tune_target) == (40, 5, "model")
     _, o = configure(QuantizeOptions(recipe=str(recipe), method="gptq"), num_moe_layers=2)
@@ -306,12 +308,13 @@ def test_a_tuned_checkpoint_records_its_tuning_and_its_recipe_makes_it_again(tmp
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "a", "--bits", "4",
                            "--method", "tune", "--calib-data", text, "--calib-tokens", "128", "--calib-seq-len", "32",
                            "--tune-steps", "3", "--tune-seed", "2", "--tune-target", "model", "--tune-model-steps", "4",
-                           "--awq")
+                           "--tune-model-lr", "0.05", "--awq")
     assert code == 0, err
     printed = _inspect_recipe(monkeypatch, capsys, tmp_path / "a")
     spec = yaml.safe_load(printed)
     assert spec["method"] == "tune" and spec["awq"] is True
-    assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model", "model_steps": 4}
+    assert spec["tune"] == {"steps": 3, "lr": None, "rounding": False, "seed": 2, "target": "model", "model_steps": 4,
+                            "model_lr": 0.05}
     (tmp_path / "printed.yaml").write_text(printed)
     code, _, err = run_cli(monkeypatch, capsys, *QUANTIZE, model, "--out", tmp_path / "b", "--recipe",
                            tmp_path / "printed.yaml")

@@ -172,7 +172,7 @@ def recipe_spec(config: QuantConfig, options: QuantizeOptions) -> dict:
     if spec["method"] == "tune":
         spec["tune"] = {"steps": options.tune_steps, "lr": options.tune_lr, "rounding": options.tune_rounding,
                         "seed": options.tune_seed, "target": options.tune_target,
-                        "model_steps": options.tune_model_steps}
+                        "model_steps": options.tune_model_steps, "model_lr": options.tune_model_lr}
     if options.calib_data is not None:
         spec["calibration"] = {"data": options.calib_data, "tokens": options.calib_tokens,
                                "seq_len": options.calib_seq_len, "all_experts": options.all_experts,

@@ -16,6 +16,7 @@ r"""Recipe files: the YAML schema (version 1), read strictly into rules and the 
       seed: 0                        #   the order of the tuning batches
       target: local                  #   local or model
       model_steps: 20                #   then steps of every layer's scales together, end to end (0: none)
+      model_lr: null                 #   their first step (null: 2 / model_steps)
     calibration:                     # optional: collect statistics first, unless the command gives some
       data: demo                     #   a text source (ernieq.text)
       tokens: 32768                  #   optional, default 64 x 512
@@ -56,7 +57,7 @@ TOP_KEYS = (SCHEMA_KEY, "name", "description", "parameters", "rotate", "method",
             "rules")
 RULE_KEYS = ("codec", "params", "classes", "pattern", "layers", "moe_layers", "optional")
 CALIBRATION_KEYS = ("data", "tokens", "seq_len", "all_experts", "sequential")
-TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target", "model_steps")
+TUNE_KEYS = ("steps", "lr", "rounding", "seed", "target", "model_steps", "model_lr")
 METHODS = ("rtn", "gptq", "awq", "tune")
 ROTATE_AUTO = "auto"
 _REFERENCE = re.compile(r"^\$([A-Za-z_]\w*)$")
@@ -89,6 +90,7 @@ class Tune:
     seed: int | None = None
     target: str | None = None
     model_steps: int | None = None
+    model_lr: float | None = None
 
 
 @dataclass(frozen=True)
@@ -298,15 +300,19 @@ def _tune(data, method: str | None, where: str) -> Tune | None:
             _fail(where, f"tune.{key}", f"expected a non-negative integer, got {n!r}")
     if seed is not None:
         _typed(seed, int, where, "tune.seed", "an integer")
-    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
-        _fail(where, "tune.lr", f"expected a positive number or null, got {lr!r}")
+    for key in ("lr", "model_lr"):
+        x = data.get(key)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not x > 0):
+            _fail(where, f"tune.{key}", f"expected a positive number or null, got {x!r}")
     rounding = data.get("rounding")
     if rounding is not None:
         _typed(rounding, bool, where, "tune.rounding", "true or false")
     target = data.get("target")
     if target is not None and target not in TUNE_TARGETS:
         _fail(where, "tune.target", f"expected one of {', '.join(TUNE_TARGETS)}, got {target!r}")
-    return Tune(steps, None if lr is None else float(lr), rounding, seed, target, data.get("model_steps"))
+    model_lr = data.get("model_lr")
+    return Tune(steps, None if lr is None else float(lr), rounding, seed, target, data.get("model_steps"),
+                None if model_lr is None else float(model_lr))
 
 
 def parse_recipe(data: dict, where: str, parameters: dict | None = None, num_moe_layers: int = 0) -> Recipe:
