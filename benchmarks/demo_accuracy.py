@@ -87,6 +87,7 @@ SETTINGS = {
     # --bits 4 against the unquantized model's states with a fifth of the end-to-end step (--tune-model-lr 0.02)
     "w4-tune-model-mlr": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",
                           "tune_model_lr": 0.02},
+    "w4-tune-mlr": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_model_lr": 0.02},  # on its own outputs
     # the same with the batches in another order (--tune-seed): how much a result owes to the seed
     "w4-tune-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_seed": 1},
     "w4-tune-model-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",
