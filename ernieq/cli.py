@@ -384,7 +384,7 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
                    "the KL on held-out ones); 0: none.")
 @click.option("--tune-model-lr", type=click.FloatRange(min=0, min_open=True), default=None,
               help="--method tune: the end-to-end steps' first step (falls linearly to 0) [default: 2 / "
-                   "--tune-model-steps].")
+                   "--tune-model-steps for ccq2's scales, a fifth of it for wint4's and wint8's].")
 @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True), default=None, metavar="B",
               help="Mix the codecs the recipe gives routed experts (--bits 2: wint4 and ccq2) per MoE layer by "
                    "measured sensitivity (round-to-nearest output error on the statistics) to at most B bits per "

@@ -190,7 +190,7 @@ class QuantizeOptions:
     only their scales; tune_seed: the order of the tuning batches; tune_target: ``"local"`` or ``"model"``, the unquantized layer's outputs on the
     quantized model's inputs or on the unquantized model's own; tune_model_steps: then every layer's scales tuned
     together against the unquantized model's output distribution, ``ernieq.calibration.tune_model``, 0: not; tune_model_lr:
-    their first step, None: 2 / tune_model_steps). target_bits: the routed experts'
+    their first step, None: 2 / tune_model_steps for ccq2's, a fifth of it for the integer grids'). target_bits: the routed experts'
     codecs mixed per MoE layer, among those the recipe gives them, by measured sensitivity to that many bits per routed expert weight
     (``ernieq.calibration.mixed``; needs statistics). tp: the fastdeploy format's split for that many GPUs. workers:
     encoder processes on the CPU (None: every usable core). device: where calibration, GPTQ/AWQ,

@@ -68,8 +68,9 @@ GRAPH_SHARE = 0.5  # of the device's available memory that the whole model's aut
 
 @dataclass(frozen=True)
 class ModelTuneSettings:
-    """steps: signed-gradient steps over the whole model; lr: the first step (None: 2 / steps, twice block
-    tuning's; each parameter kind steps in proportion, ``tune_weights.REL_LR``, as in block tuning);
+    """steps: signed-gradient steps over the whole model; lr: every tuner's first step (None: 2 / steps, twice
+    block tuning's, times the tuner's ``model_step``: ccq2's 1, the integer grids' 0.2; each parameter kind
+    steps in proportion, ``tune_weights.REL_LR``, as in block tuning);
     batch_seqs: sequences per step; holdout: the share of this rank's sequences held out; seed: the order
     of the batches."""
 
@@ -79,9 +80,8 @@ class ModelTuneSettings:
     holdout: float = 0.125
     seed: int = 0
 
-    @property
-    def step_size(self) -> float:
-        return self.lr if self.lr is not None else 2.0 / max(self.steps, 1)
+    def first_step(self, tuner) -> float:
+        return self.lr if self.lr is not None else 2.0 / max(self.steps, 1) * tuner.model_step
 
 
 @dataclass
@@ -330,10 +330,10 @@ def _tune(source, store: TunedStore, plan: SequentialPlan, token_ids: torch.Tens
                 continue
             loss = _gradients(model, layers, token_ids[idx], teacher(idx), whole_graph)
             sum_gradients(params)  # under torchrun: one step, the same on every rank
-            lr = settings.step_size * (1 - t / settings.steps)  # linear decay to 0
+            decay = 1 - t / settings.steps  # linear to 0
             for layer in layers:
                 for tu in layer.tuners.values():
-                    tu.step(lr)
+                    tu.step(settings.first_step(tu) * decay)
             log.debug("model tuning step %d: KL %.5f", t, loss)
             _save_step(folder, key, t + 1, kl_start, params)
             bar.advance(task)

@@ -96,6 +96,8 @@ class _Tuner:
     """Shared by the tuners: parameters by kind, the signed-gradient step, the clamps."""
 
     kinds: dict[str, torch.Tensor]
+    # The end-to-end tuning's default first step, relative to 2 / steps (``tune_model.ModelTuneSettings``).
+    model_step = 1.0
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self.kinds.values())
@@ -119,6 +121,10 @@ class GridTuner(_Tuner):
     lo, hi: the code range; tune_zero: the zero point moves (asymmetric grids);
     scale_dtype: how the scale is stored; pack(codes [N, K], s [N, n_groups], z) -> QuantizedTensor.
     """
+
+    # A fifth: on the demo's --bits 4, 2 / steps raised the held-out KL (0.1441 -> 0.1684) and
+    # 0.4 / steps lowered it (-> 0.1346), benchmarks/results/demo_tune_w4_model_{e2e,mlr}.json.
+    model_step = 0.2
 
     def __init__(self, w, codes0, s0, z0, g, lo, hi, tune_zero, scale_dtype, pack, round_weights=True):
         k = w.shape[1]

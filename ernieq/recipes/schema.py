@@ -16,7 +16,7 @@ r"""Recipe files: the YAML schema (version 1), read strictly into rules and the 
       seed: 0                        #   the order of the tuning batches
       target: local                  #   local or model
       model_steps: 20                #   then steps of every layer's scales together, end to end (0: none)
-      model_lr: null                 #   their first step (null: 2 / model_steps)
+      model_lr: null                 #   their first step (null: 2 / model_steps, wint4/8 a fifth)
     calibration:                     # optional: collect statistics first, unless the command gives some
       data: demo                     #   a text source (ernieq.text)
       tokens: 32768                  #   optional, default 64 x 512

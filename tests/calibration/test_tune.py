@@ -282,3 +282,17 @@ def test_without_rounding_offsets_the_codes_stay_and_only_the_scales_move():
     assert torch.equal(out.tensors["qweight"], q.tensors["qweight"]) and torch.equal(out.tensors["zero"], q.tensors["zero"])
     assert not torch.equal(out.tensors["scale"], q.tensors["scale"])
     assert torch.equal(decode(out), tuner.weight().detach())
+
+
+def test_the_end_to_end_default_step_is_a_fifth_for_the_integer_grids():
+    """--tune-model-lr's default: 2 / steps for ccq2's scales, a fifth of it for wint4's and wint8's (measured
+    on the demo's --bits 4, where 2 / steps raised the held-out KL); a given lr is every tuner's."""
+    from ernieq.calibration.tune_model import ModelTuneSettings
+
+    w, stats = _weight_and_stats(16, 64)
+    tuners = {codec: make_tuner(encode_weight(get_codec(codec, **params), w, stats, "w", "gptq"), w)
+              for codec, params in CODECS}
+    default, given = ModelTuneSettings(steps=10), ModelTuneSettings(steps=10, lr=0.03)
+    assert {c: round(default.first_step(t), 9) for c, t in tuners.items()} == \
+           {"wint4": 0.04, "wint8": 0.04, "ccq2": 0.2}
+    assert {given.first_step(t) for t in tuners.values()} == {0.03}
