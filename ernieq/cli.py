@@ -363,7 +363,8 @@ PRESET_OPTIONS = ("bits", "fp8", "fp8_activations", "group_size", "sym", "w4_moe
 @click.option("--awq", is_flag=True,
               help="With gptq or tune: AWQ's per-input-channel scales searched on each layer's statistics and "
                    "folded into the norms and up projections (an exact fold every format stores) before GPTQ; "
-                   "helps most without rotations (--format fastdeploy; measurements in the README).")
+                   "off by default: on the demo it did not lower the tuned FastDeploy-exportable checkpoint's "
+                   "perplexity (measurements in the README).")
 @click.option("--tune-steps", type=click.IntRange(min=0), default=20, show_default=True,
               help="--method tune: signed-gradient steps per decoder layer.")
 @click.option("--tune-lr", type=click.FloatRange(min=0, min_open=True), default=None,
