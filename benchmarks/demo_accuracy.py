@@ -84,10 +84,11 @@ SETTINGS = {
     "w2-tune-awq": {"bits": 2, "method": "tune", "calib_data": "demo", "awq": True},
     "w4-tune-awq": {"bits": 4, "method": "tune", "calib_data": "demo", "awq": True},
     "w2-fd-gptq-awq": {"bits": 2, "rotate": False, "calib": SAVED, "awq": True},
-    # --bits 4 against the unquantized model's states with a fifth of the end-to-end step (--tune-model-lr 0.02)
+    # --bits 4 with a fifth of the end-to-end step (--tune-model-lr 0.02, wint4's default since commit ad0534c),
+    # against the unquantized model's states and on its own outputs
     "w4-tune-model-mlr": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",
                           "tune_model_lr": 0.02},
-    "w4-tune-mlr": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_model_lr": 0.02},  # on its own outputs
+    "w4-tune-mlr": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_model_lr": 0.02},
     # the same with the batches in another order (--tune-seed): how much a result owes to the seed
     "w4-tune-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_seed": 1},
     "w4-tune-model-seed1": {"bits": 4, "method": "tune", "calib_data": "demo", "tune_target": "model",

@@ -12,6 +12,7 @@ from ernieq.calibration.rounding import encode_weight
 from ernieq.calibration.sequential import SequentialPlan
 from ernieq.calibration import tune
 from ernieq.calibration.tune import TuneSettings
+from ernieq.calibration.tune_model import ModelTuneSettings
 from ernieq.calibration.tune_weights import make_tuner, rebyte
 from ernieq.calibration.tuned_store import TunedStore
 from ernieq.codecs import CalibrationStats, decode, get_codec
@@ -287,8 +288,6 @@ def test_without_rounding_offsets_the_codes_stay_and_only_the_scales_move():
 def test_the_end_to_end_default_step_is_a_fifth_for_the_integer_grids():
     """--tune-model-lr's default: 2 / steps for ccq2's scales, a fifth of it for wint4's and wint8's (measured
     on the demo's --bits 4, where 2 / steps raised the held-out KL); a given lr is every tuner's."""
-    from ernieq.calibration.tune_model import ModelTuneSettings
-
     w, stats = _weight_and_stats(16, 64)
     tuners = {codec: make_tuner(encode_weight(get_codec(codec, **params), w, stats, "w", "gptq"), w)
               for codec, params in CODECS}
